@@ -1,0 +1,21 @@
+"""p2pfl: a peer-to-peer network of edge nodes for federated learning and analysis."""
+
+from p2pfl.errors import (
+    LocalProtocolError as LocalProtocolError,
+    NodeNotRunning as NodeNotRunning,
+    P2PFLError as P2PFLError,
+    RemoteProtocolError as RemoteProtocolError,
+    TaskFailed as TaskFailed,
+    TaskNotFinished as TaskNotFinished,
+    ValidationError as ValidationError,
+)
+from p2pfl.identity import Identity as Identity
+from p2pfl.taskpack.sdk import (
+    Context as Context,
+    DPConfig as DPConfig,
+    Partial as Partial,
+    Task as Task,
+    Update as Update,
+)
+
+__version__ = "0.1.0"

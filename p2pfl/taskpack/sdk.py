@@ -1,0 +1,124 @@
+"""The SDK a taskpack author writes against: subclass `Task` in `src/task.py`.
+
+The runtime (p2pfl.runtime) loads `src/task.py`, finds the one `Task` subclass in it,
+instantiates it with no arguments and calls its hooks. The same hooks serve every task
+type:
+
+training (fedavg / fedprox / gossip), once per node per task, then per round::
+
+    validate_inputs(ctx, inputs)              dry run before volunteering (raise to refuse)
+    data = preprocess(ctx, inputs)            kept in the worker's memory for the task
+    weights = initial_weights(ctx)            same on every node (seeded by ctx.seed)
+    update = execute(ctx, data, weights)      one round of local training -> Update
+    metrics = evaluate(ctx, data, weights)    the global model on local held-out data
+    partial = postprocess(ctx, partial)       the final per-node partial that leaves the node
+    result = reduce(ctx, partials)            at the elected peer only: the final step
+
+analysis: ``validate_inputs``, ``preprocess``, ``execute`` (returns an Update whose
+``aggregates`` hold the node's aggregates and no weights), ``postprocess`` and ``reduce``.
+
+Weights are ``dict[str, numpy.ndarray]`` (a torch state dict converted with
+``p2pfl.fl.torch_utils.state_to_numpy``), in a fixed key order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Weights = dict[str, np.ndarray]
+Metrics = dict[str, float]
+
+
+@dataclass
+class DPConfig:
+    """Differential privacy asked for by the manifest (Opacus, per node)."""
+
+    epsilon: float
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class Context:
+    """What a hook knows about the work it is doing. Plain data: no I/O handles."""
+
+    task_id: str
+    node: str  # this node's peer id
+    params: dict[str, Any]  # validated against configs/schema.json, defaults filled in
+    seed: int  # derived from the task id: equal on every node
+    round: int = 0  # 1-based during training, 0 outside rounds
+    rounds: int = 1
+    protocol: str = "fedavg"  # fedavg | fedprox | gossip
+    mu: float = 0.0  # FedProx proximal weight (0 for plain fedavg)
+    dp: DPConfig | None = None
+    # Per-node persistent local state: survives rounds and node restarts (JSON-able values).
+    state: dict[str, Any] = field(default_factory=dict)
+    workdir: Path = Path(".")  # private, wiped when the task ends
+    log: Callable[[str], None] = field(default=logging.getLogger("p2pfl.task").info)
+
+
+@dataclass
+class Update:
+    """What `execute` returns: a local model (training) or local aggregates (analysis)."""
+
+    num_samples: int
+    weights: Weights | None = None
+    metrics: Metrics = field(default_factory=dict)  # e.g. {"loss": 0.31, "epsilon": 2.1}
+    aggregates: dict[str, Any] = field(default_factory=dict)  # analysis: count, sum, ...
+
+
+@dataclass
+class Partial:
+    """One node's final contribution to the reduce step."""
+
+    node: str
+    num_samples: int
+    metrics: Metrics = field(default_factory=dict)
+    aggregates: dict[str, Any] = field(default_factory=dict)
+
+
+class Task:
+    """Base class of every taskpack's task. Override what your task type needs."""
+
+    def validate_inputs(self, ctx: Context, inputs: dict[str, Path]) -> None:
+        """Raise ValueError (with a reason a person can act on) if the inputs are unusable."""
+        for name, path in inputs.items():
+            if not Path(path).exists():
+                raise ValueError(f"input {name!r}: {path} does not exist")
+
+    def preprocess(self, ctx: Context, inputs: dict[str, Path]) -> Any:
+        """Load and prepare local data; the result is passed to execute/evaluate."""
+        return inputs
+
+    def initial_weights(self, ctx: Context) -> Weights | None:
+        """The initial global model; must be deterministic for ctx.seed. None: no model."""
+        return None
+
+    def execute(self, ctx: Context, data: Any, weights: Weights | None) -> Update:
+        raise NotImplementedError(f"{type(self).__name__}.execute")
+
+    def evaluate(self, ctx: Context, data: Any, weights: Weights | None) -> Metrics:
+        """Metrics of `weights` on local held-out data; include "num_samples"."""
+        return {}
+
+    def postprocess(self, ctx: Context, partial: Partial) -> Partial:
+        """Last chance to shape what leaves this node (e.g. round or drop fields)."""
+        return partial
+
+    def reduce(self, ctx: Context, partials: list[Partial]) -> dict[str, Any]:
+        """Final step at the elected peer. Default: sample-weighted mean of each metric."""
+        total = sum(p.num_samples for p in partials)
+        keys = sorted({k for p in partials for k in p.metrics})
+        out: dict[str, Any] = {"num_samples": total, "nodes": len(partials)}
+        for key in keys:
+            pairs = [(p.metrics[key], p.num_samples) for p in partials if key in p.metrics]
+            weight = sum(n for _, n in pairs)
+            if weight > 0:
+                out[key] = float(sum(v * n for v, n in pairs) / weight)
+        return out
