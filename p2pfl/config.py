@@ -1,0 +1,25 @@
+"""Configuration of one node, as given on the command line (`p2pfl node ...`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
+CONTROL_SOCKET = "control.sock"
+
+
+@dataclass
+class NodeConfig:
+    data_dir: Path
+    listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
+    bootstrap: list[str] = field(default_factory=list)
+    datasets: dict[str, Path] = field(default_factory=dict)  # NAME -> PATH (csv / npz)
+    trusted: frozenset[str] = frozenset()  # publisher peer ids whose taskpacks we run
+    trust_any: bool = False  # development only: run anyone's taskpacks (loud warning)
+    min_records: int = 10  # k: never release an aggregate over fewer records
+    log_level: str = "info"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.data_dir / CONTROL_SOCKET
