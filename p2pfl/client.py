@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 from p2pfl import errors
 from p2pfl.config import CONTROL_SOCKET
-from p2pfl.control import (
+from p2pfl.control.framing import (
     BLOB_CHUNK,
     HEADER,
     decode_body,
