@@ -23,7 +23,7 @@ from p2pfl.errors import LocalProtocolError
 from p2pfl.net.base import BlobReader, EventSink, NetStats, PeerConnected, PeerDisconnected
 from p2pfl.net.sim._gossip import GossipPlanner
 from p2pfl.net.sim._loop import EventLoop, TimerHandle
-from p2pfl.net.sim._network import SimNetwork
+from p2pfl.net.sim._network import SimNetwork, _owned
 from p2pfl.net.sim._node import LinkModel, Node
 from p2pfl.net.sim._topology import make_edges
 
@@ -286,11 +286,3 @@ class SimHub(EventLoop):
             for k, v in s.extra.items():
                 total.extra[k] = total.extra.get(k, 0) + v
         return total
-
-
-def _owned(node: Node, serial: int, callback: Callable[[], None]) -> Callable[[], None]:
-    def fire() -> None:
-        if node.alive and node.serial == serial:
-            callback()
-
-    return fire

@@ -23,6 +23,7 @@ but get no event; GossipSub would route around them inside the topic mesh.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -42,8 +43,6 @@ from p2pfl.net.sim._loop import TimerHandle
 from p2pfl.net.sim._node import Node
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from p2pfl.net.sim._hub import SimHub
 
 log = logging.getLogger("p2pfl.net.sim")
@@ -103,14 +102,7 @@ class SimNetwork:
 
     def call_at(self, when: float, callback: Callable[[], None]) -> TimerHandle:
         """A timer that dies with this incarnation (see SimHub.call_at)."""
-        hub = self._hub
-        node, serial = self._node, self._serial
-
-        def fire() -> None:
-            if node.alive and node.serial == serial:
-                callback()
-
-        return hub.call_at(when, fire)
+        return self._hub.call_at(when, _owned(self._node, self._serial, callback))
 
     # --- gossip --------------------------------------------------------------------------
 
@@ -170,9 +162,9 @@ class SimNetwork:
     # --- blob fetches ------------------------------------------------------------------------
 
     def fetch(self, peer: str, cid: str, offset: int, length: int, token: object) -> None:
-        if offset < 0 or length < 0 or length > MAX_FETCH_BYTES:
+        if offset < 0 or not 0 < length <= MAX_FETCH_BYTES:
             raise LocalProtocolError(
-                f"fetch: need offset >= 0 and 0 <= length <= MAX_FETCH_BYTES ({MAX_FETCH_BYTES}),"
+                f"fetch: need offset >= 0 and 0 < length <= MAX_FETCH_BYTES ({MAX_FETCH_BYTES}),"
                 f" got offset={offset} length={length}"
             )
         if not self.alive:
@@ -233,6 +225,16 @@ class _Fetch:
 
 
 # --- event handlers (run from the heap) ------------------------------------------------------
+
+
+def _owned(node: Node, serial: int, callback: Callable[[], None]) -> Callable[[], None]:
+    """`callback` guarded so it only runs while that incarnation lives."""
+
+    def fire() -> None:
+        if node.alive and node.serial == serial:
+            callback()
+
+    return fire
 
 
 def _transfer(hub: SimHub, a: Node, b: Node, size: int) -> float:
