@@ -69,12 +69,17 @@ def _as_numpy(name: str, t: Any) -> np.ndarray:
     )
 
 
-def encode_tensors(tensors: Mapping[str, Any]) -> bytearray:
+def encode_tensors(tensors: Mapping[str, Any]) -> memoryview:
     """Encode named tensors (numpy arrays or torch tensors) into one blob.
 
-    The data is copied exactly once, straight into a preallocated buffer, and that buffer
-    is returned: a bytearray rather than bytes, because `bytes(buf)` would be a second
-    full copy. Every consumer (hashing, the store, the network, decode_tensors) takes it.
+    The data is copied exactly once, straight into one preallocated buffer, and a
+    read-only memoryview of that buffer is returned (comparable with == to bytes, and
+    accepted by hashlib, files, msgpack, the store and decode_tensors; `bytes(blob)` if
+    you really need bytes, at the price of a second copy).
+
+    The buffer is a numpy allocation, not a bytearray: numpy asks the kernel for huge
+    pages on large buffers, and a bytearray is zero-filled 4 KiB page by page first,
+    which made encoding ~5x slower than a memcpy (100 MB: 2 GB/s vs 11 GB/s here).
     """
     arrays: list[tuple[str, np.ndarray, str]] = []
     for name, t in tensors.items():
@@ -117,14 +122,19 @@ def encode_tensors(tensors: Mapping[str, Any]) -> bytearray:
     if len(header) > MAX_HEADER_BYTES:
         raise LocalProtocolError(f"tensor header is {len(header)} bytes, over {MAX_HEADER_BYTES}")
     total = offsets[-1] + arrays[-1][1].nbytes if arrays else start
-    buf = bytearray(total)  # zero-filled, so the padding is zeros
+    buf = np.empty(total, np.uint8)  # not zeroed: only the padding needs zeros, below
+    buf[:start] = 0
     _PREFIX.pack_into(buf, 0, MAGIC, len(header))
-    buf[_PREFIX.size : _PREFIX.size + len(header)] = header
+    buf[_PREFIX.size : _PREFIX.size + len(header)] = np.frombuffer(header, np.uint8)
+    end = start
     for (_name, arr, dname), off in zip(arrays, offsets, strict=True):
+        buf[end:off] = 0  # alignment padding
         if arr.size:
-            dst = np.frombuffer(buf, TENSOR_DTYPES[dname], arr.size, off).reshape(arr.shape)
+            dst = buf[off : off + arr.nbytes].view(TENSOR_DTYPES[dname]).reshape(arr.shape)
             np.copyto(dst, arr, casting="equiv")
-    return buf
+        end = off + arr.nbytes
+    buf.flags.writeable = False
+    return memoryview(buf).cast("B")
 
 
 def _all_finite(arr: np.ndarray) -> bool:
