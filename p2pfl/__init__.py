@@ -1,5 +1,6 @@
 """p2pfl: a peer-to-peer network of edge nodes for federated learning and analysis."""
 
+from p2pfl.client import Client as Client
 from p2pfl.errors import (
     LocalProtocolError as LocalProtocolError,
     NodeNotRunning as NodeNotRunning,
