@@ -252,7 +252,8 @@ def _transfer(hub: SimHub, a: Node, b: Node, size: int) -> float:
 def _lost(hub: SimHub, a: Node, b: Node) -> bool:
     if a.loss == 0.0 and b.loss == 0.0:
         return False  # no rng draw: adding loss elsewhere does not shift this run's draws
-    return hub.rng.random() < 1.0 - (1.0 - a.loss) * (1.0 - b.loss)
+    # The worse end decides, so a hub-wide LinkModel(loss=p) loses exactly p.
+    return hub.rng.random() < max(a.loss, b.loss)
 
 
 def _deliver_own(node: Node, serial: int, msg: Message) -> None:

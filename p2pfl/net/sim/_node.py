@@ -18,7 +18,7 @@ log = logging.getLogger("p2pfl.net.sim")
 @dataclass(frozen=True, slots=True)
 class LinkModel:
     """A node's access link. Between two nodes: latency is the mean of both ends, the
-    byte rate is each end's uplink/downlink (FIFO queues), loss combines both ends.
+    byte rate is each end's uplink/downlink (FIFO queues), loss is the worse end's.
 
     ``bandwidth_mbps`` is megabits per second, each direction.
     """
