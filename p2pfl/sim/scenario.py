@@ -227,7 +227,7 @@ def apply_override(raw: Mapping[str, Any], dotted: str, value: Any) -> dict[str,
 def resolve_taskpack(ref: str, base_dir: Path | None) -> Path:
     """Find a taskpack directory: next to the scenario, in its ancestors (the repo root),
     in the working directory, then beside the installed package. The first that exists
-    wins; if none does, the first candidate is returned (and reported as missing)."""
+    wins; if none does, the repo root's candidate is returned (and reported as missing)."""
     ref_path = Path(ref).expanduser()
     if ref_path.is_absolute():
         return ref_path
@@ -240,6 +240,11 @@ def resolve_taskpack(ref: str, base_dir: Path | None) -> Path:
     for cand in candidates:
         if cand.is_dir():
             return cand
+    # Missing: name the repo root's candidate (the documented place), not the first tried.
+    if base_dir is not None:
+        for anc in (base_dir.resolve(), *base_dir.resolve().parents):
+            if (anc / "pyproject.toml").is_file() or (anc / ".git").exists():
+                return anc / ref_path
     return candidates[0]
 
 
@@ -444,7 +449,11 @@ def _parse_scenario(
             c.err("taskpack", "must be a directory path (string)")
     params = _parse_params(c, doc.get("params"), nodes) if "params" in doc else None
     link = _parse_link(c, doc.get("network", {}))
-    rounds = params.rounds if params is not None else None
+    # Fault rounds are bounded by params.rounds even when another params key is broken.
+    raw_params = doc.get("params")
+    rounds = raw_params.get("rounds") if isinstance(raw_params, dict) else None
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        rounds = None
     faults = _parse_faults(c, doc.get("faults", []), nodes, rounds)
     byz = _parse_byzantine(c, doc.get("byzantine"), nodes)
     dp = _parse_dp(c, doc.get("dp"))
