@@ -1,0 +1,127 @@
+"""The blob protocol: one stream per range request.
+
+Request:  frame(msgpack [cid, offset, length])            (length <= MAX_FETCH_BYTES)
+Response: status byte, 4-byte big-endian length, body.    status 0: body is the data
+                                                          (short at the end of the blob);
+                                                          otherwise body is a reason text.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import trio
+
+from p2pfl.errors import RemoteProtocolError
+from p2pfl.net.base import MAX_FETCH_BYTES, BlobReader
+from p2pfl.net.libp2p._framing import frame, read_exactly, read_frame
+
+LOG = logging.getLogger("p2pfl.net.libp2p")
+
+BLOB_PROTOCOL = "/p2pfl/blob/1.0.0"
+OK, NOT_FOUND, BAD_REQUEST, SERVER_ERROR = 0, 1, 2, 3
+_RESP = struct.Struct(">BI")
+_MAX_REQUEST = 1024
+_MAX_REASON = 4096
+_MAX_CID = 256
+# A requester that does not finish sending its (tiny) request by then is dropped.
+REQUEST_TIMEOUT_S = 10.0
+
+
+class FetchRefused(Exception):
+    """The serving peer answered with an error status; str() is its reason."""
+
+
+def encode_request(cid: str, offset: int, length: int) -> bytes:
+    return frame(msgpack.packb([cid, offset, length]))
+
+
+def decode_request(raw: bytes) -> tuple[str, int, int]:
+    """Parse and check a request; RemoteProtocolError names what is wrong."""
+    try:
+        value = msgpack.unpackb(raw)
+    except Exception as exc:
+        raise RemoteProtocolError(f"blob request is not msgpack: {exc}") from None
+    if not (isinstance(value, list) and len(value) == 3):
+        raise RemoteProtocolError("blob request must be [cid, offset, length]")
+    cid, offset, length = value
+    if not isinstance(cid, str) or not 0 < len(cid) <= _MAX_CID:
+        raise RemoteProtocolError("blob request: cid must be a non-empty string <= 256 chars")
+    if not isinstance(offset, int) or offset < 0:
+        raise RemoteProtocolError("blob request: offset must be an int >= 0")
+    if not isinstance(length, int) or not 0 < length <= MAX_FETCH_BYTES:
+        raise RemoteProtocolError(f"blob request: length must be in 1..{MAX_FETCH_BYTES}")
+    return cid, offset, length
+
+
+async def serve_blob_stream(
+    stream: Any,
+    peer: str,
+    reader: BlobReader,
+    limit: trio.Semaphore,
+    count: Callable[[int, int], None],
+) -> None:
+    """Answer one request on `stream`. Never raises: bad input resets the stream."""
+    try:
+        with trio.fail_after(REQUEST_TIMEOUT_S):
+            raw = await read_frame(stream, _MAX_REQUEST)
+        if raw is None:
+            raise RemoteProtocolError("blob stream closed before a request")
+        cid, offset, length = decode_request(raw)
+        async with limit:  # bounds how many ranges one peer has us read at once
+            try:
+                data = reader(cid, offset, length)
+            except Exception:
+                LOG.exception("blob reader failed for %s@%d+%d", cid, offset, length)
+                data = b""
+                status, body = SERVER_ERROR, b"server error"
+            else:
+                if data is None:
+                    status, body = NOT_FOUND, b"not found"
+                elif len(data) > length:
+                    LOG.error("blob reader returned %d bytes for %d asked", len(data), length)
+                    status, body = SERVER_ERROR, b"server error"
+                else:
+                    status, body = OK, data
+            await stream.write(_RESP.pack(status, len(body)))
+            if body:
+                await stream.write(body)
+        count(len(raw) + 4, _RESP.size + len(body))
+        await stream.close()
+    except RemoteProtocolError as exc:
+        LOG.warning("blob stream from %s reset: %s", peer, exc)
+        await _reset(stream)
+    except trio.TooSlowError:
+        LOG.warning("blob stream from %s reset: no request within %.0f s", peer, REQUEST_TIMEOUT_S)
+        await _reset(stream)
+    except Exception as exc:  # the peer went away mid-answer, most likely
+        LOG.debug("blob stream from %s failed: %r", peer, exc)
+        await _reset(stream)
+
+
+async def request_range(stream: Any, cid: str, offset: int, length: int) -> tuple[bytes, int]:
+    """Ask for one range on a fresh stream; (data, bytes read on the wire).
+
+    Raises FetchRefused for an error answer, RemoteProtocolError for a malformed one.
+    """
+    await stream.write(encode_request(cid, offset, length))
+    head = await read_exactly(stream, _RESP.size)
+    status, size = _RESP.unpack(head)
+    limit = length if status == OK else _MAX_REASON
+    if size > limit:
+        raise RemoteProtocolError(f"blob answer of {size} bytes exceeds {limit}")
+    body = await read_exactly(stream, size)
+    if status != OK:
+        raise FetchRefused(body.decode("utf-8", "replace") or f"status {status}")
+    return body, _RESP.size + size
+
+
+async def _reset(stream: Any) -> None:
+    try:
+        await stream.reset()
+    except Exception:
+        pass

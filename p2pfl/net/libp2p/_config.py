@@ -1,0 +1,57 @@
+"""Settings of a Libp2pNetwork: addresses, peer targets, timers, limits."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from p2pfl.errors import LocalProtocolError
+
+
+@dataclass(frozen=True)
+class Libp2pConfig:
+    # Multiaddrs to listen on; tcp/0 picks a free port (see Libp2pNetwork.listen_addrs()).
+    listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    # Full multiaddrs ending in /p2p/<peer id>; redialled with backoff whenever not connected.
+    bootstrap: list[str] = field(default_factory=list)
+    # How many peers discovery tries to stay connected to (bootstrap peers always count).
+    target_peers: int = 8
+    # GossipSub heartbeat (py-libp2p's default of 120 s forms meshes far too slowly).
+    heartbeat_s: float = 1.0
+    gossip_degree: int = 6
+    gossip_degree_low: int = 4
+    gossip_degree_high: int = 12
+    # Every liveness_interval_s each connected peer is pinged; a peer not heard from for
+    # liveness_timeout_s is dropped (PeerDisconnected) even if TCP never said so.
+    liveness_interval_s: float = 2.0
+    liveness_timeout_s: float = 6.0
+    # Peer exchange: asked of every new peer, and of one random peer this often.
+    px_interval_s: float = 10.0
+    # Redial backoff: doubles per failure from min to max (with jitter).
+    dial_backoff_min_s: float = 0.5
+    dial_backoff_max_s: float = 30.0
+    dial_timeout_s: float = 10.0
+    # A non-bootstrap peer that failed this many dials in a row is forgotten.
+    max_dial_failures: int = 8
+    # Bound on concurrent blob requests served to one peer (others wait their turn).
+    max_blob_serves_per_peer: int = 4
+    # A fetch that has not completed by then fails with reason "timeout".
+    fetch_timeout_s: float = 60.0
+    # Level of the routed `libp2p` loggers (quiet by default).
+    libp2p_log_level: int = logging.WARNING
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.listen:
+            problems.append("listen: at least one address is needed")
+        for addr in self.bootstrap:
+            if "/p2p/" not in addr:
+                problems.append(f"bootstrap: {addr!r} lacks /p2p/<peer id>")
+        if self.target_peers < 1:
+            problems.append("target_peers: must be >= 1")
+        if self.liveness_timeout_s <= self.liveness_interval_s:
+            problems.append("liveness_timeout_s: must exceed liveness_interval_s")
+        if not 0 < self.gossip_degree_low <= self.gossip_degree <= self.gossip_degree_high:
+            problems.append("gossip_degree: need 0 < low <= degree <= high")
+        if problems:
+            raise LocalProtocolError("invalid Libp2pConfig: " + "; ".join(problems))

@@ -1,0 +1,73 @@
+"""Length-prefixed frames on libp2p streams, read in bounded chunks.
+
+py-libp2p's own ``read_varint_prefixed_bytes`` fails on frames over about 6.5 MB, so every
+protocol of ours frames with a fixed 4-byte big-endian length and reads it back with
+``read_exactly``, which loops over ``stream.read`` in chunks of at most ``READ_CHUNK``.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Protocol
+
+from p2pfl.errors import RemoteProtocolError
+
+# One read asks for at most this much: big enough to keep the per-call overhead of the
+# Python stack low, small enough that a read never holds a huge temporary.
+READ_CHUNK = 1024 * 1024
+_LEN = struct.Struct(">I")
+
+
+class ByteStream(Protocol):
+    async def read(self, n: int | None = None) -> bytes: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+
+class StreamClosedEarly(RemoteProtocolError):
+    """The peer closed the stream in the middle of a frame."""
+
+
+async def read_exactly(stream: Any, n: int) -> bytes:
+    """Exactly `n` bytes from `stream`, or StreamClosedEarly if it ends first."""
+    if n == 0:
+        return b""
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            chunk = await stream.read(min(n - len(buf), READ_CHUNK))
+        except EOFError:
+            # libp2p's StreamEOF subclasses EOFError.
+            chunk = b""
+        if not chunk:
+            raise StreamClosedEarly(f"stream ended after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+async def read_frame(stream: Any, limit: int) -> bytes | None:
+    """One frame; None on a clean end of stream *between* frames.
+
+    A length over `limit` is the peer's fault (RemoteProtocolError): the caller resets.
+    """
+    try:
+        head = await stream.read(_LEN.size)
+    except EOFError:
+        return None
+    if not head:
+        return None
+    if len(head) < _LEN.size:
+        head += await read_exactly(stream, _LEN.size - len(head))
+    (length,) = _LEN.unpack(head)
+    if length > limit:
+        raise RemoteProtocolError(f"frame of {length} bytes exceeds the limit of {limit}")
+    return await read_exactly(stream, length)
+
+
+def frame(data: bytes) -> bytes:
+    """`data` with its 4-byte length prefix."""
+    return _LEN.pack(len(data)) + data
+
+
+def frame_header(length: int) -> bytes:
+    return _LEN.pack(length)

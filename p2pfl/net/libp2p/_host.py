@@ -1,0 +1,116 @@
+"""Build the py-libp2p host and pubsub the way p2pfl needs them.
+
+Everything here corrects a py-libp2p 0.8.1 default that would hurt us (measured, see
+shared/LIBP2P-NOTES.md): plaintext accepted, 250 ms dial stalls with three connections per
+peer, GossipSub rate limits that drop silently, a 32-message subscription queue that drops
+when full, a 120 s heartbeat.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import multiaddr
+from libp2p import new_host
+from libp2p.crypto.x25519 import create_new_key_pair as x25519_keypair
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
+from libp2p.security.noise.transport import Transport as Noise
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from p2pfl.net.libp2p._config import Libp2pConfig
+
+# Called for every gossip message we accept: (topic, originator peer id bytes, data).
+GossipHandler = Callable[[str, bytes, bytes], None]
+
+
+def build_host(keypair: Any, config: Libp2pConfig) -> Any:
+    """A BasicHost with Noise as the only security, yamux as the only muxer."""
+    host = new_host(
+        key_pair=keypair,
+        # Noise only: a host offering plaintext would otherwise be accepted.
+        sec_opt={NOISE_ID: Noise(keypair, noise_privkey=x25519_keypair().private_key)},
+        muxer_opt={TProtocol(YAMUX_ID): Yamux},
+        # One connection per peer: with the default of 3 every dial waits 250 ms.
+        connection_config=ConnectionConfig(
+            max_connections_per_peer=1, dial_timeout=config.dial_timeout_s
+        ),
+        listen_addrs=[multiaddr.Multiaddr(a) for a in config.listen],
+        # We advertise our listen addresses ourselves (peer exchange); identify's observed
+        # addresses on loopback or behind NAT are ephemeral ports nobody can dial.
+        disable_identify_address_discovery=True,
+    )
+
+    # The swarm's AutoConnector dials every peerstore peer until ~150 connections; our own
+    # discovery decides whom to dial (target_peers), so switch it off for this host.
+    async def _no_auto_connect() -> None:
+        return None
+
+    host.get_network().auto_connector.maybe_connect = _no_auto_connect
+    return host
+
+
+# Outbound RPCs queued per peer before py-libp2p drops new ones. Its default of 32 lost
+# two thirds of a 200-message burst (logged at debug level only). Gossip carries small
+# control messages, so a deep queue costs little memory in practice.
+OUTBOUND_QUEUE_RPCS = 8192
+
+
+class _DeepQueues(dict):  # type: ignore[type-arg]
+    """pubsub.peer_queues, deepening each per-peer queue as pubsub creates it."""
+
+    def __setitem__(self, peer: Any, queue: Any) -> None:
+        inner = getattr(queue, "_queue", None)
+        if inner is not None and hasattr(inner, "max_size"):
+            inner.max_size = OUTBOUND_QUEUE_RPCS
+        else:  # a py-libp2p upgrade moved it: say so rather than silently drop messages
+            logging.getLogger("p2pfl.net.libp2p").warning(
+                "cannot deepen the pubsub queue; bursts over 32 messages may be lost"
+            )
+        super().__setitem__(peer, queue)
+
+
+class SinkPubsub(Pubsub):
+    """Pubsub that hands accepted messages straight to a callback.
+
+    The stock class queues them on a 32-slot channel per topic and drops on overflow; a
+    synchronous callback cannot overflow, so nothing is lost however bursty the topic.
+    """
+
+    def __init__(self, host: Any, router: Any, on_message: GossipHandler) -> None:
+        # strict_signing: every message carries the originator's signature, so `from_id`
+        # is authenticated, not just the forwarding neighbour's claim.
+        super().__init__(host, router, strict_signing=True)
+        self._on_message = on_message
+        self.peer_queues = _DeepQueues()
+
+    def notify_subscriptions(self, publish_message: rpc_pb2.Message) -> None:
+        for topic in publish_message.topicIDs:
+            if topic in self.topic_ids:
+                self._on_message(topic, publish_message.from_id, publish_message.data)
+
+
+def build_pubsub(host: Any, config: Libp2pConfig, on_message: GossipHandler) -> tuple[Any, Any]:
+    gossipsub = GossipSub(
+        protocols=[PROTOCOL_ID_V11, PROTOCOL_ID],
+        degree=config.gossip_degree,
+        degree_low=config.gossip_degree_low,
+        degree_high=config.gossip_degree_high,
+        heartbeat_interval=config.heartbeat_s,  # type: ignore[arg-type]  # float works
+        # Rate limiting dropped a fifth of messages at 100 msg/s, logging only a warning.
+        spam_protection_enabled=False,
+        # Needs peers on >= 3 distinct IPs to graft; on one host (tests, a lab) it starves
+        # the mesh.
+        eclipse_protection_enabled=False,
+        # Keep the heartbeat where we set it.
+        adaptive_gossip_enabled=False,
+    )
+    pubsub = SinkPubsub(host, gossipsub, on_message)
+    return pubsub, gossipsub

@@ -1,0 +1,56 @@
+"""Route py-libp2p's loggers into ours (``p2pfl.net.libp2p``), quiet by default.
+
+The ``libp2p`` logger has no handler of its own, so its warnings would reach stderr through
+Python's last-resort handler. We attach one forwarding handler that renames each record
+under ``p2pfl.net.libp2p.lib`` (so the node's logging configuration decides where it goes)
+and drops messages known to be harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+
+LOG = logging.getLogger("p2pfl.net.libp2p")
+_TARGET = logging.getLogger("p2pfl.net.libp2p.lib")
+
+# Substrings of libp2p messages that are expected in normal operation (peers leaving,
+# shutdown races, our own deliberate resets) and say nothing actionable.
+HARMLESS = (
+    "[ADDCONN_FAIL]",
+    "fail to deliver message to subscription",
+    "Connection closed while starting",
+    "Stream reset",
+    "Failed to clean up command stream",
+    "Error stopping",
+    "negative cache",
+    "Failed to open stream",
+    "Failed to identify",
+    "error reading response",
+)
+
+
+class _Forward(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:
+            message = str(record.msg)
+        if any(s in message for s in HARMLESS):
+            return
+        record.name = f"{_TARGET.name}.{record.name}"
+        _TARGET.handle(record)
+
+
+_installed: _Forward | None = None
+
+
+def route_libp2p_logs(level: int = logging.WARNING) -> None:
+    """Idempotent: install the forwarder once per process and set the libp2p level."""
+    global _installed
+    lib = logging.getLogger("libp2p")
+    if _installed is None:
+        _installed = _Forward()
+        lib.addHandler(_installed)
+        # Without this, records would also reach the root logger a second time.
+        lib.propagate = False
+    lib.setLevel(level)

@@ -1,0 +1,565 @@
+"""Libp2pNetwork: the real Network (TCP, Noise, yamux, GossipSub, our stream protocols).
+
+Every public method returns at once: work goes on an unbounded trio channel drained by
+`_command_loop`, and outcomes come back as events handed to the sink. All tasks live in
+the nursery of `run()`, so cancelling it stops everything and closes the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p.abc import INotifee
+from libp2p.custom_types import TProtocol
+from libp2p.host.ping import ID as PING_PROTOCOL
+from libp2p.host.ping import perform_ping_roundtrip
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo as L2PeerInfo
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.tools.anyio_service import background_trio_service
+
+from p2pfl.errors import LocalProtocolError, RemoteProtocolError
+from p2pfl.identity import Identity
+from p2pfl.net.base import (
+    MAX_DIRECT_BYTES,
+    MAX_FETCH_BYTES,
+    MAX_GOSSIP_BYTES,
+    BlobReader,
+    EventSink,
+    FetchDone,
+    FetchFailed,
+    Message,
+    NetEvent,
+    NetStats,
+    PeerConnected,
+    PeerDisconnected,
+    PeerInfo,
+)
+from p2pfl.net.libp2p import _blob, _px
+from p2pfl.net.libp2p._config import Libp2pConfig
+from p2pfl.net.libp2p._framing import frame, read_frame
+from p2pfl.net.libp2p._host import build_host, build_pubsub
+from p2pfl.net.libp2p._logging import route_libp2p_logs
+from p2pfl.net.libp2p._peers import PeerBook
+
+LOG = logging.getLogger("p2pfl.net.libp2p")
+
+MSG_PROTOCOL = "/p2pfl/msg/1.0.0"
+# The peer-exchange handshake that also marks a connection as usable (PeerConnected).
+HANDSHAKE_TIMEOUT_S = 10.0
+# A write to a peer that stopped reading fails after this (the message is dropped).
+WRITE_TIMEOUT_S = 30.0
+# First peer-exchange re-ask after a new connection; doubles up to px_interval_s.
+PX_FAST_S = 0.5
+
+
+class _Notifee(INotifee):
+    """Swarm callbacks -> our bookkeeping. Runs inside libp2p's tasks: must not block."""
+
+    def __init__(self, net: Libp2pNetwork) -> None:
+        self._net = net
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        self._net._on_conn_up(str(conn.muxed_conn.peer_id))
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        self._net._on_conn_down(conn.muxed_conn.peer_id)
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+
+class Libp2pNetwork:
+    """A p2pfl Network over py-libp2p. Construct, then `await nursery.start(net.run)`."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        config: Libp2pConfig,
+        sink: EventSink,
+        blob_reader: BlobReader | None = None,
+    ) -> None:
+        self._identity = identity
+        self._config = config
+        self._sink = sink
+        self._blob_reader: BlobReader = blob_reader or (lambda cid, off, n: None)
+        self._cmd_send, self._cmd_recv = trio.open_memory_channel[tuple[Any, ...]](math.inf)
+        self._book = PeerBook(
+            identity.peer_id,
+            config.dial_backoff_min_s,
+            config.dial_backoff_max_s,
+            config.max_dial_failures,
+        )
+        for addr in config.bootstrap:
+            self._book.add_bootstrap(addr.rsplit("/p2p/", 1)[1], addr)
+        self._stats = NetStats(
+            extra={"fetch_done": 0, "fetch_failed": 0, "direct_dropped": 0, "blob_served": 0}
+        )
+        self._host: Any = None
+        self._pubsub: Any = None
+        self._nursery: trio.Nursery | None = None
+        self._kick: trio.Event | None = None
+        self._px_wake = trio.Event()
+        self._stopped = False
+        self._topics: set[str] = set()
+        self._own_addrs: list[str] = []
+        # Peers announced with PeerConnected, with the addresses they advertise.
+        self._connected: dict[str, tuple[str, ...]] = {}
+        self._handshaking: set[str] = set()
+        self._pinging: set[str] = set()
+        self._last_alive: dict[str, float] = {}
+        self._senders: dict[str, trio.MemorySendChannel[bytes]] = {}
+        self._serve_limits: dict[str, trio.Semaphore] = {}
+        self._sender_ids: dict[bytes, str] = {}
+
+    # --- the Network interface ----------------------------------------------------------
+
+    @property
+    def peer_id(self) -> str:
+        return self._identity.peer_id
+
+    def listen_addrs(self) -> list[str]:
+        return list(self._own_addrs)
+
+    def connected_peers(self) -> list[PeerInfo]:
+        return [PeerInfo(p, a) for p, a in self._connected.items()]
+
+    def subscribe(self, topic: str) -> None:
+        if topic not in self._topics:
+            self._topics.add(topic)
+            self._put(("sub", topic))
+
+    def publish(self, topic: str, data: bytes) -> None:
+        if len(data) > MAX_GOSSIP_BYTES:
+            raise LocalProtocolError(
+                f"publish of {len(data)} bytes exceeds MAX_GOSSIP_BYTES ({MAX_GOSSIP_BYTES});"
+                " send large data as a blob"
+            )
+        self._put(("pub", topic, bytes(data)))
+
+    def send(self, peer: str, data: bytes) -> None:
+        if len(data) > MAX_DIRECT_BYTES:
+            raise LocalProtocolError(
+                f"direct message of {len(data)} bytes exceeds MAX_DIRECT_BYTES ({MAX_DIRECT_BYTES})"
+            )
+        self._put(("send", peer, bytes(data)))
+
+    def fetch(self, peer: str, cid: str, offset: int, length: int, token: object) -> None:
+        if offset < 0 or not 0 < length <= MAX_FETCH_BYTES:
+            raise LocalProtocolError(
+                f"fetch range offset={offset} length={length}: need offset >= 0 and"
+                f" 0 < length <= MAX_FETCH_BYTES ({MAX_FETCH_BYTES})"
+            )
+        self._put(("fetch", peer, cid, offset, length, token))
+
+    def stats(self) -> NetStats:
+        s = self._stats
+        return NetStats(
+            s.bytes_sent, s.bytes_received, s.messages_sent, s.messages_received, dict(s.extra)
+        )
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, start gossip, start dialling; started() once listening. Runs until
+        cancelled; cancellation closes the host."""
+        route_libp2p_logs(self._config.libp2p_log_level)
+        host = build_host(self._identity.libp2p_keypair(), self._config)
+        pubsub, gossipsub = build_pubsub(host, self._config, self._on_gossip)
+        self._host, self._pubsub = host, pubsub
+        host.set_stream_handler(TProtocol(MSG_PROTOCOL), self._handle_msg_stream)
+        host.set_stream_handler(TProtocol(_blob.BLOB_PROTOCOL), self._handle_blob_stream)
+        host.set_stream_handler(TProtocol(_px.PX_PROTOCOL), self._handle_px_stream)
+        host.get_network().register_notifee(_Notifee(self))
+        listen = [multiaddr.Multiaddr(a) for a in self._config.listen]
+        try:
+            async with host.run(listen_addrs=listen):
+                async with background_trio_service(pubsub), background_trio_service(gossipsub):
+                    await pubsub.wait_until_ready()
+                    suffix = f"/p2p/{self.peer_id}"
+                    self._own_addrs = [str(a) + suffix for a in host.get_transport_addrs()]
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        self._kick = trio.Event()
+                        nursery.start_soon(self._command_loop)
+                        nursery.start_soon(self._dial_loop)
+                        nursery.start_soon(self._liveness_loop)
+                        nursery.start_soon(self._px_loop)
+                        LOG.info("libp2p node %s listening on %s", self.peer_id, self._own_addrs)
+                        task_status.started()
+        finally:
+            self._stopped = True
+            self._nursery = None
+            self._connected.clear()
+
+    def _put(self, cmd: tuple[Any, ...]) -> None:
+        if self._stopped:
+            LOG.debug("network stopped; dropping %s", cmd[0])
+            return
+        self._cmd_send.send_nowait(cmd)
+
+    def _emit(self, event: NetEvent) -> None:
+        try:
+            self._sink(event)
+        except Exception:
+            LOG.exception("event sink raised on %s", type(event).__name__)
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn, *args)
+
+    def _kick_dialer(self) -> None:
+        if self._kick is not None:
+            self._kick.set()
+
+    def _alive(self, peer: str) -> None:
+        self._last_alive[peer] = trio.current_time()
+
+    # --- commands -----------------------------------------------------------------------
+
+    async def _command_loop(self) -> None:
+        async for cmd in self._cmd_recv:
+            kind = cmd[0]
+            try:
+                if kind == "pub":
+                    # Inline (not a task per publish) so a topic's messages keep their order.
+                    await self._pubsub.publish(cmd[1], cmd[2])
+                    self._stats.bytes_sent += len(cmd[2])
+                    self._stats.messages_sent += 1
+                elif kind == "sub":
+                    await self._pubsub.subscribe(cmd[1])
+                elif kind == "send":
+                    self._queue_direct(cmd[1], cmd[2])
+                elif kind == "fetch":
+                    self._spawn(self._fetch, *cmd[1:])
+            except Exception:
+                LOG.exception("network command %s failed", kind)
+
+    def _on_gossip(self, topic: str, from_id: bytes, data: bytes) -> None:
+        sender = self._sender_ids.get(from_id)
+        if sender is None:
+            sender = ID(from_id).to_base58()
+            if len(self._sender_ids) > 10_000:
+                self._sender_ids.clear()
+            self._sender_ids[from_id] = sender
+        self._stats.bytes_received += len(data)
+        self._stats.messages_received += 1
+        self._emit(Message(topic, sender, data))
+
+    # --- direct messages: one long-lived stream per peer, written by one task ------------
+
+    def _queue_direct(self, peer: str, data: bytes) -> None:
+        if peer == self.peer_id:
+            self._emit(Message(None, peer, data))
+            return
+        channel = self._senders.get(peer)
+        if channel is None:
+            channel, recv = trio.open_memory_channel[bytes](math.inf)
+            self._senders[peer] = channel
+            self._spawn(self._direct_sender, peer, channel, recv)
+        channel.send_nowait(data)
+
+    async def _direct_sender(
+        self, peer: str, channel: trio.MemorySendChannel[bytes], recv: Any
+    ) -> None:
+        stream = None
+        try:
+            async for data in recv:
+                sent = False
+                for _attempt in range(2):  # a stale stream gets one fresh replacement
+                    try:
+                        with trio.fail_after(WRITE_TIMEOUT_S):
+                            if stream is None:
+                                stream = await self._host.new_stream(
+                                    ID.from_base58(peer), [TProtocol(MSG_PROTOCOL)]
+                                )
+                            await stream.write(frame(data))
+                        sent = True
+                        break
+                    except Exception as exc:
+                        LOG.debug("direct message to %s failed: %r", peer, exc)
+                        await _reset(stream)
+                        stream = None
+                if sent:
+                    self._stats.bytes_sent += len(data) + 4
+                    self._stats.messages_sent += 1
+                else:
+                    self._stats.extra["direct_dropped"] += 1
+                    if peer not in self._connected:
+                        break  # unreachable: drop what is queued and let the task end
+        finally:
+            if self._senders.get(peer) is channel:
+                del self._senders[peer]
+            channel.close()
+            while True:
+                try:
+                    recv.receive_nowait()
+                    self._stats.extra["direct_dropped"] += 1
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+            if stream is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await _close(stream)
+
+    async def _handle_msg_stream(self, stream: Any) -> None:
+        peer = str(stream.muxed_conn.peer_id)
+        try:
+            while True:
+                data = await read_frame(stream, MAX_DIRECT_BYTES)
+                if data is None:
+                    break
+                self._stats.bytes_received += len(data) + 4
+                self._stats.messages_received += 1
+                self._alive(peer)
+                self._emit(Message(None, peer, data))
+            await _close(stream)
+        except RemoteProtocolError as exc:
+            LOG.warning("direct stream from %s reset: %s", peer, exc)
+            await _reset(stream)
+        except Exception as exc:
+            LOG.debug("direct stream from %s ended: %r", peer, exc)
+            await _reset(stream)
+
+    # --- blobs --------------------------------------------------------------------------
+
+    async def _handle_blob_stream(self, stream: Any) -> None:
+        peer = str(stream.muxed_conn.peer_id)
+        self._alive(peer)
+        limit = self._serve_limits.get(peer)
+        if limit is None:
+            limit = trio.Semaphore(self._config.max_blob_serves_per_peer)
+            self._serve_limits[peer] = limit
+        await _blob.serve_blob_stream(stream, peer, self._blob_reader, limit, self._count_serve)
+
+    def _count_serve(self, received: int, sent: int) -> None:
+        self._stats.bytes_received += received
+        self._stats.bytes_sent += sent
+        self._stats.extra["blob_served"] += 1
+
+    async def _fetch(self, peer: str, cid: str, offset: int, length: int, token: object) -> None:
+        reason = ""
+        stream = None
+        try:
+            with trio.fail_after(self._config.fetch_timeout_s):
+                stream = await self._host.new_stream(
+                    ID.from_base58(peer), [TProtocol(_blob.BLOB_PROTOCOL)]
+                )
+                data, wire = await _blob.request_range(stream, cid, offset, length)
+            await _close(stream)
+        except trio.TooSlowError:
+            reason = f"timeout after {self._config.fetch_timeout_s:.0f} s"
+        except _blob.FetchRefused as exc:
+            reason = str(exc)
+        except RemoteProtocolError as exc:
+            reason = f"bad answer: {exc}"
+            LOG.warning("blob answer from %s rejected: %s", peer, exc)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if reason:
+            await _reset(stream)
+            self._stats.extra["fetch_failed"] += 1
+            self._emit(FetchFailed(token, peer, cid, offset, reason))
+            return
+        self._alive(peer)
+        self._stats.bytes_received += wire
+        self._stats.bytes_sent += len(_blob.encode_request(cid, offset, length))
+        self._stats.extra["fetch_done"] += 1
+        self._emit(FetchDone(token, peer, cid, offset, data))
+
+    # --- connections, peer exchange, dialling, liveness ---------------------------------
+
+    def _on_conn_up(self, peer: str) -> None:
+        if peer in self._connected or peer in self._handshaking or self._nursery is None:
+            return
+        self._handshaking.add(peer)
+        self._spawn(self._handshake, peer)
+
+    def _on_conn_down(self, pid: ID) -> None:
+        if self._host is None or self._host.get_network().get_connections(pid):
+            return  # a duplicate connection was trimmed; the peer is still there
+        self._peer_gone(str(pid), "connection closed")
+
+    def _peer_gone(self, peer: str, reason: str) -> None:
+        self._book.on_disconnected(peer, trio.current_time())
+        self._last_alive.pop(peer, None)
+        self._serve_limits.pop(peer, None)
+        sender = self._senders.pop(peer, None)
+        if sender is not None:
+            sender.close()
+        if self._connected.pop(peer, None) is not None:
+            LOG.info("peer %s disconnected: %s", peer, reason)
+            self._emit(PeerDisconnected(peer, reason))
+        self._kick_dialer()
+
+    async def _handshake(self, peer: str) -> None:
+        """Peer exchange with a newly connected peer; then it counts as connected."""
+        pid = ID.from_base58(peer)
+        try:
+            with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+                await self._ask_px(peer)
+        finally:
+            self._handshaking.discard(peer)
+        if not self._host.get_network().get_connections(pid) or peer in self._connected:
+            return
+        addrs = self._book.addrs(peer)
+        if not addrs:
+            addrs = tuple(f"{a}/p2p/{peer}" for a in self._host.get_peerstore().addrs(pid))
+        self._connected[peer] = addrs
+        self._book.on_connected(peer)
+        self._alive(peer)
+        LOG.info("peer %s connected", peer)
+        self._emit(PeerConnected(peer, addrs))
+        self._kick_dialer()
+        self._px_wake.set()
+
+    async def _ask_px(self, peer: str) -> None:
+        stream = None
+        try:
+            stream = await self._host.new_stream(ID.from_base58(peer), [TProtocol(_px.PX_PROTOCOL)])
+            raw = await read_frame(stream, _px.MAX_PX_BYTES)
+            await _close(stream)
+            if raw is None:
+                raise RemoteProtocolError("px stream closed without an answer")
+            own, peers = _px.decode_px(peer, raw)
+        except RemoteProtocolError as exc:
+            LOG.warning("peer exchange with %s failed: %s", peer, exc)
+            await _reset(stream)
+            return
+        except Exception as exc:
+            LOG.debug("peer exchange with %s failed: %r", peer, exc)
+            await _reset(stream)
+            return
+        self._alive(peer)
+        self._book.learn(peer, own)
+        if any(self._book.learn(p, a) for p, a in peers.items()):
+            self._kick_dialer()
+
+    async def _handle_px_stream(self, stream: Any) -> None:
+        try:
+            known = {p: self._connected[p] for p in self._connected if self._connected[p]}
+            await stream.write(frame(_px.encode_px(self._own_addrs, known)))
+            await _close(stream)
+        except Exception as exc:
+            LOG.debug("px answer failed: %r", exc)
+            await _reset(stream)
+
+    async def _px_loop(self) -> None:
+        """Ask a random connected peer for its peers: soon after each new connection (a
+        peer that joined at the same time as us is not in the answers we got on connect),
+        then backing off to px_interval_s while below target_peers."""
+        delay = self._config.px_interval_s
+        while True:
+            wake = self._px_wake
+            with trio.move_on_after(delay):
+                await wake.wait()
+            if wake.is_set():
+                self._px_wake = trio.Event()
+                delay = PX_FAST_S
+                continue
+            peers = list(self._connected)
+            if peers:
+                self._spawn(self._ask_px, self._book.rng.choice(peers))
+            if len(peers) < self._config.target_peers:
+                delay = min(delay * 2, self._config.px_interval_s)
+            else:
+                delay = self._config.px_interval_s
+
+    async def _dial_loop(self) -> None:
+        while True:
+            self._kick = trio.Event()
+            to_dial, next_at = self._book.due(trio.current_time(), self._config.target_peers)
+            for peer in to_dial:
+                self._book.dial_started(peer)
+                self._spawn(self._dial, peer)
+            with trio.move_on_at(math.inf if next_at is None else next_at):
+                await self._kick.wait()
+
+    async def _dial(self, peer: str) -> None:
+        ok = False
+        try:
+            pid = ID.from_base58(peer)
+            addrs = []
+            for a in self._book.addrs(peer):
+                info = info_from_p2p_addr(multiaddr.Multiaddr(a))
+                if info.peer_id == pid:
+                    addrs.extend(info.addrs)
+            # A peer that failed before is in the swarm's 60 s negative cache; it may
+            # have come back, and our own backoff already paces the attempts.
+            self._host.get_network().unblock_peer(pid)
+            with trio.move_on_after(self._config.dial_timeout_s):
+                await self._host.connect(L2PeerInfo(pid, addrs))
+                ok = True
+        except Exception as exc:
+            LOG.debug("dial %s failed: %r", peer, exc)
+        self._book.dial_finished(peer, ok, trio.current_time())
+        if ok and peer not in self._connected:
+            self._on_conn_up(peer)  # in case the notifee ran before we knew the peer
+        self._kick_dialer()
+
+    async def _liveness_loop(self) -> None:
+        cfg = self._config
+        while True:
+            await trio.sleep(cfg.liveness_interval_s)
+            now = trio.current_time()
+            for peer in list(self._connected):
+                silent = now - self._last_alive.get(peer, now)
+                if silent > cfg.liveness_timeout_s:
+                    self._peer_gone(peer, f"no answer for {silent:.1f} s")
+                    self._spawn(self._disconnect, peer)
+                elif peer not in self._pinging:
+                    self._pinging.add(peer)
+                    self._spawn(self._ping, peer)
+
+    async def _ping(self, peer: str) -> None:
+        stream = None
+        try:
+            with trio.move_on_after(self._config.liveness_timeout_s):
+                stream = await self._host.new_stream(ID.from_base58(peer), [PING_PROTOCOL])
+                await perform_ping_roundtrip(stream)
+                self._alive(peer)
+                await _close(stream)
+                stream = None
+        except Exception as exc:
+            LOG.debug("ping %s failed: %r", peer, exc)
+        finally:
+            self._pinging.discard(peer)
+            await _reset(stream)
+
+    async def _disconnect(self, peer: str) -> None:
+        try:
+            with trio.move_on_after(5):
+                await self._host.disconnect(ID.from_base58(peer))
+        except Exception as exc:
+            LOG.debug("disconnect %s failed: %r", peer, exc)
+
+
+async def _close(stream: Any) -> None:
+    if stream is None:
+        return
+    try:
+        await stream.close()
+    except Exception:
+        pass
+
+
+async def _reset(stream: Any) -> None:
+    if stream is None:
+        return
+    try:
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await stream.reset()
+    except Exception:
+        pass
