@@ -36,17 +36,42 @@ def summary(task_id: str, status: str, rnd: int, reason: str = "") -> dict[str, 
         "round": rnd,
         "rounds": 2,
         "nodes": {
-            PEER_A: {"state": "training", "round": rnd, "loss": 0.5, "accuracy": 0.8, "epsilon": None},
-            PEER_B: {"state": "training", "round": rnd, "loss": 0.6, "accuracy": None, "epsilon": 1.5},
+            PEER_A: {
+                "state": "training",
+                "round": rnd,
+                "loss": 0.5,
+                "accuracy": 0.8,
+                "epsilon": None,
+            },
+            PEER_B: {
+                "state": "training",
+                "round": rnd,
+                "loss": 0.6,
+                "accuracy": None,
+                "epsilon": 1.5,
+            },
         },
         "created": 1700000000.0,
     }
 
 
-def event(kind: str, task: dict[str, Any], peer: str | None = None, rnd: int | None = None,
-          message: str = "", metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"t": 1700000000.0 + (rnd or 0), "kind": kind, "peer": peer, "round": rnd,
-            "message": message, "metrics": metrics or {}, "task": task}
+def event(
+    kind: str,
+    task: dict[str, Any],
+    peer: str | None = None,
+    rnd: int | None = None,
+    message: str = "",
+    metrics: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "t": 1700000000.0 + (rnd or 0),
+        "kind": kind,
+        "peer": peer,
+        "round": rnd,
+        "message": message,
+        "metrics": metrics or {},
+        "task": task,
+    }
 
 
 def script(task_id: str, ok: bool) -> list[dict[str, Any]]:
@@ -59,7 +84,9 @@ def script(task_id: str, ok: bool) -> list[dict[str, Any]]:
     if ok:
         evs.append(event("result", summary(task_id, "succeeded", 2), PEER_A, 2, "done"))
     else:
-        evs.append(event("failed", summary(task_id, "failed", 1, "no quorum"), None, 1, "no quorum"))
+        evs.append(
+            event("failed", summary(task_id, "failed", 1, "no quorum"), None, 1, "no quorum")
+        )
     return evs
 
 
@@ -76,14 +103,22 @@ class FakeNodeAPI:
         self.watchers_closed = 0
 
     def info(self) -> dict[str, Any]:
-        return {"peer_id": SELF_ID, "addrs": ["/ip4/127.0.0.1/tcp/4001"], "version": "0.1.0",
-                "data_dir": Path("/tmp/x"), "datasets": [{"name": "wages", "rows": 100, "columns": 3}],
-                "trusted": frozenset({PEER_A})}
+        return {
+            "peer_id": SELF_ID,
+            "addrs": ["/ip4/127.0.0.1/tcp/4001"],
+            "version": "0.1.0",
+            "data_dir": Path("/tmp/x"),
+            "datasets": [{"name": "wages", "rows": 100, "columns": 3}],
+            "trusted": frozenset({PEER_A}),
+        }
 
     def peers(self) -> list[dict[str, Any]]:
         return [
-            {"peer_id": PEER_A, "addrs": ["/ip4/127.0.0.1/tcp/4002"],
-             "capabilities": {"datasets": [{"name": "wages"}], "cpus": 2}},
+            {
+                "peer_id": PEER_A,
+                "addrs": ["/ip4/127.0.0.1/tcp/4002"],
+                "capabilities": {"datasets": [{"name": "wages"}], "cpus": 2},
+            },
             {"peer_id": PEER_B, "addrs": ["/ip4/127.0.0.1/tcp/4003"], "capabilities": None},
         ]
 
@@ -98,10 +133,24 @@ class FakeNodeAPI:
         return out
 
     def taskpacks(self) -> list[dict[str, Any]]:
-        return [{"name": "wages", "version": "1.0.0", "cid": "bafycidgood1", "publisher": SELF_ID,
-                 "status": "verified", "reason": ""},
-                {"name": "evil", "version": "0.1.0", "cid": "bafyevil", "publisher": PEER_B,
-                 "status": "rejected", "reason": "publisher not trusted"}]
+        return [
+            {
+                "name": "wages",
+                "version": "1.0.0",
+                "cid": "bafycidgood1",
+                "publisher": SELF_ID,
+                "status": "verified",
+                "reason": "",
+            },
+            {
+                "name": "evil",
+                "version": "0.1.0",
+                "cid": "bafyevil",
+                "publisher": PEER_B,
+                "status": "rejected",
+                "reason": "publisher not trusted",
+            },
+        ]
 
     async def create_task(self, ref: str, params: dict[str, str]) -> dict[str, Any]:
         if ref not in ("wages", "wages@1.0.0", "bafycidgood1"):
@@ -138,9 +187,16 @@ class FakeNodeAPI:
             raise TaskFailed(f"task {tid} failed: no quorum")
         if last["kind"] != "result":
             raise TaskNotFinished(f"task {tid} is still running (round 1/2)")
-        return {"task_id": tid, "status": "succeeded", "participants": [PEER_A, PEER_B],
-                "rounds": 2, "metrics": {"loss": 0.4, "accuracy": 0.9}, "model_cid": "bafymodel",
-                "reducer": PEER_A, "signature_ok": True}
+        return {
+            "task_id": tid,
+            "status": "succeeded",
+            "participants": [PEER_A, PEER_B],
+            "rounds": 2,
+            "metrics": {"loss": 0.4, "accuracy": 0.9},
+            "model_cid": "bafymodel",
+            "reducer": PEER_A,
+            "signature_ok": True,
+        }
 
     def read_blob(self, cid: str) -> bytes | None:
         return MODEL if cid == "bafymodel" else None
