@@ -78,7 +78,7 @@ def check_requirements(manifest: Manifest, capabilities: Mapping[str, Any]) -> R
 
     `capabilities` keys: ``python`` (e.g. "3.11.7"; default: this interpreter),
     ``gpu`` (bool; default False), ``memory_bytes`` and ``disk_free_bytes`` (unchecked when
-    absent: unknown is not insufficient), optional ``frameworks`` (names this node can run;
+    absent or <= 0: unknown is not insufficient), optional ``frameworks`` (names this node can run;
     unchecked when absent; "none" always passes).
     """
     req = manifest.spec.requirements
@@ -94,10 +94,10 @@ def check_requirements(manifest: Manifest, capabilities: Mapping[str, Any]) -> R
     if req.gpu == "required" and not capabilities.get("gpu", False):
         unmet.append("a GPU is required, this node has none")
     memory = capabilities.get("memory_bytes")
-    if req.memory_bytes and isinstance(memory, int) and memory < req.memory_bytes:
+    if req.memory_bytes and isinstance(memory, int) and 0 < memory < req.memory_bytes:
         unmet.append(f"memory {req.memory_bytes} bytes wanted, this node has {memory}")
     disk = capabilities.get("disk_free_bytes")
-    if req.storage_bytes and isinstance(disk, int) and disk < req.storage_bytes:
+    if req.storage_bytes and isinstance(disk, int) and 0 < disk < req.storage_bytes:
         unmet.append(f"storage {req.storage_bytes} bytes wanted, this node has {disk} free")
     frameworks = capabilities.get("frameworks")
     framework = manifest.spec.framework
@@ -106,8 +106,13 @@ def check_requirements(manifest: Manifest, capabilities: Mapping[str, Any]) -> R
     return Refusal("requirements-unmet", "; ".join(unmet)) if unmet else None
 
 
-def check_inputs(manifest: Manifest, dataset_names: Iterable[str]) -> Refusal | None:
-    """Every input the manifest names must be a dataset registered on this node."""
+def check_inputs(manifest: Manifest, dataset_names: Iterable[str] | None) -> Refusal | None:
+    """Every input the manifest names must be a dataset registered on this node.
+
+    ``dataset_names=None`` skips the check (e.g. a taskpack seen before any task offer).
+    """
+    if dataset_names is None:
+        return None
     have = set(dataset_names)
     missing = [i.name for i in manifest.spec.inputs if i.name not in have]
     if missing:
@@ -122,9 +127,12 @@ def check_announcement(
     sig: bytes,
     policy: TrustPolicy,
     capabilities: Mapping[str, Any],
-    dataset_names: Iterable[str],
+    dataset_names: Iterable[str] | None,
 ) -> Refusal | None:
-    """Judge a task announcement before fetching its archive (see the module docstring)."""
+    """Judge a task announcement before fetching its archive (see the module docstring).
+
+    ``dataset_names=None`` skips the inputs check (nothing to match against yet).
+    """
     if not verify_taskpack(publisher, manifest_bytes, cid, sig):
         return Refusal("bad-signature", f"signature does not match publisher {publisher[:64]!r}")
     if not policy.allows(publisher):
@@ -167,7 +175,7 @@ def authenticate(
     sig: bytes,
     policy: TrustPolicy,
     capabilities: Mapping[str, Any],
-    dataset_names: Iterable[str],
+    dataset_names: Iterable[str] | None,
     archive: bytes | None = None,
 ) -> Refusal | None:
     """Both checkpoints in order; the archive check runs only when `archive` is given."""
