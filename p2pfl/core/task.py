@@ -38,6 +38,7 @@ from p2pfl.core.commands import (
     SetTimer,
 )
 from p2pfl.core.election import first_live, ranked, roster_problem
+from p2pfl.core.gossip import sources_of, targets_of
 from p2pfl.core.messages import (
     TOPIC_TASKS,
     Decline,
@@ -702,13 +703,11 @@ class TaskMachine:
     # --- gossip (push-sum) --------------------------------------------------------------
 
     def _gossip_send(self, now: float, rnd: int, ref: BlobRef | None, n: int) -> list[Command]:
-        from p2pfl.fl.aggregate import gossip_targets
-
         if rnd == 1:
             self.mass = float(max(n, 1))
         live = self.live()
         fanout = max(1, min(self.offer.fanout, len(live) - 1))
-        targets = gossip_targets(self.task_id, rnd, self.my_id, live, fanout) if len(live) > 1 else []
+        targets = targets_of(self.task_id, rnd, self.my_id, live, fanout) if len(live) > 1 else ()
         share = self.mass / (len(targets) + 1)
         self.mass = share  # the share we keep
         own = GossipPush(self.task_id, rnd, self.my_id, ref, share if ref else 0.0)
@@ -727,14 +726,12 @@ class TaskMachine:
         return self._gossip_maybe_merge(now, push.round, deadline_passed=False)
 
     def _gossip_maybe_merge(self, now: float, rnd: int, deadline_passed: bool) -> list[Command]:
-        from p2pfl.fl.aggregate import gossip_sources
-
         if rnd != self.round or self.phase != "training" or self.my_id not in self.pushes.get(rnd, {}):
             return []
         got = self.pushes.get(rnd, {})
         live = self.live()
         fanout = max(1, min(self.offer.fanout, len(live) - 1))
-        sources = gossip_sources(self.task_id, rnd, self.my_id, live, fanout) if len(live) > 1 else []
+        sources = sources_of(self.task_id, rnd, self.my_id, live, fanout) if len(live) > 1 else ()
         missing = [p for p in sources if p not in got and p not in self.dead]
         if missing and not deadline_passed:
             return []

@@ -1,0 +1,446 @@
+"""The driver: carries out the sans-IO core's commands and feeds outcomes back as events.
+
+One driver class serves a real deployment and a simulation. What differs is `io`, a small
+backend that knows how to wait and how to run work:
+
+* `p2pfl.io_trio.TrioIO`  -- wall clock, trio timers, taskpack code in child processes,
+  heavy numpy work in threads; the network is libp2p.
+* `p2pfl.sim.io.SimIO`    -- virtual time on the simulator's hub, taskpack code in one
+  shared in-process pool; the network is the simulated one.
+
+Everything reaches the core through `Driver.on_event`, one event at a time, so the core
+never sees concurrency.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from p2pfl.core.commands import (
+    AddProviders,
+    Aggregate,
+    Aggregated,
+    ArchiveChecked,
+    BlobFailed,
+    BlobReady,
+    CancelTimer,
+    CheckArchive,
+    Command,
+    Emit,
+    FetchBlob,
+    JobDone,
+    JobFailed,
+    Log,
+    Publish,
+    RunJob,
+    Send,
+    SetTimer,
+    TimerFired,
+)
+from p2pfl.core.messages import TOPICS, TaskpackAnnounce
+from p2pfl.core.node_core import NodeCore
+from p2pfl.errors import LocalProtocolError, RemoteProtocolError
+from p2pfl.net.base import FetchDone, FetchFailed, Message, Network, PeerDisconnected
+from p2pfl.store.blobref import BlobRef, make_blob_ref
+from p2pfl.store.blobs import BlobStore
+from p2pfl.store.fetcher import BlobFetch, FetchCmd
+from p2pfl.wire import encode
+
+log = logging.getLogger("p2pfl.node")
+
+Callback = Callable[[], None]
+
+
+class DriverIO(Protocol):
+    """How a driver waits and runs work, in its world."""
+
+    def now(self) -> float: ...
+
+    def set_timer(self, key: tuple, deadline: float, callback: Callback) -> None: ...
+
+    def cancel_timer(self, key: tuple) -> None: ...
+
+    def call_soon(self, callback: Callback) -> None: ...
+
+    def run_blocking(self, fn: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+        """Run CPU/disk work (hashing, aggregation, unpacking) off the event path."""
+        ...
+
+    def run_job(self, spec: Any, job: Any, done: Callable[[Any, str | None], None]) -> None:
+        """Run a taskpack job; done(result, None) or done(None, reason)."""
+        ...
+
+
+class Driver:
+    def __init__(
+        self,
+        core: NodeCore,
+        network: Network,
+        store: BlobStore,
+        io: DriverIO,
+        *,
+        taskpack_root: Path,
+        datasets: dict[str, Path],
+        state_dir: Path | None = None,
+        update_hook: Callable[[str, bytes], bytes] | None = None,
+    ) -> None:
+        self.core = core
+        self.network = network
+        self.store = store
+        self.io = io
+        self.taskpack_root = taskpack_root
+        self.datasets = datasets
+        self.state_dir = state_dir
+        # Simulations use this to play a byzantine node (transform its own updates).
+        self.update_hook = update_hook
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._fetches: dict[str, BlobFetch] = {}
+        self._specs: dict[str, Any] = {}
+        self.me = core.me
+
+    # --- start ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for topic in TOPICS:
+            self.network.subscribe(topic)
+        self.execute(self.core.start(self.io.now()))
+
+    # --- the one entry point for events ----------------------------------------------------
+
+    def on_event(self, event: Any) -> None:
+        if isinstance(event, FetchDone | FetchFailed):
+            self._on_fetch_answer(event)
+            return
+        if isinstance(event, PeerDisconnected):
+            for fetch in list(self._fetches.values()):
+                self._fetch_cmds(fetch.remove_provider(event.peer))
+            self._check_fetches()
+        self.execute(self.core.handle(event, self.io.now()))
+
+    def execute(self, commands: list[Command]) -> None:
+        for cmd in commands:
+            try:
+                self._execute_one(cmd)
+            except LocalProtocolError as exc:
+                log.error("could not carry out %s: %s", type(cmd).__name__, exc)
+
+    def _execute_one(self, cmd: Command) -> None:
+        if isinstance(cmd, Publish):
+            self.network.publish(cmd.topic, encode(cmd.msg))
+        elif isinstance(cmd, Send):
+            data = encode(cmd.msg)
+            if cmd.peer == self.me:
+                self.io.call_soon(lambda: self.on_event(Message(None, self.me, data)))
+            else:
+                self.network.send(cmd.peer, data)
+        elif isinstance(cmd, SetTimer):
+            key = cmd.key
+            self.io.set_timer(key, cmd.deadline, lambda: self.on_event(TimerFired(key)))
+        elif isinstance(cmd, CancelTimer):
+            self.io.cancel_timer(cmd.key)
+        elif isinstance(cmd, FetchBlob):
+            self._start_fetch(cmd.ref, cmd.providers)
+        elif isinstance(cmd, AddProviders):
+            fetch = self._fetches.get(cmd.cid)
+            if fetch is not None:
+                for peer in cmd.providers:
+                    self._fetch_cmds(fetch.add_provider(peer))
+        elif isinstance(cmd, CheckArchive):
+            self._check_archive(cmd)
+        elif isinstance(cmd, RunJob):
+            self._run_job(cmd)
+        elif isinstance(cmd, Aggregate):
+            self._aggregate(cmd)
+        elif isinstance(cmd, Emit):
+            for listener in list(self.listeners):
+                listener(cmd.event)
+        elif isinstance(cmd, Log):
+            getattr(log, cmd.level, log.info)("%s %s", self.me[-8:], cmd.text)
+        else:  # pragma: no cover - a new command without a handler is a bug
+            raise LocalProtocolError(f"no handler for {type(cmd).__name__}")
+
+    # --- blobs ----------------------------------------------------------------------------
+
+    def _start_fetch(self, ref: BlobRef, providers: tuple[str, ...]) -> None:
+        cid = ref.cid
+        if self.store.has(cid):
+            self.io.call_soon(lambda: self.on_event(BlobReady(cid)))
+            return
+        fetch = self._fetches.get(cid)
+        if fetch is None:
+            fetch = BlobFetch(ref, self.store.open_partial(ref))
+            self._fetches[cid] = fetch
+            cmds: list[FetchCmd] = []
+            for peer in providers:
+                if peer != self.me:
+                    cmds += fetch.add_provider(peer)
+            cmds += fetch.start()
+            self._fetch_cmds(cmds)
+        else:
+            for peer in providers:
+                if peer != self.me:
+                    self._fetch_cmds(fetch.add_provider(peer))
+        self._check_fetches()
+
+    def _fetch_cmds(self, cmds: list[FetchCmd]) -> None:
+        for c in cmds:
+            self.network.fetch(c.peer, c.cid, c.offset, c.length, (c.cid, c.index))
+
+    def _on_fetch_answer(self, event: FetchDone | FetchFailed) -> None:
+        cid, index = event.token  # type: ignore[misc]
+        fetch = self._fetches.get(cid)
+        if fetch is None:
+            return
+        try:
+            if isinstance(event, FetchDone):
+                cmds = fetch.on_done(event.peer, index, event.data)
+            else:
+                cmds = fetch.on_failed(event.peer, index, event.reason)
+        except RemoteProtocolError as exc:
+            log.warning("blob %s from %s: %s", cid[:16], event.peer, exc)
+            cmds = []
+        self._fetch_cmds(cmds)
+        self._check_fetches()
+
+    def _check_fetches(self) -> None:
+        for cid, fetch in list(self._fetches.items()):
+            if fetch.done:  # the fetcher verified the whole blob and stored it
+                del self._fetches[cid]
+                self._deliver(BlobReady(cid))
+            elif fetch.failed_reason:
+                del self._fetches[cid]
+                self._deliver(BlobFailed(cid, fetch.failed_reason))
+
+    def _deliver(self, event: Any) -> None:
+        self.io.call_soon(lambda: self.on_event(event))
+
+    def put_blob(self, data: bytes) -> BlobRef:
+        ref = make_blob_ref(data)
+        if not self.store.has(ref.cid):
+            self.store.put(data)
+        return ref
+
+    def blob_bytes(self, ref: BlobRef | None) -> bytes | None:
+        if ref is None:
+            return None
+        return bytes(self.store.get(ref.cid))
+
+    # --- taskpacks ------------------------------------------------------------------------
+
+    def taskpack_dir(self, cid: str) -> Path:
+        return self.taskpack_root / cid
+
+    def _check_archive(self, cmd: CheckArchive) -> None:
+        store, root = self.store, self.taskpack_root
+
+        def check() -> tuple[str | None, str]:
+            from p2pfl.taskpack.pack import unpack
+            from p2pfl.taskpack.trust import check_archive
+
+            archive = bytes(store.get(cmd.cid))
+            refusal = check_archive(archive, cmd.cid, cmd.manifest)
+            if refusal is not None:
+                store.delete(cmd.cid)
+                return refusal.reason, refusal.detail
+            unpack_atomic(archive, root / cmd.cid, unpack)
+            return None, ""
+
+        def done(result: Any, error: BaseException | None) -> None:
+            if error is not None:
+                reason, detail = "invalid-archive", str(error)
+            else:
+                reason, detail = result
+            self.on_event(ArchiveChecked(cmd.cid, reason, detail))
+
+        self.io.run_blocking(check, done)
+
+    def publish_taskpack(self, path: Path) -> dict[str, Any]:
+        """Pack, sign, store and announce the taskpack in `path` (blocking work: call it
+        from a thread in the real node)."""
+        from p2pfl.taskpack.manifest import load_manifest
+        from p2pfl.taskpack.pack import pack_dir, unpack
+        from p2pfl.taskpack.signing import sign_taskpack
+
+        manifest = load_manifest(path)
+        archive = pack_dir(path)
+        ref = self.put_blob(archive)
+        manifest_bytes = manifest.canonical_bytes()
+        unpack_atomic(archive, self.taskpack_dir(ref.cid), unpack)
+        sig = sign_taskpack(self.core.identity, manifest_bytes, ref.cid)
+        ann = TaskpackAnnounce(manifest_bytes, ref, self.me, sig)
+        return {
+            "announce": ann,
+            "cid": ref.cid,
+            "name": manifest.metadata.name,
+            "version": manifest.metadata.version,
+            "publisher": self.me,
+        }
+
+    def announce_taskpack(self, ann: TaskpackAnnounce) -> None:
+        self.execute(self.core.publish_taskpack(ann))
+
+    def create_task(self, ref: str, overrides: dict[str, str]) -> dict[str, Any]:
+        from p2pfl.taskpack.manifest import effective_federated, load_params
+
+        entry = self.core.book.find(ref)
+        if entry is None or entry.status != "verified":
+            state = f"is {entry.status} ({entry.reason})" if entry else "is unknown here"
+            raise LocalProtocolError(f"taskpack {ref} {state}")
+        params = load_params(self.taskpack_dir(entry.cid), overrides)
+        federated = effective_federated(entry.manifest, params)
+        task_id, cmds = self.core.create_task(entry.cid, params, federated, self.io.now())
+        self.execute(cmds)
+        return {"task_id": task_id, "cid": entry.cid, "name": entry.name, "version": entry.version}
+
+    # --- jobs -----------------------------------------------------------------------------
+
+    def task_spec(self, task_id: str) -> Any:
+        spec = self._specs.get(task_id)
+        if spec is not None:
+            return spec
+        from p2pfl.runtime import Limits, TaskSpec
+        from p2pfl.taskpack.manifest import parse_size
+        from p2pfl.taskpack.sdk import DPConfig
+
+        machine = self.core.tasks[task_id]
+        offer = machine.offer
+        entry = self.core.book.entries.get(offer.cid)
+        limits = Limits()
+        raw_limits = (entry.manifest.raw.get("spec", {}).get("limits") or {}) if entry and entry.manifest else {}
+        if raw_limits:
+            limits = Limits(
+                timeout_s=float(raw_limits.get("timeout_s", limits.timeout_s)),
+                memory_bytes=parse_size(raw_limits["memory"]) if raw_limits.get("memory") else None,
+                cpu_seconds=int(raw_limits["cpu_seconds"]) if raw_limits.get("cpu_seconds") else None,
+            )
+        dp = offer.dp if isinstance(offer.dp, dict) else None
+        spec = TaskSpec(
+            task_id=task_id,
+            node=self.me,
+            taskpack_dir=self.taskpack_dir(offer.cid),
+            params=dict(offer.params) if isinstance(offer.params, dict) else {},
+            inputs={name: self.datasets[name] for name in offer.inputs if name in self.datasets},
+            seed=int(task_id[:8], 16),
+            rounds=offer.rounds,
+            protocol=offer.protocol,
+            mu=offer.mu if offer.protocol == "fedprox" else 0.0,
+            dp=DPConfig(dp["epsilon"], dp["delta"], dp["max_grad_norm"]) if dp else None,
+            state_path=(self.state_dir / f"{task_id}.json") if self.state_dir else None,
+            limits=limits,
+        )
+        self._specs[task_id] = spec
+        return spec
+
+    def _run_job(self, cmd: RunJob) -> None:
+        from p2pfl import runtime as rt
+        from p2pfl.taskpack.sdk import Partial
+
+        spec = self.task_spec(cmd.task_id)
+        req = cmd.job
+        kind = req["kind"]
+        if kind == "validate":
+            job: Any = rt.Validate()
+        elif kind == "init":
+            job = rt.InitialWeights()
+        elif kind == "train":
+            job = rt.Train(req["round"], self.blob_bytes(req.get("weights")))
+        elif kind == "evaluate":
+            job = rt.Evaluate(req["round"], self.blob_bytes(req.get("weights")))
+        elif kind == "finalize":
+            job = rt.Finalize(req["num_samples"], req["metrics"], req["aggregates"])
+        elif kind == "reduce":
+            job = rt.Reduce([Partial(**p) for p in req["partials"]])
+        else:
+            raise LocalProtocolError(f"unknown job kind {kind}")
+        token = cmd.token
+
+        def done(output: Any, error: str | None) -> None:
+            if error is not None:
+                self.on_event(JobFailed(token, error))
+                return
+            for line in output.logs:
+                self._emit_log(cmd.task_id, line)
+            try:
+                result = self._job_result(cmd.task_id, kind, output.result)
+            except Exception as exc:  # a task returned something we cannot use
+                self.on_event(JobFailed(token, f"{type(exc).__name__}: {exc}"))
+                return
+            self.on_event(JobDone(token, result))
+
+        self.io.run_job(spec, job, done)
+
+    def _job_result(self, task_id: str, kind: str, result: Any) -> Any:
+        """Blobs out of jobs go to the store; the core sees only their refs."""
+        if kind == "init":
+            return self.put_blob(result) if result else None
+        if kind == "train":
+            update = result.update
+            if update is not None and self.update_hook is not None:
+                update = self.update_hook(task_id, update)
+            return {
+                "ref": self.put_blob(update) if update is not None else None,
+                "num_samples": result.num_samples,
+                "metrics": dict(result.metrics or {}),
+                "aggregates": dict(result.aggregates or {}),
+            }
+        return result
+
+    def _emit_log(self, task_id: str, line: str) -> None:
+        event = {"t": self.io.now(), "kind": "log", "task_id": task_id, "peer": self.me,
+                 "round": None, "message": line, "metrics": {}}
+        machine = self.core.tasks.get(task_id)
+        if machine is not None:
+            event["task"] = machine.summary()
+        for listener in list(self.listeners):
+            listener(event)
+
+    # --- aggregation ----------------------------------------------------------------------
+
+    def _aggregate(self, cmd: Aggregate) -> None:
+        store = self.store
+
+        def work() -> bytes:
+            from p2pfl.fl.aggregate import aggregate
+            from p2pfl.wire import decode_tensors, encode_tensors
+
+            updates = [
+                (decode_tensors(store.get(ref.cid)), w) for ref, w in zip(cmd.refs, cmd.weights, strict=True)
+            ]
+            return encode_tensors(aggregate(cmd.method, updates, **cmd.options))
+
+        def done(result: Any, error: BaseException | None) -> None:
+            if error is not None:
+                self.on_event(Aggregated(cmd.token, None, f"{type(error).__name__}: {error}"))
+                return
+            self.on_event(Aggregated(cmd.token, self.put_blob(result)))
+
+        self.io.run_blocking(work, done)
+
+    # --- views ----------------------------------------------------------------------------
+
+    def fetch_progress(self) -> dict[str, tuple[int, int]]:
+        return {cid: f.progress() for cid, f in self._fetches.items()}
+
+
+def unpack_atomic(archive: bytes, dest: Path, unpack: Callable[[bytes, Path], None]) -> None:
+    """Unpack into a temporary sibling, then rename: a half-unpacked taskpack never exists
+    under its final name (and concurrent unpacks of the same cid are harmless)."""
+    if dest.exists():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest.parent))
+    try:
+        unpack(archive, tmp)
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if not dest.exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
