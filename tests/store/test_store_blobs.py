@@ -150,3 +150,10 @@ def test_leftover_temp_files_removed_and_never_listed(tmp_path: Path) -> None:
     assert store.list() == [cid]
     BlobStore(tmp_path)
     assert sorted(p.name for p in (tmp_path / "blobs").iterdir()) == [cid]
+
+
+def test_partial_of_a_held_blob_is_complete(store: BlobStore) -> None:
+    cid = store.put(DATA)
+    p = store.open_partial(make_blob_ref(DATA, CHUNK))
+    assert p.complete() and p.missing() == [] and p.finish() == cid
+    assert bytes(store.get(cid)) == DATA
