@@ -54,3 +54,6 @@ def route_libp2p_logs(level: int = logging.WARNING) -> None:
         # Without this, records would also reach the root logger a second time.
         lib.propagate = False
     lib.setLevel(level)
+    # Some libp2p modules set their own logger level (auto_connector logs at INFO), so
+    # the level is enforced on the forwarder too.
+    _installed.setLevel(level)
