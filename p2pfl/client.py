@@ -315,8 +315,9 @@ class Client:
                     on_event(event)
         except TimeoutError:
             raise TimeoutError(f"task {task_id} did not finish within {timeout:g} s") from None
-        if last is not None and not event_succeeded(last):
+        if last is not None and event_failed(last):
             raise TaskFailed(failure_reason(last))
+        # Succeeded, or the stream ended early (node stopping): the result, or TaskNotFinished.
         return self.get_result(task_id)
 
     def get_result(self, task_id: str) -> dict[str, Any]:
@@ -349,6 +350,12 @@ def event_succeeded(event: dict[str, Any]) -> bool:
     if status is not None:
         return status == "succeeded"
     return event.get("kind") == "result"
+
+
+def event_failed(event: dict[str, Any]) -> bool:
+    """Whether an event says the task failed (as opposed to succeeded or still running)."""
+    task = event.get("task") or {}
+    return event.get("kind") == "failed" or task.get("status") == "failed"
 
 
 def failure_reason(event: dict[str, Any]) -> str:
@@ -406,6 +413,7 @@ __all__ = [
     "ControlError",
     "NotFound",
     "default_data_dir",
+    "event_failed",
     "event_succeeded",
     "format_event",
 ]

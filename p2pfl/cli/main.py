@@ -47,7 +47,7 @@ def fail(message: str, code: int = 1) -> None:
 
 def error_text(exc: BaseException) -> str:
     """What to tell a person about `exc`, on one line."""
-    from p2pfl.control import one_line
+    from p2pfl.control.framing import one_line
 
     text = one_line(exc)
     if isinstance(exc, FileNotFoundError | PermissionError) and exc.filename:

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from p2pfl.cli.main import fail
-from p2pfl.client import DATA_DIR_ENV, Client, event_succeeded
+from p2pfl.client import DATA_DIR_ENV, Client, event_failed, event_succeeded
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PARAM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
@@ -300,8 +300,11 @@ def trace_cmd(task_id: str, data_dir: Path, as_json: bool) -> None:
         last = _trace_live(c, task_id)
     ok = last is not None and event_succeeded(last)
     if not ok and not as_json:
-        reason = ((last or {}).get("task") or {}).get("reason") or "no reason given"
-        click.echo(f"error: task {task_id} failed: {reason}", err=True)
+        if last is not None and event_failed(last):
+            reason = (last.get("task") or {}).get("reason") or last.get("message") or "?"
+            click.echo(f"error: task {task_id} failed: {reason}", err=True)
+        else:
+            click.echo(f"error: the node stopped streaming before task {task_id} ended", err=True)
     sys.exit(0 if ok else 1)
 
 

@@ -49,7 +49,7 @@ def peers_table(info: dict[str, Any], peers: list[dict[str, Any]]) -> Renderable
 
     table = Table(title=f"node {info.get('peer_id', '?')}", title_justify="left")
     table.add_column("peer id", no_wrap=True)
-    table.add_column("addresses")
+    table.add_column("addresses", overflow="fold")
     table.add_column("capabilities")
     table.add_row(
         f"[bold]{info.get('peer_id', '?')}[/] (self)",
@@ -146,13 +146,11 @@ def task_tree(task: dict[str, Any], logs: list[str] | None = None) -> Renderable
     if task.get("reason"):
         head += f" [red]({task['reason']})[/]"
     tree = Tree(head)
-    roles = {task.get("coordinator"): "coordinator", task.get("reducer"): "reducer"}
     nodes: dict[str, Any] = task.get("nodes") or {}
-    for peer in list(task.get("participants") or []) + [
-        p for p in nodes if p not in (task.get("participants") or [])
-    ]:
+    participants = list(task.get("participants") or [])
+    for peer in participants + [p for p in nodes if p not in participants]:
         n = nodes.get(peer) or {}
-        role = ", ".join(r for p, r in roles.items() if p == peer)
+        role = ", ".join(r for r in ("coordinator", "reducer") if task.get(r) == peer)
         label = f"{short_id(str(peer))}" + (f" [dim]({role})[/]" if role else "")
         metrics = "  ".join(
             f"{k} {fmt_num(n.get(k))}"
