@@ -14,8 +14,6 @@ and a level lists its nodes in index order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
 # One arrival group: cumulative latency (s), cumulative seconds per byte, receivers and
@@ -29,7 +27,7 @@ class GossipPlanner:
     def __init__(
         self,
         n: int,
-        edges: Sequence[tuple[int, int]],
+        edges: np.ndarray,
         lat: np.ndarray,
         inv: np.ndarray,
     ) -> None:
@@ -37,8 +35,8 @@ class GossipPlanner:
         self._lat = lat
         self._inv = inv
         self._cache: dict[int, list[Group]] = {}
-        if edges:
-            e = np.asarray(edges, dtype=np.int64)
+        if len(edges):
+            e = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
             rows = np.concatenate([e[:, 0], e[:, 1]])
             cols = np.concatenate([e[:, 1], e[:, 0]])
             order = np.lexsort((cols, rows))  # neighbours of a node in index order

@@ -43,6 +43,8 @@ class SimHub(EventLoop):
         self._adj: list[set[int]] = []
         self._serial = 0  # last incarnation serial handed out (global, increasing)
         self._planner: GossipPlanner | None = None
+        # All overlay links as an (m, 2) array, i < j, sorted; None after a link change.
+        self._edge_arr: np.ndarray | None = None
 
     # --- nodes -----------------------------------------------------------------------
 
@@ -55,7 +57,7 @@ class SimHub(EventLoop):
         self._index[peer_id] = node.idx
         self._nodes.append(node)
         self._adj.append(set())
-        self._planner = None
+        self._planner = self._edge_arr = None
         return self._incarnate(node, sink, blob_reader)
 
     def _incarnate(self, node: Node, sink: EventSink, reader: BlobReader | None) -> SimNetwork:
@@ -109,7 +111,7 @@ class SimHub(EventLoop):
         if j in self._adj[i]:
             self._adj[i].discard(j)
             self._adj[j].discard(i)
-            self._planner = None
+            self._planner = self._edge_arr = None
             self._push(self._now + self._edge_lat(i, j), self._sync_link, i, j)
 
     def apply_topology(self, kind: str, degree: int = 4, rewire: float = 0.1) -> None:
@@ -147,7 +149,7 @@ class SimHub(EventLoop):
             return
         self._adj[i].add(j)
         self._adj[j].add(i)
-        self._planner = None
+        self._planner = self._edge_arr = None
         self._push(self._now + self._edge_lat(i, j), self._sync_link, i, j)
 
     def _edge_lat(self, i: int, j: int) -> float:
@@ -248,16 +250,17 @@ class SimHub(EventLoop):
     def _planner_now(self) -> GossipPlanner:
         if self._planner is None:
             nodes = self._nodes
-            edges = [
-                (i, j)
-                for i in range(len(nodes))
-                if nodes[i].alive
-                for j in sorted(self._adj[i])
-                if i < j and nodes[j].alive and nodes[i].group == nodes[j].group
-            ]
+            if self._edge_arr is None:  # the overlay itself changed
+                pairs = [(i, j) for i in range(len(nodes)) for j in self._adj[i] if i < j]
+                self._edge_arr = np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
+            e = self._edge_arr
+            alive = np.array([n.alive for n in nodes], dtype=bool)
+            group = np.array([n.group for n in nodes], dtype=np.int64)
+            a, b = e[:, 0], e[:, 1]
+            usable = e[alive[a] & alive[b] & (group[a] == group[b])]
             lat = np.array([n.lat for n in nodes])
             inv = np.array([n.inv for n in nodes])
-            self._planner = GossipPlanner(len(nodes), edges, lat, inv)
+            self._planner = GossipPlanner(len(nodes), usable, lat, inv)
         return self._planner
 
     # --- timers and stats -----------------------------------------------------------------
