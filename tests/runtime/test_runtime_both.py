@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Harness, spec_for
+from runtime_helpers import Harness, spec_for
 
 from p2pfl.runtime import (
     KIND_BUDGET,
