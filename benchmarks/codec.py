@@ -9,10 +9,33 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from p2pfl.wire import decode_tensors, encode_tensors
+from p2pfl.wire import Json, decode, decode_tensors, encode, encode_tensors, message
+
+
+@message("bench.offer")
+@dataclass(frozen=True, slots=True)
+class Offer:
+    task_id: str
+    params: Json
+    peers: tuple[str, ...] = ()
+    weights: dict[str, float] = field(default_factory=dict)
+    round: int = 0
+
+
+def small_message_us(n: int = 20000) -> tuple[float, float]:
+    """Microseconds per encode and per decode+validate of a typical small message."""
+    msg = Offer(
+        "task-1234", {"lr": 0.01, "epochs": 2}, ("12D3KooWabc", "12D3KooWdef"), {"a": 0.5}, 3
+    )
+    data = encode(msg)
+    t_enc = best(lambda: [encode(msg) for _ in range(n)], 3) / n
+    t_dec = best(lambda: [decode(data) for _ in range(n)], 3) / n
+    return t_enc * 1e6, t_dec * 1e6
+
 
 REPS = 5
 
@@ -65,6 +88,7 @@ def main() -> None:
     t_enc = best(lambda: encode_tensors(tensors))
     blob = encode_tensors(tensors)
     t_dec = best(lambda: decode_tensors(blob))
+    enc_us, dec_us = small_message_us()
     gb = nbytes / 1e9
     print(
         json.dumps(
@@ -77,6 +101,8 @@ def main() -> None:
                 "decode_gb_s": round(gb / t_dec, 2),
                 "mbytes": round(nbytes / 1e6, 1),
                 "tensors": len(tensors),
+                "small_msg_encode_us": round(enc_us, 2),
+                "small_msg_decode_us": round(dec_us, 2),
             }
         )
     )

@@ -149,65 +149,62 @@ def _enc_bytes(v: Any) -> bytes:
 
 def _json(v: Any, encoding: bool) -> Any:
     """Validate (and on encode, normalise) a Json value: depth, size, types, finiteness."""
-    budget = [MAX_JSON_ITEMS]
+    return _walk(v, 0, [MAX_JSON_ITEMS], encoding)
 
-    def walk(x: Any, depth: int) -> Any:
-        budget[0] -= 1
-        if budget[0] < 0:
-            raise _Invalid(f"Json value has more than {MAX_JSON_ITEMS} items")
-        t = type(x)
-        if t is str or t is bool or x is None or t is bytes:
-            return x
-        if t is int:
-            if x < _INT_MIN or x > _INT_MAX:
-                raise _Invalid("int outside int64")
-            return x
-        if t is float:
-            if not math.isfinite(x):
-                raise _Invalid("NaN/Inf not allowed")
-            return x
-        if t is list or (encoding and t is tuple):
-            if depth >= MAX_JSON_DEPTH:
-                raise _Invalid(f"nested deeper than {MAX_JSON_DEPTH}")
-            out = []
-            for i, item in enumerate(x):
-                try:
-                    out.append(walk(item, depth + 1))
-                except _Invalid as e:
-                    e.parts.append(f"[{i}]")
-                    raise
-            return out
-        if t is dict:
-            if depth >= MAX_JSON_DEPTH:
-                raise _Invalid(f"nested deeper than {MAX_JSON_DEPTH}")
-            keys = list(x)
-            for k in keys:
-                if type(k) is not str:
-                    raise _Invalid(f"map key must be str, got {_tname(k)}")
-            if encoding:
-                keys.sort()  # canonical: equal dicts encode to equal bytes
-            out_d = {}
-            for k in keys:
-                try:
-                    out_d[k] = walk(x[k], depth + 1)
-                except _Invalid as e:
-                    e.parts.append(f"[{k!r}]")
-                    raise
-            return out_d
+
+def _walk(x: Any, depth: int, budget: list[int], encoding: bool) -> Any:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _Invalid(f"Json value has more than {MAX_JSON_ITEMS} items")
+    t = type(x)
+    if t is str or t is bool or x is None or t is bytes:
+        return x
+    if t is int:
+        if x < _INT_MIN or x > _INT_MAX:
+            raise _Invalid("int outside int64")
+        return x
+    if t is float:
+        if not math.isfinite(x):
+            raise _Invalid("NaN/Inf not allowed")
+        return x
+    if t is list or (encoding and t is tuple):
+        if depth >= MAX_JSON_DEPTH:
+            raise _Invalid(f"nested deeper than {MAX_JSON_DEPTH}")
+        out = []
+        for i, item in enumerate(x):
+            try:
+                out.append(_walk(item, depth + 1, budget, encoding))
+            except _Invalid as e:
+                e.parts.append(f"[{i}]")
+                raise
+        return out
+    if t is dict:
+        if depth >= MAX_JSON_DEPTH:
+            raise _Invalid(f"nested deeper than {MAX_JSON_DEPTH}")
+        keys = list(x)
+        for k in keys:
+            if type(k) is not str:
+                raise _Invalid(f"map key must be str, got {_tname(k)}")
         if encoding:
-            if isinstance(x, bytearray | memoryview):
-                return bytes(x)
-            if isinstance(x, bool):
-                return bool(x)
-            if isinstance(x, int):
-                return walk(int(x), depth)
-            if isinstance(x, float):
-                return walk(float(x), depth)
-            if isinstance(x, str):
-                return str(x)
-        raise _Invalid(f"not a Json value: {_tname(x)}")
-
-    return walk(v, 0)
+            keys.sort()  # canonical: equal dicts encode to equal bytes
+        out_d = {}
+        for k in keys:
+            try:
+                out_d[k] = _walk(x[k], depth + 1, budget, encoding)
+            except _Invalid as e:
+                e.parts.append(f"[{k!r}]")
+                raise
+        return out_d
+    if encoding:  # normalise look-alikes (numpy scalars, IntEnum, StrEnum...) to natives
+        if isinstance(x, bytearray | memoryview):
+            return bytes(x)
+        if isinstance(x, int) and not isinstance(x, bool):
+            return _walk(int(x), depth, budget, encoding)
+        if isinstance(x, float):
+            return _walk(float(x), depth, budget, encoding)
+        if isinstance(x, str):
+            return str(x)
+    raise _Invalid(f"not a Json value: {_tname(x)}")
 
 
 def _dec_json(v: Any) -> Any:
@@ -285,6 +282,8 @@ def _compile_type(tp: Any, owner: str) -> tuple[Callable[[Any], Any], Callable[[
 
 def _compile_seq(item: Any, owner: str, kind: type) -> tuple[Callable, Callable]:
     d_item, e_item = _compile_type(item, owner)
+    # Sequences of str/bytes/bool from the wire need no conversion: one C-speed type scan.
+    simple = {_dec_str: str, _dec_bytes: bytes, _dec_bool: bool}.get(d_item)
 
     def convert(v: Any, conv: Callable[[Any], Any], accept: tuple[type, ...]) -> Any:
         if type(v) not in accept:
@@ -299,10 +298,13 @@ def _compile_seq(item: Any, owner: str, kind: type) -> tuple[Callable, Callable]
             raise
         return kind(out) if kind is tuple else out
 
-    return (
-        lambda v: convert(v, d_item, (list,)),
-        lambda v: convert(v, e_item, (list, tuple)),
-    )
+    def dec(v: Any) -> Any:
+        if simple is not None and type(v) is list:
+            if all(type(x) is simple for x in v):
+                return tuple(v) if kind is tuple else v
+        return convert(v, d_item, (list,))
+
+    return dec, lambda v: convert(v, e_item, (list, tuple))
 
 
 def _compile_dict(value: Any, owner: str) -> tuple[Callable, Callable]:
