@@ -197,7 +197,8 @@ class SimHub(EventLoop):
         self, peer_id: str, sink: EventSink, blob_reader: BlobReader | None = None
     ) -> SimNetwork:
         """Bring a crashed node back as a new incarnation (no subscriptions, fresh sink);
-        its old links come back up after their latency. Returns its new SimNetwork."""
+        its old links come back up after their latency. Returns its new SimNetwork.
+        `blob_reader=None` keeps the previous reader (the store survived on disk)."""
         node = self.node(peer_id)
         if node.alive:
             raise LocalProtocolError(f"restart: {peer_id} is running; crash it first")
