@@ -284,15 +284,19 @@ class Driver:
     def announce_taskpack(self, ann: TaskpackAnnounce) -> None:
         self.execute(self.core.publish_taskpack(ann))
 
-    def create_task(self, ref: str, overrides: dict[str, str]) -> dict[str, Any]:
-        from p2pfl.taskpack.manifest import effective_federated, load_params
+    def create_task(
+        self, ref: str, overrides: dict[str, str], *, volunteer_window_s: float = 3.0
+    ) -> dict[str, Any]:
+        from p2pfl.taskpack.params import effective_federated, load_params
 
         entry = self.core.book.find(ref)
         if entry is None or entry.status != "verified":
             state = f"is {entry.status} ({entry.reason})" if entry else "is unknown here"
             raise LocalProtocolError(f"taskpack {ref} {state}")
         params = load_params(self.taskpack_dir(entry.cid), overrides)
-        federated = effective_federated(entry.manifest, params)
+        federated = {**effective_federated(entry.manifest, params), "volunteer_window_s": volunteer_window_s}
+        # The task's code reads its local epochs from its params, like any other setting.
+        params.setdefault("local_epochs", federated.get("local_epochs", 1))
         task_id, cmds = self.core.create_task(entry.cid, params, federated, self.io.now())
         self.execute(cmds)
         return {"task_id": task_id, "cid": entry.cid, "name": entry.name, "version": entry.version}
@@ -304,7 +308,7 @@ class Driver:
         if spec is not None:
             return spec
         from p2pfl.runtime import Limits, TaskSpec
-        from p2pfl.taskpack.manifest import parse_size
+        from p2pfl.taskpack._schema import parse_size
         from p2pfl.taskpack.sdk import DPConfig
 
         machine = self.core.tasks[task_id]

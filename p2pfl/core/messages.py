@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from p2pfl.store.blobref import BlobRef
-from p2pfl.wire import Json, Signed, message
+from p2pfl.wire import Json, message
 
 TOPIC_TASKPACKS = "p2pfl/v1/taskpacks"
 TOPIC_CAPABILITIES = "p2pfl/v1/capabilities"
@@ -123,7 +123,7 @@ class Roster:
     coordinator: str
     epoch: int  # 0 for the best-ranked coordinator, k for the k-th takeover
     participants: tuple[str, ...]
-    volunteers: tuple[Signed, ...]
+    volunteers: tuple[bytes, ...]  # each an encoded Signed(Volunteer)
 
 
 @message("task.update")

@@ -168,7 +168,8 @@ class NodeCore:
             volunteer_deadline=now + float(federated.get("volunteer_window_s", 3.0)),
             round_timeout_s=float(federated.get("deadline_s", 60.0)),
         )
-        return task_id, [Publish(TOPIC_TASKS, seal(self.identity, offer))]
+        # Our own machine starts now; the offer's echo from gossip is then a duplicate.
+        return task_id, [Publish(TOPIC_TASKS, seal(self.identity, offer))] + self._on_offer(offer, now)
 
     # --- events ------------------------------------------------------------------------
 
@@ -303,7 +304,8 @@ class NodeCore:
             return machine.on_decline(now, msg)
         if isinstance(msg, Roster):
             vols = []
-            for signed in msg.volunteers:
+            for raw in msg.volunteers:
+                signed = decode(raw, expected=Signed)
                 vol = unseal(signed, expected=Volunteer)
                 if vol.peer != signed.signer or vol.task_id != msg.task_id:
                     raise RemoteProtocolError("roster carries a volunteer record for someone else")

@@ -54,7 +54,7 @@ from p2pfl.core.messages import (
 )
 from p2pfl.identity import Identity
 from p2pfl.store.blobref import BlobRef
-from p2pfl.wire import Signed, seal
+from p2pfl.wire import Signed, encode, seal
 
 GRACE_S = 2.0  # per rank position, before the next in line takes over a silent duty
 REDUCER_CANDIDATES = 3  # final partials go to this many best-ranked live participants
@@ -298,7 +298,7 @@ class TaskMachine:
             coordinator=self.my_id,
             epoch=all_order.index(self.my_id),
             participants=chosen,
-            volunteers=tuple(self.volunteers[p] for p in all_order),
+            volunteers=tuple(encode(self.volunteers[p]) for p in all_order),
         )
         return [
             Publish(TOPIC_TASKS, seal(self.me, roster)),
@@ -325,8 +325,6 @@ class TaskMachine:
             if not better or self.closes or self.round > 1:
                 return []
         self.roster = roster
-        for signed_vol in roster.volunteers:
-            self.volunteers.setdefault(signed_vol.signer, signed_vol)
         self.nodes = {p: self.nodes.get(p, NodeState("volunteered")) for p in roster.participants}
         out: list[Command] = [
             CancelTimer(("volunteer", self.task_id)),
@@ -382,11 +380,11 @@ class TaskMachine:
         if kind == "publisher-watch":
             if self.roster is None:
                 n = len(self.volunteers)
-                return self._fail(
-                    now,
-                    f"only {n} volunteer{'s' if n != 1 else ''} by the deadline; "
-                    f"min_nodes is {self.offer.min_nodes}",
-                )
+                if n < self.offer.min_nodes:
+                    why = f"only {n} volunteer{'s' if n != 1 else ''} by the deadline; min_nodes is {self.offer.min_nodes}"
+                else:
+                    why = f"no valid roster from the {n} volunteers by the deadline"
+                return self._fail(now, why)
             return []
         if kind == "round":
             return self._on_round_deadline(now, key[2])
