@@ -30,8 +30,9 @@ from p2pfl.errors import ValidationError
 TOPOLOGIES = ("full", "ring", "line", "random-regular", "small-world")
 PARTITIONS = ("iid", "dirichlet", "shards", "natural")
 PROTOCOLS = ("fedavg", "fedprox", "gossip")
-# `gossip` and `fedprox` are accepted as aggregator names too: they then also pick the
-# protocol (see _parse_params), which is what `--vary params.aggregator=fedavg,gossip` means.
+# `gossip` and `fedprox` are accepted as aggregator names too: they then pick the protocol
+# and the aggregator becomes fedavg (see _parse_params), which is what
+# `--vary params.aggregator=fedavg,gossip` means. The others are p2pfl.fl.aggregate's names.
 AGGREGATORS = ("fedavg", "fedprox", "gossip", "median", "trimmed_mean", "krum")
 ATTACKS = ("sign-flip", "gaussian-noise", "scaled")
 FAULT_ACTIONS = ("crash", "partition", "heal", "restart")
@@ -560,6 +561,11 @@ def _parse_params(c: _Checker, value: Any, nodes: int | None) -> Params | None:
     )
     implied = aggregator if aggregator in ("gossip", "fedprox") else "fedavg"
     protocol = c.choice(value, "protocol", "params.protocol", PROTOCOLS, default=implied)
+    if implied != "fedavg" and protocol is not None:
+        # `aggregator: gossip` names a protocol whose combine step is a plain mean.
+        if protocol != implied:
+            c.err("params.protocol", f"{protocol!r} contradicts aggregator {aggregator!r}")
+        aggregator = "fedavg"
     extra: list[tuple[str, Any]] = []
     for key, v in value.items():
         if key in _PARAM_KEYS:

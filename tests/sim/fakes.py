@@ -37,9 +37,9 @@ class FakeCluster:
         spec = self.spec
         rng = np.random.default_rng(spec["seed"])
         n, rounds = spec["nodes"], spec["params"]["rounds"]
-        ceiling = {"fedavg": 0.9, "gossip": 0.8, "median": 0.85}.get(
-            spec["params"]["aggregator"], 0.7
-        )
+        params = spec["params"]
+        key = params["protocol"] if params["protocol"] != "fedavg" else params["aggregator"]
+        ceiling = {"fedavg": 0.9, "gossip": 0.8, "median": 0.85}.get(key, 0.7)
         down: set[int] = set()
         eps = spec["dp"]["epsilon"] if spec.get("dp") else None
         for r in range(1, rounds + 1):

@@ -31,7 +31,7 @@ def test_every_expected_scenario_is_shipped() -> None:
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_shipped_scenarios_validate(path: Path) -> None:
-    s = load_scenario(path, check_files=False)
+    s = load_scenario(path)  # with check_files: the taskpack must exist
     assert s.name == path.stem
     assert s.params.rounds >= 1
     # The taskpack reference resolves against the repo root, not the scenarios/ dir.
@@ -71,7 +71,7 @@ def test_gossip_aggregator_implies_protocol_and_extra_params_pass_through() -> N
         "hidden": [32, 16],
     }
     p = parse(raw, check_files=False).params
-    assert p.protocol == "gossip"
+    assert (p.protocol, p.aggregator) == ("gossip", "fedavg")
     assert p.as_dict()["hidden"] == [32, 16] and p.as_dict()["fanout"] == 3
 
 
@@ -115,6 +115,12 @@ def test_broken_scenario_lists_every_problem_by_path() -> None:
         assert any(p.startswith(want) for p in problems), (want, problems)
     assert len(problems) == len(expected)
     assert "faults[1].partition: groups must cover each node at most once" in str(info.value)
+
+
+def test_aggregator_protocol_conflict() -> None:
+    raw = base()
+    raw["params"] = {"rounds": 2, "aggregator": "gossip", "protocol": "fedprox"}
+    assert scenario_problems(raw) == ["params.protocol: 'fedprox' contradicts aggregator 'gossip'"]
 
 
 def test_fault_order_is_checked() -> None:
