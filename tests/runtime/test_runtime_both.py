@@ -17,6 +17,7 @@ from p2pfl.runtime import (
     Evaluate,
     Finalize,
     InitialWeights,
+    InProcessRunner,
     JobError,
     Partial,
     Reduce,
@@ -201,3 +202,27 @@ async def test_workdir_wiped_on_close(runner: Harness, packs: dict):
     await runner.close_task("task-1", "node-a")
     assert not workdir.exists()
     assert list(runner.tmp_root.iterdir()) == []
+
+
+async def test_bad_weights_are_a_job_error(runner: Harness, packs: dict, data_csv: Path):
+    spec = spec_for(packs["train"], params={"lr": 0.1}, inputs={"data": data_csv})
+    with pytest.raises(JobError) as info:
+        await runner.run(spec, Train(round=1, weights=b"not a tensor blob"))
+    assert info.value.reason.startswith("weights given to the task are invalid:")
+
+
+def test_inprocess_pool_shares_one_module(packs: dict, tmp_path: Path):
+    """1,000 simulated nodes: one import, one Task instance and one temp dir per node."""
+    tmp_root = tmp_path / "pool"
+    tmp_root.mkdir()
+    with InProcessRunner(tmp_root=tmp_root) as pool:
+        specs = [spec_for(packs["misc"], node=f"n{i}", params={"mode": "state"}) for i in range(50)]
+        for spec in specs:
+            assert pool.run(spec, Train(round=1, weights=None)).result.num_samples == 1
+        sessions = [pool._sessions[("task-1", f"n{i}")] for i in range(50)]
+        assert len({type(s.task) for s in sessions}) == 1
+        assert len({id(s.task) for s in sessions}) == 50
+        assert len(list(tmp_root.iterdir())) == 50
+        pool.close_task("task-1", "n0")
+        assert len(pool.sessions()) == 49
+    assert list(tmp_root.iterdir()) == []
