@@ -1,7 +1,9 @@
 """Blob throughput on loopback, in one process: our blob protocol vs its floors and ceilings.
 
 * blob_mb_s:       50 MB between two Libp2pNetwork nodes through fetch(), as the store's
-                   fetcher does it (RANGE-byte ranges, IN_FLIGHT outstanding).
+                   fetcher does it (RANGE-byte ranges, IN_FLIGHT outstanding), over the
+                   bulk path (TCP + AES-GCM keyed over libp2p; the default).
+* blob_stream_mb_s: the same with bulk_tcp=False: the "/p2pfl/blob/1.0.0" stream protocol.
 * raw_libp2p_mb_s: the same bytes over one plain py-libp2p stream (Noise + yamux), 1 MiB
                    writes: what libp2p itself manages.
 * tcp_mb_s:        the same bytes over a plain trio TCP socket, 1 MiB writes.
@@ -27,7 +29,7 @@ from p2pfl.net.libp2p import Libp2pConfig, Libp2pNetwork
 MIB = 1024 * 1024
 
 
-async def bench_blob(blob: bytes, range_bytes: int, in_flight: int) -> float:
+async def bench_blob(blob: bytes, range_bytes: int, in_flight: int, bulk: bool) -> float:
     done = trio.Event()
     connected = trio.Event()
     got: dict[int, bytes] = {}
@@ -50,7 +52,7 @@ async def bench_blob(blob: bytes, range_bytes: int, in_flight: int) -> float:
 
     server = Libp2pNetwork(
         Identity.generate(),
-        Libp2pConfig(),
+        Libp2pConfig(bulk_tcp=bulk),
         server_sink,
         lambda cid, off, n: blob[off : off + n] if cid == "b" else None,
     )
@@ -58,7 +60,9 @@ async def bench_blob(blob: bytes, range_bytes: int, in_flight: int) -> float:
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         client = Libp2pNetwork(
-            Identity.generate(), Libp2pConfig(bootstrap=server.listen_addrs()), client_sink
+            Identity.generate(),
+            Libp2pConfig(bootstrap=server.listen_addrs(), bulk_tcp=bulk),
+            client_sink,
         )
 
         def ask_next() -> None:
@@ -74,10 +78,12 @@ async def bench_blob(blob: bytes, range_bytes: int, in_flight: int) -> float:
             ask_next()
         await done.wait()
         elapsed = time.perf_counter() - start
+        bulk_used = client.stats().extra.get("bulk_fetches", 0)
         nursery.cancel_scope.cancel()
     if state["failed"]:
         raise RuntimeError(f"fetch failed: {state['failed']}")
     assert b"".join(got[o] for o in sorted(got)) == blob
+    assert (bulk_used > 0) == bulk, "the bulk path was not taken as configured"
     return len(blob) / elapsed / 1e6
 
 
@@ -151,8 +157,10 @@ async def bench_tcp(blob: bytes) -> float:
 
 async def main(args: argparse.Namespace) -> None:
     blob = os.urandom(args.mb * 1_000_000)
+    rng = args.range_mib * MIB
     result = {
-        "blob_mb_s": round(await bench_blob(blob, args.range_mib * MIB, args.in_flight), 1),
+        "blob_mb_s": round(await bench_blob(blob, rng, args.in_flight, bulk=True), 1),
+        "blob_stream_mb_s": round(await bench_blob(blob, rng, args.in_flight, bulk=False), 1),
         "raw_libp2p_mb_s": round(await bench_raw_libp2p(blob), 1),
         "tcp_mb_s": round(await bench_tcp(blob), 1),
         "mb": args.mb,

@@ -215,8 +215,25 @@ async def test_fetch_20mb_in_ranges_and_failures(nursery: trio.Nursery) -> None:
     assert failed.token == "missing" and failed.reason == "not found" and failed.peer == a.id
     assert b.net.stats().bytes_received >= len(blob)
     assert a.net.stats().bytes_sent >= len(blob)
+    assert b.net.stats().extra["bulk_fetches"] == len(ranges)  # the fast path was used
+    assert "bulk_fallbacks" not in b.net.stats().extra
     with pytest.raises(LocalProtocolError):
         b.net.fetch(a.id, "cid-1", 0, MAX_FETCH_BYTES + 1, None)
+
+
+async def test_fetch_falls_back_to_stream_protocol_without_bulk(nursery: trio.Nursery) -> None:
+    a = await start_node(nursery, bulk_tcp=False)  # an old peer, or a firewalled one
+    b = await start_node(nursery, bootstrap=[a.addr])
+    await b.rec.wait_for(lambda ev: a.id in b.rec.connected())
+    blob = os.urandom(3 * 1024 * 1024)
+    a.blobs["c"] = blob
+    b.net.fetch(a.id, "c", 1000, MAX_FETCH_BYTES, "t")
+    b.net.fetch(a.id, "gone", 0, 5, "u")
+    await b.rec.wait_for(lambda ev: len(b.rec.of(FetchDone)) + len(b.rec.of(FetchFailed)) == 2)
+    assert b.rec.of(FetchDone)[0].data == blob[1000:]
+    assert b.rec.of(FetchFailed)[0].reason == "not found"
+    assert b.net.stats().extra["bulk_fallbacks"] == 2
+    assert a.net.stats().extra["blob_served"] == 2
 
 
 async def test_fetch_from_unreachable_peer_fails(nursery: trio.Nursery) -> None:

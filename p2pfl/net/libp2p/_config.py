@@ -35,6 +35,9 @@ class Libp2pConfig:
     max_dial_failures: int = 8
     # Bound on concurrent blob requests served to one peer (others wait their turn).
     max_blob_serves_per_peer: int = 4
+    # Move blob ranges over the fast bulk path (TCP + AES-GCM keyed over a libp2p stream),
+    # falling back to the blob stream protocol when it fails. Needs an /ip4 listen address.
+    bulk_tcp: bool = True
     # A fetch that has not completed by then fails with reason "timeout".
     fetch_timeout_s: float = 60.0
     # Level of the routed `libp2p` loggers (quiet by default).

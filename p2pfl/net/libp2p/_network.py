@@ -15,11 +15,9 @@ import multiaddr
 import trio
 from libp2p.abc import INotifee
 from libp2p.custom_types import TProtocol
-from libp2p.host.ping import ID as PING_PROTOCOL
-from libp2p.host.ping import perform_ping_roundtrip
+from libp2p.host.ping import ID as PING_PROTOCOL, perform_ping_roundtrip
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo as L2PeerInfo
-from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerinfo import PeerInfo as L2PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError
@@ -39,7 +37,7 @@ from p2pfl.net.base import (
     PeerDisconnected,
     PeerInfo,
 )
-from p2pfl.net.libp2p import _blob, _px
+from p2pfl.net.libp2p import _blob, _bulk, _px
 from p2pfl.net.libp2p._config import Libp2pConfig
 from p2pfl.net.libp2p._framing import frame, read_frame
 from p2pfl.net.libp2p._host import build_host, build_pubsub
@@ -124,6 +122,7 @@ class Libp2pNetwork:
         self._senders: dict[str, trio.MemorySendChannel[bytes]] = {}
         self._serve_limits: dict[str, trio.Semaphore] = {}
         self._sender_ids: dict[bytes, str] = {}
+        self._bulk: _bulk.BulkServer | None = None
 
     # --- the Network interface ----------------------------------------------------------
 
@@ -194,6 +193,7 @@ class Libp2pNetwork:
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
                         self._kick = trio.Event()
+                        await self._start_bulk(nursery)
                         nursery.start_soon(self._command_loop)
                         nursery.start_soon(self._dial_loop)
                         nursery.start_soon(self._liveness_loop)
@@ -204,6 +204,17 @@ class Libp2pNetwork:
             self._stopped = True
             self._nursery = None
             self._connected.clear()
+
+    async def _start_bulk(self, nursery: trio.Nursery) -> None:
+        if not self._config.bulk_tcp:
+            return
+        ip4 = [a.split("/")[2] for a in self._config.listen if a.startswith("/ip4/")]
+        if not ip4:
+            return
+        bulk = _bulk.BulkServer(ip4[0])
+        await nursery.start(bulk.run)
+        self._bulk = bulk
+        self._host.set_stream_handler(TProtocol(_bulk.BULK_PROTOCOL), self._handle_bulk_stream)
 
     def _put(self, cmd: tuple[Any, ...]) -> None:
         if self._stopped:
@@ -338,11 +349,26 @@ class Libp2pNetwork:
     async def _handle_blob_stream(self, stream: Any) -> None:
         peer = str(stream.muxed_conn.peer_id)
         self._alive(peer)
+        await _blob.serve_blob_stream(
+            stream, peer, self._blob_reader, self._serve_limit(peer), self._count_serve
+        )
+
+    async def _handle_bulk_stream(self, stream: Any) -> None:
+        assert self._bulk is not None
+        peer = str(stream.muxed_conn.peer_id)
+        self._alive(peer)
+        before = self._bulk.bytes_sent
+        got = await _bulk.serve_bulk_stream(
+            stream, peer, self._bulk, self._blob_reader, self._serve_limit(peer)
+        )
+        self._count_serve(got, self._bulk.bytes_sent - before)
+
+    def _serve_limit(self, peer: str) -> trio.Semaphore:
         limit = self._serve_limits.get(peer)
         if limit is None:
             limit = trio.Semaphore(self._config.max_blob_serves_per_peer)
             self._serve_limits[peer] = limit
-        await _blob.serve_blob_stream(stream, peer, self._blob_reader, limit, self._count_serve)
+        return limit
 
     def _count_serve(self, received: int, sent: int) -> None:
         self._stats.bytes_received += received
@@ -351,14 +377,14 @@ class Libp2pNetwork:
 
     async def _fetch(self, peer: str, cid: str, offset: int, length: int, token: object) -> None:
         reason = ""
-        stream = None
         try:
             with trio.fail_after(self._config.fetch_timeout_s):
-                stream = await self._host.new_stream(
-                    ID.from_base58(peer), [TProtocol(_blob.BLOB_PROTOCOL)]
-                )
-                data, wire = await _blob.request_range(stream, cid, offset, length)
-            await _close(stream)
+                result = None
+                if self._bulk is not None:
+                    result = await self._fetch_via(peer, _bulk.BULK_PROTOCOL, cid, offset, length)
+                if result is None:
+                    result = await self._fetch_via(peer, _blob.BLOB_PROTOCOL, cid, offset, length)
+                data, wire = result
         except trio.TooSlowError:
             reason = f"timeout after {self._config.fetch_timeout_s:.0f} s"
         except _blob.FetchRefused as exc:
@@ -369,7 +395,6 @@ class Libp2pNetwork:
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if reason:
-            await _reset(stream)
             self._stats.extra["fetch_failed"] += 1
             self._emit(FetchFailed(token, peer, cid, offset, reason))
             return
@@ -378,6 +403,31 @@ class Libp2pNetwork:
         self._stats.bytes_sent += len(_blob.encode_request(cid, offset, length))
         self._stats.extra["fetch_done"] += 1
         self._emit(FetchDone(token, peer, cid, offset, data))
+
+    async def _fetch_via(
+        self, peer: str, protocol: str, cid: str, offset: int, length: int
+    ) -> tuple[bytes, int] | None:
+        """One range over `protocol`. For the bulk path, None means "fall back"."""
+        stream = None
+        try:
+            stream = await self._host.new_stream(ID.from_base58(peer), [TProtocol(protocol)])
+            if protocol == _bulk.BULK_PROTOCOL:
+                result = await _bulk.fetch_bulk(stream, cid, offset, length)
+                self._stats.extra["bulk_fetches"] = self._stats.extra.get("bulk_fetches", 0) + 1
+            else:
+                result = await _blob.request_range(stream, cid, offset, length)
+            await _close(stream)
+            return result
+        except _blob.FetchRefused:
+            await _close(stream)
+            raise
+        except BaseException as exc:
+            await _reset(stream)
+            if protocol != _bulk.BULK_PROTOCOL or not isinstance(exc, Exception):
+                raise
+            LOG.info("bulk fetch from %s failed (%r); using the stream protocol", peer, exc)
+            self._stats.extra["bulk_fallbacks"] = self._stats.extra.get("bulk_fallbacks", 0) + 1
+            return None
 
     # --- connections, peer exchange, dialling, liveness ---------------------------------
 

@@ -1,0 +1,234 @@
+"""The fast bulk path: a blob range over plain TCP, keyed over an authenticated libp2p stream.
+
+py-libp2p's Noise + yamux moves about 60-120 MB/s; a TCP socket with AES-GCM moves GB/s
+(shared/LIBP2P-NOTES.md). So a range is *negotiated* on the libp2p stream
+"/p2pfl/bulk/1.0.0" (Noise: the peer is authenticated and the reply is secret) and the
+bytes travel on a one-shot TCP connection:
+
+1. fetcher -> server, on the stream: the same request as the blob protocol.
+2. server -> fetcher, on the stream: status byte, length, msgpack [port, token, key, size]
+   (or an error reason, as the blob protocol). `key` is a fresh AES-256-GCM key, `token`
+   a fresh 16-byte one-time ticket; the server holds the range until it is collected.
+3. fetcher connects to the server's IP (that of the libp2p connection) at `port`, sends
+   `token`; the server answers with a 4-byte length and AESGCM(key).encrypt(nonce 0,
+   data, aad = token + request). A key is used for exactly one message, so a zero nonce
+   is safe; the tag detects truncation, tampering and a replayed or swapped range.
+
+Any failure of this path (no route to the port, a firewall, an old peer) makes the caller
+fall back to the blob stream protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import trio
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from p2pfl.errors import RemoteProtocolError
+from p2pfl.net.libp2p._blob import (
+    _MAX_REQUEST,
+    NOT_FOUND,
+    OK,
+    SERVER_ERROR,
+    FetchRefused,
+    decode_request,
+    encode_request,
+)
+from p2pfl.net.libp2p._framing import read_exactly, read_frame
+
+LOG = logging.getLogger("p2pfl.net.libp2p")
+
+BULK_PROTOCOL = "/p2pfl/bulk/1.0.0"
+TOKEN_LEN = 16
+_NONCE = bytes(12)
+_TAG = 16
+_RESP = struct.Struct(">BI")
+_LEN = struct.Struct(">I")
+_MAX_OFFER = 256
+# How long a prepared range waits for its fetcher's TCP connection.
+COLLECT_TIMEOUT_S = 10.0
+# Copying in bounded slices keeps each socket call reasonable and lets trio interleave.
+_IO_CHUNK = 1024 * 1024
+
+
+@dataclass
+class _Pending:
+    key: bytes
+    data: bytes
+    aad: bytes
+    collected: trio.Event = field(default_factory=trio.Event)
+
+
+class BulkServer:
+    """The TCP side of the bulk path: one listener, one-time tickets."""
+
+    def __init__(self, bind_host: str) -> None:
+        self.bind_host = bind_host
+        self.port = 0
+        self._pending: dict[bytes, _Pending] = {}
+        self.bytes_sent = 0
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host=self.bind_host)
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    def offer(self, data: bytes, request: bytes) -> tuple[bytes, bytes, _Pending]:
+        token, key = os.urandom(TOKEN_LEN), AESGCM.generate_key(bit_length=256)
+        pending = _Pending(key, data, token + request)
+        self._pending[token] = pending
+        return token, key, pending
+
+    def withdraw(self, token: bytes) -> None:
+        self._pending.pop(token, None)
+
+    async def _handle(self, sock: trio.SocketStream) -> None:
+        try:
+            with trio.fail_after(COLLECT_TIMEOUT_S):
+                token = await _receive_exactly(sock, TOKEN_LEN)
+            pending = self._pending.pop(token, None)  # one-time: popped before use
+            if pending is None:
+                LOG.warning("bulk connection with an unknown token closed")
+                return
+            sealed = AESGCM(pending.key).encrypt(_NONCE, pending.data, pending.aad)
+            await sock.send_all(_LEN.pack(len(sealed)))
+            view = memoryview(sealed)
+            for off in range(0, len(view), _IO_CHUNK):
+                await sock.send_all(view[off : off + _IO_CHUNK])
+            self.bytes_sent += len(sealed) + _LEN.size
+            pending.collected.set()
+        except Exception as exc:
+            LOG.debug("bulk connection failed: %r", exc)
+        finally:
+            await _aclose(sock)
+
+
+async def serve_bulk_stream(
+    stream: Any, peer: str, server: BulkServer, reader: Any, limit: trio.Semaphore
+) -> int:
+    """Answer one bulk request on a libp2p stream; returns bytes read from the stream."""
+    raw = b""
+    try:
+        with trio.fail_after(COLLECT_TIMEOUT_S):
+            raw = await read_frame(stream, _MAX_REQUEST) or b""
+        if not raw:
+            raise RemoteProtocolError("bulk stream closed before a request")
+        cid, offset, length = decode_request(raw)
+        async with limit:  # held until the range is collected: bounds memory per peer
+            try:
+                data = reader(cid, offset, length)
+            except Exception:
+                LOG.exception("blob reader failed for %s@%d+%d", cid, offset, length)
+                await _answer(stream, SERVER_ERROR, b"server error")
+                return len(raw)
+            if data is None:
+                await _answer(stream, NOT_FOUND, b"not found")
+                return len(raw)
+            token, key, pending = server.offer(bytes(data[:length]), raw)
+            try:
+                await _answer(stream, OK, msgpack.packb([server.port, token, key, len(data)]))
+                with trio.move_on_after(COLLECT_TIMEOUT_S):
+                    await pending.collected.wait()
+            finally:
+                server.withdraw(token)
+        await _close(stream)
+    except RemoteProtocolError as exc:
+        LOG.warning("bulk stream from %s reset: %s", peer, exc)
+        await _reset(stream)
+    except Exception as exc:
+        LOG.debug("bulk stream from %s failed: %r", peer, exc)
+        await _reset(stream)
+    return len(raw)
+
+
+async def fetch_bulk(stream: Any, cid: str, offset: int, length: int) -> tuple[bytes, int]:
+    """Fetch one range over the bulk path; (data, wire bytes received).
+
+    Raises FetchRefused for an error answer; anything else means "use the stream path".
+    """
+    request = encode_request(cid, offset, length)
+    await stream.write(request)
+    status, size = _RESP.unpack(await read_exactly(stream, _RESP.size))
+    if size > (_MAX_OFFER if status == OK else 4096):
+        raise RemoteProtocolError(f"bulk answer of {size} bytes is too long")
+    body = await read_exactly(stream, size)
+    if status != OK:
+        raise FetchRefused(body.decode("utf-8", "replace") or f"status {status}")
+    try:
+        port, token, key, data_len = msgpack.unpackb(body)
+    except Exception:
+        raise RemoteProtocolError("malformed bulk offer") from None
+    if not (
+        isinstance(port, int)
+        and 0 < port < 65536
+        and isinstance(token, bytes)
+        and len(token) == TOKEN_LEN
+        and isinstance(key, bytes)
+        and len(key) == 32
+        and isinstance(data_len, int)
+        and 0 <= data_len <= length
+    ):
+        raise RemoteProtocolError("malformed bulk offer")
+    remote = stream.muxed_conn.get_remote_address()
+    if not remote:
+        raise RemoteProtocolError("no remote address for the bulk connection")
+    sock = await trio.open_tcp_stream(remote[0], port)
+    try:
+        await sock.send_all(token)
+        (sealed_len,) = _LEN.unpack(await _receive_exactly(sock, _LEN.size))
+        if sealed_len != data_len + _TAG:
+            raise RemoteProtocolError(f"bulk frame of {sealed_len} bytes, {data_len} offered")
+        sealed = await _receive_exactly(sock, sealed_len)
+    finally:
+        await _aclose(sock)
+    try:
+        # The server binds the request exactly as received (the frame without its length).
+        data = AESGCM(key).decrypt(_NONCE, sealed, token + request[4:])
+    except InvalidTag:
+        raise RemoteProtocolError("bulk data failed authentication") from None
+    return data, _RESP.size + size + _LEN.size + sealed_len
+
+
+async def _receive_exactly(sock: trio.SocketStream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await sock.receive_some(min(n - len(buf), _IO_CHUNK))
+        if not chunk:
+            raise RemoteProtocolError(f"bulk connection ended after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+async def _answer(stream: Any, status: int, body: bytes) -> None:
+    await stream.write(_RESP.pack(status, len(body)) + body)
+
+
+async def _close(stream: Any) -> None:
+    try:
+        await stream.close()
+    except Exception:
+        pass
+
+
+async def _reset(stream: Any) -> None:
+    try:
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await stream.reset()
+    except Exception:
+        pass
+
+
+async def _aclose(sock: trio.SocketStream) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        try:
+            await sock.aclose()
+        except Exception:
+            pass
