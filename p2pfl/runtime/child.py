@@ -86,6 +86,13 @@ def exit_reason(returncode: int | None) -> tuple[str, str]:
     return f"crashed (exit code {returncode})", KIND_CRASHED
 
 
+def _pack(msg: dict[str, Any], what: str) -> bytes:
+    try:
+        return protocol.pack(msg)
+    except (TypeError, ValueError, OverflowError, protocol.ProtocolError) as e:
+        raise JobError(f"cannot encode the {what} for the worker: {describe(e)}") from None
+
+
 class ChildProcessRunner:
     """Async (trio) runner: one persistent, confined worker process per (task_id, node)."""
 
@@ -114,12 +121,11 @@ class ChildProcessRunner:
         key = (spec.task_id, spec.node)
         lock = self._locks.setdefault(key, trio.Lock())
         async with lock:
+            frame = _pack({"op": "job", "job": protocol.encode_job(job)}, "job")
             worker = self._workers.get(key)
             if worker is None:
                 worker = await self._start(spec)
-            reply = await self._exchange(
-                worker, {"op": "job", "job": protocol.encode_job(job)}, spec.limits.timeout_s
-            )
+            reply = await self._exchange(worker, frame, spec.limits.timeout_s)
             self._save_state(spec, reply.get("state"))
             logs = [str(line) for line in reply.get("logs") or []]
             if not reply.get("ok"):
@@ -196,6 +202,18 @@ class ChildProcessRunner:
         key = (spec.task_id, spec.node)
         state = load_state(spec.state_path)
         workdir = Path(tempfile.mkdtemp(prefix="p2pfl-task-", dir=self._tmp_root))
+        hello = {
+            "op": "open",
+            "spec": protocol.encode_spec(spec),
+            "workdir": str(workdir),
+            "state": state,
+            "sandbox": self._sandbox,
+        }
+        try:
+            frame = _pack(hello, "task spec")
+        except JobError:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
         try:
             process = await trio.lowlevel.open_process(
                 [self._python, "-m", "p2pfl.runtime.worker"],
@@ -211,14 +229,7 @@ class ChildProcessRunner:
             raise JobError(f"cannot start worker: {describe(e)}", KIND_CRASHED) from None
         worker = _Worker(key, process, workdir)
         self._workers[key] = worker
-        hello = {
-            "op": "open",
-            "spec": protocol.encode_spec(spec),
-            "workdir": str(workdir),
-            "state": state,
-            "sandbox": self._sandbox,
-        }
-        reply = await self._exchange(worker, hello, spec.limits.timeout_s)
+        reply = await self._exchange(worker, frame, spec.limits.timeout_s)
         if not reply.get("ok"):
             await self._discard(worker)
             raise JobError(
@@ -269,30 +280,32 @@ class ChildProcessRunner:
 
     # --- talking to the worker -------------------------------------------------------
 
-    async def _exchange(self, worker: _Worker, msg: dict[str, Any], timeout: float) -> dict:
+    async def _exchange(self, worker: _Worker, frame: bytes, timeout: float) -> dict:
         """Send one frame and read the reply, within `timeout`; JobError if none comes."""
-        frame = protocol.pack(msg)
-        body: bytes | None = None
+        reply: dict[str, Any] | None = None
+        bad: protocol.ProtocolError | None = None
         done = False
         try:
             with trio.move_on_after(timeout) as scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump_stderr, worker)
+                    # Caught here, not around the nursery, which would wrap them in a group.
                     try:
                         await worker.process.stdin.send_all(frame)
-                        body = await self._read_frame(worker)
+                        reply = await self._read_frame(worker)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        body = None
+                        reply = None
+                    except protocol.ProtocolError as e:
+                        bad = e
                     nursery.cancel_scope.cancel()
             done = True
-        except protocol.ProtocolError as e:
-            done = True
-            await self._discard(worker)
-            raise JobError(f"worker protocol error: {e}", KIND_PROTOCOL) from None
         finally:
             if not done:  # cancelled from outside mid-job: the worker's state is unknown
                 await self._discard(worker)
-        if body is None:
+        if bad is not None:
+            await self._discard(worker)
+            raise JobError(f"worker protocol error: {bad}", KIND_PROTOCOL)
+        if reply is None:
             timed_out = scope.cancelled_caught and not worker.closing
             await self._discard(worker)
             tail = [f"stderr: {line}" for line in worker.err_tail]
@@ -302,14 +315,10 @@ class ChildProcessRunner:
                 raise JobError(f"timeout after {timeout:g} s", KIND_TIMEOUT, tail)
             reason, kind = exit_reason(worker.process.returncode)
             raise JobError(reason, kind, tail)
-        try:
-            return protocol.unpack(body)
-        except protocol.ProtocolError as e:
-            await self._discard(worker)
-            raise JobError(f"worker protocol error: {e}", KIND_PROTOCOL) from None
+        return reply
 
-    async def _read_frame(self, worker: _Worker) -> bytes | None:
-        """The next frame's body, or None at EOF (the worker died)."""
+    async def _read_frame(self, worker: _Worker) -> dict[str, Any] | None:
+        """The next frame, decoded; None at EOF (the worker died). ProtocolError if bad."""
         size = protocol.LENGTH.size
         if not await self._fill(worker, size):
             return None
@@ -318,9 +327,10 @@ class ChildProcessRunner:
             raise protocol.ProtocolError(f"frame of {n} bytes announced")
         if not await self._fill(worker, size + n):
             return None
-        body = bytes(worker.buf[size : size + n])
+        with memoryview(worker.buf) as view:  # decoded in place: no copy of the body
+            reply = protocol.unpack(view[size : size + n])
         del worker.buf[: size + n]
-        return body
+        return reply
 
     async def _fill(self, worker: _Worker, n: int) -> bool:
         stdout = worker.process.stdout

@@ -51,7 +51,7 @@ def pack(obj: dict[str, Any]) -> bytes:
     return LENGTH.pack(len(body)) + body
 
 
-def unpack(body: bytes) -> dict[str, Any]:
+def unpack(body: bytes | bytearray | memoryview) -> dict[str, Any]:
     try:
         obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
     except Exception as e:

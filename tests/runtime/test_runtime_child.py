@@ -211,3 +211,10 @@ async def test_worker_does_not_import_libp2p_or_trio(child: ChildProcessRunner, 
     )
     out = await child.run(spec_for(pack), Evaluate(round=0, weights=None))
     assert out.result == {"libp2p": False, "trio": False, "torch": False}
+
+
+async def test_unencodable_params_are_a_job_error(child: ChildProcessRunner, packs: dict):
+    spec = spec_for(packs["misc"], params={"mode": "state", "bad": {1, 2}})
+    with pytest.raises(JobError, match="cannot encode the task spec for the worker: TypeError"):
+        await child.run(spec, NONE)
+    assert child.workers() == {} and list(child._tmp_root.iterdir()) == []
