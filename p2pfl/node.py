@@ -1,0 +1,302 @@
+"""A real node: libp2p network, on-disk store, child-process runtime, control socket.
+
+`run_node(config)` is what `p2pfl node` runs. It is the only place (with the network and
+the control server it starts) that opens nurseries; all protocol decisions are made by
+the sans-IO core behind the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import shutil
+import signal
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from p2pfl.config import NodeConfig
+from p2pfl.core.messages import TaskpackAnnounce
+from p2pfl.core.node_core import DatasetInfo, NodeCore
+from p2pfl.driver import Driver
+from p2pfl.errors import LocalProtocolError, RemoteProtocolError, TaskFailed, TaskNotFinished
+from p2pfl.identity import Identity
+from p2pfl.store.blobs import BlobStore
+from p2pfl.wire import decode, encode
+
+log = logging.getLogger("p2pfl.node")
+
+_HISTORY_MAX = 5000  # events kept per task for late followers
+_FINAL_KINDS = ("result", "failed")
+_ANNOUNCEMENTS = "announcements"  # our verified taskpacks, re-checked at start
+
+
+def describe_datasets(datasets: dict[str, Path]) -> dict[str, DatasetInfo]:
+    """Name, row count and columns of each registered dataset (never its rows)."""
+    from p2pfl.fl.datasets import load_table
+
+    out = {}
+    for name, path in datasets.items():
+        X, y, columns = load_table(path)
+        out[name] = DatasetInfo(name, int(len(y)), [*list(columns), "label"])
+    return out
+
+
+def local_capabilities(data_dir: Path) -> dict[str, Any]:
+    import psutil
+
+    try:
+        import importlib.metadata
+
+        torch_version = importlib.metadata.version("torch")
+    except Exception:
+        torch_version = ""
+    return {
+        "cpus": os.cpu_count() or 1,
+        "memory_bytes": psutil.virtual_memory().total,
+        "disk_free_bytes": shutil.disk_usage(data_dir).free,
+        "gpu": False,  # CUDA is not probed: importing torch at start costs seconds
+        "python": platform.python_version(),
+        "torch": torch_version,
+    }
+
+
+class Node:
+    """The control socket's view of a running node (p2pfl.control.NodeAPI)."""
+
+    def __init__(self, config: NodeConfig, driver: Driver, network: Any, version: str) -> None:
+        self.config = config
+        self.driver = driver
+        self.network = network
+        self.version = version
+        self.core = driver.core
+        self._history: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self._watchers: dict[str, set[trio.MemorySendChannel[dict[str, Any]]]] = defaultdict(set)
+        driver.listeners.append(self._on_task_event)
+
+    # --- events --------------------------------------------------------------------------
+
+    def _on_task_event(self, event: dict[str, Any]) -> None:
+        task_id = event.get("task_id")
+        if not task_id:
+            return
+        history = self._history[task_id]
+        history.append(event)
+        if len(history) > _HISTORY_MAX:
+            del history[: len(history) - _HISTORY_MAX]
+        for channel in list(self._watchers.get(task_id, ())):
+            try:
+                channel.send_nowait(event)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                self._watchers[task_id].discard(channel)
+
+    # --- NodeAPI -------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "peer_id": self.core.me,
+            "addrs": self.network.listen_addrs(),
+            "version": self.version,
+            "data_dir": str(self.config.data_dir),
+            "datasets": [
+                {"name": d.name, "rows": d.rows, "columns": d.columns} for d in self.core.datasets.values()
+            ],
+            "trusted": sorted(self.config.trusted),
+            "trust_any": self.config.trust_any,
+        }
+
+    def peers(self) -> list[dict[str, Any]]:
+        connected = {p.peer_id: list(p.addrs) for p in self.network.connected_peers()}
+        views = {v["peer_id"]: v for v in self.core.peers_view()}
+        out = []
+        for peer, addrs in sorted(connected.items()):
+            view = views.get(peer, {})
+            out.append({"peer_id": peer, "addrs": addrs or view.get("addrs", []), "capabilities": view.get("capabilities")})
+        return out
+
+    async def publish(self, path: str, run: bool, params: dict[str, str]) -> dict[str, Any]:
+        info = await trio.to_thread.run_sync(self.driver.publish_taskpack, Path(path))
+        ann: TaskpackAnnounce = info.pop("announce")
+        self.driver.announce_taskpack(ann)
+        self._remember(ann)
+        if run:
+            created = self.driver.create_task(info["cid"], dict(params))
+            info["task_id"] = created["task_id"]
+        return info
+
+    def taskpacks(self) -> list[dict[str, Any]]:
+        progress = self.driver.fetch_progress()
+        out = []
+        for item in self.core.book.listing():
+            have, total = progress.get(item["cid"], (0, 0))
+            if item["status"] == "fetching" and total:
+                item["progress"] = [have, total]
+            out.append(item)
+        return out
+
+    async def create_task(self, ref: str, params: dict[str, str]) -> dict[str, Any]:
+        return self.driver.create_task(ref, dict(params))
+
+    def tasks(self) -> list[dict[str, Any]]:
+        return [m.summary() for m in sorted(self.core.tasks.values(), key=lambda m: m.offer.created)]
+
+    def _machine(self, task_id: str) -> Any:
+        machine = self.core.tasks.get(task_id)
+        if machine is not None:
+            return machine
+        matches = [m for tid, m in self.core.tasks.items() if tid.startswith(task_id)]
+        if len(matches) == 1 and task_id:
+            return matches[0]
+        raise KeyError(task_id)
+
+    def task(self, task_id: str) -> dict[str, Any]:
+        return self._machine(task_id).summary()
+
+    async def watch_task(self, task_id: str) -> AsyncIterator[dict[str, Any]]:
+        machine = self._machine(task_id)
+        tid = machine.task_id
+        send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
+        past = list(self._history.get(tid, []))
+        self._watchers[tid].add(send)
+        try:
+            for event in past:
+                yield event
+                if event.get("kind") in _FINAL_KINDS:
+                    return
+            if machine.result is not None:
+                return
+            async with receive:
+                async for event in receive:
+                    yield event
+                    if event.get("kind") in _FINAL_KINDS:
+                        return
+        finally:
+            self._watchers[tid].discard(send)
+
+    def result(self, task_id: str) -> dict[str, Any]:
+        machine = self._machine(task_id)
+        result = machine.result_dict()
+        if result is None:
+            if machine.phase == "failed":
+                raise TaskFailed(f"task {machine.task_id} failed: {machine.reason}")
+            raise TaskNotFinished(f"task {machine.task_id} is {machine.status()} (round {machine.round}/{machine.offer.rounds})")
+        if result["status"] != "succeeded":
+            raise TaskFailed(f"task {machine.task_id} failed: {result['reason']}")
+        return result
+
+    def read_blob(self, cid: str) -> bytes | None:
+        if not self.driver.store.has(cid):
+            return None
+        return bytes(self.driver.store.get(cid))
+
+    # --- persistence of our taskpacks -------------------------------------------------------
+
+    def _remember(self, ann: TaskpackAnnounce) -> None:
+        """Keep the announcement so a restarted node still serves and lists its taskpack."""
+        folder = self.config.data_dir / _ANNOUNCEMENTS
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{ann.ref.cid}.msg"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(encode(ann))
+        os.replace(tmp, path)
+
+    def restore(self) -> None:
+        folder = self.config.data_dir / _ANNOUNCEMENTS
+        if not folder.is_dir():
+            return
+        for path in sorted(folder.glob("*.msg")):
+            try:
+                ann = decode(path.read_bytes(), expected=TaskpackAnnounce)
+            except RemoteProtocolError as exc:
+                log.warning("ignoring unreadable %s: %s", path, exc)
+                continue
+            # Through the normal checks: signature, trust, then the stored archive.
+            self.driver.execute(self.core.book.on_announce(self.core.me, ann))
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def run_node(config: NodeConfig) -> None:
+    """Run a node until SIGINT or SIGTERM, then shut down cleanly."""
+    from p2pfl import __version__
+    from p2pfl.control import ControlServer
+    from p2pfl.io_trio import TrioIO
+    from p2pfl.net.libp2p import Libp2pConfig, Libp2pNetwork
+    from p2pfl.runtime import ChildProcessRunner
+    from p2pfl.taskpack.trust import TrustPolicy
+
+    _configure_logging(config.log_level)
+    data_dir = Path(config.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    identity = Identity.load_or_create(data_dir)
+    if config.trust_any:
+        log.warning(
+            "!!! --trust-any: this node will run taskpacks from ANY publisher. "
+            "Development only: never beside real data. !!!"
+        )
+    store = BlobStore(data_dir / "store")
+    datasets = describe_datasets(config.datasets)
+    core = NodeCore(
+        identity,
+        policy=TrustPolicy(frozenset(config.trusted), config.trust_any),
+        capabilities=local_capabilities(data_dir),
+        datasets=datasets,
+        min_records=config.min_records,
+    )
+    (data_dir / "tmp").mkdir(exist_ok=True)
+    runner = ChildProcessRunner(tmp_root=data_dir / "tmp")
+    try:
+        async with trio.open_nursery() as nursery:
+            io = TrioIO(nursery, runner)
+            await nursery.start(io.run)
+            holder: list[Driver] = []
+            network = Libp2pNetwork(
+                identity,
+                Libp2pConfig(listen=list(config.listen), bootstrap=list(config.bootstrap)),
+                sink=lambda event: io.call_soon(lambda: holder[0].on_event(event)),
+                blob_reader=store.read,
+            )
+            driver = Driver(
+                core,
+                network,
+                store,
+                io,
+                taskpack_root=data_dir / "taskpacks",
+                datasets=dict(config.datasets),
+                state_dir=data_dir / "state",
+            )
+            holder.append(driver)
+            await nursery.start(network.run)
+            driver.start()
+            node = Node(config, driver, network, __version__)
+            node.restore()
+            await nursery.start(ControlServer(config.control_socket, node).serve)
+            addrs = network.listen_addrs()
+            log.info("node %s listening on %s", identity.peer_id, " ".join(addrs))
+            print(f"p2pfl node {identity.peer_id} listening on {' '.join(addrs)}", flush=True)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("received %s: shutting down", signal.Signals(signum).name)
+                    break
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await runner.aclose()
+    log.info("node stopped")
+
+
+def check_config(config: NodeConfig) -> None:
+    for name, path in config.datasets.items():
+        if not Path(path).is_file():
+            raise LocalProtocolError(f"--dataset {name}={path}: no such file")
