@@ -1,6 +1,23 @@
 """Runs taskpack code: in a confined child process per task (real nodes) or in one shared
-in-process pool (simulations). Both runners return `JobOutput(result, logs)` and raise
-`JobError` only; see p2pfl.runtime.jobs for the jobs and their results.
+in-process pool (simulations).
+
+    runner = ChildProcessRunner()                    # async (trio); InProcessRunner: sync
+    out = await runner.run(spec, Train(round=1, weights=blob))
+    out.result  -> TrainResult(update=bytes | None, num_samples, metrics, aggregates)
+    out.logs    -> the task's ctx.log / print() lines of this job
+    await runner.close_task(task_id, node); await runner.aclose()
+
+Both runners return `JobOutput(result, logs)` and raise `JobError(reason, kind, logs)`
+only; see p2pfl.runtime.jobs for the jobs and their results. One Task instance and its
+preprocessed data live per (task_id, node) until close_task; the spec of the first job of
+that session stays in force. ctx.state persists in spec.state_path (atomic JSON writes),
+also after a failed job that the worker survived.
+
+Enforced for ChildProcessRunner only: scrubbed environment, private temp dir as cwd/HOME/
+TMPDIR (wiped on close or death), per-job timeout, RLIMIT_AS/CPU/CORE/NOFILE and, where
+the kernel has Landlock, writes only beneath the temp dir (inputs read-only), no TCP, no
+signals out of the sandbox. Not enforced: reading files (the task can read whatever the
+node's user can), UDP/unix sockets. See p2pfl.runtime.sandbox.
 """
 
 from __future__ import annotations

@@ -17,11 +17,13 @@ from p2pfl.runtime import (
     KIND_TIMEOUT,
     ChildProcessRunner,
     Evaluate,
+    InitialWeights,
     JobError,
     Limits,
     Train,
 )
 from p2pfl.runtime.sandbox import landlock_abi
+from p2pfl.wire import decode_tensors
 
 NONE = Train(round=1, weights=None)
 
@@ -218,3 +220,35 @@ async def test_unencodable_params_are_a_job_error(child: ChildProcessRunner, pac
     with pytest.raises(JobError, match="cannot encode the task spec for the worker: TypeError"):
         await child.run(spec, NONE)
     assert child.workers() == {} and list(child._tmp_root.iterdir()) == []
+
+
+TORCH_TASK = """
+import torch
+from p2pfl.taskpack.sdk import Task, Update
+
+class TorchTask(Task):
+    def initial_weights(self, ctx):
+        torch.manual_seed(ctx.seed)
+        return {k: v.numpy() for k, v in torch.nn.Linear(3, 2).state_dict().items()}
+
+    def execute(self, ctx, data, weights):
+        model = torch.nn.Linear(3, 2)
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss = model(torch.ones(4, 3)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+        return Update(num_samples=4, weights=state, metrics={"loss": loss.item()})
+"""
+
+
+@pytest.mark.slow
+async def test_torch_task_in_sandboxed_worker(child: ChildProcessRunner, tmp_path: Path):
+    from runtime_helpers import make_pack
+
+    spec = spec_for(make_pack(tmp_path, "torch", TORCH_TASK), limits=Limits(timeout_s=120))
+    init = (await child.run(spec, InitialWeights())).result
+    res = (await child.run(spec, Train(round=1, weights=init))).result
+    assert res.num_samples == 4 and res.metrics["loss"] > 0
+    assert set(decode_tensors(res.update)) == {"weight", "bias"}
