@@ -113,22 +113,30 @@ def simulate_cmd(
                 progress=on_progress,
                 plots=not no_plots,
             )
-            bar.update(task, completed=scenario.rounds, info=tracker.text())
-    except (P2PFLError, OSError, ImportError) as exc:
+            bar.update(task, completed=summary.rounds_completed, info=tracker.text())
+    except (P2PFLError, OSError, ImportError, NotImplementedError) as exc:
         raise click.ClickException(_one_line(exc)) from None
-    data = summary.as_dict()
     if as_json:
-        click.echo(json.dumps(data, sort_keys=True, separators=(",", ":")))
-        return
-    final = data["final"]
+        click.echo(json.dumps(summary.as_dict(), sort_keys=True, separators=(",", ":")))
+    else:
+        _print_summary(summary, scenario.nodes, out, no_plots)
+    if summary.failed:
+        reason = summary.reason or "no reason given"
+        raise click.ClickException(f"the task failed: {reason} (report in {out}/)")
+
+
+def _print_summary(summary: Any, nodes: int, out: Path, no_plots: bool) -> None:
+    final = summary.final
     acc = final["accuracy_mean"]
     click.echo(
-        f"{scenario.name} seed {run_seed}: {scenario.nodes} nodes, {summary.rounds_completed} rounds on {network}"
+        f"{summary.scenario} seed {summary.seed}: {nodes} nodes, "
+        f"{summary.rounds_completed} rounds on {summary.network}"
     )
     if acc is not None:
+        loss = final["loss_mean"]
         click.echo(
-            f"  final accuracy {acc:.4f} (min {final['accuracy_min']:.4f}, max {final['accuracy_max']:.4f})"
-            + (f", loss {final['loss_mean']:.4f}" if final["loss_mean"] is not None else "")
+            f"  final accuracy {acc:.4f} (min {final['accuracy_min']:.4f}, "
+            f"max {final['accuracy_max']:.4f})" + (f", loss {loss:.4f}" if loss is not None else "")
         )
     click.echo(f"  sent {summary.bytes_sent_total / 1e6:.2f} MB, wall {summary.wall_s:.1f} s")
     click.echo(f"  report: {out}/ (rounds.csv, summary.json{'' if no_plots else ', *.png'})")
@@ -199,7 +207,7 @@ def experiment_cmd(
                 progress=on_progress,
                 plots=not no_plots,
             )
-    except (P2PFLError, OSError, ImportError) as exc:
+    except (P2PFLError, OSError, ImportError, NotImplementedError) as exc:
         raise click.ClickException(_one_line(exc)) from None
     if as_json:
         click.echo(json.dumps(result.as_dict(), sort_keys=True, separators=(",", ":")))

@@ -28,8 +28,7 @@ def prepare_node_data(
     Raises ValidationError (path `dataset...`) when the dataset cannot be loaded or split
     the way the scenario asks (too few samples for the nodes, no sites, ...).
     """
-    from p2pfl.fl import datasets as fl_datasets
-    from p2pfl.fl import partition as fl_partition
+    from p2pfl.fl import datasets as fl_datasets, partition as fl_partition
 
     spec = scenario.dataset
     work = Path(work_dir)

@@ -63,12 +63,14 @@ class ConfigRow:
     config: tuple[tuple[str, Any], ...]
     n_seeds: int
     stats: dict[str, tuple[float | None, float | None]]
+    n_failed: int = 0  # runs whose task ended "failed" (their figures still count)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {path: value for path, value in self.config}
         for name, (mean, std) in self.stats.items():
             out[f"{name}_mean"], out[f"{name}_std"] = mean, std
         out["n_seeds"] = self.n_seeds
+        out["n_failed"] = self.n_failed
         return out
 
 
@@ -252,7 +254,7 @@ def aggregate_rows(summaries: Sequence[tuple[GridPoint, Summary]]) -> list[Confi
                 v for v in (_metric(s, name) for s in group) if v is not None and math.isfinite(v)
             ]
             stats[name] = _mean_std(xs)
-        rows.append(ConfigRow(config, len(group), stats))
+        rows.append(ConfigRow(config, len(group), stats, sum(1 for s in group if s.failed)))
     return rows
 
 
@@ -265,7 +267,12 @@ def _cell(v: Any) -> str:
 
 
 def results_csv_text(rows: Sequence[ConfigRow], config_paths: Sequence[str]) -> str:
-    header = [*config_paths, *(f"{m}_{k}" for m in METRICS for k in ("mean", "std")), "n_seeds"]
+    header = [
+        *config_paths,
+        *(f"{m}_{k}" for m in METRICS for k in ("mean", "std")),
+        "n_seeds",
+        "n_failed",
+    ]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
@@ -297,7 +304,7 @@ def results_md_text(rows: Sequence[ConfigRow], config_paths: Sequence[str]) -> s
             pm(row.stats["loss"], ".4f"),
             pm(mb, ".2f"),  # type: ignore[arg-type]
             pm(row.stats["wall_s"], ".1f"),
-            str(row.n_seeds),
+            str(row.n_seeds) + (f" ({row.n_failed} failed)" if row.n_failed else ""),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

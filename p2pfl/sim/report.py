@@ -73,6 +73,12 @@ class Summary:
     result: dict[str, Any] = field(default_factory=dict)  # the signed task result
     epsilon_max: float | None = None
     out_dir: str | None = None
+    status: str | None = None  # the task result's status ("succeeded", "failed"...)
+    reason: str = ""  # why it failed, if it did
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -195,6 +201,8 @@ def summarize(
         result=_jsonable(dict(result or {})),
         epsilon_max=max(eps) if eps else None,
         out_dir=None if out_dir is None else str(out_dir),
+        status=None if result is None or result.get("status") is None else str(result["status"]),
+        reason=str((result or {}).get("reason") or ""),
     )
 
 

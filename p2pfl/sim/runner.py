@@ -51,6 +51,21 @@ def default_out_dir(scenario: Scenario, seed: int) -> Path:
     return Path("runs") / f"{scenario.name}-{seed}"
 
 
+def input_name(scenario: Scenario) -> str:
+    """The name the node data go by: the taskpack's one declared input (the manifest asks
+    for it by that name), else the dataset's name."""
+    import yaml
+
+    try:
+        manifest = yaml.safe_load((scenario.taskpack / "manifest.yaml").read_text(encoding="utf-8"))
+        inputs = manifest["spec"]["inputs"]
+        if isinstance(inputs, list) and len(inputs) == 1 and isinstance(inputs[0]["name"], str):
+            return inputs[0]["name"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError, IndexError):
+        pass  # no readable manifest: the cluster will say what is wrong with the taskpack
+    return scenario.dataset.name
+
+
 def cluster_spec_kwargs(
     scenario: Scenario,
     *,
@@ -67,7 +82,7 @@ def cluster_spec_kwargs(
         "link": scenario.network.as_dict(),
         "taskpack_dir": scenario.taskpack,
         "node_data": list(node_data),
-        "input_name": scenario.dataset.name,
+        "input_name": input_name(scenario),
         "params": scenario.params.as_dict(),
         "faults": [f.as_dict() for f in scenario.faults],
         "byzantine": None if scenario.byzantine is None else scenario.byzantine.as_dict(),

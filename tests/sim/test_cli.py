@@ -82,3 +82,21 @@ def test_experiment_bad_vary_runs_nothing(tmp_path: Path) -> None:
     assert "params.aggregator: unknown aggregator 'mean'" in res.stderr
     assert res.stderr.strip().count("\n") == 0
     assert not out.exists()
+
+
+def test_simulate_failed_task_exits_nonzero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Failing(FakeCluster):
+        def run(self):  # type: ignore[no-untyped-def]
+            yield from super().run()
+            self.result = {"status": "failed", "reason": "only 0 volunteers"}
+
+    monkeypatch.setattr(runner, "sim_cluster", Failing)
+    path = write_scenario(tmp_path)
+    res = CliRunner().invoke(
+        simulate_cmd, [str(path), "--out", str(tmp_path / "r"), "--no-plots", "--json"]
+    )
+    assert res.exit_code == 1
+    assert json.loads(res.stdout)["status"] == "failed"
+    assert "the task failed: only 0 volunteers" in res.stderr

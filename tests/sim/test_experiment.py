@@ -94,7 +94,7 @@ def test_run_experiment_tables(tmp_path: Path) -> None:
     rows = list(csv.DictReader((tmp_path / "out/results.csv").open()))
     assert list(rows[0]) == [
         "params.aggregator", "accuracy_mean", "accuracy_std", "loss_mean", "loss_std",
-        "bytes_sent_total_mean", "bytes_sent_total_std", "wall_s_mean", "wall_s_std", "n_seeds",
+        "bytes_sent_total_mean", "bytes_sent_total_std", "wall_s_mean", "wall_s_std", "n_seeds", "n_failed",
     ]  # fmt: skip
     assert [r["params.aggregator"] for r in rows] == ["fedavg", "gossip"]
     assert float(rows[0]["accuracy_mean"]) == pytest.approx(fedavg.stats["accuracy"][0], abs=1e-6)

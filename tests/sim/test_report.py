@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from p2pfl.sim.report import ROUND_COLUMNS, round_stats, rounds_csv_text
-from p2pfl.sim.runner import run_scenario
+from p2pfl.sim.runner import input_name, run_scenario
 from p2pfl.sim.scenario import parse
 
 from .fakes import ExplodingCluster, FakeCluster, FakeRecord
@@ -100,6 +100,26 @@ def test_spec_passed_to_cluster(tmp_path: Path) -> None:
     assert spec["dp"] == {"epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0}
     assert spec["topology"]["kind"] == "full" and spec["link"]["latency_ms"] == 20.0
     assert not Path(spec["test_path"]).exists()  # temporary node data are cleaned up
+
+
+def test_input_name_comes_from_the_manifest(tmp_path: Path) -> None:
+    (tmp_path / "tp").mkdir()
+    (tmp_path / "tp/manifest.yaml").write_text(
+        "spec:\n  inputs:\n    - {name: table, type: tabular}\n"
+    )
+    s = scenario(taskpack=str(tmp_path / "tp"))
+    assert input_name(s) == "table"
+    assert input_name(scenario()) == "digits"  # no manifest: the dataset's name
+
+
+def test_failed_task_is_marked(tmp_path: Path) -> None:
+    class Failing(FakeCluster):
+        def run(self):  # type: ignore[no-untyped-def]
+            yield from super().run()
+            self.result = {"status": "failed", "reason": "no volunteers"}
+
+    summary = run_scenario(scenario(), out_dir=tmp_path, cluster_factory=Failing, plots=False)
+    assert summary.failed and summary.reason == "no volunteers"
 
 
 def test_partial_rounds_written_on_failure(tmp_path: Path) -> None:
