@@ -310,15 +310,15 @@ async def test_silent_peer_is_dropped_by_liveness(nursery: trio.Nursery) -> None
     from libp2p.host.ping import ID as PING_ID
     from libp2p.peer.peerinfo import info_from_p2p_addr
 
-    a = await start_node(nursery)
+    a = await start_node(nursery, liveness_interval_s=0.25, liveness_timeout_s=1.0)
     mute = new_host(key_pair=Identity.generate().libp2p_keypair())
     mute.remove_stream_handler(PING_ID)
     async with mute.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
         await mute.connect(info_from_p2p_addr(multiaddr.Multiaddr(a.addr)))
         mute_id = str(mute.get_id())
         await a.rec.wait_for(lambda ev: mute_id in a.rec.connected())
-        # liveness_timeout_s is 2 s in fast_config; allow a few intervals of slack.
-        await a.rec.wait_for(lambda ev: mute_id not in a.rec.connected(), timeout=6.0)
+        # Within the liveness timeout plus a few intervals of slack.
+        await a.rec.wait_for(lambda ev: mute_id not in a.rec.connected(), timeout=3.0)
         (gone,) = [e for e in a.rec.of(PeerDisconnected) if e.peer == mute_id]
         assert gone.reason.startswith("no answer")
 

@@ -229,8 +229,17 @@ class Libp2pNetwork:
             LOG.exception("event sink raised on %s", type(event).__name__)
 
     def _spawn(self, fn: Any, *args: Any) -> None:
-        if self._nursery is not None:
-            self._nursery.start_soon(fn, *args)
+        """Start a task in our nursery; a bug in it is logged, never fatal to the node."""
+        if self._nursery is None:
+            return
+
+        async def guarded() -> None:
+            try:
+                await fn(*args)
+            except Exception:
+                LOG.exception("network task %s failed", getattr(fn, "__name__", fn))
+
+        self._nursery.start_soon(guarded)
 
     def _kick_dialer(self) -> None:
         if self._kick is not None:
@@ -465,8 +474,11 @@ class Libp2pNetwork:
         if not self._host.get_network().get_connections(pid) or peer in self._connected:
             return
         addrs = self._book.addrs(peer)
-        if not addrs:
-            addrs = tuple(f"{a}/p2p/{peer}" for a in self._host.get_peerstore().addrs(pid))
+        if not addrs:  # a peer that does not speak px (or failed it): what libp2p knows
+            try:
+                addrs = tuple(f"{a}/p2p/{peer}" for a in self._host.get_peerstore().addrs(pid))
+            except Exception:
+                addrs = ()
         self._connected[peer] = addrs
         self._book.on_connected(peer)
         self._alive(peer)
