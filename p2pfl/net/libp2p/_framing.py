@@ -10,6 +10,8 @@ from __future__ import annotations
 import struct
 from typing import Any, Protocol
 
+import trio
+
 from p2pfl.errors import RemoteProtocolError
 
 # One read asks for at most this much: big enough to keep the per-call overhead of the
@@ -71,3 +73,24 @@ def frame(data: bytes) -> bytes:
 
 def frame_header(length: int) -> bytes:
     return _LEN.pack(length)
+
+
+async def close_quietly(stream: Any) -> None:
+    """Close a stream whose peer may already be gone."""
+    if stream is None:
+        return
+    try:
+        await stream.close()
+    except Exception:
+        pass
+
+
+async def reset_quietly(stream: Any) -> None:
+    """Reset a stream (bad input, failure); shielded so it also runs while cancelled."""
+    if stream is None:
+        return
+    try:
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await stream.reset()
+    except Exception:
+        pass

@@ -14,6 +14,7 @@ from typing import Any
 
 import multiaddr
 from libp2p import new_host
+from libp2p.abc import INotifee
 from libp2p.crypto.x25519 import create_new_key_pair as x25519_keypair
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
@@ -112,3 +113,28 @@ def build_pubsub(host: Any, config: Libp2pConfig, on_message: GossipHandler) -> 
     )
     pubsub = SinkPubsub(host, gossipsub, on_message)
     return pubsub, gossipsub
+
+
+class ConnNotifee(INotifee):
+    """Swarm connection callbacks -> ours. They run inside libp2p's tasks: never block."""
+
+    def __init__(self, on_up: Callable[[str], None], on_down: Callable[[Any], None]) -> None:
+        self._on_up, self._on_down = on_up, on_down
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        self._on_up(str(conn.muxed_conn.peer_id))
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        self._on_down(conn.muxed_conn.peer_id)  # the ID: the swarm is asked about it
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        pass

@@ -13,7 +13,6 @@ from typing import Any
 
 import multiaddr
 import trio
-from libp2p.abc import INotifee
 from libp2p.custom_types import TProtocol
 from libp2p.host.ping import ID as PING_PROTOCOL, perform_ping_roundtrip
 from libp2p.peer.id import ID
@@ -39,8 +38,13 @@ from p2pfl.net.base import (
 )
 from p2pfl.net.libp2p import _blob, _bulk, _px
 from p2pfl.net.libp2p._config import Libp2pConfig
-from p2pfl.net.libp2p._framing import frame, read_frame
-from p2pfl.net.libp2p._host import build_host, build_pubsub
+from p2pfl.net.libp2p._framing import (
+    close_quietly as _close,
+    frame,
+    read_frame,
+    reset_quietly as _reset,
+)
+from p2pfl.net.libp2p._host import ConnNotifee, build_host, build_pubsub
 from p2pfl.net.libp2p._logging import route_libp2p_logs
 from p2pfl.net.libp2p._peers import PeerBook
 
@@ -53,31 +57,6 @@ HANDSHAKE_TIMEOUT_S = 10.0
 WRITE_TIMEOUT_S = 30.0
 # First peer-exchange re-ask after a new connection; doubles up to px_interval_s.
 PX_FAST_S = 0.5
-
-
-class _Notifee(INotifee):
-    """Swarm callbacks -> our bookkeeping. Runs inside libp2p's tasks: must not block."""
-
-    def __init__(self, net: Libp2pNetwork) -> None:
-        self._net = net
-
-    async def opened_stream(self, network: Any, stream: Any) -> None:
-        pass
-
-    async def closed_stream(self, network: Any, stream: Any) -> None:
-        pass
-
-    async def connected(self, network: Any, conn: Any) -> None:
-        self._net._on_conn_up(str(conn.muxed_conn.peer_id))
-
-    async def disconnected(self, network: Any, conn: Any) -> None:
-        self._net._on_conn_down(conn.muxed_conn.peer_id)
-
-    async def listen(self, network: Any, multiaddr: Any) -> None:
-        pass
-
-    async def listen_close(self, network: Any, multiaddr: Any) -> None:
-        pass
 
 
 class Libp2pNetwork:
@@ -182,7 +161,7 @@ class Libp2pNetwork:
         host.set_stream_handler(TProtocol(MSG_PROTOCOL), self._handle_msg_stream)
         host.set_stream_handler(TProtocol(_blob.BLOB_PROTOCOL), self._handle_blob_stream)
         host.set_stream_handler(TProtocol(_px.PX_PROTOCOL), self._handle_px_stream)
-        host.get_network().register_notifee(_Notifee(self))
+        host.get_network().register_notifee(ConnNotifee(self._on_conn_up, self._on_conn_down))
         listen = [multiaddr.Multiaddr(a) for a in self._config.listen]
         try:
             async with host.run(listen_addrs=listen):
@@ -606,22 +585,3 @@ class Libp2pNetwork:
                 await self._host.disconnect(ID.from_base58(peer))
         except Exception as exc:
             LOG.debug("disconnect %s failed: %r", peer, exc)
-
-
-async def _close(stream: Any) -> None:
-    if stream is None:
-        return
-    try:
-        await stream.close()
-    except Exception:
-        pass
-
-
-async def _reset(stream: Any) -> None:
-    if stream is None:
-        return
-    try:
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            await stream.reset()
-    except Exception:
-        pass
