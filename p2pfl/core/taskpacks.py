@@ -29,12 +29,17 @@ from p2pfl.core.commands import (
     Send,
 )
 from p2pfl.core.messages import TOPIC_TASKPACKS, TaskpackAnnounce, TaskpackHave, TaskpackSync
+from p2pfl.errors import RemoteProtocolError
 
 FETCHING, CHECKING, VERIFIED, REJECTED = "fetching", "checking", "verified", "rejected"
 # A one-chunk archive is fetched from the publisher in one round trip; announcing that we
 # hold it would cost every node a gossip message for no gain.
 _SWARM_MIN_CHUNKS = 2
 _SYNC_MAX = 64  # announcements sent to a newly connected peer
+# While downloading, a node announces the chunks it holds about this many times (every
+# n_chunks / _HAVE_STEPS new chunks), so the others fetch from it rather than all from
+# the publisher's one uplink, at a cost of a few small gossip messages per node.
+_HAVE_STEPS = 10
 
 
 @dataclass
@@ -48,7 +53,8 @@ class TaskpackEntry:
     reason: str = ""
     detail: str = ""
     manifest: Any = None  # p2pfl.taskpack.manifest.Manifest once parsed
-    providers: set[str] = field(default_factory=set)
+    providers: set[str] = field(default_factory=set)  # peers known to hold all of it
+    have_announced: int = 0  # chunks held when we last announced a partial TaskpackHave
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -94,7 +100,10 @@ class TaskpackBook:
         return max(matches, key=lambda e: _version_key(e.version))
 
     def listing(self) -> list[dict[str, Any]]:
-        return [e.summary() for e in sorted(self.entries.values(), key=lambda e: (e.name, e.version, e.cid))]
+        return [
+            e.summary()
+            for e in sorted(self.entries.values(), key=lambda e: (e.name, e.version, e.cid))
+        ]
 
     # --- events ----------------------------------------------------------------------
 
@@ -130,16 +139,35 @@ class TaskpackBook:
         ]
 
     def on_have(self, sender: str, have: TaskpackHave) -> list[Command]:
+        """`sender` serves all of a taskpack's archive, or (a bitmap) the chunks it holds
+        so far: the fetch may ask it for them."""
         entry = self.entries.get(have.cid)
         if entry is None or sender == self.me or sender in entry.providers:
             return []
+        if have.chunks:
+            n = len(entry.announce.ref.chunk_hashes)
+            _check_bitmap(have.chunks, n)
+            if entry.status != FETCHING:
+                return []
+            return [AddProviders(have.cid, (sender,), have.chunks)]
         entry.providers.add(sender)
         return [AddProviders(have.cid, (sender,))] if entry.status == FETCHING else []
 
+    def on_fetch_progress(self, cid: str, n_have: int, bitmap: bytes) -> list[Command]:
+        """The archive's download holds `n_have` verified chunks (`bitmap`, see
+        TaskpackHave): announce them when enough are new since the last announcement."""
+        entry = self.entries.get(cid)
+        if entry is None or entry.status != FETCHING:
+            return []
+        n = len(entry.announce.ref.chunk_hashes)
+        step = max(1, -(-n // _HAVE_STEPS))
+        if n < _SWARM_MIN_CHUNKS or n_have >= n or n_have - entry.have_announced < step:
+            return []  # the whole archive is announced once verified (on_blob_ready)
+        entry.have_announced = n_have
+        return [Publish(TOPIC_TASKPACKS, TaskpackHave(cid, bitmap))]
+
     def on_peer_connected(self, peer: str) -> list[Command]:
-        anns = tuple(
-            e.announce for e in self.entries.values() if e.status == VERIFIED
-        )[-_SYNC_MAX:]
+        anns = tuple(e.announce for e in self.entries.values() if e.status == VERIFIED)[-_SYNC_MAX:]
         return [Send(peer, TaskpackSync(anns))] if anns else []
 
     def on_sync(self, sender: str, sync: TaskpackSync) -> list[Command]:
@@ -153,7 +181,12 @@ class TaskpackBook:
         if entry is None or entry.status != FETCHING:
             return []
         entry.status = CHECKING
-        return [CheckArchive(cid, entry.announce.manifest)]
+        out: list[Command] = [CheckArchive(cid, entry.announce.manifest)]
+        if len(entry.announce.ref.chunk_hashes) >= _SWARM_MIN_CHUNKS:
+            # Every chunk and the whole cid are verified: serve it now, while the archive
+            # check runs (a peer verifies whatever it gets from us anyway).
+            out.append(Publish(TOPIC_TASKPACKS, TaskpackHave(cid)))
+        return out
 
     def on_blob_failed(self, cid: str, reason: str) -> list[Command]:
         entry = self.entries.get(cid)
@@ -169,10 +202,7 @@ class TaskpackBook:
         if refusal is not None:
             return self._reject(entry, refusal, detail)
         entry.status = VERIFIED
-        out: list[Command] = [Log("info", f"taskpack {entry.name}@{entry.version} verified {cid}")]
-        if len(entry.announce.ref.chunk_hashes) >= _SWARM_MIN_CHUNKS:
-            out.append(Publish(TOPIC_TASKPACKS, TaskpackHave(cid)))
-        return out
+        return [Log("info", f"taskpack {entry.name}@{entry.version} verified {cid}")]
 
     # --- internals -------------------------------------------------------------------
 
@@ -210,7 +240,9 @@ class TaskpackBook:
         entry.status = REJECTED
         entry.reason = reason
         entry.detail = detail
-        self.refusals.append({"cid": entry.cid, "name": entry.name, "reason": reason, "detail": detail})
+        self.refusals.append(
+            {"cid": entry.cid, "name": entry.name, "reason": reason, "detail": detail}
+        )
         return [
             Log(
                 "warning",
@@ -218,6 +250,15 @@ class TaskpackBook:
                 f"{entry.announce.publisher}: {reason} ({detail})",
             )
         ]
+
+
+def _check_bitmap(bitmap: bytes, n: int) -> None:
+    """RemoteProtocolError unless `bitmap` is a chunk bitmap of `n` chunks (see
+    TaskpackHave); the same rule as p2pfl.store.blobs.decode_bitmap, without the set."""
+    if len(bitmap) != (n + 7) // 8:
+        raise RemoteProtocolError(f"chunk bitmap of {len(bitmap)} bytes for {n} chunks")
+    if n % 8 and bitmap[-1] & (0xFF >> (n % 8)):
+        raise RemoteProtocolError("chunk bitmap has bits set past the last chunk")
 
 
 def _version_key(version: str) -> tuple:

@@ -58,6 +58,44 @@ def _atomic_write(path: Path, data: bytes | bytearray | memoryview) -> None:
     _fsync_dir(path.parent)
 
 
+def encode_bitmap(have: bytes | bytearray | list[int] | set[int], n: int | None = None) -> bytes:
+    """A chunk bitmap: chunk i is bit (7 - i % 8) of byte i // 8 (BitTorrent's order).
+
+    `have` is either one truthy/falsy entry per chunk, or a set of indices with `n` chunks.
+    """
+    if isinstance(have, set):
+        assert n is not None
+        out = bytearray((n + 7) // 8)
+        for i in have:
+            out[i >> 3] |= 0x80 >> (i & 7)
+        return bytes(out)
+    out = bytearray((len(have) + 7) // 8)
+    for i, h in enumerate(have):
+        if h:
+            out[i >> 3] |= 0x80 >> (i & 7)
+    return bytes(out)
+
+
+def decode_bitmap(bitmap: bytes, n: int) -> set[int] | None:
+    """The chunk indices a bitmap of `n` chunks names; None for b"" (every chunk).
+
+    RemoteProtocolError if its length is not ceil(n / 8) or a bit past chunk n-1 is set.
+    """
+    if not bitmap:
+        return None
+    if type(bitmap) is not bytes or len(bitmap) != (n + 7) // 8:
+        raise RemoteProtocolError(f"chunk bitmap of {len(bitmap)} bytes for {n} chunks")
+    if n % 8 and bitmap[-1] & (0xFF >> (n % 8)):
+        raise RemoteProtocolError("chunk bitmap has bits set past the last chunk")
+    return {
+        (k << 3) + b
+        for k, byte in enumerate(bitmap)
+        if byte
+        for b in range(8)
+        if byte & (0x80 >> b)
+    }
+
+
 def _hash_mismatch(cid: str, got: str) -> RemoteProtocolError:
     return RemoteProtocolError(f"hash-mismatch: expected {cid}, data hashes to {got}")
 
@@ -69,6 +107,9 @@ class BlobStore:
         self.root = Path(root) if root is not None else None
         self._mem: dict[str, bytes] = {}
         self._mem_partials: dict[str, MemoryPartialBlob] = {}
+        # The download in progress per cid (the latest opened), so `read` can serve its
+        # verified chunks to other peers before the whole blob is in.
+        self._open: dict[str, PartialBlob] = {}
         if self.root is not None:
             self._blobs = self.root / "blobs"
             self._partial = self.root / "partial"
@@ -161,12 +202,17 @@ class BlobStore:
             return None
         if self.root is None:
             data = self._mem.get(cid)
-            return None if data is None else data[offset : offset + length]
-        try:
-            with open(self._blobs / cid, "rb") as f:
-                return os.pread(f.fileno(), length, offset)
-        except FileNotFoundError:
-            return None
+            if data is not None:
+                return data[offset : offset + length]
+        else:
+            try:
+                with open(self._blobs / cid, "rb") as f:
+                    return os.pread(f.fileno(), length, offset)
+            except FileNotFoundError:
+                pass
+        # Being downloaded: serve the verified chunks we already hold (swarming).
+        partial = self._open.get(cid)
+        return None if partial is None else partial.read_verified(offset, length)
 
     def size(self, cid: str) -> int | None:
         """Size in bytes, or None if not held."""
@@ -208,11 +254,13 @@ class BlobStore:
         if self.has(ref.cid):
             return HeldPartialBlob(self, ref)
         if self.root is None:
-            p = self._mem_partials.get(ref.cid)
+            p: PartialBlob | None = self._mem_partials.get(ref.cid)
             if p is None or p.ref != ref:
                 p = self._mem_partials[ref.cid] = MemoryPartialBlob(self, ref)
-            return p
-        return DiskPartialBlob(self, ref)
+        else:
+            p = DiskPartialBlob(self, ref)
+        self._open[ref.cid] = p
+        return p
 
 
 class PartialBlob:
@@ -232,6 +280,35 @@ class PartialBlob:
 
     def complete(self) -> bool:
         return all(self._have)
+
+    def have_count(self) -> int:
+        return sum(self._have)
+
+    def bitmap(self) -> bytes:
+        """Chunks held as a bitmap: chunk i is bit (7 - i % 8) of byte i // 8."""
+        return encode_bitmap(self._have)
+
+    def read_verified(self, offset: int, length: int) -> bytes | None:
+        """Bytes [offset, offset+length) (short at the blob's end) if every chunk they
+        touch is verified and written, else None. `offset`/`length` come from a peer.
+
+        Safe against a reader racing a writer: a chunk's bit is set only after its bytes
+        are in place (and fsynced on disk), and bits are never cleared except by discard.
+        """
+        ref = self.ref
+        if offset < 0 or length < 0 or offset >= ref.size:
+            return None
+        end = min(offset + length, ref.size)
+        if end <= offset:
+            return b""
+        have = self._have
+        for i in range(offset // ref.chunk_size, (end - 1) // ref.chunk_size + 1):
+            if not have[i]:
+                return None
+        return self._read(offset, end - offset)
+
+    def _read(self, offset: int, length: int) -> bytes | None:
+        return None
 
     def bytes_have(self) -> int:
         ref = self.ref
@@ -271,6 +348,12 @@ class PartialBlob:
     def discard(self) -> None:
         """Forget the download and delete what it wrote."""
         self._have = bytearray(len(self.ref.chunk_hashes))
+        self._close()
+
+    def _close(self) -> None:
+        # No longer served as a partial (finished: the store serves the blob; discarded).
+        if self.store._open.get(self.ref.cid) is self:
+            del self.store._open[self.ref.cid]
 
     def _write(self, index: int, data: bytes | bytearray | memoryview) -> None:
         raise NotImplementedError
@@ -310,7 +393,11 @@ class MemoryPartialBlob(PartialBlob):
             raise _hash_mismatch(cid, got)
         self.store._mem.setdefault(cid, bytes(self._buf))
         self.store._mem_partials.pop(cid, None)
+        self._close()
         return cid
+
+    def _read(self, offset: int, length: int) -> bytes | None:
+        return bytes(self._buf[offset : offset + length])
 
     def discard(self) -> None:
         super().discard()
@@ -381,7 +468,20 @@ class DiskPartialBlob(PartialBlob):
         os.replace(self._data_path, self.store._blobs / cid)
         _fsync_dir(self.store._blobs)
         self._state_path.unlink(missing_ok=True)
+        self._close()
         return cid
+
+    def _read(self, offset: int, length: int) -> bytes | None:
+        try:
+            with open(self._data_path, "rb") as f:
+                return os.pread(f.fileno(), length, offset)
+        except FileNotFoundError:
+            # Finished (moved into blobs/) or discarded meanwhile by another thread.
+            try:
+                with open(self.store._blobs / self.ref.cid, "rb") as f:
+                    return os.pread(f.fileno(), length, offset)
+            except FileNotFoundError:
+                return None
 
     def discard(self) -> None:
         super().discard()

@@ -4,15 +4,24 @@ The driver maps each `FetchCmd` to ``Network.fetch(peer, cid, offset, length,
 token=cmd.token)`` and feeds FetchDone/FetchFailed back as `on_done`/`on_failed`. Timeouts
 are the driver's (or the network's) business: a request that times out is an `on_failed`.
 
-Scheduling is deterministic given the same call sequence (so simulations replay): chunks
-are asked in ascending index order, each from the least-loaded provider, ties broken by
-rotating over the providers (in the order they were added) by chunk index. A chunk that
-failed at one provider is re-asked elsewhere first.
+Providers may hold the whole blob or only some chunks (peers still downloading it serve
+what they verified: swarming). Each provider's availability is known from its
+announcements (`add_provider(peer, chunks)`, repeated as it grows).
+
+Scheduling is rarest-first: among the missing chunks not in flight, the one held by the
+fewest known providers goes first, ties broken by a per-node random order of the chunks
+(seeded from `seed`, e.g. the node id, so two downloaders of the same blob start on
+different chunks and can then trade them). Without a seed ties go to the lowest index.
+Each chunk goes to the least-loaded provider that holds it, preferring one that has not
+failed it; ties rotate over the providers (in the order they were added). Everything is
+deterministic given the same call sequence (so simulations replay).
 """
 
 from __future__ import annotations
 
-import heapq
+import hashlib
+import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from p2pfl.errors import RemoteProtocolError
@@ -37,12 +46,28 @@ class FetchCmd:
         return (self.cid, self.index)
 
 
+def chunk_order(cid: str, n: int, seed: str | bytes | None) -> list[int]:
+    """rank[i] of each chunk for tie-breaks: identity without a seed, else a shuffle
+    drawn from sha256(seed, cid) (stable across runs and Python versions, unlike hash())."""
+    if seed is None:
+        return list(range(n))
+    raw = seed.encode() if isinstance(seed, str) else bytes(seed)
+    digest = hashlib.sha256(b"p2pfl-fetch-order|" + raw + b"|" + cid.encode()).digest()
+    order = list(range(n))
+    random.Random(int.from_bytes(digest[:8], "big")).shuffle(order)
+    rank = [0] * n
+    for k, i in enumerate(order):
+        rank[i] = k
+    return rank
+
+
 class BlobFetch:
     """Fetches the missing chunks of one blob from whichever providers are known.
 
     When every chunk is in, `finish()` of the partial blob runs (whole-CID check and move
     into the store): then `done` is True and `cid` is set, or `failed_reason` says why.
     `failed_reason == "no providers"` is not final: adding a provider resumes the fetch.
+    Known providers that lack every missing chunk are waited for (they may get them).
     """
 
     def __init__(
@@ -52,7 +77,10 @@ class BlobFetch:
         *,
         max_inflight_per_peer: int = 2,
         max_inflight: int = 8,
+        seed: str | bytes | None = None,
     ) -> None:
+        if ref != partial.ref:
+            raise ValueError("BlobFetch: ref and partial.ref differ")
         self.ref = partial.ref
         self.partial = partial
         self.max_inflight_per_peer = max(1, max_inflight_per_peer)
@@ -60,18 +88,18 @@ class BlobFetch:
         self.done = False
         self.cid: str | None = None
         self.failed_reason: str | None = None
+        n = self.ref.n_chunks
+        self._rank = chunk_order(self.ref.cid, n, seed)
         self._providers: list[str] = []  # in order of addition (deterministic tie-breaks)
+        self._avail: dict[str, set[int] | None] = {}  # None: the whole blob
+        self._n_full = 0  # providers with the whole blob
+        self._held = [0] * n  # per chunk: partial providers that hold it
         self._dropped: set[str] = set()  # lied or failed too often: never asked again
         self._load: dict[str, int] = {}
         self._failures: dict[str, int] = {}
         self._inflight: dict[int, str] = {}  # chunk index -> peer asked
         self._failed_at: dict[int, set[str]] = {}  # chunk index -> peers that failed it
-        # Chunks to ask for, smallest index first (a heap; stale entries are skipped).
-        self._todo: list[int] = list(partial.missing())
-        self._queued: set[int] = set(self._todo)
         self._started = False
-        if ref != partial.ref:
-            raise ValueError("BlobFetch: ref and partial.ref differ")
 
     # --- events ------------------------------------------------------------------------
 
@@ -82,12 +110,42 @@ class BlobFetch:
             return []
         return self._pump()
 
-    def add_provider(self, peer: str) -> list[FetchCmd]:
-        """`peer` holds the blob. A provider dropped for lying is not taken back."""
-        if peer in self._dropped or peer in self._load:
+    def add_provider(self, peer: str, chunks: Iterable[int] | None = None) -> list[FetchCmd]:
+        """`peer` holds the blob (`chunks` None) or at least the chunks `chunks`.
+
+        Called again as a partial provider gets more: availability only grows (an older
+        announcement arriving late does not take chunks back). A provider dropped for
+        lying or failing is not taken back. Out-of-range indices are ignored.
+        """
+        if peer in self._dropped:
             return []
-        self._providers.append(peer)
-        self._load[peer] = 0
+        n = self.ref.n_chunks
+        new = None if chunks is None else {i for i in chunks if 0 <= i < n}
+        if peer in self._load:
+            old = self._avail[peer]
+            if old is None:
+                return []  # already known to hold everything
+            if new is None:
+                for i in old:
+                    self._held[i] -= 1
+                self._avail[peer] = None
+                self._n_full += 1
+            else:
+                gained = new - old
+                if not gained:
+                    return []
+                for i in gained:
+                    self._held[i] += 1
+                old |= gained
+        else:
+            self._providers.append(peer)
+            self._load[peer] = 0
+            self._avail[peer] = new
+            if new is None:
+                self._n_full += 1
+            else:
+                for i in new:
+                    self._held[i] += 1
         if self.failed_reason == "no providers":
             self.failed_reason = None
         return self._pump() if self._started else []
@@ -104,7 +162,6 @@ class BlobFetch:
         if self._inflight.get(index) == peer:
             del self._inflight[index]
             self._load[peer] -= 1
-            self._requeue(index)  # skipped as stale by _pump once the chunk is written
         if self.done or self.failed_reason not in (None, "no providers"):
             return []
         if not 0 <= index < self.ref.n_chunks:
@@ -126,7 +183,6 @@ class BlobFetch:
         if self._inflight.get(index) == peer:
             del self._inflight[index]
             self._load[peer] -= 1
-            self._requeue(index)
             self._failed_at.setdefault(index, set()).add(peer)
             self._failures[peer] = self._failures.get(peer, 0) + 1
             if self._failures[peer] >= MAX_FAILURES_PER_PEER:
@@ -146,6 +202,10 @@ class BlobFetch:
     def providers(self) -> list[str]:
         return list(self._providers)
 
+    def availability(self, index: int) -> int:
+        """How many known providers hold chunk `index`."""
+        return self._n_full + self._held[index]
+
     # --- internals ---------------------------------------------------------------------
 
     def _drop(self, peer: str, *, forever: bool) -> None:
@@ -155,16 +215,16 @@ class BlobFetch:
             return
         self._providers.remove(peer)
         del self._load[peer]
-        # Its outstanding chunks go back to the queue; a late answer is still accepted if
+        avail = self._avail.pop(peer)
+        if avail is None:
+            self._n_full -= 1
+        else:
+            for i in avail:
+                self._held[i] -= 1
+        # Its outstanding chunks become askable again; a late answer is still accepted if
         # it verifies (on_done checks the hash, not who was asked).
         for index in [i for i, p in self._inflight.items() if p == peer]:
             del self._inflight[index]
-            self._requeue(index)
-
-    def _requeue(self, index: int) -> None:
-        if index not in self._queued:
-            self._queued.add(index)
-            heapq.heappush(self._todo, index)
 
     def _complete(self) -> None:
         try:
@@ -177,18 +237,17 @@ class BlobFetch:
         self.done = True
         self._inflight.clear()
 
-    def _pick(self, index: int) -> str | None:
-        cap = self.max_inflight_per_peer
-        free = [p for p in self._providers if self._load[p] < cap]
-        if not free:
+    def _pick(self, index: int, free: list[str]) -> str | None:
+        holders = [p for p in free if (a := self._avail[p]) is None or index in a]
+        if not holders:
             return None
         tried = self._failed_at.get(index)
         if tried:
-            fresh = [p for p in free if p not in tried]
-            free = fresh or free
-        least = min(self._load[p] for p in free)
-        best = [p for p in free if self._load[p] == least]
-        return best[index % len(best)]
+            fresh = [p for p in holders if p not in tried]
+            holders = fresh or holders
+        least = min(self._load[p] for p in holders)
+        best = [p for p in holders if self._load[p] == least]
+        return best[self._rank[index] % len(best)]
 
     def _pump(self) -> list[FetchCmd]:
         if self.done or not self._started:
@@ -199,21 +258,25 @@ class BlobFetch:
             if not self._inflight and not self.partial.complete():
                 self.failed_reason = "no providers"
             return []
+        cap = self.max_inflight_per_peer
+        free = [p for p in self._providers if self._load[p] < cap]
+        if not free or len(self._inflight) >= self.max_inflight:
+            return []
+        n_full, held, rank, inflight = self._n_full, self._held, self._rank, self._inflight
+        todo = [i for i in self.partial.missing() if i not in inflight and n_full + held[i]]
+        todo.sort(key=lambda i: (held[i], rank[i]))  # rarest first (n_full is common)
         cmds: list[FetchCmd] = []
-        ref, todo = self.ref, self._todo
-        while todo and len(self._inflight) < self.max_inflight:
-            index = todo[0]
-            if self.partial.has_chunk(index) or index in self._inflight:
-                heapq.heappop(todo)  # stale: arrived meanwhile, or asked already
-                self._queued.discard(index)
-                continue
-            peer = self._pick(index)
-            if peer is None:
+        ref = self.ref
+        for index in todo:
+            if not free or len(inflight) >= self.max_inflight:
                 break
-            heapq.heappop(todo)
-            self._queued.discard(index)
-            self._inflight[index] = peer
+            peer = self._pick(index, free)
+            if peer is None:
+                continue
+            inflight[index] = peer
             self._load[peer] += 1
+            if self._load[peer] >= cap:
+                free.remove(peer)
             offset, length = ref.chunk_range(index)
             cmds.append(FetchCmd(peer, ref.cid, index, offset, length))
         return cmds
