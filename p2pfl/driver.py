@@ -47,7 +47,7 @@ from p2pfl.core.node_core import NodeCore
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError
 from p2pfl.net.base import FetchDone, FetchFailed, Message, Network, PeerDisconnected
 from p2pfl.store.blobref import BlobRef, make_blob_ref
-from p2pfl.store.blobs import BlobStore
+from p2pfl.store.blobs import BlobStore, decode_bitmap
 from p2pfl.store.fetcher import BlobFetch, FetchCmd
 from p2pfl.wire import encode
 
@@ -148,8 +148,14 @@ class Driver:
         elif isinstance(cmd, AddProviders):
             fetch = self._fetches.get(cmd.cid)
             if fetch is not None:
+                try:
+                    chunks = decode_bitmap(cmd.chunks, fetch.ref.n_chunks) if cmd.chunks else None
+                except RemoteProtocolError as exc:
+                    log.warning("providers of %s: %s", cmd.cid[:16], exc)
+                    return
                 for peer in cmd.providers:
-                    self._fetch_cmds(fetch.add_provider(peer))
+                    if peer != self.me:
+                        self._fetch_cmds(fetch.add_provider(peer, chunks))
         elif isinstance(cmd, CheckArchive):
             self._check_archive(cmd)
         elif isinstance(cmd, RunJob):
@@ -173,7 +179,8 @@ class Driver:
             return
         fetch = self._fetches.get(cid)
         if fetch is None:
-            fetch = BlobFetch(ref, self.store.open_partial(ref))
+            # Seeded by our id: downloaders of one blob start on different chunks.
+            fetch = BlobFetch(ref, self.store.open_partial(ref), seed=self.me)
             self._fetches[cid] = fetch
             cmds: list[FetchCmd] = []
             for peer in providers:
@@ -205,6 +212,12 @@ class Driver:
             log.warning("blob %s from %s: %s", cid[:16], event.peer, exc)
             cmds = []
         self._fetch_cmds(cmds)
+        if isinstance(event, FetchDone) and not fetch.done and fetch.ref.n_chunks > 1:
+            # Verified chunks of a taskpack archive are served while it downloads; the
+            # book decides when they are worth announcing.
+            partial = fetch.partial
+            have = partial.have_count()
+            self.execute(self.core.book.on_fetch_progress(cid, have, partial.bitmap()))
         self._check_fetches()
 
     def _check_fetches(self) -> None:

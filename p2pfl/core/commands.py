@@ -39,6 +39,8 @@ class FetchBlob:
 class AddProviders:
     cid: str
     providers: tuple[str, ...]
+    # Chunk bitmap the providers hold (see TaskpackHave.chunks); None: the whole blob.
+    chunks: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

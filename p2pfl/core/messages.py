@@ -39,9 +39,11 @@ class TaskpackAnnounce:
 @message("taskpack.have")
 @dataclass(frozen=True, slots=True)
 class TaskpackHave:
-    """The sender holds a verified copy of `cid` and serves it (swarming)."""
+    """The sender serves `cid` (swarming): all of it, or while it downloads the chunks in
+    `chunks`, a bitmap (chunk i is bit 7 - i % 8 of byte i // 8; b"" means every chunk)."""
 
     cid: str
+    chunks: bytes = b""
 
 
 @message("taskpack.sync")
