@@ -67,7 +67,9 @@ class DriverIO(Protocol):
 
     def call_soon(self, callback: Callback) -> None: ...
 
-    def run_blocking(self, fn: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+    def run_blocking(
+        self, fn: Callable[[], Any], done: Callable[[Any, BaseException | None], None]
+    ) -> None:
         """Run CPU/disk work (hashing, aggregation, unpacking) off the event path."""
         ...
 
@@ -306,8 +308,22 @@ class Driver:
         if entry is None or entry.status != "verified":
             state = f"is {entry.status} ({entry.reason})" if entry else "is unknown here"
             raise LocalProtocolError(f"taskpack {ref} {state}")
+        # `inputs.NAME=DATASET` binds a manifest input to the name sites registered their
+        # data under (`--dataset DATASET=PATH`); it is not a task parameter.
+        bindings = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("inputs.")}
+        names = [i.name for i in entry.manifest.spec.inputs]
+        unknown = sorted(set(bindings) - set(names))
+        if unknown:
+            raise LocalProtocolError(
+                f"inputs.{unknown[0]}: the taskpack has no input of that name (it has: {', '.join(names)})"
+            )
+        overrides = {k: v for k, v in overrides.items() if not k.startswith("inputs.")}
         params = load_params(self.taskpack_dir(entry.cid), overrides)
-        federated = {**effective_federated(entry.manifest, params), "volunteer_window_s": volunteer_window_s}
+        federated = {
+            **effective_federated(entry.manifest, params),
+            "volunteer_window_s": volunteer_window_s,
+            "inputs": [bindings.get(n, n) for n in names],
+        }
         # The task's code reads its local epochs from its params, like any other setting.
         params.setdefault("local_epochs", federated.get("local_epochs", 1))
         task_id, cmds = self.core.create_task(entry.cid, params, federated, self.io.now())
@@ -328,12 +344,18 @@ class Driver:
         offer = machine.offer
         entry = self.core.book.entries.get(offer.cid)
         limits = Limits()
-        raw_limits = (entry.manifest.raw.get("spec", {}).get("limits") or {}) if entry and entry.manifest else {}
+        raw_limits = (
+            (entry.manifest.raw.get("spec", {}).get("limits") or {})
+            if entry and entry.manifest
+            else {}
+        )
         if raw_limits:
             limits = Limits(
                 timeout_s=float(raw_limits.get("timeout_s", limits.timeout_s)),
                 memory_bytes=parse_size(raw_limits["memory"]) if raw_limits.get("memory") else None,
-                cpu_seconds=int(raw_limits["cpu_seconds"]) if raw_limits.get("cpu_seconds") else None,
+                cpu_seconds=int(raw_limits["cpu_seconds"])
+                if raw_limits.get("cpu_seconds")
+                else None,
             )
         dp = offer.dp if isinstance(offer.dp, dict) else None
         spec = TaskSpec(
@@ -341,7 +363,16 @@ class Driver:
             node=self.me,
             taskpack_dir=self.taskpack_dir(offer.cid),
             params=dict(offer.params) if isinstance(offer.params, dict) else {},
-            inputs={name: self.datasets[name] for name in offer.inputs if name in self.datasets},
+            # Offer inputs are dataset names, in the manifest's input order.
+            inputs={
+                manifest_input.name: self.datasets[dataset]
+                for manifest_input, dataset in zip(
+                    entry.manifest.spec.inputs, offer.inputs, strict=False
+                )
+                if dataset in self.datasets
+            }
+            if entry and entry.manifest
+            else {},
             seed=int(task_id[:8], 16),
             rounds=offer.rounds,
             protocol=offer.protocol,
@@ -408,8 +439,15 @@ class Driver:
         return result
 
     def _emit_log(self, task_id: str, line: str) -> None:
-        event = {"t": self.io.now(), "kind": "log", "task_id": task_id, "peer": self.me,
-                 "round": None, "message": line, "metrics": {}}
+        event = {
+            "t": self.io.now(),
+            "kind": "log",
+            "task_id": task_id,
+            "peer": self.me,
+            "round": None,
+            "message": line,
+            "metrics": {},
+        }
         machine = self.core.tasks.get(task_id)
         if machine is not None:
             event["task"] = machine.summary()
@@ -426,7 +464,8 @@ class Driver:
             from p2pfl.wire import decode_tensors, encode_tensors
 
             updates = [
-                (decode_tensors(store.get(ref.cid)), w) for ref, w in zip(cmd.refs, cmd.weights, strict=True)
+                (decode_tensors(store.get(ref.cid)), w)
+                for ref, w in zip(cmd.refs, cmd.weights, strict=True)
             ]
             return encode_tensors(aggregate(cmd.method, updates, **cmd.options))
 

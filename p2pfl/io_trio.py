@@ -61,12 +61,15 @@ class TrioIO:
         if scope is not None:
             scope.cancel()
 
-    def run_blocking(self, fn: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+    def run_blocking(
+        self, fn: Callable[[], Any], done: Callable[[Any, BaseException | None], None]
+    ) -> None:
         async def work() -> None:
             try:
                 result = await trio.to_thread.run_sync(fn)
             except Exception as exc:
-                self.call_soon(lambda: done(None, exc))
+                error = exc  # `exc` is unbound after the block; the callback runs later
+                self.call_soon(lambda: done(None, error))
                 return
             self.call_soon(lambda: done(result, None))
 

@@ -104,7 +104,8 @@ class Node:
             "version": self.version,
             "data_dir": str(self.config.data_dir),
             "datasets": [
-                {"name": d.name, "rows": d.rows, "columns": d.columns} for d in self.core.datasets.values()
+                {"name": d.name, "rows": d.rows, "columns": d.columns}
+                for d in self.core.datasets.values()
             ],
             "trusted": sorted(self.config.trusted),
             "trust_any": self.config.trust_any,
@@ -116,7 +117,13 @@ class Node:
         out = []
         for peer, addrs in sorted(connected.items()):
             view = views.get(peer, {})
-            out.append({"peer_id": peer, "addrs": addrs or view.get("addrs", []), "capabilities": view.get("capabilities")})
+            out.append(
+                {
+                    "peer_id": peer,
+                    "addrs": addrs or view.get("addrs", []),
+                    "capabilities": view.get("capabilities"),
+                }
+            )
         return out
 
     async def publish(self, path: str, run: bool, params: dict[str, str]) -> dict[str, Any]:
@@ -143,7 +150,9 @@ class Node:
         return self.driver.create_task(ref, dict(params))
 
     def tasks(self) -> list[dict[str, Any]]:
-        return [m.summary() for m in sorted(self.core.tasks.values(), key=lambda m: m.offer.created)]
+        return [
+            m.summary() for m in sorted(self.core.tasks.values(), key=lambda m: m.offer.created)
+        ]
 
     def _machine(self, task_id: str) -> Any:
         machine = self.core.tasks.get(task_id)
@@ -184,7 +193,9 @@ class Node:
         if result is None:
             if machine.phase == "failed":
                 raise TaskFailed(f"task {machine.task_id} failed: {machine.reason}")
-            raise TaskNotFinished(f"task {machine.task_id} is {machine.status()} (round {machine.round}/{machine.offer.rounds})")
+            raise TaskNotFinished(
+                f"task {machine.task_id} is {machine.status()} (round {machine.round}/{machine.offer.rounds})"
+            )
         if result["status"] != "succeeded":
             raise TaskFailed(f"task {machine.task_id} failed: {result['reason']}")
         return result
@@ -260,11 +271,11 @@ async def run_node(config: NodeConfig) -> None:
         async with trio.open_nursery() as nursery:
             io = TrioIO(nursery, runner)
             await nursery.start(io.run)
-            holder: list[Driver] = []
+            holder: list[Any] = []
             network = Libp2pNetwork(
                 identity,
                 Libp2pConfig(listen=list(config.listen), bootstrap=list(config.bootstrap)),
-                sink=lambda event: io.call_soon(lambda: holder[0].on_event(event)),
+                sink=lambda event: io.call_soon(lambda: holder[1](event)),
                 blob_reader=store.read,
             )
             driver = Driver(
@@ -277,6 +288,15 @@ async def run_node(config: NodeConfig) -> None:
                 state_dir=data_dir / "state",
             )
             holder.append(driver)
+            target_peers = Libp2pConfig().target_peers
+
+            def track_mesh(event: Any) -> None:
+                # Below target_peers, discovery connects us to every peer it learns of:
+                # then we see the whole network and rosters need not wait for deadlines.
+                core.full_mesh = len(network.connected_peers()) < target_peers
+                driver.on_event(event)
+
+            holder.append(track_mesh)
             await nursery.start(network.run)
             driver.start()
             node = Node(config, driver, network, __version__)

@@ -36,9 +36,13 @@ def gossip_plan(
     return targets, {p: tuple(s) for p, s in sources.items()}
 
 
-def targets_of(task_id: str, rnd: int, peer: str, live: Sequence[str], fanout: int) -> tuple[str, ...]:
+def targets_of(
+    task_id: str, rnd: int, peer: str, live: Sequence[str], fanout: int
+) -> tuple[str, ...]:
     return gossip_plan(task_id, rnd, tuple(live), fanout)[0].get(peer, ())
 
 
-def sources_of(task_id: str, rnd: int, peer: str, live: Sequence[str], fanout: int) -> tuple[str, ...]:
+def sources_of(
+    task_id: str, rnd: int, peer: str, live: Sequence[str], fanout: int
+) -> tuple[str, ...]:
     return gossip_plan(task_id, rnd, tuple(live), fanout)[1].get(peer, ())

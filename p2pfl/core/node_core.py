@@ -99,6 +99,7 @@ class NodeCore:
         self.peer_caps: dict[str, Capability] = {}
         self._pending: dict[str, list[tuple[str, Any, str, Signed | None]]] = defaultdict(list)
         self.bad_messages = 0
+        self.full_mesh = False  # set by the driver: connected to the whole network
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -163,13 +164,15 @@ class NodeCore:
                 if dp.get("enabled")
                 else None
             ),
-            inputs=tuple(i.name for i in manifest.spec.inputs),
+            inputs=tuple(federated.get("inputs") or [i.name for i in manifest.spec.inputs]),
             created=now,
             volunteer_deadline=now + float(federated.get("volunteer_window_s", 3.0)),
             round_timeout_s=float(federated.get("deadline_s", 60.0)),
         )
         # Our own machine starts now; the offer's echo from gossip is then a duplicate.
-        return task_id, [Publish(TOPIC_TASKS, seal(self.identity, offer))] + self._on_offer(offer, now)
+        return task_id, [Publish(TOPIC_TASKS, seal(self.identity, offer))] + self._on_offer(
+            offer, now
+        )
 
     # --- events ------------------------------------------------------------------------
 
@@ -182,18 +185,24 @@ class NodeCore:
             self.connected[event.peer] = event.addrs
             for machine in self.tasks.values():
                 machine.connected = set(self.connected)
+                machine.full_mesh = self.full_mesh
             return self.book.on_peer_connected(event.peer)
         if isinstance(event, PeerDisconnected):
             self.connected.pop(event.peer, None)
             out: list[Command] = []
             for machine in list(self.tasks.values()):
                 machine.connected = set(self.connected)
+                machine.full_mesh = self.full_mesh
                 out += machine.on_peer_lost(now, event.peer)
             return out
         if isinstance(event, BlobReady | BlobFailed):
             ok = isinstance(event, BlobReady)
             reason = "" if ok else event.reason  # type: ignore[union-attr]
-            out = self.book.on_blob_ready(event.cid) if ok else self.book.on_blob_failed(event.cid, reason)
+            out = (
+                self.book.on_blob_ready(event.cid)
+                if ok
+                else self.book.on_blob_failed(event.cid, reason)
+            )
             for machine in list(self.tasks.values()):
                 out += machine.on_blob(now, event.cid, ok, reason)
             return out
@@ -213,7 +222,9 @@ class NodeCore:
             return machine.on_job_failed(now, event.token, event.reason)
         if isinstance(event, Aggregated):
             machine = self.tasks.get(event.token[0])
-            return machine.on_aggregated(now, event.token, event.ref, event.reason) if machine else []
+            return (
+                machine.on_aggregated(now, event.token, event.ref, event.reason) if machine else []
+            )
         if isinstance(event, FetchDone | FetchFailed):
             raise LocalProtocolError("blob fetch events belong to the driver's fetcher")
         raise LocalProtocolError(f"unexpected event {type(event).__name__}")
@@ -256,7 +267,9 @@ class NodeCore:
             raise RemoteProtocolError(f"{type(msg).__name__} must be signed")
         allowed = _ON_TOPIC.get(event.topic)
         if allowed is None or not isinstance(msg, allowed):
-            raise RemoteProtocolError(f"{type(msg).__name__} is not allowed on {event.topic or 'direct'}")
+            raise RemoteProtocolError(
+                f"{type(msg).__name__} is not allowed on {event.topic or 'direct'}"
+            )
         # Whoever a record speaks for must be who signed or sent it.
         claimed = getattr(msg, "peer", None) or getattr(msg, "publisher", None)
         if isinstance(msg, Roster):
@@ -266,7 +279,9 @@ class NodeCore:
         if isinstance(msg, TaskpackAnnounce):
             claimed = None  # relayed by anyone; its own signature is checked by the book
         if claimed is not None and claimed != signer:
-            raise RemoteProtocolError(f"{type(msg).__name__} claims {claimed} but comes from {signer}")
+            raise RemoteProtocolError(
+                f"{type(msg).__name__} claims {claimed} but comes from {signer}"
+            )
         return msg, signer, envelope
 
     def _dispatch(
@@ -328,10 +343,15 @@ class NodeCore:
     def _on_offer(self, offer: TaskOffer, now: float) -> list[Command]:
         if offer.task_id in self.tasks:
             return []
-        if not 1 <= offer.min_nodes <= offer.max_nodes or offer.rounds < 1 or offer.rounds > 100_000:
+        if (
+            not 1 <= offer.min_nodes <= offer.max_nodes
+            or offer.rounds < 1
+            or offer.rounds > 100_000
+        ):
             raise RemoteProtocolError(f"offer {offer.task_id}: inconsistent node counts or rounds")
         machine = TaskMachine(offer, self.identity, self.local, created_at=now)
         machine.connected = set(self.connected)
+        machine.full_mesh = self.full_mesh
         self.tasks[offer.task_id] = machine
         entry = self.book.entries.get(offer.cid)
         out = machine.start(now, entry.status if entry else None, entry.reason if entry else "")

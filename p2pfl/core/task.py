@@ -119,6 +119,9 @@ class TaskMachine:
     last_metrics: dict[str, Any] = field(default_factory=dict)
     final_sent: bool = False
     connected: set[str] = field(default_factory=set)  # peers the node is connected to
+    # True when the driver knows this node is connected to every node of the network (a
+    # small full mesh): only then can the roster be made before the volunteer deadline.
+    full_mesh: bool = False
 
     # --- identity of the task -------------------------------------------------------
 
@@ -213,7 +216,9 @@ class TaskMachine:
 
     # --- offer and volunteering -------------------------------------------------------
 
-    def start(self, now: float, taskpack_status: str | None, taskpack_reason: str = "") -> list[Command]:
+    def start(
+        self, now: float, taskpack_status: str | None, taskpack_reason: str = ""
+    ) -> list[Command]:
         """The offer arrived (or was made here). Decide whether we can take part."""
         out: list[Command] = [
             SetTimer(("volunteer", self.task_id), self.offer.volunteer_deadline),
@@ -222,7 +227,9 @@ class TaskMachine:
         if self.my_id == self.offer.publisher:
             # The publisher decides failure when nobody coordinates in time.
             out.append(
-                SetTimer(("publisher-watch", self.task_id), self.offer.volunteer_deadline + 3 * GRACE_S)
+                SetTimer(
+                    ("publisher-watch", self.task_id), self.offer.volunteer_deadline + 3 * GRACE_S
+                )
             )
         return out + self.on_taskpack(now, taskpack_status, taskpack_reason)
 
@@ -276,6 +283,8 @@ class TaskMachine:
     def _everyone_answered(self) -> bool:
         """True when every peer we are connected to has answered and nobody we do not
         know answered: then we have the whole network's answers already."""
+        if not self.full_mesh:
+            return False
         answered = set(self.volunteers) | set(self.declines)
         return answered >= self.connected and answered <= self.connected | {self.my_id}
 
@@ -305,9 +314,16 @@ class TaskMachine:
             Log("info", f"task {self.task_id[:12]}: coordinating {len(chosen)} participants"),
         ]
 
-    def on_roster(self, now: float, roster: Roster, signer: str, volunteer_ids: list[str]) -> list[Command]:
+    def on_roster(
+        self, now: float, roster: Roster, signer: str, volunteer_ids: list[str]
+    ) -> list[Command]:
         if signer != roster.coordinator:
-            return [Log("warning", f"roster for {self.task_id[:12]} signed by {signer}, not its coordinator")]
+            return [
+                Log(
+                    "warning",
+                    f"roster for {self.task_id[:12]} signed by {signer}, not its coordinator",
+                )
+            ]
         problem = roster_problem(
             self.task_id,
             roster.coordinator,
@@ -318,7 +334,9 @@ class TaskMachine:
             self.offer.max_nodes,
         )
         if problem is not None:
-            return [Log("warning", f"invalid roster for {self.task_id[:12]} from {signer}: {problem}")]
+            return [
+                Log("warning", f"invalid roster for {self.task_id[:12]} from {signer}: {problem}")
+            ]
         if self.roster is not None:
             # A better-ranked coordinator's roster wins while nothing has been decided yet.
             better = roster.epoch < self.roster.epoch
@@ -350,7 +368,11 @@ class TaskMachine:
         # analysis (and other one-shot types): a single execution, then the final step
         self.phase = "training"
         return [
-            RunJob(self.task_id, {"kind": "train", "round": 1, "weights": None}, (self.task_id, "train", 1)),
+            RunJob(
+                self.task_id,
+                {"kind": "train", "round": 1, "weights": None},
+                (self.task_id, "train", 1),
+            ),
             SetTimer(("round", self.task_id, 1), now + self.offer.round_timeout_s),
         ]
 
@@ -390,6 +412,10 @@ class TaskMachine:
             return self._on_round_deadline(now, key[2])
         if kind == "reduce":
             return self._maybe_reduce(now, deadline_passed=True)
+        if kind == "reclose":
+            if key[2] == self.round and self.phase == "aggregating":
+                return self._fail(now, f"round {key[2]}: an included update stayed unfetchable")
+            return []
         return []
 
     # --- peers -----------------------------------------------------------------------
@@ -438,8 +464,15 @@ class TaskMachine:
             rnd = token[2]
             status = "withdrawn" if "budget" in reason else "failed"
             self.nodes.setdefault(self.my_id, NodeState()).state = status
-            update = RoundUpdate(self.task_id, rnd, self.my_id, None, 0, {"error": reason[:200]}, status)
-            out: list[Command] = [log, self._event("node", now, f"round {rnd} {status}: {reason}", peer=self.my_id, round=rnd)]
+            update = RoundUpdate(
+                self.task_id, rnd, self.my_id, None, 0, {"error": reason[:200]}, status
+            )
+            out: list[Command] = [
+                log,
+                self._event(
+                    "node", now, f"round {rnd} {status}: {reason}", peer=self.my_id, round=rnd
+                ),
+            ]
             if self.offer.type != "training":
                 return out + self._send_partial_refused(now, f"execution failed: {reason}")
             if self.offer.protocol == "gossip":
@@ -486,7 +519,9 @@ class TaskMachine:
         state.state = "waiting"
         if self.offer.protocol == "gossip":
             return self._gossip_send(now, rnd, ref, n)
-        update = RoundUpdate(self.task_id, rnd, self.my_id, ref, n, metrics, "ok" if ref else "failed")
+        update = RoundUpdate(
+            self.task_id, rnd, self.my_id, ref, n, metrics, "ok" if ref else "failed"
+        )
         return [Publish(TOPIC_TASKS, update)]
 
     def on_update(self, now: float, update: RoundUpdate) -> list[Command]:
@@ -546,16 +581,25 @@ class TaskMachine:
         if coordinator != self.my_id and position > 0:
             if coordinator is not None and position == 1:
                 self.dead.add(coordinator)  # it let the deadline pass: treat as gone
-                return [Log("warning", f"task {self.task_id[:12]}: coordinator silent, taking over round {rnd}")] + self._close(now, rnd)
+                return [
+                    Log(
+                        "warning",
+                        f"task {self.task_id[:12]}: coordinator silent, taking over round {rnd}",
+                    )
+                ] + self._close(now, rnd)
             return [SetTimer(("round", self.task_id, rnd), now + GRACE_S)]
         return self._close(now, rnd)
 
     def _close(self, now: float, rnd: int) -> list[Command]:
         got = self.updates.get(rnd, {})
-        included = tuple(sorted(p for p, u in got.items() if u.status == "ok" and u.ref is not None))
+        included = tuple(
+            sorted(p for p, u in got.items() if u.status == "ok" and u.ref is not None)
+        )
         live_count = len([p for p in self.participants if p not in self.dead])
         if live_count < self.offer.min_nodes:
-            return self._fail(now, f"fewer than min_nodes ({self.offer.min_nodes}) participants remain")
+            return self._fail(
+                now, f"fewer than min_nodes ({self.offer.min_nodes}) participants remain"
+            )
         if not included:
             return self._fail(now, f"round {rnd}: no update arrived")
         late = tuple(sorted(p for p in self.participants if p not in got and p not in self.dead))
@@ -563,14 +607,25 @@ class TaskMachine:
         return [Publish(TOPIC_TASKS, close)]
 
     def on_close(self, now: float, close: RoundClose) -> list[Command]:
-        if close.peer not in self.participants or close.round in self.closes:
+        if close.peer not in self.participants:
             return []
+        previous = self.closes.get(close.round)
+        if previous is not None:
+            # Only a re-close of the round we are still assembling replaces the first one.
+            redo = (
+                close.attempt > previous.attempt
+                and close.round == self.round
+                and self.phase == "aggregating"
+            )
+            if not redo:
+                return []
         self.closes[close.round] = close
         for peer in close.dead:
             if peer != self.my_id and peer in self.participants and close.peer != peer:
                 self.dead.add(peer)
         out: list[Command] = [
             CancelTimer(("round", self.task_id, close.round)),
+            CancelTimer(("reclose", self.task_id, close.round)),
             self._event(
                 "round",
                 now,
@@ -590,7 +645,9 @@ class TaskMachine:
             update = updates.get(peer)
             if update is None or update.ref is None:
                 # We have not seen that update's announcement: it cannot be averaged.
-                return out + self._fail(now, f"round {close.round}: missing announced update of {peer}")
+                return out + self._fail(
+                    now, f"round {close.round}: missing announced update of {peer}"
+                )
             refs.append(update.ref)
             weights.append(float(update.num_samples))
         agg = Aggregate(
@@ -600,9 +657,11 @@ class TaskMachine:
             tuple(weights),
             self.offer.aggregator,
             self._aggregator_options(len(refs)),
-            (self.task_id, "aggregate", close.round),
+            (self.task_id, "aggregate", close.round, close.attempt),
         )
-        return out + self._fetch_then(agg, {u.ref.cid: u.peer for u in (updates[p] for p in close.included)})
+        return out + self._fetch_then(
+            agg, {u.ref.cid: u.peer for u in (updates[p] for p in close.included)}
+        )
 
     def _aggregator_options(self, n: int) -> dict[str, Any]:
         params = self.offer.params if isinstance(self.offer.params, dict) else {}
@@ -629,15 +688,60 @@ class TaskMachine:
         if cid not in self.waiting_blobs or self.pending_aggregate is None:
             return []
         if not ok:
-            return self._fail(now, f"could not fetch update {cid[:16]}: {reason}")
+            return self._unfetchable(now, cid, reason)
         self.waiting_blobs.discard(cid)
         if self.waiting_blobs:
             return []
         agg, self.pending_aggregate = self.pending_aggregate, None
         return [agg]
 
-    def on_aggregated(self, now: float, token: tuple, ref: BlobRef | None, reason: str) -> list[Command]:
+    def _unfetchable(self, now: float, cid: str, reason: str) -> list[Command]:
+        """An included update cannot be fetched (its author died before anyone copied it).
+
+        fedavg: the acting coordinator re-closes the round without it; everyone else waits
+        for that re-close until a deadline. gossip: the share is simply left out."""
+        rnd = self.round
+        close = self.closes.get(rnd)
+        if self.offer.protocol == "gossip" or close is None:
+            return self._fail(now, f"could not fetch update {cid[:16]}: {reason}")
+        authors = {u.ref.cid: p for p, u in self.updates.get(rnd, {}).items() if u.ref is not None}
+        lost = authors.get(cid)
+        if lost is not None and lost != self.my_id:
+            self.dead.add(lost)
+        if not self._is_closer():
+            return [
+                Log(
+                    "warning",
+                    f"task {self.task_id[:12]}: update {cid[:16]} of round {rnd} unfetchable ({reason}); waiting for a re-close",
+                ),
+                SetTimer(("reclose", self.task_id, rnd), now + self.offer.round_timeout_s),
+            ]
+        included = tuple(p for p in close.included if p not in self.dead)
+        if (
+            len(included) < 1
+            or len([p for p in self.participants if p not in self.dead]) < self.offer.min_nodes
+        ):
+            return self._fail(now, f"round {rnd}: too few fetchable updates remain")
+        redo = RoundClose(
+            self.task_id, rnd, self.my_id, included, tuple(sorted(self.dead)), close.attempt + 1
+        )
+        return [
+            Log("warning", f"task {self.task_id[:12]}: re-closing round {rnd} without {lost}"),
+            Publish(TOPIC_TASKS, redo),
+        ]
+
+    def on_aggregated(
+        self, now: float, token: tuple, ref: BlobRef | None, reason: str
+    ) -> list[Command]:
         rnd = token[2]
+        attempt = token[3] if len(token) > 3 else 0
+        close = self.closes.get(rnd)
+        if (
+            rnd != self.round
+            or self.phase != "aggregating"
+            or (close is not None and close.attempt != attempt)
+        ):
+            return []  # superseded by a re-close of the round
         if ref is None:
             return self._fail(now, f"round {rnd}: aggregation failed: {reason}")
         self.global_ref = ref
@@ -668,11 +772,19 @@ class TaskMachine:
                 f"round {rnd}/{self.offer.rounds}: " + _fmt_metrics(progress_metrics),
                 peer=self.my_id,
                 round=rnd,
-                metrics={**progress_metrics, "model_cid": self.global_ref.cid if self.global_ref else None},
+                metrics={
+                    **progress_metrics,
+                    "model_cid": self.global_ref.cid if self.global_ref else None,
+                },
             )
         ]
         if self.offer.publisher != self.my_id:
-            out.append(Send(self.offer.publisher, Progress(self.task_id, self.my_id, rnd, "evaluated", progress_metrics)))
+            out.append(
+                Send(
+                    self.offer.publisher,
+                    Progress(self.task_id, self.my_id, rnd, "evaluated", progress_metrics),
+                )
+            )
         if rnd < self.offer.rounds and self.my_id not in self.withdrawn:
             return out + self._train(now, rnd + 1)
         return out + self._finalize(now)
@@ -711,10 +823,13 @@ class TaskMachine:
         own = GossipPush(self.task_id, rnd, self.my_id, ref, share if ref else 0.0)
         self.pushes.setdefault(rnd, {})[self.my_id] = own
         out: list[Command] = [
-            Send(t, GossipPush(self.task_id, rnd, self.my_id, ref, share if ref else 0.0)) for t in targets
+            Send(t, GossipPush(self.task_id, rnd, self.my_id, ref, share if ref else 0.0))
+            for t in targets
         ]
         if self.offer.publisher != self.my_id:
-            out.append(Send(self.offer.publisher, Progress(self.task_id, self.my_id, rnd, "pushed", {})))
+            out.append(
+                Send(self.offer.publisher, Progress(self.task_id, self.my_id, rnd, "pushed", {}))
+            )
         return out + self._gossip_maybe_merge(now, rnd, deadline_passed=False)
 
     def on_push(self, now: float, push: GossipPush) -> list[Command]:
@@ -724,7 +839,11 @@ class TaskMachine:
         return self._gossip_maybe_merge(now, push.round, deadline_passed=False)
 
     def _gossip_maybe_merge(self, now: float, rnd: int, deadline_passed: bool) -> list[Command]:
-        if rnd != self.round or self.phase != "training" or self.my_id not in self.pushes.get(rnd, {}):
+        if (
+            rnd != self.round
+            or self.phase != "training"
+            or self.my_id not in self.pushes.get(rnd, {})
+        ):
             return []
         got = self.pushes.get(rnd, {})
         live = self.live()
@@ -803,7 +922,9 @@ class TaskMachine:
 
     def _send_partial_refused(self, now: float, reason: str) -> list[Command]:
         msg = FinalPartial(self.task_id, self.my_id, 0, {}, {}, None, refused=reason)
-        return [Log("info", f"task {self.task_id[:12]}: {reason}")] + self._deliver_partial(now, msg)
+        return [Log("info", f"task {self.task_id[:12]}: {reason}")] + self._deliver_partial(
+            now, msg
+        )
 
     def _deliver_partial(self, now: float, msg: FinalPartial) -> list[Command]:
         if self.final_sent:
@@ -816,13 +937,20 @@ class TaskMachine:
             if peer != self.my_id:
                 out.append(Send(peer, msg))
         if self.offer.publisher != self.my_id:
-            out.append(Send(self.offer.publisher, Progress(self.task_id, self.my_id, self.round, "final", {})))
+            out.append(
+                Send(
+                    self.offer.publisher,
+                    Progress(self.task_id, self.my_id, self.round, "final", {}),
+                )
+            )
         out += self.on_partial(now, msg)
         # Reducer failover: candidates further down wait a little longer each.
         candidates = self._reducer_candidates()
         if self.my_id in candidates:
             pos = candidates.index(self.my_id)
-            out.append(SetTimer(("reduce", self.task_id), now + self.offer.round_timeout_s + pos * GRACE_S))
+            out.append(
+                SetTimer(("reduce", self.task_id), now + self.offer.round_timeout_s + pos * GRACE_S)
+            )
         return out
 
     def on_partial(self, now: float, partial: FinalPartial) -> list[Command]:
@@ -856,15 +984,24 @@ class TaskMachine:
             )
         self.reducing = True
         partials = [
-            {"node": p.peer, "num_samples": p.num_samples, "metrics": p.metrics, "aggregates": p.aggregates}
+            {
+                "node": p.peer,
+                "num_samples": p.num_samples,
+                "metrics": p.metrics,
+                "aggregates": p.aggregates,
+            }
             for p in sorted(usable, key=lambda p: p.peer)
         ]
         return [
             Log("info", f"task {self.task_id[:12]}: reducing {len(partials)} partials"),
-            RunJob(self.task_id, {"kind": "reduce", "partials": partials}, (self.task_id, "reduce")),
+            RunJob(
+                self.task_id, {"kind": "reduce", "partials": partials}, (self.task_id, "reduce")
+            ),
         ]
 
-    def _publish_result(self, now: float, status: str, reason: str, metrics: dict[str, Any]) -> list[Command]:
+    def _publish_result(
+        self, now: float, status: str, reason: str, metrics: dict[str, Any]
+    ) -> list[Command]:
         if self.result is not None:
             return []
         contributors = tuple(sorted(p.peer for p in self.partials.values() if not p.refused))
@@ -921,9 +1058,9 @@ class TaskMachine:
             self._event(
                 kind,
                 now,
-                f"{result.status}" + (f": {result.reason}" if result.reason else "") + (
-                    " " + _fmt_metrics(result.metrics) if isinstance(result.metrics, dict) else ""
-                ),
+                f"{result.status}"
+                + (f": {result.reason}" if result.reason else "")
+                + (" " + _fmt_metrics(result.metrics) if isinstance(result.metrics, dict) else ""),
                 peer=result.reducer,
                 metrics=result.metrics if isinstance(result.metrics, dict) else {},
             ),

@@ -76,7 +76,9 @@ class _SimNode:
 class SimCluster:
     def __init__(self, spec: ClusterSpec) -> None:
         if spec.network != "sim":
-            raise NotImplementedError("SimCluster runs --network sim; see p2pfl.sim.live for libp2p")
+            raise NotImplementedError(
+                "SimCluster runs --network sim; see p2pfl.sim.live for libp2p"
+            )
         if len(spec.node_data) != spec.nodes:
             raise ValueError(f"{spec.nodes} nodes but {len(spec.node_data)} data files")
         self.spec = spec
@@ -136,7 +138,9 @@ class SimCluster:
             store = BlobStore(None)
             node_ref: list[Driver] = []
             net = self.hub.add_node(
-                identity.peer_id, sink=lambda ev, ref=node_ref: ref[0].on_event(ev), blob_reader=store.read
+                identity.peer_id,
+                sink=lambda ev, ref=node_ref: ref[0].on_event(ev),
+                blob_reader=store.read,
             )
             driver = Driver(
                 core,
@@ -154,6 +158,8 @@ class SimCluster:
         topo = dict(spec.topology)
         kind = topo.pop("kind", "full")
         self.hub.apply_topology(kind, **topo)
+        for node in self.nodes:
+            node.core.full_mesh = kind == "full"
         for node in self.nodes:
             node.driver.start()
 
@@ -295,6 +301,7 @@ class SimCluster:
         )
         ref.append(driver)
         driver.listeners.append(lambda ev, i=i: self._on_event(i, ev))
+        core.full_mesh = old.core.full_mesh
         self.nodes[i] = _SimNode(i, old.identity, store, core, driver, old.data)
         driver.start()
 
@@ -325,12 +332,18 @@ class SimCluster:
         horizon = self.hub.now + 60.0 + offer.rounds * (offer.round_timeout_s + 30.0)
         emitted = 0
         while self.result is None:
-            state = self.hub.run(until=horizon, stop=lambda: self.result is not None or len(self._records) > emitted)
+            seen = emitted
+            state = self.hub.run(
+                until=horizon, stop=lambda: self.result is not None or len(self._records) > seen
+            )
             while emitted < len(self._records):
                 yield self._records[emitted]
                 emitted += 1
             if state in ("idle", "until") and self.result is None:
-                self.result = {"status": "failed", "reason": f"simulation stalled ({state}) at t={self.hub.now:.1f}s"}
+                self.result = {
+                    "status": "failed",
+                    "reason": f"simulation stalled ({state}) at t={self.hub.now:.1f}s",
+                }
         # Rows for nodes that were not there (crashed, partitioned off) in a round.
         rounds = max((r.round for r in self._records), default=0)
         have = {(r.node, r.round) for r in self._records}

@@ -49,7 +49,9 @@ class SimIO:
     def call_soon(self, callback: Callable[[], None]) -> None:
         self.hub.call_at(self.hub.now, callback, owner=self.owner)
 
-    def run_blocking(self, fn: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+    def run_blocking(
+        self, fn: Callable[[], Any], done: Callable[[Any, BaseException | None], None]
+    ) -> None:
         try:
             result, error = fn(), None
         except Exception as exc:  # delivered to the driver, which decides
