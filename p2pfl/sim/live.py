@@ -1,0 +1,461 @@
+"""A scenario over the real network: every node a py-libp2p host on 127.0.0.1, one process.
+
+`p2pfl simulate SCENARIO --network libp2p` runs this instead of SimCluster. Each node is
+the node code of a deployment (NodeCore + Driver over a Libp2pNetwork, wall-clock timers
+in trio); what is shared is the process, one trio loop (in a background thread) and one
+in-process taskpack pool that runs one job at a time. Node 0 publishes and offers the
+task; the others bootstrap to node 0 and discovery connects the rest.
+
+    cluster = LiveCluster(ClusterSpec(..., network="libp2p"), deadline_s=120)
+    for record in cluster.run():   # RoundRecords stream in as nodes finish rounds
+        ...
+    cluster.result, cluster.final_test_metrics, cluster.virtual_s  # wall seconds here
+
+Faults: `crash` cancels the node (its host closes; peers see PeerDisconnected); `restart`
+starts a fresh node with the same key and data. `partition`/`heal` cannot be played with
+real sockets in one process and are refused at construction (ValidationError). The link
+model and non-full topologies do not apply to real sockets: they are ignored, with a line
+in `warnings`.
+
+Record and test-metric logic is SimCluster's own (this class reuses its methods over a
+small stand-in for the hub); see `_LiveHub`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from p2pfl.core.node_core import DatasetInfo, NodeCore
+from p2pfl.driver import Driver
+from p2pfl.errors import ValidationError
+from p2pfl.identity import Identity
+from p2pfl.io_trio import TrioIO
+from p2pfl.net.base import NetStats
+from p2pfl.runtime import InProcessRunner, JobOutput, TaskSpec
+from p2pfl.sim.cluster import ClusterSpec, RoundRecord, SimCluster, _flatten, _param_text, _SimNode
+from p2pfl.store.blobs import BlobStore
+from p2pfl.taskpack.trust import TrustPolicy
+
+log = logging.getLogger("p2pfl.sim.live")
+
+UNSUPPORTED_FAULTS = ("partition", "heal")
+POLL_S = 0.05
+
+
+class SharedPool:
+    """One InProcessRunner for every node of the process, running one job at a time.
+
+    Jobs run in a worker thread (trio.to_thread) so the shared event loop keeps serving
+    every node's network meanwhile; one at a time because torch sessions are not safe to
+    run concurrently in all cases. `run` is the same gate for other threads (the
+    cluster's test-set evaluations). `busy_s` is the wall time spent inside jobs.
+    """
+
+    def __init__(self, runner: InProcessRunner | None = None) -> None:
+        self.runner = runner or InProcessRunner()
+        self.busy_s = 0.0
+        self.jobs = 0
+        self._lock = threading.Lock()
+        self._limiter: trio.CapacityLimiter | None = None
+
+    def run(self, spec: TaskSpec, job: Any) -> JobOutput:
+        """Run a job now, in this thread (InProcessRunner's face, which SimCluster uses)."""
+        with self._lock:
+            started = time.perf_counter()
+            try:
+                return self.runner.run(spec, job)
+            finally:
+                self.busy_s += time.perf_counter() - started
+                self.jobs += 1
+
+    async def run_async(self, spec: TaskSpec, job: Any) -> JobOutput:
+        """Run a job in a worker thread, one at a time across every node."""
+        if self._limiter is None:  # made inside the trio run that uses it
+            self._limiter = trio.CapacityLimiter(1)
+        return await trio.to_thread.run_sync(self.run, spec, job, limiter=self._limiter)
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+class PooledIO(TrioIO):
+    """TrioIO (wall-clock timers, one callback queue per node) with taskpack jobs in a
+    SharedPool instead of one child process per node."""
+
+    def __init__(self, nursery: trio.Nursery, pool: SharedPool) -> None:
+        super().__init__(nursery, _AsyncFace(pool))  # type: ignore[arg-type]
+
+
+class _AsyncFace:
+    """The `await runner.run(spec, job)` TrioIO.run_job calls (ChildProcessRunner's face)."""
+
+    def __init__(self, pool: SharedPool) -> None:
+        self.run = pool.run_async
+
+
+class _LiveHub:
+    """What SimCluster's reused methods ask of `self.hub`, answered by real nodes.
+
+    `stats` returns the snapshot the cluster put in `pending` just before calling
+    SimCluster._record: byte counters are read in the trio thread when a node finishes a
+    round, but the record (with its test-set evaluation) is built in the consumer thread.
+    """
+
+    def __init__(self, cluster: LiveCluster) -> None:
+        self._cluster = cluster
+        self.pending = NetStats()
+
+    @property
+    def now(self) -> float:
+        return self._cluster.virtual_s
+
+    def stats(self, peer: str) -> NetStats:
+        return self.pending
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        self._cluster._call_soon(callback)
+
+    def crash(self, peer: str) -> None:
+        self._cluster._crash(self._cluster._by_peer[peer])
+
+    def partition(self, groups: Any) -> None:  # refused at construction; never reached
+        raise NotImplementedError("partition faults are not supported with --network libp2p")
+
+    def heal(self) -> None:
+        raise NotImplementedError("heal faults are not supported with --network libp2p")
+
+
+class LiveCluster(SimCluster):
+    """SimCluster's API over real libp2p hosts on 127.0.0.1 (see the module docstring).
+
+    deadline_s bounds the whole run (default: generous, from the offer's rounds and round
+    timeout); start_timeout_s bounds waiting for the hosts to find each other.
+    """
+
+    def __init__(
+        self,
+        spec: ClusterSpec,
+        *,
+        deadline_s: float | None = None,
+        start_timeout_s: float = 60.0,
+        volunteer_window_s: float = 5.0,
+    ) -> None:
+        # SimCluster.__init__ builds a hub and sim nodes: this class sets the same state
+        # itself and builds real nodes inside trio (see _main).
+        if len(spec.node_data) != spec.nodes:
+            raise ValueError(f"{spec.nodes} nodes but {len(spec.node_data)} data files")
+        problems = [
+            f"faults[{k}].{kind}: not supported with --network libp2p (real sockets in one"
+            " process cannot be partitioned); use --network sim"
+            for k, fault in enumerate(spec.faults)
+            for kind in UNSUPPORTED_FAULTS
+            if fault.get(kind)
+        ]
+        if problems:
+            raise ValidationError(problems, "scenario for --network libp2p")
+        self.spec = spec
+        self.deadline_s = deadline_s
+        self.start_timeout_s = start_timeout_s
+        self.volunteer_window_s = volunteer_window_s
+        self.warnings: list[str] = []
+        kind = dict(spec.topology).get("kind", "full")
+        if kind != "full":
+            self.warnings.append(f"topology {kind!r} ignored: libp2p discovery connects every node")
+        if spec.link:
+            self.warnings.append("network link model ignored: real loopback sockets")
+        for line in self.warnings:
+            log.warning("%s", line)
+        self.pool = SharedPool()
+        self.runner = self.pool  # type: ignore[assignment]  # SimCluster._test_metrics: .run(spec, job)
+        self.hub = _LiveHub(self)
+        self._tmp = Path(tempfile.mkdtemp(prefix="p2pfl-live-"))
+        self.taskpack_root = self._tmp / "taskpacks"
+        self.nodes: list[_SimNode] = []
+        self.networks: dict[int, Any] = {}
+        self.result: dict[str, Any] | None = None
+        self.task_id: str | None = None
+        self.final_test_metrics: dict[str, Any] = {}
+        # Wall-clock marks (seconds since the trio run began): ready (peers found),
+        # published, roster, result.
+        self.marks: dict[str, float] = {}
+        self._records: list[RoundRecord] = []
+        self._seen: set[tuple[int, int]] = set()
+        self._last_bytes: dict[int, tuple[int, int]] = {}
+        self._test_cache: dict[str, dict[str, Any]] = {}
+        self._applied_faults: set[int] = set()
+        self._closed_round = 0
+        self._crashed: set[int] = set()
+        self._by_peer: dict[str, int] = {}
+        self._scopes: dict[int, trio.CancelScope] = {}
+        self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self._t0: float | None = None
+        self._t_end: float | None = None
+        self._nursery: trio.Nursery | None = None
+        self._done: trio.Event | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._identities = [
+            Identity.from_seed(hashlib.sha256(f"p2pfl-live|{spec.seed}|{i}".encode()).digest())
+            for i in range(spec.nodes)
+        ]
+        self._by_peer = {ident.peer_id: i for i, ident in enumerate(self._identities)}
+        self._policy = TrustPolicy(frozenset({self._identities[0].peer_id}), False)
+        self._datasets = self._describe_datasets()
+
+    def _describe_datasets(self) -> list[DatasetInfo]:
+        from p2pfl.fl.datasets import load_table
+
+        rows: dict[Path, int] = {}
+        for path in self.spec.node_data:
+            if path not in rows:
+                rows[path] = int(len(load_table(path)[1]))
+        return [DatasetInfo(self.spec.input_name, rows[p], []) for p in self.spec.node_data]
+
+    # --- one node ------------------------------------------------------------------------
+
+    async def _run_node(self, i: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Node i until its scope is cancelled (crash) or the cluster stops."""
+        from p2pfl.net.libp2p import Libp2pConfig, Libp2pNetwork
+
+        spec = self.spec
+        identity = self._identities[i]
+        bootstrap = [] if i == 0 else [self.networks[0].listen_addrs()[0]]
+        core = NodeCore(
+            identity,
+            policy=self._policy,
+            capabilities=_CAPABILITIES,
+            datasets={spec.input_name: self._datasets[i]},
+            min_records=spec.min_records,
+        )
+        store = BlobStore(None)
+        byzantine = set((spec.byzantine or {}).get("nodes", []))
+        with trio.CancelScope() as scope:
+            self._scopes[i] = scope
+            async with trio.open_nursery() as nursery:
+                io = PooledIO(nursery, self.pool)
+                await nursery.start(io.run)
+                holder: list[Driver] = []
+                config = Libp2pConfig(bootstrap=bootstrap, target_peers=max(8, spec.nodes))
+
+                def sink(event: Any) -> None:
+                    def deliver() -> None:
+                        # Every node is in this process: we know when one sees all others,
+                        # so rosters need not wait for their deadline.
+                        alive = spec.nodes - len(self._crashed)
+                        core.full_mesh = len(network.connected_peers()) >= alive - 1
+                        holder[0].on_event(event)
+
+                    io.call_soon(deliver)
+
+                network = Libp2pNetwork(identity, config, sink=sink, blob_reader=store.read)
+                driver = Driver(
+                    core,
+                    network,
+                    store,
+                    io,
+                    taskpack_root=self.taskpack_root,
+                    datasets={spec.input_name: spec.node_data[i]},
+                    update_hook=self._byzantine_hook(i) if i in byzantine else None,
+                )
+                holder.append(driver)
+                driver.listeners.append(lambda ev, i=i: self._on_event(i, ev))
+                node = _SimNode(i, identity, store, core, driver, spec.node_data[i])
+                if i < len(self.nodes):
+                    self.nodes[i] = node
+                else:
+                    self.nodes.append(node)
+                self.networks[i] = network
+                await nursery.start(network.run)
+                driver.start()
+                task_status.started()
+                await trio.sleep_forever()
+        if scope.cancelled_caught:
+            log.info("node %d stopped", i)
+
+    # --- hooks called by SimCluster's methods ---------------------------------------------
+
+    def _call_soon(self, callback: Callable[[], None]) -> None:
+        assert self._nursery is not None
+
+        async def call() -> None:
+            callback()
+
+        self._nursery.start_soon(call)
+
+    def _crash(self, i: int) -> None:
+        scope = self._scopes.get(i)
+        if scope is not None:
+            scope.cancel()
+
+    def _restart(self, i: int) -> None:
+        """A fresh node with the same key and data (no task state), like a restarted process."""
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_node, i)
+
+    def _record(self, index: int, rnd: int, metrics: dict[str, Any]) -> None:
+        # Trio thread: snapshot the byte counters now; the record is built by run().
+        self._queue.put(("record", index, rnd, dict(metrics), self.networks[index].stats()))
+
+    def _on_event(self, index: int, event: dict[str, Any]) -> None:
+        if index == 0 and event.get("kind") == "roster" and "roster" not in self.marks:
+            self.marks["roster"] = self.virtual_s
+        super()._on_event(index, event)
+        if self.result is not None and self._done is not None and not self._done.is_set():
+            self.marks["result"] = self.virtual_s
+            self._done.set()
+
+    # --- the trio side ---------------------------------------------------------------------
+
+    async def _main(self) -> None:
+        self._t0 = time.perf_counter()
+        self._token = trio.lowlevel.current_trio_token()
+        self._done = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for i in range(self.spec.nodes):
+                    await nursery.start(self._run_node, i)
+                await self._wait_for_peers()
+                self.marks["ready"] = self.virtual_s
+                await self._offer()
+                self.marks["published"] = self.virtual_s
+                offer = self.nodes[0].core.tasks[self.task_id].offer  # type: ignore[index]
+                deadline = self.deadline_s
+                if deadline is None:
+                    deadline = 60.0 + offer.rounds * (offer.round_timeout_s + 30.0)
+                with trio.move_on_after(deadline):
+                    await self._done.wait()
+                if self.result is None:
+                    self.result = {
+                        "status": "failed",
+                        "reason": f"live run deadline ({deadline:.0f} s) passed",
+                    }
+                nursery.cancel_scope.cancel()
+        finally:
+            self._t_end = time.perf_counter()
+
+    async def _wait_for_peers(self) -> None:
+        want = min(self.spec.nodes - 1, 3)
+        with trio.move_on_after(self.start_timeout_s):
+            while any(
+                len(self.networks[i].connected_peers()) < want for i in range(self.spec.nodes)
+            ):
+                await trio.sleep(POLL_S)
+            return
+        counts = [len(self.networks[i].connected_peers()) for i in range(self.spec.nodes)]
+        raise RuntimeError(
+            f"libp2p hosts did not find {want} peers each within {self.start_timeout_s:.0f} s: {counts}"
+        )
+
+    async def _offer(self) -> None:
+        publisher = self.nodes[0].driver
+        info = await trio.to_thread.run_sync(publisher.publish_taskpack, self.spec.taskpack_dir)
+        publisher.announce_taskpack(info["announce"])
+        overrides = {k: _param_text(v) for k, v in _flatten(self.spec.params).items()}
+        if self.spec.dp:
+            overrides["differential_privacy.enabled"] = "true"
+            for key, value in self.spec.dp.items():
+                overrides[f"differential_privacy.{key}"] = _param_text(value)
+        created = publisher.create_task(
+            info["cid"], overrides, volunteer_window_s=self.volunteer_window_s
+        )
+        self.task_id = created["task_id"]
+
+    def _thread_main(self) -> None:
+        try:
+            trio.run(self._main)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._queue.put(("error", exc))
+        finally:
+            self._queue.put(("done",))
+
+    def _stop(self) -> None:
+        """Ask the trio run to stop (the consumer gave up early)."""
+        if self._token is None or self._nursery is None:
+            return
+        try:
+            trio.from_thread.run_sync(self._nursery.cancel_scope.cancel, trio_token=self._token)
+        except trio.RunFinishedError:
+            pass
+
+    # --- the consumer side -------------------------------------------------------------------
+
+    def run(self) -> Iterator[RoundRecord]:
+        """Start the nodes, publish, offer, and run the task to its end, yielding records as
+        nodes complete rounds."""
+        thread = threading.Thread(target=self._thread_main, name="p2pfl-live", daemon=True)
+        thread.start()
+        try:
+            yield from self._consume()
+        finally:
+            if thread.is_alive():
+                self._stop()
+                thread.join(timeout=30)
+            self.pool.close()
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _consume(self) -> Iterator[RoundRecord]:
+        error: BaseException | None = None
+        while True:
+            item = self._queue.get()
+            if item[0] == "done":
+                break
+            if item[0] == "error":
+                error = item[1]
+                continue
+            _, index, rnd, metrics, stats = item
+            self.hub.pending = stats
+            SimCluster._record(self, index, rnd, metrics)
+            yield self._records[-1]
+        if error is not None:
+            raise error
+        yield from self._missing_records()
+        model_cid = (self.result or {}).get("model_cid")
+        if model_cid:
+            holder = next((n for n in self.nodes if n.store.has(model_cid)), None)
+            if holder is not None:
+                self.final_test_metrics = self._test_metrics(model_cid, holder.index)
+
+    def _missing_records(self) -> Iterator[RoundRecord]:
+        """Rows for nodes that were not there (crashed) in a round (as SimCluster does)."""
+        rounds = max((r.round for r in self._records), default=0)
+        have = {(r.node, r.round) for r in self._records}
+        for rnd in range(1, rounds + 1):
+            for i in range(self.spec.nodes):
+                if (i, rnd) not in have:
+                    record = RoundRecord(i, rnd, None, None, 0, 0, None, False)
+                    self._records.append(record)
+                    yield record
+
+    @property
+    def virtual_s(self) -> float:
+        """Wall seconds since the run began (until it ended)."""
+        if self._t0 is None:
+            return 0.0
+        end = self._t_end if self._t_end is not None else time.perf_counter()
+        return end - self._t0
+
+    @property
+    def job_s(self) -> float:
+        """Wall seconds spent inside taskpack jobs (they run one at a time)."""
+        return self.pool.busy_s
+
+
+# Every node of the run is this machine; same figures as the simulator reports.
+_CAPABILITIES: dict[str, Any] = {
+    "cpus": 2,
+    "memory_bytes": 8 << 30,
+    "disk_free_bytes": 100 << 30,
+    "gpu": False,
+    "python": "3.11.7",
+}
