@@ -101,8 +101,17 @@ class Log:
 
 
 Command = (
-    Publish | Send | FetchBlob | AddProviders | SetTimer | CancelTimer | CheckArchive
-    | RunJob | Aggregate | Emit | Log
+    Publish
+    | Send
+    | FetchBlob
+    | AddProviders
+    | SetTimer
+    | CancelTimer
+    | CheckArchive
+    | RunJob
+    | Aggregate
+    | Emit
+    | Log
 )
 
 # --- events (driver -> core), besides the network's own events -------------------------

@@ -153,6 +153,7 @@ class RoundClose:
     peer: str
     included: tuple[str, ...]
     dead: tuple[str, ...] = ()
+    attempt: int = 0  # a re-close of the same round (an included update was unfetchable)
 
 
 @message("task.push")
