@@ -105,6 +105,10 @@ def sim_cluster(kwargs: dict[str, Any]) -> ClusterLike:
                     [f"network: {kwargs['network']!r} is not supported by this cluster"], "run"
                 )
             kwargs = {k: v for k, v in kwargs.items() if k != "network"}
+    if kwargs.get("network") == "libp2p":  # real hosts on 127.0.0.1: p2pfl.sim.live
+        from p2pfl.sim.live import LiveCluster
+
+        return LiveCluster(ClusterSpec(**kwargs))  # type: ignore[return-value]
     return SimCluster(ClusterSpec(**kwargs))  # type: ignore[return-value]
 
 
