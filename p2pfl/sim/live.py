@@ -187,8 +187,9 @@ class LiveCluster(SimCluster):
         self.task_id: str | None = None
         self.final_test_metrics: dict[str, Any] = {}
         # Wall-clock marks (seconds since the trio run began): ready (peers found),
-        # published, roster, result.
+        # published, roster, result; job_marks: job_s at the same moments.
         self.marks: dict[str, float] = {}
+        self.job_marks: dict[str, float] = {}
         self._records: list[RoundRecord] = []
         self._seen: set[tuple[int, int]] = set()
         self._last_bytes: dict[int, tuple[int, int]] = {}
@@ -308,11 +309,15 @@ class LiveCluster(SimCluster):
 
     def _on_event(self, index: int, event: dict[str, Any]) -> None:
         if index == 0 and event.get("kind") == "roster" and "roster" not in self.marks:
-            self.marks["roster"] = self.virtual_s
+            self._mark("roster")
         super()._on_event(index, event)
         if self.result is not None and self._done is not None and not self._done.is_set():
-            self.marks["result"] = self.virtual_s
+            self._mark("result")
             self._done.set()
+
+    def _mark(self, name: str) -> None:
+        self.marks[name] = self.virtual_s
+        self.job_marks[name] = self.pool.busy_s
 
     # --- the trio side ---------------------------------------------------------------------
 
@@ -326,9 +331,9 @@ class LiveCluster(SimCluster):
                 for i in range(self.spec.nodes):
                     await nursery.start(self._run_node, i)
                 await self._wait_for_peers()
-                self.marks["ready"] = self.virtual_s
+                self._mark("ready")
                 await self._offer()
-                self.marks["published"] = self.virtual_s
+                self._mark("published")
                 offer = self.nodes[0].core.tasks[self.task_id].offer  # type: ignore[index]
                 deadline = self.deadline_s
                 if deadline is None:
