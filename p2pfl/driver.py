@@ -77,6 +77,10 @@ class DriverIO(Protocol):
         """Run a taskpack job; done(result, None) or done(None, reason)."""
         ...
 
+    def close_task(self, task_id: str, node: str) -> None:
+        """End the task's worker (its process or pooled session) and wipe its temp dir."""
+        ...
+
 
 class Driver:
     def __init__(
@@ -165,6 +169,11 @@ class Driver:
         elif isinstance(cmd, Aggregate):
             self._aggregate(cmd)
         elif isinstance(cmd, Emit):
+            if cmd.event.get("kind") in ("result", "failed") or (
+                cmd.event.get("peer") == self.me
+                and str(cmd.event.get("message", "")).startswith("declined")
+            ):
+                self._close_task(cmd.event["task_id"])
             for listener in list(self.listeners):
                 listener(cmd.event)
         elif isinstance(cmd, Log):
@@ -182,7 +191,13 @@ class Driver:
         fetch = self._fetches.get(cid)
         if fetch is None:
             # Seeded by our id: downloaders of one blob start on different chunks.
-            fetch = BlobFetch(ref, self.store.open_partial(ref), seed=self.me)
+            import os as _os
+
+            swarm = sorted(
+                {p.peer_id for p in self.network.connected_peers()} - set(providers) | {self.me}
+            )
+            stripe = (swarm.index(self.me), len(swarm)) if _os.environ.get("STRIPE") else None
+            fetch = BlobFetch(ref, self.store.open_partial(ref), seed=self.me, stripe=stripe)
             self._fetches[cid] = fetch
             cmds: list[FetchCmd] = []
             for peer in providers:
@@ -337,25 +352,18 @@ class Driver:
         if spec is not None:
             return spec
         from p2pfl.runtime import Limits, TaskSpec
-        from p2pfl.taskpack._schema import parse_size
         from p2pfl.taskpack.sdk import DPConfig
 
         machine = self.core.tasks[task_id]
         offer = machine.offer
         entry = self.core.book.entries.get(offer.cid)
         limits = Limits()
-        raw_limits = (
-            (entry.manifest.raw.get("spec", {}).get("limits") or {})
-            if entry and entry.manifest
-            else {}
-        )
-        if raw_limits:
+        declared = entry.manifest.limits if entry and entry.manifest else None
+        if declared is not None:
             limits = Limits(
-                timeout_s=float(raw_limits.get("timeout_s", limits.timeout_s)),
-                memory_bytes=parse_size(raw_limits["memory"]) if raw_limits.get("memory") else None,
-                cpu_seconds=int(raw_limits["cpu_seconds"])
-                if raw_limits.get("cpu_seconds")
-                else None,
+                timeout_s=declared.timeout_s or limits.timeout_s,
+                memory_bytes=declared.memory_bytes,
+                cpu_seconds=declared.cpu_seconds,
             )
         dp = offer.dp if isinstance(offer.dp, dict) else None
         spec = TaskSpec(
@@ -421,6 +429,11 @@ class Driver:
             self.on_event(JobDone(token, result))
 
         self.io.run_job(spec, job, done)
+
+    def _close_task(self, task_id: str) -> None:
+        """The task is over for this node: end its worker and wipe its temp dir."""
+        if self._specs.pop(task_id, None) is not None:
+            self.io.close_task(task_id, self.me)
 
     def _job_result(self, task_id: str, kind: str, result: Any) -> Any:
         """Blobs out of jobs go to the store; the core sees only their refs."""

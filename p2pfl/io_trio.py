@@ -91,3 +91,12 @@ class TrioIO:
             self.call_soon(lambda: done(output, None))
 
         self._nursery.start_soon(work)
+
+    def close_task(self, task_id: str, node: str) -> None:
+        async def close() -> None:
+            try:
+                await self.runner.close_task(task_id, node)
+            except Exception:  # the worker may already be gone; nothing else to undo
+                log.debug("closing task %s", task_id, exc_info=True)
+
+        self._nursery.start_soon(close)

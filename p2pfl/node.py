@@ -231,10 +231,12 @@ class Node:
 
 
 def _configure_logging(level: str) -> None:
+    # Our loggers at the asked level; third-party libraries (multiaddr logs every parse at
+    # debug) stay at warning.
     logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("p2pfl").setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
 async def run_node(config: NodeConfig) -> None:

@@ -186,7 +186,12 @@ class NodeCore:
             for machine in self.tasks.values():
                 machine.connected = set(self.connected)
                 machine.full_mesh = self.full_mesh
-            return self.book.on_peer_connected(event.peer)
+            out = self.book.on_peer_connected(event.peer)
+            if self.caps_interval_s:
+                # A new peer missed our last record: re-publish soon (one timer, so a burst
+                # of connections costs one message), once the gossip mesh includes it.
+                out.append(SetTimer(("capabilities",), now + 1.0))
+            return out
         if isinstance(event, PeerDisconnected):
             self.connected.pop(event.peer, None)
             out: list[Command] = []

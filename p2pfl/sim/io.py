@@ -65,3 +65,6 @@ class SimIO:
             output, error = None, exc.reason
         delay = self.compute_s(job, output) if self.compute_s else 0.0
         self.hub.call_at(self.hub.now + delay, lambda: done(output, error), owner=self.owner)
+
+    def close_task(self, task_id: str, node: str) -> None:
+        self.runner.close_task(task_id, node)
