@@ -43,7 +43,9 @@ def build_model(n_features: int, hidden: list[int], classes: int, seed: int) -> 
     """The MLP, initialised deterministically from `seed` (same on every node)."""
     import torch
 
-    torch.manual_seed(seed)
+    from p2pfl.fl.torch_utils import seed_cpu
+
+    seed_cpu(seed)
     layers: list[torch.nn.Module] = []
     width = n_features
     for h in hidden:
