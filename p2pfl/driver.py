@@ -191,13 +191,9 @@ class Driver:
         fetch = self._fetches.get(cid)
         if fetch is None:
             # Seeded by our id: downloaders of one blob start on different chunks.
-            import os as _os
-
-            swarm = sorted(
-                {p.peer_id for p in self.network.connected_peers()} - set(providers) | {self.me}
+            fetch = BlobFetch(
+                ref, self.store.open_partial(ref), seed=self.me, stripe=self._stripe(cid, providers)
             )
-            stripe = (swarm.index(self.me), len(swarm)) if _os.environ.get("STRIPE") else None
-            fetch = BlobFetch(ref, self.store.open_partial(ref), seed=self.me, stripe=stripe)
             self._fetches[cid] = fetch
             cmds: list[FetchCmd] = []
             for peer in providers:
@@ -210,6 +206,16 @@ class Driver:
                 if peer != self.me:
                     self._fetch_cmds(fetch.add_provider(peer))
         self._check_fetches()
+
+    def _stripe(self, cid: str, providers: tuple[str, ...]) -> tuple[int, int] | None:
+        """For a taskpack archive (swarmed): our place among the peers we know that do not
+        hold it yet, so neighbours start on different chunks (see BlobFetch)."""
+        entry = self.core.book.entries.get(cid)
+        if entry is None or entry.status != "fetching":
+            return None
+        peers = {p.peer_id for p in self.network.connected_peers()} - set(providers)
+        swarm = sorted(peers | {self.me})
+        return swarm.index(self.me), len(swarm)
 
     def _fetch_cmds(self, cmds: list[FetchCmd]) -> None:
         for c in cmds:

@@ -161,8 +161,10 @@ class TaskpackBook:
             return []
         n = len(entry.announce.ref.chunk_hashes)
         step = max(1, -(-n // _HAVE_STEPS))
-        if n < _SWARM_MIN_CHUNKS or n_have >= n or n_have - entry.have_announced < step:
+        if n < _SWARM_MIN_CHUNKS or n_have >= n:
             return []  # the whole archive is announced once verified (on_blob_ready)
+        if entry.have_announced and n_have - entry.have_announced < step:
+            return []  # the first chunk is announced at once: others can start on it
         entry.have_announced = n_have
         return [Publish(TOPIC_TASKPACKS, TaskpackHave(cid, bitmap))]
 

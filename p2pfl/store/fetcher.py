@@ -12,9 +12,18 @@ Scheduling is rarest-first: among the missing chunks not in flight, the one held
 fewest known providers goes first, ties broken by a per-node random order of the chunks
 (seeded from `seed`, e.g. the node id, so two downloaders of the same blob start on
 different chunks and can then trade them). Without a seed ties go to the lowest index.
+
+A swarm download may also name a `stripe` (k, m): this node is the k-th of m downloaders
+it knows of, and its "home" chunks are k, k+m, k+2m... It asks for those first, and asks
+the seeds (providers with the whole blob, e.g. the publisher) for another stripe's chunk
+only when it has nothing else in flight: that chunk's home node is likely fetching it
+and will announce it. So the publisher uploads each chunk about once instead of once per
+downloader, and the downloaders trade the rest.
+
 Each chunk goes to the least-loaded provider that holds it, preferring one that has not
-failed it; ties rotate over the providers (in the order they were added). Everything is
-deterministic given the same call sequence (so simulations replay).
+failed it, then peers still downloading over seeds (everyone asks the seeds); ties rotate
+over the providers (in the order they were added). Everything is deterministic given the
+same call sequence (so simulations replay).
 """
 
 from __future__ import annotations
@@ -46,15 +55,25 @@ class FetchCmd:
         return (self.cid, self.index)
 
 
-def chunk_order(cid: str, n: int, seed: str | bytes | None) -> list[int]:
-    """rank[i] of each chunk for tie-breaks: identity without a seed, else a shuffle
-    drawn from sha256(seed, cid) (stable across runs and Python versions, unlike hash())."""
-    if seed is None:
-        return list(range(n))
-    raw = seed.encode() if isinstance(seed, str) else bytes(seed)
-    digest = hashlib.sha256(b"p2pfl-fetch-order|" + raw + b"|" + cid.encode()).digest()
+def _stripe(n: int, stripe: tuple[int, int]) -> range:
+    k, m = stripe
+    return range(k % max(1, m), n, max(1, m))
+
+
+def chunk_order(
+    cid: str, n: int, seed: str | bytes | None, stripe: tuple[int, int] | None = None
+) -> list[int]:
+    """rank[i] of each chunk for tie-breaks: the stripe's chunks first (ascending), then
+    the rest in index order without a seed, else shuffled by sha256(seed, cid) (stable
+    across runs and Python versions, unlike hash())."""
     order = list(range(n))
-    random.Random(int.from_bytes(digest[:8], "big")).shuffle(order)
+    if seed is not None:
+        raw = seed.encode() if isinstance(seed, str) else bytes(seed)
+        digest = hashlib.sha256(b"p2pfl-fetch-order|" + raw + b"|" + cid.encode()).digest()
+        random.Random(int.from_bytes(digest[:8], "big")).shuffle(order)
+    if stripe is not None:
+        home = _stripe(n, stripe)
+        order = list(home) + [i for i in order if i not in home]
     rank = [0] * n
     for k, i in enumerate(order):
         rank[i] = k
@@ -78,6 +97,7 @@ class BlobFetch:
         max_inflight_per_peer: int = 2,
         max_inflight: int = 8,
         seed: str | bytes | None = None,
+        stripe: tuple[int, int] | None = None,
     ) -> None:
         if ref != partial.ref:
             raise ValueError("BlobFetch: ref and partial.ref differ")
@@ -89,7 +109,8 @@ class BlobFetch:
         self.cid: str | None = None
         self.failed_reason: str | None = None
         n = self.ref.n_chunks
-        self._rank = chunk_order(self.ref.cid, n, seed)
+        self._rank = chunk_order(self.ref.cid, n, seed, stripe)
+        self._home = set() if stripe is None else set(_stripe(n, stripe))
         self._providers: list[str] = []  # in order of addition (deterministic tie-breaks)
         self._avail: dict[str, set[int] | None] = {}  # None: the whole blob
         self._n_full = 0  # providers with the whole blob
@@ -245,6 +266,11 @@ class BlobFetch:
         if tried:
             fresh = [p for p in holders if p not in tried]
             holders = fresh or holders
+        # Peers still downloading before those with the whole blob: everyone asks the
+        # latter (the publisher above all), so their uplinks are the bottleneck; they
+        # should serve the chunks nobody else has yet.
+        partial = [p for p in holders if self._avail[p] is not None]
+        holders = partial or holders
         least = min(self._load[p] for p in holders)
         best = [p for p in holders if self._load[p] == least]
         return best[self._rank[index] % len(best)]
@@ -267,9 +293,15 @@ class BlobFetch:
         todo.sort(key=lambda i: (held[i], rank[i]))  # rarest first (n_full is common)
         cmds: list[FetchCmd] = []
         ref = self.ref
+        home = self._home
         for index in todo:
             if not free or len(inflight) >= self.max_inflight:
                 break
+            if home and inflight and not held[index] and index not in home:
+                # Only seeds hold it and it is another downloader's stripe: that one is
+                # probably fetching it now and will announce it. Asking the seeds too
+                # would duplicate their upload; do it only when we have nothing else.
+                continue
             peer = self._pick(index, free)
             if peer is None:
                 continue
