@@ -243,6 +243,7 @@ async def run_node(config: NodeConfig) -> None:
     """Run a node until SIGINT or SIGTERM, then shut down cleanly."""
     from p2pfl import __version__
     from p2pfl.control import ControlServer
+    from p2pfl.control.framing import socket_is_live
     from p2pfl.io_trio import TrioIO
     from p2pfl.net.libp2p import Libp2pConfig, Libp2pNetwork
     from p2pfl.runtime import ChildProcessRunner
@@ -250,6 +251,12 @@ async def run_node(config: NodeConfig) -> None:
 
     _configure_logging(config.log_level)
     data_dir = Path(config.data_dir)
+    # Before the network starts: a second node on this data dir would otherwise join the
+    # network under the running node's peer id, then fail on the control socket.
+    if socket_is_live(config.control_socket):
+        raise LocalProtocolError(
+            f"a node is already running in {data_dir} (its control socket answers)"
+        )
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
     identity = Identity.load_or_create(data_dir)
@@ -262,7 +269,9 @@ async def run_node(config: NodeConfig) -> None:
     datasets = describe_datasets(config.datasets)
     core = NodeCore(
         identity,
-        policy=TrustPolicy(frozenset(config.trusted), config.trust_any),
+        # Our own taskpacks are trusted: restore() re-checks them at start through the
+        # normal pipeline, which would otherwise reject them as untrusted-publisher.
+        policy=TrustPolicy(frozenset(config.trusted) | {identity.peer_id}, config.trust_any),
         capabilities=local_capabilities(data_dir),
         datasets=datasets,
         min_records=config.min_records,
@@ -312,10 +321,28 @@ async def run_node(config: NodeConfig) -> None:
                     log.info("received %s: shutting down", signal.Signals(signum).name)
                     break
             nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # trio wraps every failure in a group; the CLI would print only "Exceptions from
+        # Trio nursery". One real error (say, the control socket taken) is raised as itself.
+        errors = _leaf_errors(group)
+        if len(errors) != 1:
+            raise
+        raise errors[0] from None
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(10):
             await runner.aclose()
     log.info("node stopped")
+
+
+def _leaf_errors(group: BaseExceptionGroup) -> list[BaseException]:
+    """The exceptions in a (nested) group, Cancelled ones left out."""
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            out += _leaf_errors(exc)
+        elif not isinstance(exc, trio.Cancelled):
+            out.append(exc)
+    return out
 
 
 def check_config(config: NodeConfig) -> None:
