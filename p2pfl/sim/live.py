@@ -51,6 +51,10 @@ log = logging.getLogger("p2pfl.sim.live")
 
 UNSUPPORTED_FAULTS = ("partition", "heal")
 POLL_S = 0.05
+# Every node shares one event loop and one GIL here, so a busy round (8 nodes moving
+# 4 MB models) can delay a ping by seconds: a real node's 6 s liveness timeout then drops
+# live peers. A crash closes the host's sockets, which peers see at once anyway.
+LIVE_NET_DEFAULTS: dict[str, Any] = {"liveness_interval_s": 5.0, "liveness_timeout_s": 30.0}
 
 
 class SharedPool:
@@ -140,7 +144,9 @@ class LiveCluster(SimCluster):
     """SimCluster's API over real libp2p hosts on 127.0.0.1 (see the module docstring).
 
     deadline_s bounds the whole run (default: generous, from the offer's rounds and round
-    timeout); start_timeout_s bounds waiting for the hosts to find each other.
+    timeout); start_timeout_s bounds waiting for the hosts to find each other;
+    volunteer_window_s is the offer's; net_options are Libp2pConfig fields over
+    LIVE_NET_DEFAULTS.
     """
 
     def __init__(
@@ -150,6 +156,7 @@ class LiveCluster(SimCluster):
         deadline_s: float | None = None,
         start_timeout_s: float = 60.0,
         volunteer_window_s: float = 5.0,
+        net_options: dict[str, Any] | None = None,
     ) -> None:
         # SimCluster.__init__ builds a hub and sim nodes: this class sets the same state
         # itself and builds real nodes inside trio (see _main).
@@ -168,6 +175,7 @@ class LiveCluster(SimCluster):
         self.deadline_s = deadline_s
         self.start_timeout_s = start_timeout_s
         self.volunteer_window_s = volunteer_window_s
+        self.net_options = {**LIVE_NET_DEFAULTS, **(net_options or {})}
         self.warnings: list[str] = []
         kind = dict(spec.topology).get("kind", "full")
         if kind != "full":
@@ -246,7 +254,9 @@ class LiveCluster(SimCluster):
                 io = PooledIO(nursery, self.pool)
                 await nursery.start(io.run)
                 holder: list[Driver] = []
-                config = Libp2pConfig(bootstrap=bootstrap, target_peers=max(8, spec.nodes))
+                config = Libp2pConfig(
+                    bootstrap=bootstrap, target_peers=max(8, spec.nodes), **self.net_options
+                )
 
                 def sink(event: Any) -> None:
                     def deliver() -> None:
