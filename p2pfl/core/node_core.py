@@ -44,7 +44,8 @@ from p2pfl.core.messages import (
     TaskResult,
     Volunteer,
 )
-from p2pfl.core.task import LocalContext, TaskMachine, new_task_id
+from p2pfl.core.task import TaskMachine, new_task_id
+from p2pfl.core.task_state import LocalContext
 from p2pfl.core.taskpacks import TaskpackBook
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError
 from p2pfl.identity import Identity

@@ -1,0 +1,431 @@
+"""Training rounds of one task at one node.
+
+fedavg / fedprox: every participant announces its update (a blob, by cid); the acting
+coordinator -- the first live roster member -- publishes a RoundClose naming exactly the
+updates that make the round; everyone averages exactly those, sorted by peer id, so honest
+nodes hold bit-identical models. An included update that proves unfetchable makes the
+coordinator re-close the round without it.
+
+gossip: push-sum. Each participant sends its model with a share of its mass to `fanout`
+targets drawn by a hash every receiver can recompute (core/gossip.py), waits for the
+shares addressed to it (or the round deadline) and merges them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from p2pfl.core.commands import (
+    Aggregate,
+    CancelTimer,
+    Command,
+    FetchBlob,
+    Log,
+    Publish,
+    RunJob,
+    Send,
+    SetTimer,
+)
+from p2pfl.core.gossip import sources_of, targets_of
+from p2pfl.core.messages import (
+    TOPIC_TASKS,
+    GossipPush,
+    Progress,
+    RoundClose,
+    RoundUpdate,
+)
+from p2pfl.core.task_state import (
+    GRACE_S,
+    NodeState,
+    TaskState,
+    _fmt_metrics,
+)
+from p2pfl.store.blobref import BlobRef
+
+
+class Rounds(TaskState):
+    """Round behaviour; mixed into TaskMachine."""
+
+    def _train(self, now: float, rnd: int) -> list[Command]:
+        self.round = rnd
+        self.phase = "training"
+        state = self.nodes.setdefault(self.my_id, NodeState())
+        state.state, state.round = "training", rnd
+        return [
+            RunJob(
+                self.task_id,
+                {"kind": "train", "round": rnd, "weights": self.global_ref},
+                (self.task_id, "train", rnd),
+            ),
+            SetTimer(("round", self.task_id, rnd), now + self.offer.round_timeout_s),
+            Send(self.offer.publisher, Progress(self.task_id, self.my_id, rnd, "training", {}))
+            if self.offer.publisher != self.my_id
+            else self._event("node", now, f"round {rnd}: training", peer=self.my_id, round=rnd),
+        ]
+
+    def _on_trained(self, now: float, rnd: int, result: dict[str, Any]) -> list[Command]:
+        if self.offer.type != "training":
+            return self._after_analysis(now, result)
+        if rnd != self.round or rnd in self.closes and self.offer.protocol != "gossip":
+            return []  # a straggler's own late update: the round went on without it
+        ref: BlobRef | None = result.get("ref")
+        n = int(result.get("num_samples", 0))
+        metrics = dict(result.get("metrics") or {})
+        if ref is not None:
+            self.my_update[rnd] = (ref, n)
+        state = self.nodes.setdefault(self.my_id, NodeState())
+        state.loss = metrics.get("loss", state.loss)
+        state.epsilon = metrics.get("epsilon", state.epsilon)
+        state.state = "waiting"
+        if self.offer.protocol == "gossip":
+            return self._gossip_send(now, rnd, ref, n)
+        update = RoundUpdate(
+            self.task_id, rnd, self.my_id, ref, n, metrics, "ok" if ref else "failed"
+        )
+        return [Publish(TOPIC_TASKS, update)]
+
+    def on_update(self, now: float, update: RoundUpdate) -> list[Command]:
+        if update.peer not in self.participants:
+            return []
+        self.updates.setdefault(update.round, {})[update.peer] = update
+        if update.status == "withdrawn":
+            self.withdrawn.add(update.peer)
+        state = self.nodes.setdefault(update.peer, NodeState())
+        state.round = update.round
+        if isinstance(update.metrics, dict):
+            state.loss = update.metrics.get("loss", state.loss)
+            state.epsilon = update.metrics.get("epsilon", state.epsilon)
+        state.state = "updated" if update.status == "ok" else update.status
+        out = [
+            self._event(
+                "round",
+                now,
+                f"round {update.round}: update from {update.peer[-8:]} ({update.status})",
+                peer=update.peer,
+                round=update.round,
+                metrics=update.metrics if isinstance(update.metrics, dict) else {},
+            )
+        ]
+        if self.participating:
+            out += self._check_round_complete(now)
+        return out
+
+    def _is_closer(self) -> bool:
+        return self.acting_coordinator() == self.my_id
+
+    def _check_round_complete(self, now: float) -> list[Command]:
+        if self.offer.type != "training":
+            return self._maybe_reduce(now, deadline_passed=False)
+        if self.offer.protocol == "gossip":
+            return self._gossip_maybe_merge(now, self.round, deadline_passed=False)
+        rnd = self.round
+        if not self._is_closer() or rnd in self.closes or rnd < 1:
+            return []
+        got = self.updates.get(rnd, {})
+        waiting = [p for p in self.live() if p not in got]
+        if waiting:
+            return []
+        return self._close(now, rnd)
+
+    def _on_round_deadline(self, now: float, rnd: int) -> list[Command]:
+        if self.offer.type != "training":
+            return self._maybe_reduce(now, deadline_passed=True)
+        if self.offer.protocol == "gossip":
+            return self._gossip_maybe_merge(now, rnd, deadline_passed=True)
+        if rnd in self.closes or rnd != self.round:
+            return []
+        # Silent closer: every participant waits its own rank's grace before stepping in.
+        live = self.live()
+        position = live.index(self.my_id) if self.my_id in live else len(live)
+        coordinator = self.acting_coordinator()
+        if coordinator != self.my_id and position > 0:
+            if coordinator is not None and position == 1:
+                self.dead.add(coordinator)  # it let the deadline pass: treat as gone
+                return [
+                    Log(
+                        "warning",
+                        f"task {self.task_id[:12]}: coordinator silent, taking over round {rnd}",
+                    )
+                ] + self._close(now, rnd)
+            return [SetTimer(("round", self.task_id, rnd), now + GRACE_S)]
+        return self._close(now, rnd)
+
+    def _close(self, now: float, rnd: int) -> list[Command]:
+        got = self.updates.get(rnd, {})
+        included = tuple(
+            sorted(p for p, u in got.items() if u.status == "ok" and u.ref is not None)
+        )
+        live_count = len([p for p in self.participants if p not in self.dead])
+        if live_count < self.offer.min_nodes:
+            return self._fail(
+                now, f"fewer than min_nodes ({self.offer.min_nodes}) participants remain"
+            )
+        if not included:
+            return self._fail(now, f"round {rnd}: no update arrived")
+        late = tuple(sorted(p for p in self.participants if p not in got and p not in self.dead))
+        close = RoundClose(self.task_id, rnd, self.my_id, included, tuple(sorted(self.dead)) + late)
+        return [Publish(TOPIC_TASKS, close)]
+
+    def on_close(self, now: float, close: RoundClose) -> list[Command]:
+        if close.peer not in self.participants:
+            return []
+        previous = self.closes.get(close.round)
+        if previous is not None:
+            # Only a re-close of the round we are still assembling replaces the first one.
+            redo = (
+                close.attempt > previous.attempt
+                and close.round == self.round
+                and self.phase == "aggregating"
+            )
+            if not redo:
+                return []
+        self.closes[close.round] = close
+        for peer in close.dead:
+            if peer != self.my_id and peer in self.participants and close.peer != peer:
+                self.dead.add(peer)
+        out: list[Command] = [
+            CancelTimer(("round", self.task_id, close.round)),
+            CancelTimer(("reclose", self.task_id, close.round)),
+            self._event(
+                "round",
+                now,
+                f"round {close.round}/{self.offer.rounds} closed with {len(close.included)} updates",
+                round=close.round,
+            ),
+        ]
+        if not self.participating or self.phase in ("done", "failed", "finalizing"):
+            return out
+        if close.round < self.round:
+            return out
+        # Straggler or not: this close defines the round for everyone.
+        self.round = close.round
+        updates = self.updates.get(close.round, {})
+        refs, weights = [], []
+        for peer in close.included:
+            update = updates.get(peer)
+            if update is None or update.ref is None:
+                # We have not seen that update's announcement: it cannot be averaged.
+                return out + self._fail(
+                    now, f"round {close.round}: missing announced update of {peer}"
+                )
+            refs.append(update.ref)
+            weights.append(float(update.num_samples))
+        agg = Aggregate(
+            self.task_id,
+            close.round,
+            tuple(refs),
+            tuple(weights),
+            self.offer.aggregator,
+            self._aggregator_options(len(refs)),
+            (self.task_id, "aggregate", close.round, close.attempt),
+        )
+        return out + self._fetch_then(
+            agg, {u.ref.cid: u.peer for u in (updates[p] for p in close.included)}
+        )
+
+    def _aggregator_options(self, n: int) -> dict[str, Any]:
+        params = self.offer.params if isinstance(self.offer.params, dict) else {}
+        if self.offer.aggregator == "krum":
+            f = int(params.get("krum_f", max(0, (n - 3) // 2)))
+            return {"f": min(f, max(0, (n - 3) // 2))}
+        if self.offer.aggregator == "trimmed_mean":
+            return {"beta": float(params.get("trim_beta", 0.1))}
+        return {}
+
+    def _fetch_then(self, agg: Aggregate, providers: dict[str, str]) -> list[Command]:
+        """Fetch every blob of `agg` we lack, then aggregate (on BlobReady)."""
+        self.phase = "aggregating"
+        self.pending_aggregate = agg
+        self.waiting_blobs = {ref.cid for ref in agg.refs}
+        out: list[Command] = []
+        for ref in agg.refs:
+            provider = providers.get(ref.cid)
+            peers = tuple(p for p in (provider,) if p and p != self.my_id)
+            out.append(FetchBlob(ref, peers))
+        return out
+
+    def on_blob(self, now: float, cid: str, ok: bool, reason: str = "") -> list[Command]:
+        if cid not in self.waiting_blobs or self.pending_aggregate is None:
+            return []
+        if not ok:
+            return self._unfetchable(now, cid, reason)
+        self.waiting_blobs.discard(cid)
+        if self.waiting_blobs:
+            return []
+        agg, self.pending_aggregate = self.pending_aggregate, None
+        return [agg]
+
+    def _unfetchable(self, now: float, cid: str, reason: str) -> list[Command]:
+        """An included update cannot be fetched (its author died before anyone copied it).
+
+        fedavg: the acting coordinator re-closes the round without it; everyone else waits
+        for that re-close until a deadline. gossip: the share is simply left out."""
+        rnd = self.round
+        close = self.closes.get(rnd)
+        if self.offer.protocol == "gossip" or close is None:
+            return self._fail(now, f"could not fetch update {cid[:16]}: {reason}")
+        authors = {u.ref.cid: p for p, u in self.updates.get(rnd, {}).items() if u.ref is not None}
+        lost = authors.get(cid)
+        if lost is not None and lost != self.my_id:
+            self.dead.add(lost)
+        if not self._is_closer():
+            return [
+                Log(
+                    "warning",
+                    f"task {self.task_id[:12]}: update {cid[:16]} of round {rnd} unfetchable ({reason}); waiting for a re-close",
+                ),
+                SetTimer(("reclose", self.task_id, rnd), now + self.offer.round_timeout_s),
+            ]
+        included = tuple(p for p in close.included if p not in self.dead)
+        if (
+            len(included) < 1
+            or len([p for p in self.participants if p not in self.dead]) < self.offer.min_nodes
+        ):
+            return self._fail(now, f"round {rnd}: too few fetchable updates remain")
+        redo = RoundClose(
+            self.task_id, rnd, self.my_id, included, tuple(sorted(self.dead)), close.attempt + 1
+        )
+        return [
+            Log("warning", f"task {self.task_id[:12]}: re-closing round {rnd} without {lost}"),
+            Publish(TOPIC_TASKS, redo),
+        ]
+
+    def on_aggregated(
+        self, now: float, token: tuple, ref: BlobRef | None, reason: str
+    ) -> list[Command]:
+        rnd = token[2]
+        attempt = token[3] if len(token) > 3 else 0
+        close = self.closes.get(rnd)
+        if (
+            rnd != self.round
+            or self.phase != "aggregating"
+            or (close is not None and close.attempt != attempt)
+        ):
+            return []  # superseded by a re-close of the round
+        if ref is None:
+            return self._fail(now, f"round {rnd}: aggregation failed: {reason}")
+        self.global_ref = ref
+        self.phase = "evaluating"
+        state = self.nodes.setdefault(self.my_id, NodeState())
+        state.state, state.round = "evaluating", rnd
+        return [
+            RunJob(
+                self.task_id,
+                {"kind": "evaluate", "round": rnd, "weights": ref},
+                (self.task_id, "evaluate", rnd),
+            )
+        ]
+
+    def _on_evaluated(self, now: float, rnd: int, metrics: dict[str, Any]) -> list[Command]:
+        state = self.nodes.setdefault(self.my_id, NodeState())
+        state.accuracy = metrics.get("accuracy", state.accuracy)
+        if "loss" in metrics:
+            state.loss = metrics["loss"]
+        self.last_metrics = dict(metrics)
+        progress_metrics = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        if state.epsilon is not None:
+            progress_metrics["epsilon"] = state.epsilon
+        out: list[Command] = [
+            self._event(
+                "node",
+                now,
+                f"round {rnd}/{self.offer.rounds}: " + _fmt_metrics(progress_metrics),
+                peer=self.my_id,
+                round=rnd,
+                metrics={
+                    **progress_metrics,
+                    "model_cid": self.global_ref.cid if self.global_ref else None,
+                },
+            )
+        ]
+        if self.offer.publisher != self.my_id:
+            out.append(
+                Send(
+                    self.offer.publisher,
+                    Progress(self.task_id, self.my_id, rnd, "evaluated", progress_metrics),
+                )
+            )
+        if rnd < self.offer.rounds and self.my_id not in self.withdrawn:
+            return out + self._train(now, rnd + 1)
+        return out + self._finalize(now)
+
+    def on_progress(self, now: float, progress: Progress) -> list[Command]:
+        if progress.peer not in self.participants:
+            return []
+        state = self.nodes.setdefault(progress.peer, NodeState())
+        state.state, state.round = progress.state, progress.round
+        metrics = progress.metrics if isinstance(progress.metrics, dict) else {}
+        state.loss = metrics.get("loss", state.loss)
+        state.accuracy = metrics.get("accuracy", state.accuracy)
+        state.epsilon = metrics.get("epsilon", state.epsilon)
+        return [
+            self._event(
+                "node",
+                now,
+                f"round {progress.round}/{self.offer.rounds} {progress.state}"
+                + (": " + _fmt_metrics(metrics) if metrics else ""),
+                peer=progress.peer,
+                round=progress.round,
+                metrics=metrics,
+            )
+        ]
+
+    # --- gossip (push-sum) --------------------------------------------------------------
+
+    def _gossip_send(self, now: float, rnd: int, ref: BlobRef | None, n: int) -> list[Command]:
+        if rnd == 1:
+            self.mass = float(max(n, 1))
+        live = self.live()
+        fanout = max(1, min(self.offer.fanout, len(live) - 1))
+        targets = targets_of(self.task_id, rnd, self.my_id, live, fanout) if len(live) > 1 else ()
+        share = self.mass / (len(targets) + 1)
+        self.mass = share  # the share we keep
+        own = GossipPush(self.task_id, rnd, self.my_id, ref, share if ref else 0.0)
+        self.pushes.setdefault(rnd, {})[self.my_id] = own
+        out: list[Command] = [
+            Send(t, GossipPush(self.task_id, rnd, self.my_id, ref, share if ref else 0.0))
+            for t in targets
+        ]
+        if self.offer.publisher != self.my_id:
+            out.append(
+                Send(self.offer.publisher, Progress(self.task_id, self.my_id, rnd, "pushed", {}))
+            )
+        return out + self._gossip_maybe_merge(now, rnd, deadline_passed=False)
+
+    def on_push(self, now: float, push: GossipPush) -> list[Command]:
+        if push.peer not in self.participants or not self.participating:
+            return []
+        self.pushes.setdefault(push.round, {})[push.peer] = push
+        return self._gossip_maybe_merge(now, push.round, deadline_passed=False)
+
+    def _gossip_maybe_merge(self, now: float, rnd: int, deadline_passed: bool) -> list[Command]:
+        if (
+            rnd != self.round
+            or self.phase != "training"
+            or self.my_id not in self.pushes.get(rnd, {})
+        ):
+            return []
+        got = self.pushes.get(rnd, {})
+        live = self.live()
+        fanout = max(1, min(self.offer.fanout, len(live) - 1))
+        sources = sources_of(self.task_id, rnd, self.my_id, live, fanout) if len(live) > 1 else ()
+        missing = [p for p in sources if p not in got and p not in self.dead]
+        if missing and not deadline_passed:
+            return []
+        shares = [got[p] for p in sorted(got) if got[p].ref is not None and got[p].mass > 0]
+        if not shares:
+            return self._fail(now, f"round {rnd}: no model to merge")
+        self.mass = sum(s.mass for s in shares)
+        agg = Aggregate(
+            self.task_id,
+            rnd,
+            tuple(s.ref for s in shares if s.ref is not None),
+            tuple(s.mass for s in shares),
+            "fedavg",
+            {},
+            (self.task_id, "aggregate", rnd),
+        )
+        self.closes[rnd] = RoundClose(self.task_id, rnd, self.my_id, tuple(s.peer for s in shares))
+        return [CancelTimer(("round", self.task_id, rnd))] + self._fetch_then(
+            agg, {s.ref.cid: s.peer for s in shares if s.ref is not None}
+        )
