@@ -39,6 +39,16 @@ def test_three_nodes_find_each_other_and_stop_cleanly(cluster: Cluster) -> None:
         key = node.data_dir / "identity.key"
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, oct(key.stat().st_mode)
 
+    # A second node on a live data dir is refused before it joins the network (it would
+    # do so under the running node's peer id): one-line error, no ready line.
+    dup = cluster.spawn("dup", data_dir=nodes[1].data_dir)
+    assert dup.proc.wait(timeout=60) != 0
+    assert "listening on" not in dup.stdout()
+    assert dup.stderr().strip().splitlines()[-1] == (
+        f"error: a node is already running in {nodes[1].data_dir} (its control socket answers)"
+    ), dup.stderr()
+    assert cluster.peer_ids(nodes[1]) == ids - {nodes[1].peer_id}
+
     # SIGTERM: exit 0, no traceback, control socket removed.
     victim = nodes[2]
     code = victim.stop()
