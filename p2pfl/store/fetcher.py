@@ -110,6 +110,7 @@ class BlobFetch:
         self.failed_reason: str | None = None
         n = self.ref.n_chunks
         self._rank = chunk_order(self.ref.cid, n, seed, stripe)
+        self._striped = stripe is not None
         self._home = set() if stripe is None else set(_stripe(n, stripe))
         self._providers: list[str] = []  # in order of addition (deterministic tie-breaks)
         self._avail: dict[str, set[int] | None] = {}  # None: the whole blob
@@ -293,11 +294,11 @@ class BlobFetch:
         todo.sort(key=lambda i: (held[i], rank[i]))  # rarest first (n_full is common)
         cmds: list[FetchCmd] = []
         ref = self.ref
-        home = self._home
+        home, striped = self._home, self._striped
         for index in todo:
             if not free or len(inflight) >= self.max_inflight:
                 break
-            if home and inflight and not held[index] and index not in home:
+            if striped and inflight and not held[index] and index not in home:
                 # Only seeds hold it and it is another downloader's stripe: that one is
                 # probably fetching it now and will announce it. Asking the seeds too
                 # would duplicate their upload; do it only when we have nothing else.
