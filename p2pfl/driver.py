@@ -467,9 +467,6 @@ class Driver:
             "message": line,
             "metrics": {},
         }
-        machine = self.core.tasks.get(task_id)
-        if machine is not None:
-            event["task"] = machine.summary()
         for listener in list(self.listeners):
             listener(event)
 

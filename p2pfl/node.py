@@ -85,6 +85,9 @@ class Node:
         task_id = event.get("task_id")
         if not task_id:
             return
+        machine = self.core.tasks.get(task_id)
+        if machine is not None:
+            event = {**event, "task": machine.summary()}  # followers render the task tree
         history = self._history[task_id]
         history.append(event)
         if len(history) > _HISTORY_MAX:

@@ -7,6 +7,7 @@ line (RemoteProtocolError); they never raise out of `handle`.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -262,14 +263,9 @@ class NodeCore:
 
     def _open(self, event: Message) -> tuple[Any, str, Signed | None]:
         """Decode, check the envelope's signature and the message's place."""
-        msg = decode(event.data)
-        signer = event.sender
-        envelope = None
-        if isinstance(msg, Signed):
-            envelope = msg
-            signer = msg.signer
-            msg = unseal(msg)
-        elif isinstance(msg, _SIGNED):
+        msg, envelope = _decode_and_unseal(event.data)
+        signer = envelope.signer if envelope is not None else event.sender
+        if envelope is None and isinstance(msg, _SIGNED):
             raise RemoteProtocolError(f"{type(msg).__name__} must be signed")
         allowed = _ON_TOPIC.get(event.topic)
         if allowed is None or not isinstance(msg, allowed):
@@ -379,6 +375,19 @@ class NodeCore:
                 }
             )
         return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_and_unseal(data: bytes) -> tuple[Any, Signed | None]:
+    """Decode (and, for an envelope, verify and open) a message's bytes.
+
+    A pure function of the bytes, so it is memoised: gossip hands the same bytes to every
+    node, and a thousand simulated nodes then share one decoded, immutable message.
+    Errors (RemoteProtocolError) are not cached: they propagate each time."""
+    msg = decode(data)
+    if isinstance(msg, Signed):
+        return unseal(msg), msg
+    return msg, None
 
 
 def _cap_dict(cap: Capability) -> dict[str, Any]:

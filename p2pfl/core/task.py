@@ -132,10 +132,11 @@ class TaskMachine(Rounds, FinalStep):
         (early: before the volunteer deadline, when waiting longer cannot change the pick)."""
         if self.roster is not None or self.result is not None or self.phase != "volunteered":
             return []
+        # Cheap tests first: this runs on every volunteer record (N^2 times in a network).
+        if early and len(self.volunteers) < self.offer.max_nodes and not self._everyone_answered():
+            return []
         order = [p for p in ranked(self.task_id, self.volunteers) if p not in self.dead]
         if not order or order[0] != self.my_id:
-            return []
-        if early and not self._everyone_answered() and len(order) < self.offer.max_nodes:
             return []
         if len(order) < self.offer.min_nodes:
             return []  # the publisher's watch declares the failure, with the reason

@@ -181,7 +181,8 @@ class TaskState:
         event.setdefault("peer", None)
         event.setdefault("round", None)
         event.setdefault("metrics", {})
-        event["task"] = self.summary()
+        # No task summary here: building one is O(participants) and events are many. The
+        # real node attaches the current summary for its followers (node.py).
         return Emit(event)
 
 
