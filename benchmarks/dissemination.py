@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import random
 import shutil
 import sys
@@ -260,6 +259,7 @@ async def _libp2p_baseline(nets, drivers, ref, archive, timeout_s: float) -> flo
     client_net, client = nets[1], drivers[1]
     fetch = BlobFetch(ref, BlobStore(None).open_partial(ref))
     done = trio.Event()
+    reasons: list[str] = []
 
     def send(cmds: list[Any]) -> None:
         for c in cmds:
@@ -272,6 +272,7 @@ async def _libp2p_baseline(nets, drivers, ref, archive, timeout_s: float) -> flo
             if isinstance(ev, FetchDone):
                 send(fetch.on_done(ev.peer, ev.token[1], ev.data))
             else:
+                reasons.append(ev.reason)
                 send(fetch.on_failed(ev.peer, ev.token[1], ev.reason))
             if fetch.done or fetch.failed_reason:
                 done.set()
@@ -287,7 +288,7 @@ async def _libp2p_baseline(nets, drivers, ref, archive, timeout_s: float) -> flo
     elapsed = time.perf_counter() - t0
     client.on_event = original  # type: ignore[method-assign]
     if not fetch.done:
-        raise SystemExit(f"libp2p baseline failed: {fetch.failed_reason}")
+        raise SystemExit(f"libp2p baseline failed: {fetch.failed_reason} {reasons[:3]}")
     return elapsed
 
 
@@ -316,7 +317,6 @@ def main() -> None:
         print(json.dumps({**first, **out}))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        os.environ.get("P2PFL_KEEP_TMP")
 
 
 if __name__ == "__main__":
