@@ -326,16 +326,27 @@ def write_tables(
     }
 
 
+def short_labels(configs: Sequence[tuple[tuple[str, Any], ...]]) -> list[str]:
+    """Plot labels: only the axes that vary, by their last path component."""
+    varying = {
+        p for p in {p for c in configs for p, _ in c} if len({dict(c).get(p) for c in configs}) > 1
+    }
+    return [
+        ", ".join(f"{p.rsplit('.', 1)[-1]}={v}" for p, v in c if p in varying) or "base"
+        for c in configs
+    ]
+
+
 def plot_comparison(path: Path, rows: Sequence[ConfigRow]) -> Path:
     fig = new_figure(max(5.0, 1.2 * len(rows) + 2), 4.5)
     ax = fig.add_subplot(1, 1, 1)
-    labels = [config_label(r.config) for r in rows]
+    labels = short_labels([r.config for r in rows])
     means = [r.stats["accuracy"][0] or 0.0 for r in rows]
     stds = [r.stats["accuracy"][1] or 0.0 for r in rows]
     ax.bar(range(len(rows)), means, yerr=stds, capsize=4)
     ax.set_xticks(range(len(rows)), labels, rotation=20, ha="right")
     ax.set_ylabel("final accuracy (mean over nodes)")
-    ax.set_title("final accuracy per configuration (error bars: std over seeds)")
+    ax.set_title("final accuracy (error bars: std over seeds)")
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, path)
@@ -355,8 +366,15 @@ def _round_accuracy(rounds_csv: Path) -> dict[int, float]:
 
 def plot_curves(path: Path, summaries: Sequence[tuple[GridPoint, Summary]]) -> Path:
     per_config: dict[str, dict[int, list[float]]] = {}
+    labels = dict(
+        zip(
+            (p.config for p, _ in summaries),
+            short_labels([p.config for p, _ in summaries]),
+            strict=True,
+        )
+    )
     for point, _summary in summaries:
-        curve = per_config.setdefault(point.label, {})
+        curve = per_config.setdefault(labels[point.config], {})
         for rnd, acc in _round_accuracy(point.out_dir / "rounds.csv").items():
             curve.setdefault(rnd, []).append(acc)
     fig = new_figure(7.0, 4.5)
