@@ -61,7 +61,9 @@ _ON_TOPIC: dict[str | None, tuple[type, ...]] = {
     TOPIC_TASKS: (TaskOffer, Volunteer, Decline, Roster, RoundUpdate, RoundClose, TaskResult),
     None: (TaskpackSync, GossipPush, Progress, FinalPartial),
 }
-_PENDING_PER_TASK = 4096  # messages held for a task whose offer has not arrived yet
+_PENDING_PER_TASK = 4096  # messages held for a task whose offer (or roster) is not here yet
+# Messages that only make sense once the roster is known (held until then).
+_AFTER_ROSTER = (RoundUpdate, RoundClose, GossipPush, Progress, FinalPartial)
 _PENDING_TASKS = 256
 
 
@@ -319,6 +321,10 @@ class NodeCore:
             return machine.on_volunteer(now, msg, envelope)
         if isinstance(msg, Decline):
             return machine.on_decline(now, msg)
+        if machine.roster is None and isinstance(msg, _AFTER_ROSTER):
+            if len(machine.early) < _PENDING_PER_TASK:
+                machine.early.append((msg, signer))
+            return []
         if isinstance(msg, Roster):
             vols = []
             for raw in msg.volunteers:
@@ -327,7 +333,12 @@ class NodeCore:
                 if vol.peer != signed.signer or vol.task_id != msg.task_id:
                     raise RemoteProtocolError("roster carries a volunteer record for someone else")
                 vols.append(vol.peer)
-            return machine.on_roster(now, msg, signer, vols)
+            out = machine.on_roster(now, msg, signer, vols)
+            if machine.roster is not None and machine.early:
+                early, machine.early = machine.early, []
+                for held, held_signer in early:
+                    out += self._to_machine(machine, held, held_signer, None, now)
+            return out
         if isinstance(msg, RoundUpdate):
             return machine.on_update(now, msg)
         if isinstance(msg, RoundClose):

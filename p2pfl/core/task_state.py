@@ -88,6 +88,9 @@ class TaskState:
     nodes: dict[str, NodeState] = field(default_factory=dict)
     last_metrics: dict[str, Any] = field(default_factory=dict)
     final_sent: bool = False
+    # Round messages that arrived before the roster (a fast peer can be rounds ahead):
+    # replayed once the roster is accepted, instead of being lost.
+    early: list[tuple[Any, str]] = field(default_factory=list)
     connected: set[str] = field(default_factory=set)  # peers the node is connected to
     # True when the driver knows this node is connected to every node of the network (a
     # small full mesh): only then can the roster be made before the volunteer deadline.

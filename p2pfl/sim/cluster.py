@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,7 @@ class SimCluster:
         self._closed_round = 0
         self._crashed: set[int] = set()
         self._by_peer: dict[str, int] = {}
+        self._result_at: float | None = None
         self._build()
 
     # --- construction ----------------------------------------------------------------------
@@ -320,7 +322,11 @@ class SimCluster:
         self.hub.run(until=self.hub.now + 0.5)  # links come up
         info = publisher.publish_taskpack(self.spec.taskpack_dir)
         publisher.announce_taskpack(info["announce"])
-        overrides = {k: _param_text(v) for k, v in _flatten(self.spec.params).items()}
+        params = dict(self.spec.params)
+        # A scenario of N nodes means N participants, whatever the taskpack's own cap.
+        params.setdefault("max_nodes", self.spec.nodes)
+        params.setdefault("min_nodes", min(2, self.spec.nodes))
+        overrides = {k: _param_text(v) for k, v in _flatten(params).items()}
         if self.spec.dp:
             overrides["differential_privacy.enabled"] = "true"
             for key, value in self.spec.dp.items():
@@ -332,10 +338,7 @@ class SimCluster:
         horizon = self.hub.now + 60.0 + offer.rounds * (offer.round_timeout_s + 30.0)
         emitted = 0
         while self.result is None:
-            seen = emitted
-            state = self.hub.run(
-                until=horizon, stop=lambda: self.result is not None or len(self._records) > seen
-            )
+            state = self.hub.run(until=horizon, stop=partial(self._should_pause, emitted))
             while emitted < len(self._records):
                 yield self._records[emitted]
                 emitted += 1
@@ -344,6 +347,9 @@ class SimCluster:
                     "status": "failed",
                     "reason": f"simulation stalled ({state}) at t={self.hub.now:.1f}s",
                 }
+        self._result_at = self.hub.now
+        # Let messages in flight (the result reaching every node) arrive: virtual time is free.
+        self.hub.run(until=self.hub.now + 5.0)
         # Rows for nodes that were not there (crashed, partitioned off) in a round.
         rounds = max((r.round for r in self._records), default=0)
         have = {(r.node, r.round) for r in self._records}
@@ -359,9 +365,13 @@ class SimCluster:
             if holder is not None:
                 self.final_test_metrics = self._test_metrics(model_cid, holder.index)
 
+    def _should_pause(self, emitted: int) -> bool:
+        return self.result is not None or len(self._records) > emitted
+
     @property
     def virtual_s(self) -> float:
-        return self.hub.now
+        """Virtual seconds until the result (or until now, while running)."""
+        return self._result_at if self._result_at is not None else self.hub.now
 
     @property
     def records(self) -> list[RoundRecord]:
