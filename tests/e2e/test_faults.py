@@ -80,6 +80,9 @@ def check_survived(
         ORPHAN_TIMEOUT,
         what=f"{victim.name}'s workers exiting",
     )
+    # The survivors took a peer's death in stride: clean stop, no traceback.
+    for node in survivors:
+        node.assert_clean_exit(node.stop())
     return result
 
 
