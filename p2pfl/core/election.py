@@ -9,10 +9,12 @@ so a dead coordinator or reducer is replaced by the next in rank without a new e
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Sequence
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def rank_key(task_id: str, peer: str) -> bytes:
     return hashlib.sha256(task_id.encode() + b"|" + peer.encode()).digest()
 

@@ -326,13 +326,7 @@ class NodeCore:
                 machine.early.append((msg, signer))
             return []
         if isinstance(msg, Roster):
-            vols = []
-            for raw in msg.volunteers:
-                signed = decode(raw, expected=Signed)
-                vol = unseal(signed, expected=Volunteer)
-                if vol.peer != signed.signer or vol.task_id != msg.task_id:
-                    raise RemoteProtocolError("roster carries a volunteer record for someone else")
-                vols.append(vol.peer)
+            vols = list(_roster_volunteers(msg.task_id, msg.volunteers))
             out = machine.on_roster(now, msg, signer, vols)
             if machine.roster is not None and machine.early:
                 early, machine.early = machine.early, []
@@ -399,6 +393,21 @@ def _decode_and_unseal(data: bytes) -> tuple[Any, Signed | None]:
     if isinstance(msg, Signed):
         return unseal(msg), msg
     return msg, None
+
+
+@functools.lru_cache(maxsize=64)
+def _roster_volunteers(task_id: str, volunteers: tuple[bytes, ...]) -> tuple[str, ...]:
+    """The peers whose own signed volunteer records a roster carries (each checked).
+
+    Memoised like `_decode_and_unseal`: every node checks the same roster."""
+    peers = []
+    for raw in volunteers:
+        signed = decode(raw, expected=Signed)
+        vol = unseal(signed, expected=Volunteer)
+        if vol.peer != signed.signer or vol.task_id != task_id:
+            raise RemoteProtocolError("roster carries a volunteer record for someone else")
+        peers.append(vol.peer)
+    return tuple(peers)
 
 
 def _cap_dict(cap: Capability) -> dict[str, Any]:

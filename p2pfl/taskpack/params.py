@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -72,10 +73,16 @@ def _scalar(text: str) -> Any:
     """A YAML scalar (so ``5`` is an int, ``true`` a bool, ``[1, 2]`` a list); else the text."""
     if text == "":
         return ""
+    if _EXPONENT_FLOAT.fullmatch(text.strip()):
+        # YAML 1.1 reads `1e-5` (no dot) as a string; a person means a number.
+        return float(text)
     try:
         return load_yaml(text)
     except yaml.YAMLError:
         return text
+
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _apply(params: dict[str, Any], key: str, value: Any, problems: list[str]) -> None:
