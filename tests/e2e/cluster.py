@@ -357,6 +357,11 @@ class Cluster:
         proc = self.cli(*args, "--json", node=node, timeout=timeout, check=True)
         return json.loads(proc.stdout)
 
+    def try_json(self, *args: str, node: NodeProc | None = None) -> Any:
+        """`p2pfl ARGS --json` parsed, or None when it exits non-zero (e.g. not finished)."""
+        proc = self.cli(*args, "--json", node=node)
+        return json.loads(proc.stdout) if proc.returncode == 0 else None
+
     def cli_json_lines(
         self, *args: str, node: NodeProc | None = None, timeout: float = CLI_TIMEOUT
     ) -> tuple[int, list[dict[str, Any]]]:

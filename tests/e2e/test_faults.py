@@ -66,10 +66,7 @@ def check_survived(
     survivors = [n for n in nodes if n is not victim]
     for node in survivors:  # every survivor ends with the same model
         r = wait_until(
-            lambda node=node: (
-                (p := cluster.cli("result", task_id, "--json", node=node)).returncode == 0
-                and __import__("json").loads(p.stdout)
-            ),
+            lambda node=node: cluster.try_json("result", task_id, node=node),
             30.0,
             what=f"{node.name} holding the result",
         )

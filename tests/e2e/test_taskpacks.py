@@ -4,16 +4,17 @@ not trust the publisher rejects it and never runs it."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.e2e.cluster import REPO, Cluster, shard_datasets, wait_until
+from tests.e2e.cluster import REPO, Cluster, NodeProc, shard_datasets, wait_until
 
 STATS = REPO / "taskpacks" / "federated-stats"
 SPREAD_TIMEOUT = 60.0
 
 
-def _listing(cluster: Cluster, node, cid: str) -> dict | None:  # noqa: ANN001
+def _listing(cluster: Cluster, node: NodeProc, cid: str) -> dict | None:
     for item in cluster.cli_json("taskpacks", node=node):
         if item["cid"] == cid:
             return item
@@ -22,8 +23,8 @@ def _listing(cluster: Cluster, node, cid: str) -> dict | None:  # noqa: ANN001
 
 @pytest.mark.slow
 def test_publish_verified_by_trusting_nodes_rejected_by_others(
-    cluster: Cluster, digits_split
-) -> None:  # noqa: ANN001
+    cluster: Cluster, digits_split: Path
+) -> None:
     datasets = shard_datasets(digits_split)
     n0 = cluster.start_node("n0", datasets=datasets(0))
     n1 = cluster.start_node(
@@ -92,7 +93,7 @@ def test_publish_verified_by_trusting_nodes_rejected_by_others(
     "field(s) '), so a late joiner never learns earlier taskpacks",
     strict=False,
 )
-def test_late_joiner_learns_earlier_taskpacks(cluster: Cluster, digits_split) -> None:  # noqa: ANN001
+def test_late_joiner_learns_earlier_taskpacks(cluster: Cluster, digits_split: Path) -> None:
     datasets = shard_datasets(digits_split)
     n0 = cluster.start_node("n0", datasets=datasets(0))
     pub = cluster.cli_json("publish", str(STATS), node=n0)
@@ -111,7 +112,9 @@ def test_late_joiner_learns_earlier_taskpacks(cluster: Cluster, digits_split) ->
 
 
 @pytest.mark.slow
-def test_restarted_publisher_keeps_and_runs_its_taskpack(cluster: Cluster, digits_split) -> None:  # noqa: ANN001
+def test_restarted_publisher_keeps_and_runs_its_taskpack(
+    cluster: Cluster, digits_split: Path
+) -> None:
     datasets = shard_datasets(digits_split)
     n0 = cluster.start_node("n0", datasets=datasets(0))
     n1 = cluster.start_node(
