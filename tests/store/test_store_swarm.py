@@ -4,6 +4,7 @@ bitmaps, and the fetcher's per-provider availability, rarest-first and stripes."
 from __future__ import annotations
 
 import os
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from p2pfl.store.blobs import decode_bitmap, encode_bitmap
 from p2pfl.store.fetcher import chunk_order
 
 CHUNK = 1024
-DATA = os.urandom(CHUNK * 20 + 100)  # 21 chunks
+DATA = random.Random(20).randbytes(CHUNK * 20 + 100)  # 21 chunks; fixed: tie-break orders derive from the cid
 REF = make_blob_ref(DATA, CHUNK)
 
 

@@ -16,9 +16,11 @@ See ``_hub.py`` (nodes, links, failures), ``_network.py`` (timing and byte model
 
 from p2pfl.net.sim._hub import SimHub as SimHub
 from p2pfl.net.sim._loop import TimerHandle as TimerHandle
-from p2pfl.net.sim._network import FETCH_REQUEST_BYTES as FETCH_REQUEST_BYTES
-from p2pfl.net.sim._network import FETCH_RESPONSE_BYTES as FETCH_RESPONSE_BYTES
-from p2pfl.net.sim._network import SimNetwork as SimNetwork
+from p2pfl.net.sim._network import (
+    FETCH_REQUEST_BYTES as FETCH_REQUEST_BYTES,
+    FETCH_RESPONSE_BYTES as FETCH_RESPONSE_BYTES,
+    SimNetwork as SimNetwork,
+)
 from p2pfl.net.sim._node import LinkModel as LinkModel
 from p2pfl.net.sim._topology import TOPOLOGIES as TOPOLOGIES
 

@@ -4,8 +4,9 @@ data plane: gossip, direct sends and blob fetches.
 Timing model, per transfer of L bytes from a to b (sends and fetches):
   * a's uplink and b's downlink are FIFO queues of the node's bandwidth (``busy_until``);
   * the bytes leave a during [s, s + L/up_a] with s = max(now, a.up_busy);
-  * they reach b after the link latency; b takes them during [r, r + L/down_b] with
-    r = max(s + latency, b.down_busy), and never before the last byte arrived;
+  * they reach b after the link latency; b's downlink is booked when the first byte
+    arrives: b takes them during [r, r + L/down_b] with r = max(s + latency, b.down_busy
+    at that moment), and never before the last byte arrived;
   * delivery happens when the last byte is in.
 So ten peers fetching from one node share its uplink (each waits its turn), and one
 node fetching from ten shares its downlink.
@@ -150,14 +151,13 @@ class SimNetwork:
             src.dropped += 1  # unreachable: lost; the driver learns through PeerDisconnected
             return
         size = len(data)
-        arrive = _transfer(hub, src, dst, size)
         src.d_sent += size
         src.d_msent += 1
-        if _lost(hub, src, dst):
+        lost = _lost(hub, src, dst)
+        if lost:
             src.dropped += 1
-            return
         msg = Message(None, src.peer, bytes(data))
-        hub._push(arrive, _deliver_direct, hub, src, dst, dst.serial, msg)
+        _transfer(hub, src, dst, size, lost, _deliver_direct, hub, src, dst, dst.serial, msg)
 
     # --- blob fetches ------------------------------------------------------------------------
 
@@ -183,14 +183,13 @@ class SimNetwork:
             hub._push(max(hub.now, since + hub.detect_s), _fetch_failed, req, UNREACHABLE)
             return
         size = FETCH_REQUEST_BYTES + len(cid)
-        arrive = _transfer(hub, src, dst, size)
         src.f_sent += size
         src.f_msent += 1
-        if _lost(hub, src, dst):
+        lost = _lost(hub, src, dst)
+        if lost:
             src.dropped += 1
             hub._push(hub.now + hub.detect_s, _fetch_failed, req, LOST)
-            return
-        hub._push(arrive, _serve_fetch, hub, req, size)
+        _transfer(hub, src, dst, size, lost, _serve_fetch, hub, req, size)
 
 
 class _Fetch:
@@ -237,16 +236,30 @@ def _owned(node: Node, serial: int, callback: Callable[[], None]) -> Callable[[]
     return fire
 
 
-def _transfer(hub: SimHub, a: Node, b: Node, size: int) -> float:
-    """Book `size` bytes on a's uplink and b's downlink; returns the delivery time."""
+def _transfer(
+    hub: SimHub, a: Node, b: Node, size: int, lost: bool, then: Callable[..., None], *args: object
+) -> None:
+    """Send `size` bytes from a to b, then call `then(*args)` when the last byte is in.
+
+    a's uplink is booked now (FIFO). b's downlink is booked only when the first byte gets
+    there (an event at start + latency): booking it at send time would let a transfer
+    still queued behind a busy uplink block b's idle downlink for everything else."""
     start = max(hub.now, a.up_busy)
     sent = start + size * a.inv
     a.up_busy = sent
+    if lost:
+        return  # the bytes left a (its uplink was used) but never reach b
     latency = (a.lat + b.lat) * 0.5
-    begin = max(start + latency, b.down_busy)
-    done = max(begin + size * b.inv, sent + latency)
+    hub._push(start + latency, _arrive, hub, b, size, sent + latency, then, args)
+
+
+def _arrive(
+    hub: SimHub, b: Node, size: int, last_byte_at: float, then: Callable[..., None], args: tuple
+) -> None:
+    begin = max(hub.now, b.down_busy)
+    done = max(begin + size * b.inv, last_byte_at)
     b.down_busy = done
-    return done
+    hub._push(done, then, *args)
 
 
 def _lost(hub: SimHub, a: Node, b: Node) -> bool:
@@ -341,10 +354,9 @@ def _serve_fetch(hub: SimHub, req: _Fetch, req_size: int) -> None:
     if data is not None:
         data = bytes(data[: req.length])
     size = FETCH_RESPONSE_BYTES + (len(data) if data is not None else 0)
-    arrive = _transfer(hub, server, req.client, size)
     server.f_sent += size
     server.f_msent += 1
-    hub._push(arrive, _fetch_answer, hub, req, data, size)
+    _transfer(hub, server, req.client, size, False, _fetch_answer, hub, req, data, size)
 
 
 def _fetch_answer(hub: SimHub, req: _Fetch, data: bytes | None, size: int) -> None:
