@@ -33,6 +33,7 @@ from p2pfl.core.commands import (
     Command,
     Emit,
     FetchBlob,
+    ForgetBlobs,
     JobDone,
     JobFailed,
     Log,
@@ -162,6 +163,10 @@ class Driver:
                 for peer in cmd.providers:
                     if peer != self.me:
                         self._fetch_cmds(fetch.add_provider(peer, chunks))
+        elif isinstance(cmd, ForgetBlobs):
+            for cid in cmd.cids:
+                if cid not in self._fetches:
+                    self.store.delete(cid)
         elif isinstance(cmd, CheckArchive):
             self._check_archive(cmd)
         elif isinstance(cmd, RunJob):

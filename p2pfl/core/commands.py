@@ -44,6 +44,14 @@ class AddProviders:
 
 
 @dataclass(frozen=True, slots=True)
+class ForgetBlobs:
+    """These blobs are no longer needed by this task (old rounds' updates and models):
+    the driver may delete them, so a long task does not fill the disk."""
+
+    cids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class SetTimer:
     key: tuple
     deadline: float  # absolute, on the driver's clock (the same clock `now` comes from)
@@ -105,6 +113,7 @@ Command = (
     | Send
     | FetchBlob
     | AddProviders
+    | ForgetBlobs
     | SetTimer
     | CancelTimer
     | CheckArchive

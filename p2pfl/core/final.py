@@ -235,6 +235,9 @@ class FinalStep(TaskState):
                 metrics=result.metrics if isinstance(result.metrics, dict) else {},
             ),
         ]
+        # The task is over: keep only the final model (for `p2pfl result --model-out`).
+        final = frozenset({result.model.cid} if result.model else ())
+        out += self._forget_rounds_before(1 << 30, keep=final)
         if result.model is not None and self.my_id == self.offer.publisher:
             out.append(FetchBlob(result.model, (result.reducer,)))
         return out

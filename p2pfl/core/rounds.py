@@ -20,6 +20,7 @@ from p2pfl.core.commands import (
     CancelTimer,
     Command,
     FetchBlob,
+    ForgetBlobs,
     Log,
     Publish,
     RunJob,
@@ -41,6 +42,8 @@ from p2pfl.core.task_state import (
     _fmt_metrics,
 )
 from p2pfl.store.blobref import BlobRef
+
+KEEP_ROUNDS = 2  # rounds of updates kept for stragglers before their blobs are forgotten
 
 
 class Rounds(TaskState):
@@ -73,6 +76,7 @@ class Rounds(TaskState):
         metrics = dict(result.get("metrics") or {})
         if ref is not None:
             self.my_update[rnd] = (ref, n)
+            self.round_blobs.setdefault(rnd, set()).add(ref.cid)
         state = self.nodes.setdefault(self.my_id, NodeState())
         state.loss = metrics.get("loss", state.loss)
         state.epsilon = metrics.get("epsilon", state.epsilon)
@@ -237,12 +241,26 @@ class Rounds(TaskState):
         self.phase = "aggregating"
         self.pending_aggregate = agg
         self.waiting_blobs = {ref.cid for ref in agg.refs}
+        self.round_blobs.setdefault(agg.round, set()).update(self.waiting_blobs)
         out: list[Command] = []
         for ref in agg.refs:
             provider = providers.get(ref.cid)
             peers = tuple(p for p in (provider,) if p and p != self.my_id)
             out.append(FetchBlob(ref, peers))
         return out
+
+    def _forget_rounds_before(
+        self, oldest: int, keep: frozenset[str] = frozenset()
+    ) -> list[Command]:
+        """Forget the blobs of rounds before `oldest` (never the current global model).
+
+        Two rounds are kept: a straggler may still fetch last round's updates from us."""
+        stale = [r for r in self.round_blobs if r < oldest]
+        if not stale:
+            return []
+        keep = keep | ({self.global_ref.cid} if self.global_ref else set())
+        cids = set().union(*(self.round_blobs.pop(r) for r in stale)) - keep
+        return [ForgetBlobs(tuple(sorted(cids)))] if cids else []
 
     def on_blob(self, now: float, cid: str, ok: bool, reason: str = "") -> list[Command]:
         if cid not in self.waiting_blobs or self.pending_aggregate is None:
@@ -306,9 +324,10 @@ class Rounds(TaskState):
             return self._fail(now, f"round {rnd}: aggregation failed: {reason}")
         self.global_ref = ref
         self.phase = "evaluating"
+        self.round_blobs.setdefault(rnd, set()).add(ref.cid)
         state = self.nodes.setdefault(self.my_id, NodeState())
         state.state, state.round = "evaluating", rnd
-        return [
+        return self._forget_rounds_before(rnd - KEEP_ROUNDS) + [
             RunJob(
                 self.task_id,
                 {"kind": "evaluate", "round": rnd, "weights": ref},

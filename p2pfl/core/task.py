@@ -282,6 +282,8 @@ class TaskMachine(Rounds, FinalStep):
             return self._volunteer(now) if self.phase == "validating" else []
         if step == "init":
             self.global_ref = result
+            if result is not None:
+                self.round_blobs.setdefault(0, set()).add(result.cid)
             return self._train(now, 1)
         if step == "train":
             return self._on_trained(now, token[2], result)

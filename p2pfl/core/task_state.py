@@ -88,6 +88,8 @@ class TaskState:
     nodes: dict[str, NodeState] = field(default_factory=dict)
     last_metrics: dict[str, Any] = field(default_factory=dict)
     final_sent: bool = False
+    # Blobs this task made or fetched, by round, so old rounds can be forgotten.
+    round_blobs: dict[int, set[str]] = field(default_factory=dict)
     # Round messages that arrived before the roster (a fast peer can be rounds ahead):
     # replayed once the roster is accepted, instead of being lost.
     early: list[tuple[Any, str]] = field(default_factory=list)

@@ -41,6 +41,9 @@ def test_fedavg_every_participant_holds_the_same_model(data4):
     assert cluster.final_test_metrics["accuracy"] > 0.8
     # The reducer signed the result and every node stored the same one.
     assert {m.result.reducer for m in _machines(cluster)} == {result["reducer"]}
+    # Old rounds' updates were forgotten: each store holds the taskpack and the final model.
+    for node in cluster.nodes:
+        assert set(node.store.list()) == {result["cid"], result["model_cid"]}
 
 
 def test_same_seed_same_records(data4):
