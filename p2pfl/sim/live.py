@@ -17,35 +17,31 @@ real sockets in one process and are refused at construction (ValidationError). T
 model and non-full topologies do not apply to real sockets: they are ignored, with a line
 in `warnings`.
 
-Record and test-metric logic is SimCluster's own (this class reuses its methods over a
-small stand-in for the hub); see `_LiveHub`.
+Records, faults and test metrics are ClusterBase's (p2pfl.sim.cluster_base), as for
+SimCluster; this class supplies the world: hosts in trio, wall-clock time, and records
+built in the consumer thread (test-set evaluations block) from byte counters read in the
+trio thread when the round finished.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import trio
 
-from p2pfl.core.node_core import DatasetInfo, NodeCore
+from p2pfl.core.node_core import NodeCore
 from p2pfl.driver import Driver
 from p2pfl.errors import ValidationError
-from p2pfl.identity import Identity
 from p2pfl.io_trio import TrioIO
 from p2pfl.net.base import NetStats
 from p2pfl.runtime import InProcessRunner, JobOutput, TaskSpec
-from p2pfl.sim.cluster import ClusterSpec, RoundRecord, SimCluster, _flatten, _param_text, _SimNode
+from p2pfl.sim.cluster_base import CAPABILITIES, ClusterBase, ClusterNode, ClusterSpec, RoundRecord
 from p2pfl.store.blobs import BlobStore
-from p2pfl.taskpack.trust import TrustPolicy
 
 log = logging.getLogger("p2pfl.sim.live")
 
@@ -108,39 +104,7 @@ class _AsyncFace:
         self.run = pool.run_async
 
 
-class _LiveHub:
-    """What SimCluster's reused methods ask of `self.hub`, answered by real nodes.
-
-    `stats` returns the snapshot the cluster put in `pending` just before calling
-    SimCluster._record: byte counters are read in the trio thread when a node finishes a
-    round, but the record (with its test-set evaluation) is built in the consumer thread.
-    """
-
-    def __init__(self, cluster: LiveCluster) -> None:
-        self._cluster = cluster
-        self.pending = NetStats()
-
-    @property
-    def now(self) -> float:
-        return self._cluster.virtual_s
-
-    def stats(self, peer: str) -> NetStats:
-        return self.pending
-
-    def call_soon(self, callback: Callable[[], None]) -> None:
-        self._cluster._call_soon(callback)
-
-    def crash(self, peer: str) -> None:
-        self._cluster._crash(self._cluster._by_peer[peer])
-
-    def partition(self, groups: Any) -> None:  # refused at construction; never reached
-        raise NotImplementedError("partition faults are not supported with --network libp2p")
-
-    def heal(self) -> None:
-        raise NotImplementedError("heal faults are not supported with --network libp2p")
-
-
-class LiveCluster(SimCluster):
+class LiveCluster(ClusterBase):
     """SimCluster's API over real libp2p hosts on 127.0.0.1 (see the module docstring).
 
     deadline_s bounds the whole run (default: generous, from the offer's rounds and round
@@ -148,6 +112,9 @@ class LiveCluster(SimCluster):
     volunteer_window_s is the offer's; net_options are Libp2pConfig fields over
     LIVE_NET_DEFAULTS.
     """
+
+    tmp_prefix = "p2pfl-live-"
+    identity_label = "p2pfl-live"
 
     def __init__(
         self,
@@ -158,10 +125,7 @@ class LiveCluster(SimCluster):
         volunteer_window_s: float = 5.0,
         net_options: dict[str, Any] | None = None,
     ) -> None:
-        # SimCluster.__init__ builds a hub and sim nodes: this class sets the same state
-        # itself and builds real nodes inside trio (see _main).
-        if len(spec.node_data) != spec.nodes:
-            raise ValueError(f"{spec.nodes} nodes but {len(spec.node_data)} data files")
+        # Refused before ClusterBase makes its temporary directory.
         problems = [
             f"faults[{k}].{kind}: not supported with --network libp2p (real sockets in one"
             " process cannot be partitioned); use --network sim"
@@ -171,12 +135,11 @@ class LiveCluster(SimCluster):
         ]
         if problems:
             raise ValidationError(problems, "scenario for --network libp2p")
-        self.spec = spec
+        super().__init__(spec)
         self.deadline_s = deadline_s
         self.start_timeout_s = start_timeout_s
         self.volunteer_window_s = volunteer_window_s
         self.net_options = {**LIVE_NET_DEFAULTS, **(net_options or {})}
-        self.warnings: list[str] = []
         kind = dict(spec.topology).get("kind", "full")
         if kind != "full":
             self.warnings.append(f"topology {kind!r} ignored: libp2p discovery connects every node")
@@ -185,27 +148,13 @@ class LiveCluster(SimCluster):
         for line in self.warnings:
             log.warning("%s", line)
         self.pool = SharedPool()
-        self.runner = self.pool  # type: ignore[assignment]  # SimCluster._test_metrics: .run(spec, job)
-        self.hub = _LiveHub(self)
-        self._tmp = Path(tempfile.mkdtemp(prefix="p2pfl-live-"))
-        self.taskpack_root = self._tmp / "taskpacks"
-        self.nodes: list[_SimNode] = []
+        # Test-set evaluations run in the consumer thread, through the same one-job gate.
+        self.runner = self.pool
         self.networks: dict[int, Any] = {}
-        self.result: dict[str, Any] | None = None
-        self.task_id: str | None = None
-        self.final_test_metrics: dict[str, Any] = {}
         # Wall-clock marks (seconds since the trio run began): ready (peers found),
         # published, roster, result; job_marks: job_s at the same moments.
         self.marks: dict[str, float] = {}
         self.job_marks: dict[str, float] = {}
-        self._records: list[RoundRecord] = []
-        self._seen: set[tuple[int, int]] = set()
-        self._last_bytes: dict[int, tuple[int, int]] = {}
-        self._test_cache: dict[str, dict[str, Any]] = {}
-        self._applied_faults: set[int] = set()
-        self._closed_round = 0
-        self._crashed: set[int] = set()
-        self._by_peer: dict[str, int] = {}
         self._scopes: dict[int, trio.CancelScope] = {}
         self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._t0: float | None = None
@@ -213,22 +162,7 @@ class LiveCluster(SimCluster):
         self._nursery: trio.Nursery | None = None
         self._done: trio.Event | None = None
         self._token: trio.lowlevel.TrioToken | None = None
-        self._identities = [
-            Identity.from_seed(hashlib.sha256(f"p2pfl-live|{spec.seed}|{i}".encode()).digest())
-            for i in range(spec.nodes)
-        ]
-        self._by_peer = {ident.peer_id: i for i, ident in enumerate(self._identities)}
-        self._policy = TrustPolicy(frozenset({self._identities[0].peer_id}), False)
-        self._datasets = self._describe_datasets()
-
-    def _describe_datasets(self) -> list[DatasetInfo]:
-        from p2pfl.fl.datasets import load_table
-
-        rows: dict[Path, int] = {}
-        for path in self.spec.node_data:
-            if path not in rows:
-                rows[path] = int(len(load_table(path)[1]))
-        return [DatasetInfo(self.spec.input_name, rows[p], []) for p in self.spec.node_data]
+        self._datasets = self._dataset_infos()
 
     # --- one node ------------------------------------------------------------------------
 
@@ -237,17 +171,16 @@ class LiveCluster(SimCluster):
         from p2pfl.net.libp2p import Libp2pConfig, Libp2pNetwork
 
         spec = self.spec
-        identity = self._identities[i]
+        identity = self.identities[i]
         bootstrap = [] if i == 0 else [self.networks[0].listen_addrs()[0]]
         core = NodeCore(
             identity,
-            policy=self._policy,
-            capabilities=_CAPABILITIES,
+            policy=self.policy,
+            capabilities=CAPABILITIES,
             datasets={spec.input_name: self._datasets[i]},
             min_records=spec.min_records,
         )
         store = BlobStore(None)
-        byzantine = set((spec.byzantine or {}).get("nodes", []))
         with trio.CancelScope() as scope:
             self._scopes[i] = scope
             async with trio.open_nursery() as nursery:
@@ -276,11 +209,11 @@ class LiveCluster(SimCluster):
                     io,
                     taskpack_root=self.taskpack_root,
                     datasets={spec.input_name: spec.node_data[i]},
-                    update_hook=self._byzantine_hook(i) if i in byzantine else None,
+                    update_hook=self._update_hook(i),
                 )
                 holder.append(driver)
                 driver.listeners.append(lambda ev, i=i: self._on_event(i, ev))
-                node = _SimNode(i, identity, store, core, driver, spec.node_data[i])
+                node = ClusterNode(i, identity, store, core, driver, spec.node_data[i])
                 if i < len(self.nodes):
                     self.nodes[i] = node
                 else:
@@ -293,29 +226,39 @@ class LiveCluster(SimCluster):
         if scope.cancelled_caught:
             log.info("node %d stopped", i)
 
-    # --- hooks called by SimCluster's methods ---------------------------------------------
+    # --- the world's hooks (called in the trio thread) ---------------------------------------
 
-    def _call_soon(self, callback: Callable[[], None]) -> None:
+    def _schedule(self, fn: Callable[[], None]) -> None:
         assert self._nursery is not None
 
         async def call() -> None:
-            callback()
+            fn()
 
         self._nursery.start_soon(call)
 
-    def _crash(self, i: int) -> None:
-        scope = self._scopes.get(i)
+    def _stats(self, index: int) -> NetStats:
+        return self.networks[index].stats()
+
+    def _crash_node(self, index: int) -> None:
+        scope = self._scopes.get(index)
         if scope is not None:
             scope.cancel()
 
-    def _restart(self, i: int) -> None:
+    def _restart_node(self, index: int) -> None:
         """A fresh node with the same key and data (no task state), like a restarted process."""
         assert self._nursery is not None
-        self._nursery.start_soon(self._run_node, i)
+        self._nursery.start_soon(self._run_node, index)
 
-    def _record(self, index: int, rnd: int, metrics: dict[str, Any]) -> None:
-        # Trio thread: snapshot the byte counters now; the record is built by run().
-        self._queue.put(("record", index, rnd, dict(metrics), self.networks[index].stats()))
+    def _partition(self, groups: list[list[int]]) -> None:  # refused at construction
+        raise NotImplementedError("partition faults are not supported with --network libp2p")
+
+    def _heal(self) -> None:  # refused at construction
+        raise NotImplementedError("heal faults are not supported with --network libp2p")
+
+    def _collect(self, index: int, rnd: int, metrics: dict[str, Any]) -> None:
+        # Snapshot the byte counters now; the record (and its test-set evaluation, which
+        # blocks) is built by the consumer thread in run().
+        self._queue.put(("record", index, rnd, dict(metrics), self._stats(index)))
 
     def _on_event(self, index: int, event: dict[str, Any]) -> None:
         if index == 0 and event.get("kind") == "roster" and "roster" not in self.marks:
@@ -376,13 +319,8 @@ class LiveCluster(SimCluster):
         publisher = self.nodes[0].driver
         info = await trio.to_thread.run_sync(publisher.publish_taskpack, self.spec.taskpack_dir)
         publisher.announce_taskpack(info["announce"])
-        overrides = {k: _param_text(v) for k, v in _flatten(self.spec.params).items()}
-        if self.spec.dp:
-            overrides["differential_privacy.enabled"] = "true"
-            for key, value in self.spec.dp.items():
-                overrides[f"differential_privacy.{key}"] = _param_text(value)
         created = publisher.create_task(
-            info["cid"], overrides, volunteer_window_s=self.volunteer_window_s
+            info["cid"], self._offer_overrides(), volunteer_window_s=self.volunteer_window_s
         )
         self.task_id = created["task_id"]
 
@@ -417,7 +355,7 @@ class LiveCluster(SimCluster):
                 self._stop()
                 thread.join(timeout=30)
             self.pool.close()
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._remove_tmp()
 
     def _consume(self) -> Iterator[RoundRecord]:
         error: BaseException | None = None
@@ -429,28 +367,12 @@ class LiveCluster(SimCluster):
                 error = item[1]
                 continue
             _, index, rnd, metrics, stats = item
-            self.hub.pending = stats
-            SimCluster._record(self, index, rnd, metrics)
+            self._record(index, rnd, metrics, stats)
             yield self._records[-1]
         if error is not None:
             raise error
         yield from self._missing_records()
-        model_cid = (self.result or {}).get("model_cid")
-        if model_cid:
-            holder = next((n for n in self.nodes if n.store.has(model_cid)), None)
-            if holder is not None:
-                self.final_test_metrics = self._test_metrics(model_cid, holder.index)
-
-    def _missing_records(self) -> Iterator[RoundRecord]:
-        """Rows for nodes that were not there (crashed) in a round (as SimCluster does)."""
-        rounds = max((r.round for r in self._records), default=0)
-        have = {(r.node, r.round) for r in self._records}
-        for rnd in range(1, rounds + 1):
-            for i in range(self.spec.nodes):
-                if (i, rnd) not in have:
-                    record = RoundRecord(i, rnd, None, None, 0, 0, None, False)
-                    self._records.append(record)
-                    yield record
+        self._final_test()
 
     @property
     def virtual_s(self) -> float:
@@ -464,13 +386,3 @@ class LiveCluster(SimCluster):
     def job_s(self) -> float:
         """Wall seconds spent inside taskpack jobs (they run one at a time)."""
         return self.pool.busy_s
-
-
-# Every node of the run is this machine; same figures as the simulator reports.
-_CAPABILITIES: dict[str, Any] = {
-    "cpus": 2,
-    "memory_bytes": 8 << 30,
-    "disk_free_bytes": 100 << 30,
-    "gpu": False,
-    "python": "3.11.7",
-}
