@@ -165,7 +165,7 @@ class Rounds(TaskState):
                 now, f"fewer than min_nodes ({self.offer.min_nodes}) participants remain"
             )
         if not included:
-            return self._fail(now, f"round {rnd}: no update arrived")
+            return self._fail(now, f"round {rnd}: no usable update" + _failure_reasons(got))
         late = tuple(sorted(p for p in self.participants if p not in got and p not in self.dead))
         close = RoundClose(self.task_id, rnd, self.my_id, included, tuple(sorted(self.dead)) + late)
         return [Publish(TOPIC_TASKS, close)]
@@ -448,3 +448,17 @@ class Rounds(TaskState):
         return [CancelTimer(("round", self.task_id, rnd))] + self._fetch_then(
             agg, {s.ref.cid: s.peer for s in shares if s.ref is not None}
         )
+
+
+def _failure_reasons(updates: dict[str, RoundUpdate]) -> str:
+    """Why participants sent no update, e.g. `; 3 failed: ValueError: budget too low`."""
+    reasons: dict[str, int] = {}
+    for update in updates.values():
+        if update.status != "ok" and isinstance(update.metrics, dict):
+            why = str(update.metrics.get("error") or update.status)
+            reasons[why] = reasons.get(why, 0) + 1
+    if not reasons:
+        return " arrived"
+    return "; " + "; ".join(
+        f"{why} ({n} node{'s' if n != 1 else ''})" for why, n in sorted(reasons.items())
+    )

@@ -394,7 +394,10 @@ def _compile_spec(spec: _Spec) -> None:
         except _Invalid as e:
             e.parts.append(name)
             raise
-        if len(d) - extra_ok != len(kwargs):
+        # A top-level message's map also holds "v" and "t"; the same class nested as a
+        # field is encoded without them. Count the ones actually present.
+        tags = ("v" in d) + ("t" in d) if extra_ok else 0
+        if len(d) - tags != len(kwargs):
             # Every known field present went into kwargs, so the rest are unknown.
             unknown = sorted(
                 repr(k) for k in d if k not in names and not (extra_ok and k in ("v", "t"))

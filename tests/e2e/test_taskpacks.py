@@ -87,12 +87,6 @@ def test_publish_verified_by_trusting_nodes_rejected_by_others(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="TaskpackSync to a newly connected peer fails to decode: wire codec rejects a "
-    "message class nested in another message ('taskpack.sync.announcements[0]: unknown "
-    "field(s) '), so a late joiner never learns earlier taskpacks",
-    strict=False,
-)
 def test_late_joiner_learns_earlier_taskpacks(cluster: Cluster, digits_split: Path) -> None:
     datasets = shard_datasets(digits_split)
     n0 = cluster.start_node("n0", datasets=datasets(0))

@@ -179,12 +179,6 @@ def test_dp_run_reports_epsilon_within_budget(cluster: Cluster, three: list[Node
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="every participant's job fails (Opacus 'The privacy budget is too low.'); the trace "
-    "shows 'round 1 withdrawn: ValueError: ...' but the task's failure reason (wait/result) is "
-    "only 'round 1: no update arrived'",
-    strict=False,
-)
 def test_dp_budget_too_small_fails_with_the_reason(cluster: Cluster, three: list[NodeProc]) -> None:
     n0 = three[0]
     task_id = run_task(
