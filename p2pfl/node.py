@@ -7,6 +7,7 @@ the sans-IO core behind the driver.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -34,6 +35,7 @@ log = logging.getLogger("p2pfl.node")
 _HISTORY_MAX = 5000  # events kept per task for late followers
 _FINAL_KINDS = ("result", "failed")
 _ANNOUNCEMENTS = "announcements"  # our verified taskpacks, re-checked at start
+_FINISHED = "tasks"  # finished tasks' summaries and results, listed after a restart
 
 
 def describe_datasets(datasets: dict[str, Path]) -> dict[str, DatasetInfo]:
@@ -77,6 +79,7 @@ class Node:
         self.core = driver.core
         self._history: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self._watchers: dict[str, set[trio.MemorySendChannel[dict[str, Any]]]] = defaultdict(set)
+        self._finished: dict[str, dict[str, Any]] = {}  # task id -> record (see _keep_finished)
         driver.listeners.append(self._on_task_event)
 
     # --- events --------------------------------------------------------------------------
@@ -88,6 +91,8 @@ class Node:
         machine = self.core.tasks.get(task_id)
         if machine is not None:
             event = {**event, "task": machine.summary()}  # followers render the task tree
+        if event.get("kind") in _FINAL_KINDS and machine is not None:
+            self._keep_finished(machine)
         history = self._history[task_id]
         history.append(event)
         if len(history) > _HISTORY_MAX:
@@ -153,23 +158,36 @@ class Node:
         return self.driver.create_task(ref, dict(params))
 
     def tasks(self) -> list[dict[str, Any]]:
-        return [
-            m.summary() for m in sorted(self.core.tasks.values(), key=lambda m: m.offer.created)
-        ]
+        live = {tid: m.summary() for tid, m in self.core.tasks.items()}
+        earlier = {tid: f["summary"] for tid, f in self._finished.items() if tid not in live}
+        return sorted([*live.values(), *earlier.values()], key=lambda t: t.get("created", 0))
 
-    def _machine(self, task_id: str) -> Any:
-        machine = self.core.tasks.get(task_id)
-        if machine is not None:
-            return machine
-        matches = [m for tid, m in self.core.tasks.items() if tid.startswith(task_id)]
-        if len(matches) == 1 and task_id:
+    def _task_id(self, task_id: str) -> str:
+        """A full task id from an id or a unique prefix (running or finished earlier)."""
+        known = set(self.core.tasks) | set(self._finished)
+        if task_id in known:
+            return task_id
+        matches = [tid for tid in known if task_id and tid.startswith(task_id)]
+        if len(matches) == 1:
             return matches[0]
         raise KeyError(task_id)
 
+    def _machine(self, task_id: str) -> Any:
+        machine = self.core.tasks.get(self._task_id(task_id))
+        if machine is None:
+            raise KeyError(task_id)
+        return machine
+
     def task(self, task_id: str) -> dict[str, Any]:
-        return self._machine(task_id).summary()
+        tid = self._task_id(task_id)
+        machine = self.core.tasks.get(tid)
+        return machine.summary() if machine is not None else self._finished[tid]["summary"]
 
     async def watch_task(self, task_id: str) -> AsyncIterator[dict[str, Any]]:
+        tid = self._task_id(task_id)
+        if tid not in self.core.tasks:  # finished before this node's last restart
+            yield self._finished[tid]["final_event"]
+            return
         machine = self._machine(task_id)
         tid = machine.task_id
         send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
@@ -191,7 +209,16 @@ class Node:
             self._watchers[tid].discard(send)
 
     def result(self, task_id: str) -> dict[str, Any]:
-        machine = self._machine(task_id)
+        tid = self._task_id(task_id)
+        machine = self.core.tasks.get(tid)
+        if machine is None:
+            result = self._finished[tid]["result"]
+            if result is None or result["status"] != "succeeded":
+                reason = (result or {}).get("reason") or self._finished[tid]["summary"].get(
+                    "reason"
+                )
+                raise TaskFailed(f"task {tid} failed: {reason}")
+            return result
         result = machine.result_dict()
         if result is None:
             if machine.phase == "failed":
@@ -208,6 +235,43 @@ class Node:
             return None
         return bytes(self.driver.store.get(cid))
 
+    # --- persistence of finished tasks -------------------------------------------------------
+
+    def _keep_finished(self, machine: Any) -> None:
+        """Write a finished task's summary and signed result's fields to disk, so that
+        `p2pfl tasks` and `p2pfl result` still answer after a restart."""
+        summary = machine.summary()
+        record = {
+            "summary": summary,
+            "result": machine.result_dict(),
+            "final_event": {
+                "t": summary.get("created", 0.0),
+                "kind": "result" if summary["status"] == "succeeded" else "failed",
+                "task_id": machine.task_id,
+                "peer": summary.get("reducer"),
+                "round": None,
+                "message": f"{summary['status']} (before this node's last restart)",
+                "metrics": (machine.result_dict() or {}).get("metrics", {}),
+                "task": summary,
+            },
+        }
+        self._finished[machine.task_id] = record
+        folder = self.config.data_dir / _FINISHED
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{machine.task_id}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, default=str))
+        os.replace(tmp, path)
+
+    def _load_finished(self) -> None:
+        folder = self.config.data_dir / _FINISHED
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                record = json.loads(path.read_text())
+                self._finished[path.stem] = record
+            except (OSError, ValueError) as exc:
+                log.warning("ignoring unreadable %s: %s", path, exc)
+
     # --- persistence of our taskpacks -------------------------------------------------------
 
     def _remember(self, ann: TaskpackAnnounce) -> None:
@@ -220,6 +284,7 @@ class Node:
         os.replace(tmp, path)
 
     def restore(self) -> None:
+        self._load_finished()
         folder = self.config.data_dir / _ANNOUNCEMENTS
         if not folder.is_dir():
             return

@@ -143,6 +143,13 @@ def test_federated_stats_exact_mean(
     assert metrics["min"] == union.min() and metrics["max"] == union.max()
     assert result["model_cid"] is None
 
+    # A node that runs for months restarts: its finished tasks still answer.
+    three[1].stop(timeout=30)
+    again = cluster.restart(three[1])
+    assert cluster.cli_json("result", task_id, node=again)["metrics"]["mean"] == metrics["mean"]
+    listed = cluster.cli_json("tasks", node=again)
+    assert [t["status"] for t in listed if t["task_id"] == task_id] == ["succeeded"]
+
 
 @pytest.mark.slow
 def test_dp_run_reports_epsilon_within_budget(cluster: Cluster, three: list[NodeProc]) -> None:

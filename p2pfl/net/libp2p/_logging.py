@@ -26,6 +26,8 @@ HARMLESS = (
     "Failed to open stream",
     "Failed to identify",
     "error reading response",
+    # A peer that is down is redialled with backoff by our own dialer, which logs it.
+    "all attempts to connect",
 )
 
 
