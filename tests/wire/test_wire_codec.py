@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError
 from p2pfl.wire import (

@@ -7,8 +7,7 @@ import struct
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError
