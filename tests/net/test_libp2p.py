@@ -221,6 +221,29 @@ async def test_fetch_20mb_in_ranges_and_failures(nursery: trio.Nursery) -> None:
         b.net.fetch(a.id, "cid-1", 0, MAX_FETCH_BYTES + 1, None)
 
 
+async def test_concurrent_bulk_fetches_count_each_byte_once(nursery: trio.Nursery) -> None:
+    a, b = await _pair(nursery)
+    c = await start_node(nursery, bootstrap=[a.addr])
+    await c.rec.wait_for(lambda ev: a.id in c.rec.connected())
+    blob = os.urandom(6 * 1024 * 1024)
+    a.blobs["big"] = blob
+    ranges = list(range(0, len(blob), 1024 * 1024))
+    sent_before = a.net.stats().bytes_sent
+    for fetcher in (b, c):  # 12 bulk serves on A at once
+        for off in ranges:
+            fetcher.net.fetch(a.id, "big", off, 1024 * 1024, off)
+    for fetcher in (b, c):
+        await fetcher.rec.wait_for(lambda ev, f=fetcher: len(f.rec.of(FetchDone)) == len(ranges))
+        assert (
+            b"".join(e.data for e in sorted(fetcher.rec.of(FetchDone), key=lambda e: e.offset))
+            == blob
+        )
+    sent = a.net.stats().bytes_sent - sent_before
+    # Both copies of the blob, plus per-range framing and pings, not a multiple of it.
+    assert 2 * len(blob) <= sent < 2 * len(blob) + 64 * 1024
+    assert a.net.stats().extra["blob_served"] == 2 * len(ranges)
+
+
 async def test_fetch_falls_back_to_stream_protocol_without_bulk(nursery: trio.Nursery) -> None:
     a = await start_node(nursery, bulk_tcp=False)  # an old peer, or a firewalled one
     b = await start_node(nursery, bootstrap=[a.addr])

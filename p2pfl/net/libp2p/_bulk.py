@@ -64,6 +64,9 @@ class _Pending:
     data: bytes
     aad: bytes
     collected: trio.Event = field(default_factory=trio.Event)
+    # Bytes this range put on its TCP connection: each serve counts its own, because
+    # serves of one server overlap (a shared counter's growth would count the others').
+    sent: int = 0
 
 
 class BulkServer:
@@ -73,7 +76,7 @@ class BulkServer:
         self.bind_host = bind_host
         self.port = 0
         self._pending: dict[bytes, _Pending] = {}
-        self.bytes_sent = 0
+        self.bytes_sent = 0  # over every connection (each range's own: _Pending.sent)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host=self.bind_host)
@@ -100,22 +103,34 @@ class BulkServer:
                 return
             sealed = AESGCM(pending.key).encrypt(_NONCE, pending.data, pending.aad)
             await sock.send_all(_LEN.pack(len(sealed)))
+            self._sent(pending, _LEN.size)
             view = memoryview(sealed)
             for off in range(0, len(view), _IO_CHUNK):
-                await sock.send_all(view[off : off + _IO_CHUNK])
-            self.bytes_sent += len(sealed) + _LEN.size
+                chunk = view[off : off + _IO_CHUNK]
+                await sock.send_all(chunk)
+                self._sent(pending, len(chunk))
             pending.collected.set()
         except Exception as exc:
             LOG.debug("bulk connection failed: %r", exc)
         finally:
             await _aclose(sock)
 
+    def _sent(self, pending: _Pending, n: int) -> None:
+        pending.sent += n
+        self.bytes_sent += n
+
 
 async def serve_bulk_stream(
     stream: Any, peer: str, server: BulkServer, reader: Any, limit: trio.Semaphore
-) -> int:
-    """Answer one bulk request on a libp2p stream; returns bytes read from the stream."""
+) -> tuple[int, int]:
+    """Answer one bulk request on a libp2p stream.
+
+    Returns (received, sent): the request's bytes, and this serve's own bytes out (the
+    answer on the stream, then the range on its TCP connection), which is exactly what
+    the fetcher counts as received.
+    """
     raw = b""
+    sent = 0
     try:
         with trio.fail_after(COLLECT_TIMEOUT_S):
             raw = await read_frame(stream, _MAX_REQUEST) or b""
@@ -127,18 +142,21 @@ async def serve_bulk_stream(
                 data = reader(cid, offset, length)
             except Exception:
                 LOG.exception("blob reader failed for %s@%d+%d", cid, offset, length)
-                await _answer(stream, SERVER_ERROR, b"server error")
-                return len(raw)
+                sent = await _answer(stream, SERVER_ERROR, b"server error")
+                return len(raw), sent
             if data is None:
-                await _answer(stream, NOT_FOUND, b"not found")
-                return len(raw)
+                sent = await _answer(stream, NOT_FOUND, b"not found")
+                return len(raw), sent
             token, key, pending = server.offer(bytes(data[:length]), raw)
             try:
-                await _answer(stream, OK, msgpack.packb([server.port, token, key, len(data)]))
+                offer = msgpack.packb([server.port, token, key, len(data)])
+                sent = await _answer(stream, OK, offer)
                 with trio.move_on_after(COLLECT_TIMEOUT_S):
                     await pending.collected.wait()
             finally:
                 server.withdraw(token)
+                # What went out on the TCP connection so far, even if cut short.
+                sent += pending.sent
         await _close(stream)
     except RemoteProtocolError as exc:
         LOG.warning("bulk stream from %s reset: %s", peer, exc)
@@ -146,7 +164,7 @@ async def serve_bulk_stream(
     except Exception as exc:
         LOG.debug("bulk stream from %s failed: %r", peer, exc)
         await _reset(stream)
-    return len(raw)
+    return len(raw), sent
 
 
 async def fetch_bulk(stream: Any, cid: str, offset: int, length: int) -> tuple[bytes, int]:
@@ -207,8 +225,11 @@ async def _receive_exactly(sock: trio.SocketStream, n: int) -> bytes:
     return bytes(buf)
 
 
-async def _answer(stream: Any, status: int, body: bytes) -> None:
-    await stream.write(_RESP.pack(status, len(body)) + body)
+async def _answer(stream: Any, status: int, body: bytes) -> int:
+    """Write a status answer; returns the bytes written."""
+    message = _RESP.pack(status, len(body)) + body
+    await stream.write(message)
+    return len(message)
 
 
 async def _close(stream: Any) -> None:

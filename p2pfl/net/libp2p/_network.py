@@ -345,11 +345,12 @@ class Libp2pNetwork:
         assert self._bulk is not None
         peer = str(stream.muxed_conn.peer_id)
         self._alive(peer)
-        before = self._bulk.bytes_sent
-        got = await _bulk.serve_bulk_stream(
+        # The serve counts its own bytes: serves overlap, so the server's shared counter
+        # would charge each serve with the others' bytes as well.
+        got, sent = await _bulk.serve_bulk_stream(
             stream, peer, self._bulk, self._blob_reader, self._serve_limit(peer)
         )
-        self._count_serve(got, self._bulk.bytes_sent - before)
+        self._count_serve(got, sent)
 
     def _serve_limit(self, peer: str) -> trio.Semaphore:
         limit = self._serve_limits.get(peer)
