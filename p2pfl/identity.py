@@ -73,9 +73,7 @@ def verify(peer_id: str, kind: str, payload: bytes, signature: bytes) -> bool:
     if public is None or len(signature) != 64:
         return False
     try:
-        Ed25519PublicKey.from_public_bytes(public).verify(
-            signature, _signing_input(kind, payload)
-        )
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, _signing_input(kind, payload))
     except InvalidSignature:
         return False
     return True

@@ -23,8 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from p2pfl.control.server import ControlServer as ControlServer
-    from p2pfl.control.server import NodeAPI as NodeAPI
+    from p2pfl.control.server import ControlServer as ControlServer, NodeAPI as NodeAPI
 
 
 def __getattr__(name: str) -> Any:

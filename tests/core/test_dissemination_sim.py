@@ -25,7 +25,9 @@ def _network(n: int, tmp: Path, trusting: set[int], topology: str = "random-regu
     runner = InProcessRunner()
     drivers = []
     for i, identity in enumerate(identities):
-        policy = TrustPolicy(frozenset({publisher}) if i in trusting or i == 0 else frozenset(), False)
+        policy = TrustPolicy(
+            frozenset({publisher}) if i in trusting or i == 0 else frozenset(), False
+        )
         core = NodeCore(
             identity,
             policy=policy,
@@ -36,8 +38,17 @@ def _network(n: int, tmp: Path, trusting: set[int], topology: str = "random-regu
         )
         store = BlobStore(None)
         ref: list[Driver] = []
-        net = hub.add_node(identity.peer_id, sink=lambda ev, ref=ref: ref[0].on_event(ev), blob_reader=store.read)
-        driver = Driver(core, net, store, SimIO(hub, identity.peer_id, runner), taskpack_root=tmp / "tp", datasets={})
+        net = hub.add_node(
+            identity.peer_id, sink=lambda ev, ref=ref: ref[0].on_event(ev), blob_reader=store.read
+        )
+        driver = Driver(
+            core,
+            net,
+            store,
+            SimIO(hub, identity.peer_id, runner),
+            taskpack_root=tmp / "tp",
+            datasets={},
+        )
         ref.append(driver)
         drivers.append(driver)
     hub.apply_topology(topology, degree=3)
@@ -75,7 +86,10 @@ def test_taskpack_reaches_exactly_the_nodes_that_trust_the_publisher(tmp_path):
             assert d.store.has(cid)
             assert (d.taskpack_dir(cid) / "manifest.yaml").is_file()
         else:
-            assert entry.status == "rejected" and entry.reason == "untrusted-publisher", (i, entry.summary())
+            assert entry.status == "rejected" and entry.reason == "untrusted-publisher", (
+                i,
+                entry.summary(),
+            )
             assert not d.store.has(cid)  # never fetched: nothing of it is here
 
 

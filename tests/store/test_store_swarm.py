@@ -16,7 +16,9 @@ from p2pfl.store.blobs import decode_bitmap, encode_bitmap
 from p2pfl.store.fetcher import chunk_order
 
 CHUNK = 1024
-DATA = random.Random(20).randbytes(CHUNK * 20 + 100)  # 21 chunks; fixed: tie-break orders derive from the cid
+DATA = random.Random(20).randbytes(
+    CHUNK * 20 + 100
+)  # 21 chunks; fixed: tie-break orders derive from the cid
 REF = make_blob_ref(DATA, CHUNK)
 
 
