@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from p2pfl.core.commands import (
+    Aggregate,
     CancelTimer,
     Command,
     FetchBlob,
@@ -34,6 +35,7 @@ from p2pfl.core.task_state import (
     _fmt_metrics,
     _jsonable,
 )
+from p2pfl.store.blobref import BlobRef
 from p2pfl.wire import seal
 
 
@@ -87,6 +89,7 @@ class FinalStep(TaskState):
             dict(partial.metrics),
             dict(partial.aggregates),
             self.global_ref if self.is_training else None,
+            mass=self.mass if self.offer.protocol == "gossip" else 0.0,
         )
         return self._deliver_partial(now, msg)
 
@@ -152,6 +155,8 @@ class FinalStep(TaskState):
                 f"only {len(usable)} usable partials (min_nodes {self.offer.min_nodes})"
                 + (f"; refused: {'; '.join(refused)}" if refused else ""),
             )
+        if self.offer.protocol == "gossip" and self.final_merge in ("", "merging"):
+            return self._merge_final_models(now, usable)
         self.reducing = True
         partials = [
             {
@@ -168,6 +173,44 @@ class FinalStep(TaskState):
                 self.task_id, {"kind": "reduce", "partials": partials}, (self.task_id, "reduce")
             ),
         ]
+
+    def _merge_final_models(self, now: float, usable: list[FinalPartial]) -> list[Command]:
+        """gossip: the result's model is the mass-weighted average of every participant's
+        final estimate -- the consensus push-sum converges to, reached in one step here."""
+        if self.final_merge == "merging":
+            return []
+        models = sorted(
+            (p for p in usable if p.model is not None and p.mass > 0), key=lambda p: p.peer
+        )
+        if not models:
+            self.final_merge = "skipped"
+            return self._maybe_reduce(now, deadline_passed=True)
+        self.final_merge = "merging"
+        agg = Aggregate(
+            self.task_id,
+            self.offer.rounds + 1,
+            tuple(p.model for p in models if p.model is not None),
+            tuple(p.mass for p in models),
+            "fedavg",
+            {},
+            (self.task_id, "final-aggregate", self.offer.rounds + 1),
+        )
+        return self._fetch_then(agg, {p.model.cid: p.peer for p in models if p.model is not None})
+
+    def on_final_merged(self, now: float, ref: BlobRef | None, reason: str) -> list[Command]:
+        self.pending_aggregate = None
+        self.waiting_blobs = set()
+        self.phase = "done-local"
+        if ref is None:
+            self.final_merge = "skipped"  # keep our own estimate as the result's model
+            out: list[Command] = [
+                Log("warning", f"task {self.task_id[:12]}: final merge failed: {reason}")
+            ]
+        else:
+            self.final_merge = "merged"
+            self.global_ref = ref
+            out = []
+        return out + self._maybe_reduce(now, deadline_passed=True)
 
     def _publish_result(
         self, now: float, status: str, reason: str, metrics: dict[str, Any]

@@ -190,6 +190,7 @@ class FinalPartial:
     aggregates: Json
     model: BlobRef | None
     refused: str = ""  # non-empty: the node declined to release (reason)
+    mass: float = 0.0  # gossip: the push-sum weight of `model` (the reducer averages by it)
 
 
 @message("task.result")

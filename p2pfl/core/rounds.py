@@ -278,6 +278,8 @@ class Rounds(TaskState):
 
         fedavg: the acting coordinator re-closes the round without it; everyone else waits
         for that re-close until a deadline. gossip: the share is simply left out."""
+        if self.final_merge == "merging":
+            return self.on_final_merged(now, None, f"model {cid[:16]} unfetchable: {reason}")
         rnd = self.round
         close = self.closes.get(rnd)
         if self.offer.protocol == "gossip" or close is None:
@@ -311,6 +313,8 @@ class Rounds(TaskState):
     def on_aggregated(
         self, now: float, token: tuple, ref: BlobRef | None, reason: str
     ) -> list[Command]:
+        if token[1] == "final-aggregate":
+            return self.on_final_merged(now, ref, reason)
         rnd = token[2]
         attempt = token[3] if len(token) > 3 else 0
         close = self.closes.get(rnd)

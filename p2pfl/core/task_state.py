@@ -83,6 +83,7 @@ class TaskState:
     pending_aggregate: Aggregate | None = None
     partials: dict[str, FinalPartial] = field(default_factory=dict)
     reducing: bool = False
+    final_merge: str = ""  # gossip reducer: "" -> "merging" -> "merged" (or "skipped")
     result: TaskResult | None = None
     result_signer: str = ""
     nodes: dict[str, NodeState] = field(default_factory=dict)
