@@ -187,10 +187,12 @@ class NodeCore:
             return self._on_timer(event.key, now)
         if isinstance(event, PeerConnected):
             self.connected[event.peer] = event.addrs
+            out = []
             for machine in self.tasks.values():
                 machine.connected = set(self.connected)
                 machine.full_mesh = self.full_mesh
-            out = self.book.on_peer_connected(event.peer)
+                out += machine.on_peer_back(now, event.peer)
+            out += self.book.on_peer_connected(event.peer)
             if self.caps_interval_s:
                 # A new peer missed our last record: re-publish soon (one timer, so a burst
                 # of connections costs one message), once the gossip mesh includes it.

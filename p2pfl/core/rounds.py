@@ -166,8 +166,9 @@ class Rounds(TaskState):
             )
         if not included:
             return self._fail(now, f"round {rnd}: no usable update" + _failure_reasons(got))
-        late = tuple(sorted(p for p in self.participants if p not in got and p not in self.dead))
-        close = RoundClose(self.task_id, rnd, self.my_id, included, tuple(sorted(self.dead)) + late)
+        # `dead` is informational (followers, traces): late peers are stragglers, not dead,
+        # and each node decides liveness from its own network events.
+        close = RoundClose(self.task_id, rnd, self.my_id, included, tuple(sorted(self.dead)))
         return [Publish(TOPIC_TASKS, close)]
 
     def on_close(self, now: float, close: RoundClose) -> list[Command]:
@@ -184,9 +185,6 @@ class Rounds(TaskState):
             if not redo:
                 return []
         self.closes[close.round] = close
-        for peer in close.dead:
-            if peer != self.my_id and peer in self.participants and close.peer != peer:
-                self.dead.add(peer)
         out: list[Command] = [
             CancelTimer(("round", self.task_id, close.round)),
             CancelTimer(("reclose", self.task_id, close.round)),

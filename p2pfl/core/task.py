@@ -274,6 +274,16 @@ class TaskMachine(Rounds, FinalStep):
         out += self._maybe_reduce(now, deadline_passed=False)
         return out
 
+    def on_peer_back(self, now: float, peer: str) -> list[Command]:
+        """A participant we had lost is reachable again (a partition healed, a restart):
+        it is expected in the next rounds again. If it missed rounds, the next close it
+        receives brings it back in step (on_close jumps to that round)."""
+        if peer not in self.dead or peer not in self.participants or self.result is not None:
+            return []
+        self.dead.discard(peer)
+        self.nodes.setdefault(peer, NodeState()).state = "rejoined"
+        return [self._event("node", now, "reachable again", peer=peer)]
+
     # --- rounds (fedavg / fedprox) ----------------------------------------------------
 
     def on_job_done(self, now: float, token: tuple, result: Any) -> list[Command]:

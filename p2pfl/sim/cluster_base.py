@@ -119,7 +119,9 @@ class ClusterBase:
         self._last_bytes: dict[int, tuple[int, int]] = {}
         self._test_cache: dict[str, dict[str, Any]] = {}
         self._applied_faults: set[int] = set()
-        self._closed_round = 0
+        self._closed_round = 0  # the highest round closed anywhere
+        self._round_done = 0  # the highest round every live participant finished
+        self._participants: list[int] = []  # roster, as node indices
         self._crashed: set[int] = set()
         self.identities = [
             Identity.from_seed(
@@ -209,12 +211,19 @@ class ClusterBase:
 
     def _on_event(self, index: int, event: dict[str, Any]) -> None:
         kind = event.get("kind")
-        # Faults of round r+1 play once round r closed (or the roster is out, for round 1).
+        # Faults of round r play once every live participant finished round r-1 (its
+        # evaluation is in), or, as a fallback when some never do (a partition), once
+        # round r itself closed somewhere. Round 1's play when the roster is out.
         if kind == "round" and event.get("round") and "closed" in event.get("message", ""):
-            if index == 0 or self._closed_round < event["round"]:
-                self._closed_round = max(self._closed_round, int(event["round"]))
+            if self._closed_round < event["round"]:
+                self._closed_round = int(event["round"])
                 self._schedule(self._apply_faults)
-        if kind == "roster" and index == 0:
+        if kind == "roster" and not self._participants:
+            machine = self.nodes[index].core.tasks.get(event["task_id"])
+            if machine is not None and machine.roster is not None:
+                self._participants = [
+                    self._by_peer[p] for p in machine.participants if p in self._by_peer
+                ]
             self._schedule(self._apply_faults)
         if kind == "node" and event.get("peer") == self.nodes[index].identity.peer_id:
             rnd = event.get("round")
@@ -222,6 +231,10 @@ class ClusterBase:
             if rnd and "model_cid" in metrics and (index, rnd) not in self._seen:
                 self._seen.add((index, rnd))
                 self._collect(index, int(rnd), metrics)
+                live = [i for i in self._participants if i not in self._crashed]
+                if rnd > self._round_done and all((i, rnd) in self._seen for i in live):
+                    self._round_done = int(rnd)
+                    self._schedule(self._apply_faults)
         if index == 0 and kind in ("result", "failed") and self.result is None:
             machine = self.nodes[0].core.tasks.get(event["task_id"])
             self.result = machine.result_dict() if machine else {"status": "failed"}
@@ -280,7 +293,7 @@ class ClusterBase:
     # --- faults ------------------------------------------------------------------------------
 
     def _apply_faults(self) -> None:
-        upcoming = self._closed_round + 1
+        upcoming = max(self._round_done + 1, self._closed_round)
         for k, fault in enumerate(self.spec.faults):
             if k in self._applied_faults or int(fault.get("round", 1)) > upcoming:
                 continue

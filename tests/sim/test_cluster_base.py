@@ -73,10 +73,13 @@ def test_faults_play_once_each_at_their_round() -> None:
     assert world.calls == [("crash", 1)]
     world._apply_faults()
     assert world.calls == [("crash", 1)]  # once only
-    world._closed_round = 1
+    world._closed_round = 1  # round 1 closed, but not every node has finished it yet
+    world._apply_faults()
+    assert world.calls == [("crash", 1)]
+    world._round_done = 1  # every live participant evaluated round 1: round 2's faults play
     world._apply_faults()
     assert world.calls[-1] == ("partition", [[0], [1, 2]])
-    world._closed_round = 2
+    world._closed_round = 3  # fallback: round 3 closed somewhere (a partitioned node lags)
     world._apply_faults()
     assert world.calls[-2:] == [("heal",), ("restart", 1)]
     assert world._crashed == set()
