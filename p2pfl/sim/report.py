@@ -75,6 +75,7 @@ class Summary:
     out_dir: str | None = None
     status: str | None = None  # the task result's status ("succeeded", "failed"...)
     reason: str = ""  # why it failed, if it did
+    warnings: list[str] = field(default_factory=list)  # e.g. settings a network ignored
 
     @property
     def failed(self) -> bool:
@@ -182,6 +183,7 @@ def summarize(
     test: Mapping[str, float] | None = None,
     result: Mapping[str, Any] | None = None,
     out_dir: str | Path | None = None,
+    warnings: Sequence[str] = (),
 ) -> Summary:
     stats = round_stats(records)
     eps = [s.epsilon_max for s in stats if s.epsilon_max is not None]
@@ -203,6 +205,7 @@ def summarize(
         out_dir=None if out_dir is None else str(out_dir),
         status=None if result is None or result.get("status") is None else str(result["status"]),
         reason=str((result or {}).get("reason") or ""),
+        warnings=[str(w) for w in warnings],
     )
 
 

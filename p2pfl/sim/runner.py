@@ -173,6 +173,7 @@ def run_scenario(
             test=_maybe(cluster, "final_test_metrics") or {},
             result=_maybe(cluster, "result") or {},
             out_dir=out,
+            warnings=list(_maybe(cluster, "warnings") or []),
         )
         write_report(out, summary, records, plots=plots)
         if scenario.source is not None and scenario.source.is_file():
