@@ -86,7 +86,7 @@ def run_sim(taskpack: Path, nodes: int, seed: int, tmp: Path) -> dict[str, Any]:
     from p2pfl.driver import Driver
     from p2pfl.net.sim import SimHub
     from p2pfl.runtime import InProcessRunner
-    from p2pfl.sim.io import SimIO
+    from p2pfl.sim.io import sim_node
     from p2pfl.store.blobs import BlobStore
 
     hub = SimHub(seed=seed)
@@ -95,20 +95,13 @@ def run_sim(taskpack: Path, nodes: int, seed: int, tmp: Path) -> dict[str, Any]:
     publisher = ids[0].peer_id
     drivers: list[Driver] = []
     for i, identity in enumerate(ids):
-        store = BlobStore(None)
-        ref: list[Driver] = []
-        net = hub.add_node(
-            identity.peer_id, sink=lambda ev, ref=ref: ref[0].on_event(ev), blob_reader=store.read
-        )
-        driver = Driver(
+        driver = sim_node(
+            hub,
             new_core(identity, publisher, seed, i),
-            net,
-            store,
-            SimIO(hub, identity.peer_id, runner),
+            runner,
             taskpack_root=tmp / f"sim-{i}",
             datasets={},
         )
-        ref.append(driver)
         drivers.append(driver)
     # Two spare nodes for the baseline, outside the overlay (a fetch needs no link).
     server_store, client_store = BlobStore(None), BlobStore(None)

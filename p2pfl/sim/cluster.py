@@ -14,7 +14,6 @@ from functools import partial
 from typing import Any
 
 from p2pfl.core.node_core import NodeCore
-from p2pfl.driver import Driver
 from p2pfl.net.base import NetStats
 from p2pfl.net.sim import LinkModel, SimHub
 from p2pfl.runtime import InProcessRunner, Train
@@ -25,8 +24,7 @@ from p2pfl.sim.cluster_base import (
     ClusterSpec,
     RoundRecord,
 )
-from p2pfl.sim.io import SimIO
-from p2pfl.store.blobs import BlobStore
+from p2pfl.sim.io import sim_node
 
 __all__ = ["ClusterSpec", "RoundRecord", "SimCluster", "TRAIN_OVERHEAD_S", "TRAIN_PER_SAMPLE_S"]
 
@@ -79,26 +77,19 @@ class SimCluster(ClusterBase):
         """Node i's driver over a hub endpoint (a new one, or a crashed node's, restarted)."""
         identity = self.identities[i]
         data = self.spec.node_data[i]
-        store = BlobStore(None)
-        ref: list[Driver] = []
-        sink: Callable[[Any], None] = lambda ev: ref[0].on_event(ev)  # noqa: E731
-        if add:
-            net = self.hub.add_node(identity.peer_id, sink=sink, blob_reader=store.read)
-        else:
-            net = self.hub.restart(identity.peer_id, sink, store.read)
-        driver = Driver(
+        driver = sim_node(
+            self.hub,
             core,
-            net,
-            store,
-            SimIO(self.hub, identity.peer_id, self.runner, _compute_s),
+            self.runner,
             taskpack_root=self.taskpack_root,
             datasets={self.spec.input_name: data},
+            compute_s=_compute_s,
             # A restarted node is a fresh, honest process.
             update_hook=self._update_hook(i) if add else None,
+            restart=not add,
         )
-        ref.append(driver)
         driver.listeners.append(lambda ev, i=i: self._on_event(i, ev))
-        return ClusterNode(i, identity, store, core, driver, data)
+        return ClusterNode(i, identity, driver.store, core, driver, data)
 
     # --- the world's hooks -------------------------------------------------------------------
 

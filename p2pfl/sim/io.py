@@ -9,6 +9,7 @@ imported task module and one process.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from p2pfl.net.sim import SimHub, TimerHandle
@@ -68,3 +69,43 @@ class SimIO:
 
     def close_task(self, task_id: str, node: str) -> None:
         self.runner.close_task(task_id, node)
+
+
+def sim_node(
+    hub: SimHub,
+    core: Any,
+    runner: InProcessRunner,
+    *,
+    taskpack_root: Path,
+    datasets: dict[str, Path],
+    compute_s: Callable[[Any, Any], float] | None = None,
+    update_hook: Callable[[str, bytes], bytes] | None = None,
+    restart: bool = False,
+) -> Any:
+    """One simulated node: the real `Driver` for `core` over a hub endpoint, with an
+    in-memory blob store and the shared job pool. `restart` reuses a crashed node's
+    endpoint. Returns the driver (not started: call `driver.start()` once wired)."""
+    from p2pfl.driver import Driver
+    from p2pfl.store.blobs import BlobStore
+
+    store = BlobStore(None)
+    ref: list[Driver] = []
+
+    def sink(event: Any) -> None:
+        ref[0].on_event(event)
+
+    if restart:
+        net = hub.restart(core.me, sink, store.read)
+    else:
+        net = hub.add_node(core.me, sink=sink, blob_reader=store.read)
+    driver = Driver(
+        core,
+        net,
+        store,
+        SimIO(hub, core.me, runner, compute_s),
+        taskpack_root=taskpack_root,
+        datasets=datasets,
+        update_hook=update_hook,
+    )
+    ref.append(driver)
+    return driver

@@ -8,12 +8,10 @@ import shutil
 from pathlib import Path
 
 from p2pfl.core.node_core import DatasetInfo, NodeCore
-from p2pfl.driver import Driver
 from p2pfl.identity import Identity
 from p2pfl.net.sim import LinkModel, SimHub
 from p2pfl.runtime import InProcessRunner
-from p2pfl.sim.io import SimIO
-from p2pfl.store.blobs import BlobStore
+from p2pfl.sim.io import sim_node
 from p2pfl.taskpack.trust import TrustPolicy
 from tests.core.simhelp import STATS
 
@@ -36,20 +34,7 @@ def _network(n: int, tmp: Path, trusting: set[int], topology: str = "random-regu
             caps_interval_s=None,
             rng=random.Random(i),
         )
-        store = BlobStore(None)
-        ref: list[Driver] = []
-        net = hub.add_node(
-            identity.peer_id, sink=lambda ev, ref=ref: ref[0].on_event(ev), blob_reader=store.read
-        )
-        driver = Driver(
-            core,
-            net,
-            store,
-            SimIO(hub, identity.peer_id, runner),
-            taskpack_root=tmp / "tp",
-            datasets={},
-        )
-        ref.append(driver)
+        driver = sim_node(hub, core, runner, taskpack_root=tmp / "tp", datasets={})
         drivers.append(driver)
     hub.apply_topology(topology, degree=3)
     for d in drivers:

@@ -19,8 +19,7 @@ from p2pfl.errors import RemoteProtocolError
 from p2pfl.identity import Identity
 from p2pfl.net.sim import LinkModel, SimHub
 from p2pfl.runtime import InProcessRunner
-from p2pfl.sim.io import SimIO
-from p2pfl.store.blobs import BlobStore
+from p2pfl.sim.io import sim_node
 from p2pfl.taskpack.trust import TrustPolicy
 from p2pfl.wire import decode, encode
 from tests.core.simhelp import STATS
@@ -55,20 +54,7 @@ def _network(n: int, tmp: Path) -> tuple[SimHub, list[Driver]]:
             caps_interval_s=None,
             rng=random.Random(i),
         )
-        store = BlobStore(None)
-        ref: list[Driver] = []
-        net = hub.add_node(
-            identity.peer_id, sink=lambda ev, ref=ref: ref[0].on_event(ev), blob_reader=store.read
-        )
-        driver = Driver(
-            core,
-            net,
-            store,
-            SimIO(hub, identity.peer_id, runner),
-            taskpack_root=tmp / f"tp{i}",
-            datasets={},
-        )
-        ref.append(driver)
+        driver = sim_node(hub, core, runner, taskpack_root=tmp / f"tp{i}", datasets={})
         drivers.append(driver)
     hub.apply_topology("full")
     for d in drivers:
