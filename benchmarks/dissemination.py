@@ -167,130 +167,131 @@ def _sim_baseline(hub, client_net, client_store, server_store, server, ref, arch
     return hub.now - t0
 
 
-# --- libp2p ------------------------------------------------------------------------------
+# --- libp2p: real node processes -----------------------------------------------------------
 
 
-async def run_libp2p(
-    taskpack: Path, nodes: int, seed: int, tmp: Path, timeout_s: float
-) -> dict[str, Any]:
-    import trio
+def _statuses(client: Any, cid: str) -> str:
+    for item in client.taskpacks():
+        if item.get("cid") == cid:
+            return str(item.get("status"))
+    return "unknown"
 
-    from p2pfl.driver import Driver
-    from p2pfl.io_trio import TrioIO
-    from p2pfl.net.libp2p import Libp2pConfig, Libp2pNetwork
-    from p2pfl.store.blobs import BlobStore
 
-    ids = identities(nodes, seed, "libp2p")
-    publisher = ids[0].peer_id
-    drivers: list[Driver] = []
-    nets: list[Libp2pNetwork] = []
-    result: dict[str, Any] = {}
-    async with trio.open_nursery() as nursery:
-        for i, identity in enumerate(ids):
-            io = TrioIO(nursery, None)  # type: ignore[arg-type]  # no job runs here
-            await nursery.start(io.run)
-            store = BlobStore(None)
-            holder: list[Driver] = []
-            boot = [f"{nets[0].listen_addrs()[0]}"] if nets else []
-            net = Libp2pNetwork(
-                identity,
-                Libp2pConfig(bootstrap=boot, target_peers=nodes),
-                sink=lambda ev, io=io, holder=holder: io.call_soon(lambda: holder[0].on_event(ev)),
-                blob_reader=store.read,
-            )
-            await nursery.start(net.run)
-            driver = Driver(
-                new_core(identity, publisher, seed, i),
-                net,
-                store,
-                io,
-                taskpack_root=tmp / f"p2p-{i}",
-                datasets={},
-            )
-            holder.append(driver)
-            driver.start()
-            drivers.append(driver)
-            nets.append(net)
-        # Wait for the overlay: everyone connected to the publisher and gossip meshes up.
-        with trio.fail_after(timeout_s):
-            while any(publisher not in {p.peer_id for p in n.connected_peers()} for n in nets[1:]):
-                await trio.sleep(0.1)
-        await trio.sleep(3.0)  # a few heartbeats: GossipSub meshes form
+def _wait_overlay(nodes: list[Any], timeout_s: float) -> dict[str, int]:
+    """Until every node is connected to the publisher (they all bootstrap to it) and has
+    min(n-1, target_peers) peers; then a few GossipSub heartbeats for the meshes."""
+    from _procs import wait_until
 
-        info = await trio.to_thread.run_sync(drivers[0].publish_taskpack, taskpack)
-        ann = info["announce"]
-        archive = bytes(drivers[0].store.get(info["cid"]))
-        result["libp2p_p2p_s"] = round(
-            await _libp2p_baseline(nets, drivers, ann.ref, archive, timeout_s), 3
-        )
-        await trio.sleep(0.5)
+    from p2pfl import Client
+    from p2pfl.net.libp2p import Libp2pConfig
 
+    want = min(len(nodes) - 1, Libp2pConfig().target_peers)
+    clients = [Client(n.data_dir, timeout=30.0) for n in nodes]
+    counts: dict[str, int] = {}
+
+    def ready() -> bool:
+        for node, c in zip(nodes, clients, strict=True):
+            ids = {p["peer_id"] for p in c.peers()}
+            counts[node.name] = len(ids)
+            if len(ids) < want or (node is not nodes[0] and nodes[0].peer_id not in ids):
+                return False
+        return True
+
+    wait_until(ready, timeout_s, what=f"{len(nodes)} nodes with >= {want} peers", interval=0.5)
+    time.sleep(3.0)  # heartbeats (1 s): GossipSub meshes form on the new connections
+    return counts
+
+
+def _disseminate(procs: Any, taskpack: Path, n: int, tag: str, timeout_s: float) -> dict[str, Any]:
+    """n fresh node processes (the first publishes, the others trust it), the overlay up;
+    publish, then poll every node until each lists the taskpack verified. Stops the nodes."""
+    import psutil
+
+    from p2pfl import Client
+
+    first = procs.start(f"{tag}-0")
+    others = [
+        procs.spawn(f"{tag}-{i}", bootstrap=[first.bootstrap_addr], trust=[first.peer_id])
+        for i in range(1, n)
+    ]
+    nodes = [first, *others]
+    try:
+        procs.wait_ready(others, timeout=max(60.0, 6.0 * n))
+        peers = _wait_overlay(nodes, timeout_s)
+        for node in nodes:
+            node.snapshot_descendants()
+        clients = [Client(node.data_dir, timeout=30.0) for node in nodes]
+        psutil.cpu_percent(None)  # starts the system-wide busy-time window
+        t_pub = time.perf_counter()
+        info = clients[0].publish(taskpack)
         t0 = time.perf_counter()
-        drivers[0].announce_taskpack(ann)
-        with trio.fail_after(timeout_s):
-            while not verified_everywhere(drivers, info["cid"]):
-                await trio.sleep(0.02)
-        total_s = time.perf_counter() - t0
-        result.update(
-            libp2p_all_verified_s=round(total_s, 3),
-            ratio_libp2p=round(total_s / result["libp2p_p2p_s"], 3),
-            libp2p_nodes=nodes,
-        )
-        nursery.cancel_scope.cancel()
-    return result
+        cid = info["cid"]
+        done: dict[int, float] = {}
+        deadline = t0 + timeout_s
+        while len(done) < n:
+            for i, c in enumerate(clients):
+                if i in done:
+                    continue
+                status = _statuses(c, cid)
+                if status == "verified":
+                    done[i] = time.perf_counter() - t0
+                elif status == "rejected":
+                    raise SystemExit(f"{nodes[i].name} rejected the taskpack: {c.taskpacks()}")
+            if time.perf_counter() > deadline:
+                missing = [nodes[i].name for i in range(n) if i not in done]
+                raise TimeoutError(f"{tag}: not verified within {timeout_s:g} s at {missing}")
+            time.sleep(0.02)
+        busy = psutil.cpu_percent(None)
+        times = sorted(done.values())
+        return {
+            "all_verified_s": round(times[-1], 3),
+            "median_verified_s": round(times[len(times) // 2], 3),
+            "publish_call_s": round(t0 - t_pub, 3),
+            "cpu_busy_pct": round(busy, 1),
+            "min_peers": min(peers.values()),
+        }
+    finally:
+        procs.stop(nodes)
 
 
-async def _libp2p_baseline(nets, drivers, ref, archive, timeout_s: float) -> float:
-    """Node 1 fetches the archive from node 0 with a BlobFetch, as the driver does, then
-    forgets it (so the dissemination starts from scratch)."""
-    import trio
+def run_libp2p(
+    taskpack: Path, node_counts: list[int], p2p_runs: int, tmp: Path, timeout_s: float
+) -> dict[str, Any]:
+    """Baseline (2 processes, `p2p_runs` times, the fastest counts), then one dissemination
+    per entry of `node_counts`; ratio_libp2p is for the first count."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _procs import Procs
 
-    from p2pfl.net.base import FetchDone, FetchFailed
-    from p2pfl.store.blobs import BlobStore
-    from p2pfl.store.fetcher import BlobFetch
-
-    client_net, client = nets[1], drivers[1]
-    fetch = BlobFetch(ref, BlobStore(None).open_partial(ref))
-    done = trio.Event()
-    reasons: list[str] = []
-
-    def send(cmds: list[Any]) -> None:
-        for c in cmds:
-            client_net.fetch(c.peer, c.cid, c.offset, c.length, ("baseline", c.index))
-
-    original = client.on_event
-
-    def on_event(ev: Any) -> None:
-        if isinstance(ev, FetchDone | FetchFailed) and ev.token[0] == "baseline":
-            if isinstance(ev, FetchDone):
-                send(fetch.on_done(ev.peer, ev.token[1], ev.data))
-            else:
-                reasons.append(ev.reason)
-                send(fetch.on_failed(ev.peer, ev.token[1], ev.reason))
-            if fetch.done or fetch.failed_reason:
-                done.set()
-            return
-        original(ev)
-
-    client.on_event = on_event  # type: ignore[method-assign]
-    t0 = time.perf_counter()
-    fetch.add_provider(nets[0].peer_id)
-    send(fetch.start())
-    with trio.fail_after(timeout_s):
-        await done.wait()
-    elapsed = time.perf_counter() - t0
-    client.on_event = original  # type: ignore[method-assign]
-    if not fetch.done:
-        raise SystemExit(f"libp2p baseline failed: {fetch.failed_reason} {reasons[:3]}")
-    return elapsed
+    with Procs(tmp / "procs") as procs:
+        p2p = [
+            _disseminate(procs, taskpack, 2, f"p2p{k}", timeout_s)["all_verified_s"]
+            for k in range(p2p_runs)
+        ]
+        base = min(p2p)
+        runs = []
+        for n in node_counts:
+            r = _disseminate(procs, taskpack, n, f"swarm{n}", timeout_s)
+            runs.append({"nodes": n, **r, "ratio": round(r["all_verified_s"] / base, 3)})
+        leaked = procs.leaked()
+    if leaked:
+        raise SystemExit(f"processes left running: {leaked}")
+    return {
+        "ratio_libp2p": runs[0]["ratio"],
+        "libp2p_nodes": runs[0]["nodes"],
+        "libp2p_all_verified_s": runs[0]["all_verified_s"],
+        "libp2p_p2p_s": round(base, 3),
+        "libp2p_p2p_runs_s": p2p,
+        "libp2p_runs": runs,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=float, default=20.0)
     ap.add_argument("--nodes", type=int, default=16)
-    # 16 libp2p hosts in one process did not finish setting up on 2 cores.
-    ap.add_argument("--libp2p-nodes", type=int, default=8)
+    # Node processes per libp2p dissemination, comma-separated; the first gives ratio_libp2p.
+    ap.add_argument("--libp2p-nodes", default="16,8")
+    ap.add_argument("--p2p-runs", type=int, default=2)
     ap.add_argument("--no-libp2p", action="store_true")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=300.0)
@@ -302,11 +303,8 @@ def main() -> None:
         out: dict[str, Any] = {"mb": args.mb, "nodes": args.nodes}
         out.update(run_sim(taskpack, args.nodes, args.seed, tmp))
         if not args.no_libp2p:
-            import trio
-
-            out.update(
-                trio.run(run_libp2p, taskpack, args.libp2p_nodes, args.seed, tmp, args.timeout)
-            )
+            counts = [int(x) for x in args.libp2p_nodes.split(",") if x.strip()]
+            out.update(run_libp2p(taskpack, counts, args.p2p_runs, tmp, args.timeout))
         first = {k: out.pop(k) for k in ("ratio_sim", "ratio_libp2p") if k in out}
         print(json.dumps({**first, **out}))
     finally:
