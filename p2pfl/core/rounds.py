@@ -13,6 +13,7 @@ shares addressed to it (or the round deadline) and merges them.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from p2pfl.core.commands import (
@@ -44,6 +45,7 @@ from p2pfl.core.task_state import (
 from p2pfl.store.blobref import BlobRef
 
 KEEP_ROUNDS = 2  # rounds of updates kept for stragglers before their blobs are forgotten
+FETCH_RETRIES = 2  # a failed fetch from a live author is retried this often
 
 
 class Rounds(TaskState):
@@ -279,11 +281,31 @@ class Rounds(TaskState):
         if self.final_merge == "merging":
             return self.on_final_merged(now, None, f"model {cid[:16]} unfetchable: {reason}")
         rnd = self.round
-        close = self.closes.get(rnd)
-        if self.offer.protocol == "gossip" or close is None:
-            return self._fail(now, f"could not fetch update {cid[:16]}: {reason}")
-        authors = {u.ref.cid: p for p, u in self.updates.get(rnd, {}).items() if u.ref is not None}
+        agg = self.pending_aggregate
+        ref = next((r for r in agg.refs if r.cid == cid), None) if agg is not None else None
+        if self.offer.protocol == "gossip":
+            shares = self.pushes.get(rnd, {}).values()
+            authors = {s.ref.cid: s.peer for s in shares if s.ref is not None}
+        else:
+            updates = self.updates.get(rnd, {})
+            authors = {u.ref.cid: p for p, u in updates.items() if u.ref is not None}
         lost = authors.get(cid)
+        # A fetch can fail while its author is alive (a timeout under load): ask again.
+        tries = self.fetch_retries.get(cid, 0)
+        if ref is not None and lost is not None and lost not in self.dead and tries < FETCH_RETRIES:
+            self.fetch_retries[cid] = tries + 1
+            return [
+                Log(
+                    "info",
+                    f"task {self.task_id[:12]}: retrying {cid[:16]} from {lost[-8:]} ({reason})",
+                ),
+                FetchBlob(ref, (lost,)),
+            ]
+        if self.offer.protocol == "gossip" and agg is not None:
+            return self._drop_share(now, agg, cid, reason)
+        close = self.closes.get(rnd)
+        if close is None:
+            return self._fail(now, f"could not fetch update {cid[:16]}: {reason}")
         if lost is not None and lost != self.my_id:
             self.dead.add(lost)
         if not self._is_closer():
@@ -307,6 +329,24 @@ class Rounds(TaskState):
             Log("warning", f"task {self.task_id[:12]}: re-closing round {rnd} without {lost}"),
             Publish(TOPIC_TASKS, redo),
         ]
+
+    def _drop_share(self, now: float, agg: Aggregate, cid: str, reason: str) -> list[Command]:
+        """gossip: merge without a share that cannot be fetched (its mass is lost)."""
+        kept = [(r, w) for r, w in zip(agg.refs, agg.weights, strict=True) if r.cid != cid]
+        if not kept:
+            return self._fail(now, f"round {self.round}: no share could be fetched ({reason})")
+        self.mass = sum(w for _, w in kept)
+        self.pending_aggregate = replace(
+            agg, refs=tuple(r for r, _ in kept), weights=tuple(w for _, w in kept)
+        )
+        self.waiting_blobs.discard(cid)
+        out: list[Command] = [
+            Log("warning", f"task {self.task_id[:12]}: share {cid[:16]} left out ({reason})")
+        ]
+        if not self.waiting_blobs:
+            ready, self.pending_aggregate = self.pending_aggregate, None
+            out.append(ready)
+        return out
 
     def on_aggregated(
         self, now: float, token: tuple, ref: BlobRef | None, reason: str

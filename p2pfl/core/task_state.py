@@ -89,6 +89,7 @@ class TaskState:
     nodes: dict[str, NodeState] = field(default_factory=dict)
     last_metrics: dict[str, Any] = field(default_factory=dict)
     final_sent: bool = False
+    fetch_retries: dict[str, int] = field(default_factory=dict)  # cid -> retries so far
     # Blobs this task made or fetched, by round, so old rounds can be forgotten.
     round_blobs: dict[int, set[str]] = field(default_factory=dict)
     # Round messages that arrived before the roster (a fast peer can be rounds ahead):

@@ -166,3 +166,13 @@ def test_krum_resists_a_scaling_attacker(tmp_path):
     assert robust.result["status"] == "succeeded"
     assert robust.final_test_metrics["accuracy"] > 0.8
     assert robust.final_test_metrics["accuracy"] > plain.final_test_metrics["accuracy"] + 0.05
+
+
+def test_lossy_links_are_survived_by_retrying_fetches(data4):
+    """30% of direct messages and fetches are lost: fetches are retried from the live
+    author instead of dropping its update, and every round keeps all four updates."""
+    paths, test = data4
+    cluster, _ = run(spec(paths, test, link={"latency_ms": 20, "bandwidth_mbps": 100, "loss": 0.3}))
+    assert cluster.result["status"] == "succeeded", cluster.result
+    machine = cluster.nodes[0].core.tasks[cluster.task_id]
+    assert all(len(c.included) == 4 for c in machine.closes.values())
