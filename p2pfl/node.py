@@ -411,9 +411,3 @@ def _leaf_errors(group: BaseExceptionGroup) -> list[BaseException]:
         elif not isinstance(exc, trio.Cancelled):
             out.append(exc)
     return out
-
-
-def check_config(config: NodeConfig) -> None:
-    for name, path in config.datasets.items():
-        if not Path(path).is_file():
-            raise LocalProtocolError(f"--dataset {name}={path}: no such file")

@@ -260,6 +260,13 @@ class FinalStep(TaskState):
             return []
         self.result = result
         self.result_signer = signer
+        # Followers see where everyone ended, even participants they heard little from.
+        for peer in self.participants:
+            state = self.nodes.setdefault(peer, NodeState())
+            contributed = peer in result.participants
+            state.state = "done" if contributed else ("lost" if peer in self.dead else "left out")
+            if contributed and result.status == "succeeded":
+                state.round = max(state.round, result.rounds)
         self.phase = "done" if result.status == "succeeded" else "failed"
         self.reason = result.reason
         kind = "result" if result.status == "succeeded" else "failed"
