@@ -94,7 +94,27 @@ def split_dataset(
 # Loaders. Each is cached: datasets are immutable, callers must not mutate the arrays.
 
 
+def _digits_csv() -> Dataset | None:
+    """digits straight from the CSV scikit-learn ships: the same rows as `load_digits`
+    without importing `sklearn.datasets` (seconds of imports; this is the quickstart's data)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        return None
+    with gzip.open(path, "rt") as fh:
+        table = np.loadtxt(fh, delimiter=",", dtype=np.float32)
+    X, y = table[:, :-1], table[:, -1].astype(np.int64)
+    names = [f"pixel_{r}_{c}" for r in range(8) for c in range(8)]
+    return Dataset(X / np.float32(16.0), y, names, None, 10, "digits", "fixed")
+
+
 def _sklearn(name: str) -> Dataset:
+    if name == "digits" and (fast := _digits_csv()) is not None:
+        return fast
     from sklearn import datasets as skd
 
     loader = {
