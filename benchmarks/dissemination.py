@@ -22,7 +22,7 @@ ratio low; all 15 downloaders pulling from the publisher's one uplink would give
           CPU floor and `ratio_cpu_min`, the ratio a perfect swarm would get on these cores.
 
 Prints one JSON line. Usage: python benchmarks/dissemination.py [--mb 20] [--nodes 16]
-[--libp2p-nodes 16,8] [--p2p-runs 2] [--no-libp2p] [--seed 1] [--timeout 300] [--keep]
+[--libp2p-nodes 16,8] [--p2p-runs 2] [--no-libp2p] [--no-sim] [--seed 1] [--timeout 300] [--keep]
 """
 
 from __future__ import annotations
@@ -394,6 +394,7 @@ def main() -> None:
     ap.add_argument("--libp2p-nodes", default="16,8")
     ap.add_argument("--p2p-runs", type=int, default=2)
     ap.add_argument("--no-libp2p", action="store_true")
+    ap.add_argument("--no-sim", action="store_true")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (node logs)")
@@ -403,7 +404,8 @@ def main() -> None:
     try:
         taskpack = make_taskpack(tmp, args.mb, args.seed)
         out: dict[str, Any] = {"mb": args.mb, "nodes": args.nodes}
-        out.update(run_sim(taskpack, args.nodes, args.seed, tmp))
+        if not args.no_sim:
+            out.update(run_sim(taskpack, args.nodes, args.seed, tmp))
         if not args.no_libp2p:
             counts = [int(x) for x in args.libp2p_nodes.split(",") if x.strip()]
             out.update(run_libp2p(taskpack, counts, args.p2p_runs, tmp, args.timeout))
