@@ -18,7 +18,14 @@ import trio
 
 from p2pfl.errors import RemoteProtocolError
 from p2pfl.net.base import MAX_FETCH_BYTES, BlobReader
-from p2pfl.net.libp2p._framing import frame, read_exactly, read_frame
+from p2pfl.net.libp2p._framing import (
+    deadline,
+    frame,
+    read_exactly,
+    read_frame,
+    serve_slot,
+    transfer_deadline,
+)
 
 LOG = logging.getLogger("p2pfl.net.libp2p")
 
@@ -30,10 +37,18 @@ _MAX_REASON = 4096
 _MAX_CID = 256
 # A requester that does not finish sending its (tiny) request by then is dropped.
 REQUEST_TIMEOUT_S = 10.0
+# How long a request waits for one of the peer's serve slots before it is answered "busy".
+SLOT_TIMEOUT_S = 10.0
+# The fetcher's deadline for the answer's header: the server's slot wait plus the trip.
+HEADER_TIMEOUT_S = SLOT_TIMEOUT_S + 5.0
 
 
 class FetchRefused(Exception):
     """The serving peer answered with an error status; str() is its reason."""
+
+
+class _Busy(Exception):
+    """No serve slot came free in time."""
 
 
 def encode_request(cid: str, offset: int, length: int) -> bytes:
@@ -72,12 +87,17 @@ async def serve_blob_stream(
         if raw is None:
             raise RemoteProtocolError("blob stream closed before a request")
         cid, offset, length = decode_request(raw)
-        async with limit:  # bounds how many ranges one peer has us read at once
+        # Bounds how many ranges one peer has us read at once; every holder is bounded in
+        # time (the write below), so the wait is too, and past it the answer is "busy".
+        async with serve_slot(limit, SLOT_TIMEOUT_S) as got:
             try:
+                if not got:
+                    raise _Busy
                 data = reader(cid, offset, length)
+            except _Busy:
+                status, body = SERVER_ERROR, b"busy"
             except Exception:
                 LOG.exception("blob reader failed for %s@%d+%d", cid, offset, length)
-                data = b""
                 status, body = SERVER_ERROR, b"server error"
             else:
                 if data is None:
@@ -87,16 +107,18 @@ async def serve_blob_stream(
                     status, body = SERVER_ERROR, b"server error"
                 else:
                     status, body = OK, data
-            await stream.write(_RESP.pack(status, len(body)))
-            if body:
-                await stream.write(body)
+            with trio.fail_after(transfer_deadline(len(body))):
+                await stream.write(_RESP.pack(status, len(body)))
+                if body:
+                    await stream.write(body)
         count(len(raw) + 4, _RESP.size + len(body))
-        await stream.close()
+        with trio.move_on_after(2):  # the answer is out: never hold the task long here
+            await stream.close()
     except RemoteProtocolError as exc:
         LOG.warning("blob stream from %s reset: %s", peer, exc)
         await _reset(stream)
     except trio.TooSlowError:
-        LOG.warning("blob stream from %s reset: no request within %.0f s", peer, REQUEST_TIMEOUT_S)
+        LOG.warning("blob stream from %s reset: request or answer past its deadline", peer)
         await _reset(stream)
     except Exception as exc:  # the peer went away mid-answer, most likely
         LOG.debug("blob stream from %s failed: %r", peer, exc)
@@ -106,15 +128,18 @@ async def serve_blob_stream(
 async def request_range(stream: Any, cid: str, offset: int, length: int) -> tuple[bytes, int]:
     """Ask for one range on a fresh stream; (data, bytes read on the wire).
 
-    Raises FetchRefused for an error answer, RemoteProtocolError for a malformed one.
+    Raises FetchRefused for an error answer, RemoteProtocolError for a malformed one,
+    StageTimeout for a stage past its deadline.
     """
-    await stream.write(encode_request(cid, offset, length))
-    head = await read_exactly(stream, _RESP.size)
+    with deadline("blob request", HEADER_TIMEOUT_S):
+        await stream.write(encode_request(cid, offset, length))
+        head = await read_exactly(stream, _RESP.size)
     status, size = _RESP.unpack(head)
     limit = length if status == OK else _MAX_REASON
     if size > limit:
         raise RemoteProtocolError(f"blob answer of {size} bytes exceeds {limit}")
-    body = await read_exactly(stream, size)
+    with deadline(f"blob transfer of {size} bytes", transfer_deadline(size)):
+        body = await read_exactly(stream, size)
     if status != OK:
         raise FetchRefused(body.decode("utf-8", "replace") or f"status {status}")
     return body, _RESP.size + size

@@ -15,7 +15,14 @@ bytes travel on a one-shot TCP connection:
    is safe; the tag detects truncation, tampering and a replayed or swapped range.
 
 Any failure of this path (no route to the port, a firewall, an old peer) makes the caller
-fall back to the blob stream protocol.
+fall back to the blob stream protocol; a stage that misses its deadline (StageTimeout: the
+server is overloaded) fails the fetch instead, so the fetcher asks another provider rather
+than loading the same server with the costlier stream path.
+
+Every stage has a deadline (see _framing.deadline): the offer (server side: waiting for a
+serve slot, then "busy"), the TCP connect and token, and the range itself in proportion to
+its size. Sealing and opening a large range run in a worker thread: `cryptography`'s AEAD
+releases the GIL, and the event loop keeps serving pings and other transfers meanwhile.
 """
 
 from __future__ import annotations
@@ -41,7 +48,13 @@ from p2pfl.net.libp2p._blob import (
     decode_request,
     encode_request,
 )
-from p2pfl.net.libp2p._framing import read_exactly, read_frame
+from p2pfl.net.libp2p._framing import (
+    deadline,
+    read_exactly,
+    read_frame,
+    serve_slot,
+    transfer_deadline,
+)
 
 LOG = logging.getLogger("p2pfl.net.libp2p")
 
@@ -52,8 +65,17 @@ _TAG = 16
 _RESP = struct.Struct(">BI")
 _LEN = struct.Struct(">I")
 _MAX_OFFER = 256
-# How long a prepared range waits for its fetcher's TCP connection.
+# How long a prepared range waits for its fetcher's TCP connection and token (the fetcher
+# gives itself CONNECT_TIMEOUT_S for that, counted from a later moment: a late fetcher
+# finds its token withdrawn, and falls back).
 COLLECT_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 5.0
+# How long a request waits for one of the peer's serve slots before it is answered "busy".
+SLOT_TIMEOUT_S = 10.0
+# The fetcher's deadline for the offer: the server's slot wait plus the answer's trip.
+OFFER_TIMEOUT_S = SLOT_TIMEOUT_S + 5.0
+# Ranges at least this large are sealed and opened in a worker thread.
+THREAD_CRYPTO_BYTES = 64 * 1024
 # Copying in bounded slices keeps each socket call reasonable and lets trio interleave.
 _IO_CHUNK = 1024 * 1024
 
@@ -63,6 +85,7 @@ class _Pending:
     key: bytes
     data: bytes
     aad: bytes
+    claimed: trio.Event = field(default_factory=trio.Event)  # the token was presented
     collected: trio.Event = field(default_factory=trio.Event)
     # Bytes this range put on its TCP connection: each serve counts its own, because
     # serves of one server overlap (a shared counter's growth would count the others').
@@ -101,14 +124,16 @@ class BulkServer:
             if pending is None:
                 LOG.warning("bulk connection with an unknown token closed")
                 return
-            sealed = AESGCM(pending.key).encrypt(_NONCE, pending.data, pending.aad)
-            await sock.send_all(_LEN.pack(len(sealed)))
-            self._sent(pending, _LEN.size)
-            view = memoryview(sealed)
-            for off in range(0, len(view), _IO_CHUNK):
-                chunk = view[off : off + _IO_CHUNK]
-                await sock.send_all(chunk)
-                self._sent(pending, len(chunk))
+            pending.claimed.set()
+            with trio.fail_after(transfer_deadline(len(pending.data))):
+                sealed = await _seal(pending.key, pending.data, pending.aad)
+                await sock.send_all(_LEN.pack(len(sealed)))
+                self._sent(pending, _LEN.size)
+                view = memoryview(sealed)
+                for off in range(0, len(view), _IO_CHUNK):
+                    chunk = view[off : off + _IO_CHUNK]
+                    await sock.send_all(chunk)
+                    self._sent(pending, len(chunk))
             pending.collected.set()
         except Exception as exc:
             LOG.debug("bulk connection failed: %r", exc)
@@ -137,27 +162,16 @@ async def serve_bulk_stream(
         if not raw:
             raise RemoteProtocolError("bulk stream closed before a request")
         cid, offset, length = decode_request(raw)
-        async with limit:  # held until the range is collected: bounds memory per peer
-            try:
-                data = reader(cid, offset, length)
-            except Exception:
-                LOG.exception("blob reader failed for %s@%d+%d", cid, offset, length)
-                sent = await _answer(stream, SERVER_ERROR, b"server error")
-                return len(raw), sent
-            if data is None:
-                sent = await _answer(stream, NOT_FOUND, b"not found")
-                return len(raw), sent
-            token, key, pending = server.offer(bytes(data[:length]), raw)
-            try:
-                offer = msgpack.packb([server.port, token, key, len(data)])
-                sent = await _answer(stream, OK, offer)
-                with trio.move_on_after(COLLECT_TIMEOUT_S):
-                    await pending.collected.wait()
-            finally:
-                server.withdraw(token)
-                # What went out on the TCP connection so far, even if cut short.
-                sent += pending.sent
-        await _close(stream)
+        # A slot is held until the range is collected: it bounds memory per peer. Every
+        # holder is bounded in time, so this wait is too; past it the answer is "busy"
+        # (the fetcher then asks another provider rather than this overloaded one again).
+        async with serve_slot(limit, SLOT_TIMEOUT_S) as got:
+            if not got:
+                sent = await _answer(stream, SERVER_ERROR, b"busy")
+            else:
+                sent = await _offer_range(stream, server, reader, raw, cid, offset, length)
+        with trio.move_on_after(2):
+            await _close(stream)
     except RemoteProtocolError as exc:
         LOG.warning("bulk stream from %s reset: %s", peer, exc)
         await _reset(stream)
@@ -167,17 +181,51 @@ async def serve_bulk_stream(
     return len(raw), sent
 
 
+async def _offer_range(
+    stream: Any, server: BulkServer, reader: Any, raw: bytes, cid: str, offset: int, length: int
+) -> int:
+    """Offer the range, wait until it is collected; bytes this serve sent."""
+    try:
+        data = reader(cid, offset, length)
+    except Exception:
+        LOG.exception("blob reader failed for %s@%d+%d", cid, offset, length)
+        return await _answer(stream, SERVER_ERROR, b"server error")
+    if data is None:
+        return await _answer(stream, NOT_FOUND, b"not found")
+    token, key, pending = server.offer(bytes(data[:length]), raw)
+    sent = 0
+    try:
+        offer = msgpack.packb([server.port, token, key, len(pending.data)])
+        with trio.fail_after(COLLECT_TIMEOUT_S):
+            sent = await _answer(stream, OK, offer)
+        with trio.move_on_after(COLLECT_TIMEOUT_S):
+            await pending.claimed.wait()
+        if pending.claimed.is_set():
+            # The connection's own deadline bounds the transfer; this one only makes
+            # sure the slot comes back whatever happens to it.
+            with trio.move_on_after(transfer_deadline(len(pending.data)) + 1):
+                await pending.collected.wait()
+    finally:
+        server.withdraw(token)
+        # What went out on the TCP connection so far, even if cut short.
+        sent += pending.sent
+    return sent
+
+
 async def fetch_bulk(stream: Any, cid: str, offset: int, length: int) -> tuple[bytes, int]:
     """Fetch one range over the bulk path; (data, wire bytes received).
 
-    Raises FetchRefused for an error answer; anything else means "use the stream path".
+    Raises FetchRefused for an error answer and StageTimeout for a stage past its
+    deadline (an overloaded server: fail, ask elsewhere); anything else means "use the
+    stream path".
     """
     request = encode_request(cid, offset, length)
-    await stream.write(request)
-    status, size = _RESP.unpack(await read_exactly(stream, _RESP.size))
-    if size > (_MAX_OFFER if status == OK else 4096):
-        raise RemoteProtocolError(f"bulk answer of {size} bytes is too long")
-    body = await read_exactly(stream, size)
+    with deadline("bulk offer", OFFER_TIMEOUT_S):
+        await stream.write(request)
+        status, size = _RESP.unpack(await read_exactly(stream, _RESP.size))
+        if size > (_MAX_OFFER if status == OK else 4096):
+            raise RemoteProtocolError(f"bulk answer of {size} bytes is too long")
+        body = await read_exactly(stream, size)
     if status != OK:
         raise FetchRefused(body.decode("utf-8", "replace") or f"status {status}")
     try:
@@ -198,21 +246,43 @@ async def fetch_bulk(stream: Any, cid: str, offset: int, length: int) -> tuple[b
     remote = stream.muxed_conn.get_remote_address()
     if not remote:
         raise RemoteProtocolError("no remote address for the bulk connection")
-    sock = await trio.open_tcp_stream(remote[0], port)
+    sock = None
     try:
-        await sock.send_all(token)
-        (sealed_len,) = _LEN.unpack(await _receive_exactly(sock, _LEN.size))
-        if sealed_len != data_len + _TAG:
-            raise RemoteProtocolError(f"bulk frame of {sealed_len} bytes, {data_len} offered")
-        sealed = await _receive_exactly(sock, sealed_len)
+        with deadline("bulk connect", CONNECT_TIMEOUT_S):
+            sock = await trio.open_tcp_stream(remote[0], port)
+            await sock.send_all(token)
+        # The server seals the range before its length goes out: that is in this stage.
+        with deadline(f"bulk transfer of {data_len} bytes", transfer_deadline(data_len)):
+            (sealed_len,) = _LEN.unpack(await _receive_exactly(sock, _LEN.size))
+            if sealed_len != data_len + _TAG:
+                raise RemoteProtocolError(f"bulk frame of {sealed_len} bytes, {data_len} offered")
+            sealed = await _receive_exactly(sock, sealed_len)
     finally:
-        await _aclose(sock)
+        if sock is not None:
+            await _aclose(sock)
     try:
         # The server binds the request exactly as received (the frame without its length).
-        data = AESGCM(key).decrypt(_NONCE, sealed, token + request[4:])
+        data = await _open(key, sealed, token + request[4:])
     except InvalidTag:
         raise RemoteProtocolError("bulk data failed authentication") from None
     return data, _RESP.size + size + _LEN.size + sealed_len
+
+
+async def _seal(key: bytes, data: bytes, aad: bytes) -> bytes:
+    if len(data) < THREAD_CRYPTO_BYTES:
+        return AESGCM(key).encrypt(_NONCE, data, aad)
+    # Abandonable: a cancelled serve must not wait for the thread (it finishes alone).
+    return await trio.to_thread.run_sync(
+        AESGCM(key).encrypt, _NONCE, data, aad, abandon_on_cancel=True
+    )
+
+
+async def _open(key: bytes, sealed: bytes, aad: bytes) -> bytes:
+    if len(sealed) < THREAD_CRYPTO_BYTES:
+        return AESGCM(key).decrypt(_NONCE, sealed, aad)
+    return await trio.to_thread.run_sync(
+        AESGCM(key).decrypt, _NONCE, sealed, aad, abandon_on_cancel=True
+    )
 
 
 async def _receive_exactly(sock: trio.SocketStream, n: int) -> bytes:

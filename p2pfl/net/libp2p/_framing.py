@@ -8,6 +8,8 @@ protocol of ours frames with a fixed 4-byte big-endian length and reads it back 
 from __future__ import annotations
 
 import struct
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Protocol
 
 import trio
@@ -94,3 +96,45 @@ async def reset_quietly(stream: Any) -> None:
             await stream.reset()
     except Exception:
         pass
+
+
+# Deadlines. Every stage of a transfer is bounded, so a stuck stage fails in seconds (and
+# the fetcher asks elsewhere) instead of holding the fetch until fetch_timeout_s. A stage
+# that moves data gets time in proportion to its size: STAGE_BASE_S plus the size at
+# MIN_RATE_BPS, a rate far below any working link (loopback moves GB/s, a starved loop of
+# eight in-process hosts still moves tens of MB/s).
+STAGE_BASE_S = 10.0
+MIN_RATE_BPS = 512 * 1024
+
+
+class StageTimeout(Exception):
+    """A stage of a transfer missed its deadline; str() names the stage."""
+
+
+def transfer_deadline(nbytes: int) -> float:
+    """Seconds allowed for a stage that moves `nbytes`."""
+    return STAGE_BASE_S + nbytes / MIN_RATE_BPS
+
+
+@contextmanager
+def deadline(stage: str, seconds: float) -> Iterator[None]:
+    """`trio.fail_after`, raising StageTimeout naming `stage` (an ordinary Exception)."""
+    try:
+        with trio.fail_after(seconds):
+            yield
+    except trio.TooSlowError:
+        raise StageTimeout(f"{stage} timed out after {seconds:.1f} s") from None
+
+
+@asynccontextmanager
+async def serve_slot(limit: trio.Semaphore, timeout: float) -> AsyncIterator[bool]:
+    """Hold one of `limit`'s slots if it frees up within `timeout`; yields whether it did."""
+    got = False
+    with trio.move_on_after(timeout):
+        await limit.acquire()
+        got = True
+    try:
+        yield got
+    finally:
+        if got:
+            limit.release()

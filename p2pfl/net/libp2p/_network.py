@@ -36,9 +36,10 @@ from p2pfl.net.base import (
     PeerDisconnected,
     PeerInfo,
 )
-from p2pfl.net.libp2p import _blob, _bulk, _px
+from p2pfl.net.libp2p import _blob, _bulk, _fetch, _px
 from p2pfl.net.libp2p._config import Libp2pConfig
 from p2pfl.net.libp2p._framing import (
+    StageTimeout,
     close_quietly as _close,
     frame,
     read_frame,
@@ -102,6 +103,7 @@ class Libp2pNetwork:
         self._serve_limits: dict[str, trio.Semaphore] = {}
         self._sender_ids: dict[bytes, str] = {}
         self._bulk: _bulk.BulkServer | None = None
+        self._reacher: _fetch.Reacher | None = None
 
     # --- the Network interface ----------------------------------------------------------
 
@@ -158,6 +160,7 @@ class Libp2pNetwork:
         host = build_host(self._identity.libp2p_keypair(), self._config)
         pubsub, gossipsub = build_pubsub(host, self._config, self._on_gossip)
         self._host, self._pubsub = host, pubsub
+        self._reacher = _fetch.Reacher(host, self._book.addrs)
         host.set_stream_handler(TProtocol(MSG_PROTOCOL), self._handle_msg_stream)
         host.set_stream_handler(TProtocol(_blob.BLOB_PROTOCOL), self._handle_blob_stream)
         host.set_stream_handler(TProtocol(_px.PX_PROTOCOL), self._handle_px_stream)
@@ -368,15 +371,17 @@ class Libp2pNetwork:
         reason = ""
         try:
             with trio.fail_after(self._config.fetch_timeout_s):
-                result = None
-                if self._bulk is not None:
-                    result = await self._fetch_via(peer, _bulk.BULK_PROTOCOL, cid, offset, length)
-                if result is None:
-                    result = await self._fetch_via(peer, _blob.BLOB_PROTOCOL, cid, offset, length)
-                data, wire = result
+                if self._reacher is None:
+                    raise _fetch.Unreachable("network not running")
+                await self._reacher.reach(peer, self._config.dial_timeout_s)
+                data, wire = await _fetch.fetch_range(
+                    self._host, peer, cid, offset, length, self._bulk is not None, self._stats.extra
+                )
         except trio.TooSlowError:
             reason = f"timeout after {self._config.fetch_timeout_s:.0f} s"
         except _blob.FetchRefused as exc:
+            reason = str(exc)
+        except (_fetch.Unreachable, StageTimeout) as exc:
             reason = str(exc)
         except RemoteProtocolError as exc:
             reason = f"bad answer: {exc}"
@@ -384,6 +389,7 @@ class Libp2pNetwork:
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if reason:
+            LOG.debug("fetch %s@%d from %s failed: %s", cid[:16], offset, peer, reason)
             self._stats.extra["fetch_failed"] += 1
             self._emit(FetchFailed(token, peer, cid, offset, reason))
             return
@@ -392,31 +398,6 @@ class Libp2pNetwork:
         self._stats.bytes_sent += len(_blob.encode_request(cid, offset, length))
         self._stats.extra["fetch_done"] += 1
         self._emit(FetchDone(token, peer, cid, offset, data))
-
-    async def _fetch_via(
-        self, peer: str, protocol: str, cid: str, offset: int, length: int
-    ) -> tuple[bytes, int] | None:
-        """One range over `protocol`. For the bulk path, None means "fall back"."""
-        stream = None
-        try:
-            stream = await self._host.new_stream(ID.from_base58(peer), [TProtocol(protocol)])
-            if protocol == _bulk.BULK_PROTOCOL:
-                result = await _bulk.fetch_bulk(stream, cid, offset, length)
-                self._stats.extra["bulk_fetches"] = self._stats.extra.get("bulk_fetches", 0) + 1
-            else:
-                result = await _blob.request_range(stream, cid, offset, length)
-            await _close(stream)
-            return result
-        except _blob.FetchRefused:
-            await _close(stream)
-            raise
-        except BaseException as exc:
-            await _reset(stream)
-            if protocol != _bulk.BULK_PROTOCOL or not isinstance(exc, Exception):
-                raise
-            LOG.info("bulk fetch from %s failed (%r); using the stream protocol", peer, exc)
-            self._stats.extra["bulk_fallbacks"] = self._stats.extra.get("bulk_fallbacks", 0) + 1
-            return None
 
     # --- connections, peer exchange, dialling, liveness ---------------------------------
 

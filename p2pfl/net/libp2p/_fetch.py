@@ -1,0 +1,158 @@
+"""One fetch of a blob range: reach the peer, then the bulk path, else the stream protocol.
+
+Every stage is bounded (see _framing.deadline): reaching the peer, opening a stream, the
+offer or answer header, the transfer in proportion to its size. A stage past its deadline
+raises StageTimeout, which fails the fetch at once (the fetcher asks another provider)
+instead of holding it until fetch_timeout_s.
+
+Reaching the peer matters because an update is announced over gossip, so its author may
+be a peer we have no connection to (yet): discovery is still connecting the mesh when the
+first round starts. Without a connection and without a known address, `new_stream` fails
+in microseconds ("No known addresses"), and a fetcher that retries three times in a few
+milliseconds gives the blob up for good. So a fetch first waits (bounded) for a
+connection: it dials the peer's known addresses, or waits for discovery to learn them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo as L2PeerInfo, info_from_p2p_addr
+
+from p2pfl.errors import RemoteProtocolError
+from p2pfl.net.libp2p import _blob, _bulk
+from p2pfl.net.libp2p._framing import (
+    StageTimeout,
+    close_quietly,
+    deadline,
+    reset_quietly,
+)
+
+LOG = logging.getLogger("p2pfl.net.libp2p")
+
+# Opening a stream on a live connection (multistream-select) takes milliseconds.
+OPEN_TIMEOUT_S = 10.0
+# How often a fetch looks again for a peer it has no address of (discovery may learn it).
+REACH_POLL_S = 0.25
+CLOSE_TIMEOUT_S = 2.0
+
+
+class Unreachable(Exception):
+    """No connection to the peer could be made; str() says why."""
+
+
+class Reacher:
+    """Connects to a peer before a fetch; one dial per peer at a time."""
+
+    def __init__(self, host: Any, known_addrs: Callable[[str], tuple[str, ...]]) -> None:
+        self._host = host
+        self._known_addrs = known_addrs
+        self._dialing: dict[str, trio.Event] = {}
+
+    def connected(self, pid: ID) -> bool:
+        return bool(self._host.get_network().get_connections(pid))
+
+    async def reach(self, peer: str, timeout: float) -> None:
+        """Return once connected to `peer`; Unreachable if a dial fails or no address
+        turns up within `timeout` (a dial failure is final: the peer is down, most likely)."""
+        pid = ID.from_base58(peer)
+        if self.connected(pid):
+            return
+        with trio.move_on_after(timeout):
+            while not self.connected(pid):
+                busy = self._dialing.get(peer)
+                if busy is not None:  # another fetch is dialling this peer: share its dial
+                    await busy.wait()
+                    continue
+                addrs = self._addrs(pid, peer)
+                if not addrs:
+                    await trio.sleep(REACH_POLL_S)
+                    continue
+                done = self._dialing[peer] = trio.Event()
+                try:
+                    # A peer that failed before is in the swarm's 60 s negative cache.
+                    self._host.get_network().unblock_peer(pid)
+                    await self._host.connect(L2PeerInfo(pid, addrs))
+                except Exception as exc:
+                    raise Unreachable(f"dial failed: {exc}") from None
+                finally:
+                    del self._dialing[peer]
+                    done.set()
+            return
+        raise Unreachable(f"not connected and no address known within {timeout:.1f} s")
+
+    def _addrs(self, pid: ID, peer: str) -> list[Any]:
+        out = []
+        for a in self._known_addrs(peer):
+            try:
+                info = info_from_p2p_addr(multiaddr.Multiaddr(a))
+            except Exception:
+                continue
+            if info.peer_id == pid:
+                out.extend(info.addrs)
+        if not out:
+            try:
+                out = list(self._host.get_peerstore().addrs(pid))
+            except Exception:
+                out = []
+        return out
+
+
+async def fetch_range(
+    host: Any, peer: str, cid: str, offset: int, length: int, bulk: bool, extra: dict[str, int]
+) -> tuple[bytes, int]:
+    """(data, wire bytes) of one range from a connected peer; counts into `extra`.
+
+    Raises FetchRefused, StageTimeout, RemoteProtocolError or another Exception."""
+    if bulk:
+        result = await _fetch_via(host, peer, _bulk.BULK_PROTOCOL, cid, offset, length, extra)
+        if result is not None:
+            return result
+    result = await _fetch_via(host, peer, _blob.BLOB_PROTOCOL, cid, offset, length, extra)
+    assert result is not None
+    return result
+
+
+async def _fetch_via(
+    host: Any, peer: str, protocol: str, cid: str, offset: int, length: int, extra: dict[str, int]
+) -> tuple[bytes, int] | None:
+    """One range over `protocol`. For the bulk path, None means "fall back"."""
+    stream = None
+    try:
+        with deadline(f"opening a {protocol} stream", OPEN_TIMEOUT_S):
+            stream = await host.new_stream(ID.from_base58(peer), [TProtocol(protocol)])
+        if protocol == _bulk.BULK_PROTOCOL:
+            result = await _bulk.fetch_bulk(stream, cid, offset, length)
+            extra["bulk_fetches"] = extra.get("bulk_fetches", 0) + 1
+        else:
+            result = await _blob.request_range(stream, cid, offset, length)
+        with trio.move_on_after(CLOSE_TIMEOUT_S):  # the data is in: never wait long here
+            await close_quietly(stream)
+        return result
+    except _blob.FetchRefused:
+        with trio.move_on_after(CLOSE_TIMEOUT_S):
+            await close_quietly(stream)
+        raise
+    except BaseException as exc:
+        await reset_quietly(stream)
+        # A timeout means an overloaded server or link: the stream path would load it
+        # more, so the fetch fails and the fetcher asks another provider. A broken bulk
+        # path (an old peer, a firewalled port, a withdrawn offer) falls back.
+        if (
+            protocol != _bulk.BULK_PROTOCOL
+            or not isinstance(exc, Exception)
+            or isinstance(exc, StageTimeout)
+        ):
+            raise
+        if isinstance(exc, RemoteProtocolError):
+            LOG.warning("bulk fetch from %s failed (%s); using the stream protocol", peer, exc)
+        else:
+            LOG.info("bulk fetch from %s failed (%r); using the stream protocol", peer, exc)
+        extra["bulk_fallbacks"] = extra.get("bulk_fallbacks", 0) + 1
+        return None
