@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 
+from p2pfl.net.libp2p import _bulk
 from p2pfl.net.libp2p._blob import FetchRefused
 from p2pfl.net.libp2p._bulk import BulkServer, fetch_bulk, serve_bulk_stream
 
@@ -138,3 +139,32 @@ async def test_refused_serve_counts_its_answer(nursery: trio.Nursery) -> None:
     ((received, sent),) = served
     assert received > 0 and sent == 5 + len(b"not found")
     assert server.bytes_sent == 0
+
+
+async def test_serve_without_a_free_slot_answers_busy(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every slot of the peer is held (by serves that are themselves bounded): the next
+    # request is answered "busy" after SLOT_TIMEOUT_S instead of waiting indefinitely.
+    monkeypatch.setattr(_bulk, "SLOT_TIMEOUT_S", 0.2)
+    server = BulkServer("127.0.0.1")
+    await nursery.start(server.run)
+    limit = trio.Semaphore(1)
+    await limit.acquire()
+    client_end, server_end = trio.testing.memory_stream_pair()
+    served: list[tuple[int, int]] = []
+
+    async def serve() -> None:
+        served.append(
+            await serve_bulk_stream(
+                FakeStream(server_end), "p", server, lambda *_: b"x" * 10, limit
+            )
+        )
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(serve)
+            with pytest.raises(FetchRefused, match="busy"):
+                await fetch_bulk(FakeStream(client_end), "cid", 0, 10)
+    assert served[0][1] == 5 + len(b"busy")
+    assert limit.value == 0  # the held slot was not taken, nor released, by the refused serve
