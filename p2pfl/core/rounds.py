@@ -45,7 +45,8 @@ from p2pfl.core.task_state import (
 from p2pfl.store.blobref import BlobRef
 
 KEEP_ROUNDS = 2  # rounds of updates kept for stragglers before their blobs are forgotten
-FETCH_RETRIES = 2  # a failed fetch from a live author is retried this often
+FETCH_RETRIES = 3  # a failed fetch from a live author is retried this often,
+RETRY_BACKOFF_S = 1.0  # after 1, 2, then 4 s
 
 
 class Rounds(TaskState):
@@ -293,13 +294,16 @@ class Rounds(TaskState):
         # A fetch can fail while its author is alive (a timeout under load): ask again.
         tries = self.fetch_retries.get(cid, 0)
         if ref is not None and lost is not None and lost not in self.dead and tries < FETCH_RETRIES:
+            # Back off: a failure can be instant (no connection yet), and retrying at once
+            # would spend every retry before the network had a chance to change.
             self.fetch_retries[cid] = tries + 1
+            delay = RETRY_BACKOFF_S * (2**tries)
             return [
                 Log(
                     "info",
-                    f"task {self.task_id[:12]}: retrying {cid[:16]} from {lost[-8:]} ({reason})",
+                    f"task {self.task_id[:12]}: retrying {cid[:16]} from {lost[-8:]} in {delay:g} s ({reason})",
                 ),
-                FetchBlob(ref, (lost,)),
+                SetTimer(("refetch", self.task_id, cid), now + delay),
             ]
         if self.offer.protocol == "gossip" and agg is not None:
             return self._drop_share(now, agg, cid, reason)
@@ -329,6 +333,18 @@ class Rounds(TaskState):
             Log("warning", f"task {self.task_id[:12]}: re-closing round {rnd} without {lost}"),
             Publish(TOPIC_TASKS, redo),
         ]
+
+    def on_refetch(self, now: float, cid: str) -> list[Command]:
+        agg = self.pending_aggregate
+        if agg is None or cid not in self.waiting_blobs:
+            return []  # the round moved on meanwhile
+        ref = next((r for r in agg.refs if r.cid == cid), None)
+        shares = self.pushes.get(self.round, {}).values()
+        updates = self.updates.get(self.round, {})
+        authors = {s.ref.cid: s.peer for s in shares if s.ref is not None}
+        authors.update({u.ref.cid: p for p, u in updates.items() if u.ref is not None})
+        author = authors.get(cid)
+        return [FetchBlob(ref, (author,))] if ref is not None and author else []
 
     def _drop_share(self, now: float, agg: Aggregate, cid: str, reason: str) -> list[Command]:
         """gossip: merge without a share that cannot be fetched (its mass is lost)."""

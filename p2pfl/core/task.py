@@ -252,6 +252,8 @@ class TaskMachine(Rounds, FinalStep):
             return self._on_round_deadline(now, key[2])
         if kind == "reduce":
             return self._maybe_reduce(now, deadline_passed=True)
+        if kind == "refetch":
+            return self.on_refetch(now, key[2])
         if kind == "reclose":
             if key[2] == self.round and self.phase == "aggregating":
                 return self._fail(now, f"round {key[2]}: an included update stayed unfetchable")
