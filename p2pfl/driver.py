@@ -323,7 +323,7 @@ class Driver:
         }
 
     def announce_taskpack(self, ann: TaskpackAnnounce) -> None:
-        self.execute(self.core.publish_taskpack(ann))
+        self.execute(self.core.publish_taskpack(ann, self.io.now()))
 
     def create_task(
         self, ref: str, overrides: dict[str, str], *, volunteer_window_s: float = 3.0

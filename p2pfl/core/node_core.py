@@ -65,6 +65,7 @@ _PENDING_PER_TASK = 4096  # messages held for a task whose offer (or roster) is 
 # Messages that only make sense once the roster is known (held until then).
 _AFTER_ROSTER = (RoundUpdate, RoundClose, GossipPush, Progress, FinalPartial)
 _PENDING_TASKS = 256
+REPUBLISH_S = 2.0  # our own announcements and offers go out once more after this
 
 
 @dataclass
@@ -104,6 +105,7 @@ class NodeCore:
         self._pending: dict[str, list[tuple[str, Any, str, Signed | None]]] = defaultdict(list)
         self.bad_messages = 0
         self.full_mesh = False  # set by the driver: connected to the whole network
+        self._republish: dict[str, Publish] = {}  # records to publish once more (see _again_soon)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -132,8 +134,17 @@ class NodeCore:
 
     # --- local requests ------------------------------------------------------------------
 
-    def publish_taskpack(self, ann: TaskpackAnnounce) -> list[Command]:
-        return self.book.publish_local(ann)
+    def publish_taskpack(self, ann: TaskpackAnnounce, now: float) -> list[Command]:
+        out = self.book.publish_local(ann)
+        publish = next(c for c in out if isinstance(c, Publish))
+        return out + self._again_soon(f"taskpack:{ann.ref.cid}", publish, now)
+
+    def _again_soon(self, name: str, publish: Publish, now: float) -> list[Command]:
+        """Publish our own record once more shortly: a peer that connected just before
+        may not have told us its subscriptions yet, and would miss it (receivers drop
+        duplicates)."""
+        self._republish[name] = publish
+        return [SetTimer(("republish", name), now + REPUBLISH_S)]
 
     def create_task(
         self, cid: str, params: dict[str, Any], federated: dict[str, Any], now: float
@@ -174,9 +185,9 @@ class NodeCore:
             round_timeout_s=float(federated.get("deadline_s", 60.0)),
         )
         # Our own machine starts now; the offer's echo from gossip is then a duplicate.
-        return task_id, [Publish(TOPIC_TASKS, seal(self.identity, offer))] + self._on_offer(
-            offer, now
-        )
+        publish = Publish(TOPIC_TASKS, seal(self.identity, offer))
+        again = self._again_soon(f"offer:{task_id}", publish, now)
+        return task_id, [publish, *again, *self._on_offer(offer, now)]
 
     # --- events ------------------------------------------------------------------------
 
@@ -244,6 +255,9 @@ class NodeCore:
         if key[0] == "capabilities":
             self._expire_capabilities(now)
             return self._publish_capability(now)
+        if key[0] == "republish":
+            publish = self._republish.pop(key[1], None)
+            return [publish] if publish is not None else []
         machine = self.tasks.get(key[1]) if len(key) > 1 else None
         return machine.on_timer(now, key) if machine else []
 

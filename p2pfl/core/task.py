@@ -149,8 +149,11 @@ class TaskMachine(Rounds, FinalStep):
             participants=chosen,
             volunteers=tuple(encode(self.volunteers[p]) for p in all_order),
         )
+        self.roster_publish = Publish(TOPIC_TASKS, seal(self.me, roster))
         return [
-            Publish(TOPIC_TASKS, seal(self.me, roster)),
+            self.roster_publish,
+            # Once more shortly: a participant that missed it would sit out the task.
+            SetTimer(("republish-roster", self.task_id), now + GRACE_S / 2),
             Log("info", f"task {self.task_id[:12]}: coordinating {len(chosen)} participants"),
         ]
 
@@ -252,6 +255,9 @@ class TaskMachine(Rounds, FinalStep):
             return self._on_round_deadline(now, key[2])
         if kind == "reduce":
             return self._maybe_reduce(now, deadline_passed=True)
+        if kind == "republish-roster":
+            mine = self.roster is not None and self.roster.coordinator == self.my_id
+            return [self.roster_publish] if mine and self.roster_publish is not None else []
         if kind == "refetch":
             return self.on_refetch(now, key[2])
         if kind == "reclose":
