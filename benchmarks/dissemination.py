@@ -10,7 +10,7 @@ ratio low; all 15 downloaders pulling from the publisher's one uplink would give
           SimNetwork + in-memory BlobStore), full mesh, 20 ms / 100 Mbit/s per node.
           Baseline: the same archive fetched by a BlobFetch (as the driver runs it) between
           two spare nodes of the same hub, before the dissemination.
-* libp2p: real `p2pfl node` processes on 127.0.0.1 (benchmarks/_procs.py), the first the
+* libp2p: real `p2pfl node` processes on 127.0.0.1 (p2pfl/localnet.py), the first the
           publisher, the others `--trust` it and bootstrap to it. Once the overlay is up
           and its start-up load is over, `publish` at the first; time from the publish
           call's return (the announce is out) to the last node listing it verified.
@@ -188,9 +188,8 @@ def _statuses(client: Any, cid: str) -> str:
 def _wait_overlay(nodes: list[Any], timeout_s: float) -> dict[str, int]:
     """Until every node is connected to the publisher (they all bootstrap to it) and has
     min(n-1, target_peers) peers; then a few GossipSub heartbeats for the meshes."""
-    from _procs import wait_until
-
     from p2pfl import Client
+    from p2pfl.localnet import wait_until
     from p2pfl.net.libp2p import Libp2pConfig
 
     want = min(len(nodes) - 1, Libp2pConfig().target_peers)
@@ -317,7 +316,7 @@ def _disseminate(procs: Any, taskpack: Path, n: int, tag: str, timeout_s: float)
 
     from p2pfl import Client
 
-    first = procs.start(f"{tag}-0")
+    first = procs.start_node(f"{tag}-0")
     others = [
         procs.spawn(f"{tag}-{i}", bootstrap=[first.bootstrap_addr], trust=[first.peer_id])
         for i in range(1, n)
@@ -375,12 +374,11 @@ def run_libp2p(
     per entry of `node_counts`; ratio_libp2p is for the first count."""
     import psutil
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _procs import Procs
+    from p2pfl.localnet import LocalNet
 
     cores = psutil.cpu_count() or 1
 
-    with Procs(tmp / "procs") as procs:
+    with LocalNet(tmp / "procs", node_args=["--log-level", "warning"]) as procs:
         p2p = [_disseminate(procs, taskpack, 2, f"p2p{k}", timeout_s) for k in range(p2p_runs)]
         fastest = min(p2p, key=lambda r: r["all_verified_s"])
         base = fastest["all_verified_s"]
