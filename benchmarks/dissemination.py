@@ -40,15 +40,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from p2pfl.sim.cluster_base import CAPABILITIES as CAPS  # what simulated nodes report
+
 ROOT = Path(__file__).resolve().parents[1]
 STATS = ROOT / "taskpacks" / "federated-stats"
-CAPS = {
-    "cpus": 2,
-    "memory_bytes": 8 << 30,
-    "disk_free_bytes": 100 << 30,
-    "gpu": False,
-    "python": "3.11.7",
-}
 
 
 def make_taskpack(tmp: Path, mb: float, seed: int) -> Path:

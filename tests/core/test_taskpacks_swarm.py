@@ -19,18 +19,13 @@ from p2pfl.errors import RemoteProtocolError
 from p2pfl.identity import Identity
 from p2pfl.net.sim import LinkModel, SimHub
 from p2pfl.runtime import InProcessRunner
+from p2pfl.sim.cluster_base import CAPABILITIES
 from p2pfl.sim.io import sim_node
 from p2pfl.taskpack.trust import TrustPolicy
 from p2pfl.wire import decode, encode
 from tests.core.simhelp import STATS
 
-CAPS = {
-    "cpus": 2,
-    "memory_bytes": 8 << 30,
-    "disk_free_bytes": 100 << 30,
-    "gpu": False,
-    "python": "3.11.7",
-}
+CAPS = CAPABILITIES  # what every simulated node reports
 
 
 def _taskpack(tmp: Path, size: int) -> Path:
