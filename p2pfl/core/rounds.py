@@ -141,21 +141,24 @@ class Rounds(TaskState):
             return self._gossip_maybe_merge(now, rnd, deadline_passed=True)
         if rnd in self.closes or rnd != self.round:
             return []
-        # Silent closer: every participant waits its own rank's grace before stepping in.
-        live = self.live()
-        position = live.index(self.my_id) if self.my_id in live else len(live)
+        # The acting coordinator closes at its deadline. If it stays silent for a further
+        # grace period, everyone treats it as gone and the next in rank closes; a silent
+        # next-in-rank is skipped one grace later, and so on, all nodes in step.
         coordinator = self.acting_coordinator()
-        if coordinator != self.my_id and position > 0:
-            if coordinator is not None and position == 1:
-                self.dead.add(coordinator)  # it let the deadline pass: treat as gone
+        if coordinator == self.my_id:
+            return self._close(now, rnd)
+        waits = self.deadline_waits.get(rnd, 0) + 1
+        self.deadline_waits[rnd] = waits
+        if waits >= 2 and coordinator is not None:
+            self.dead.add(coordinator)
+            if self.acting_coordinator() == self.my_id:
                 return [
                     Log(
                         "warning",
                         f"task {self.task_id[:12]}: coordinator silent, taking over round {rnd}",
                     )
                 ] + self._close(now, rnd)
-            return [SetTimer(("round", self.task_id, rnd), now + GRACE_S)]
-        return self._close(now, rnd)
+        return [SetTimer(("round", self.task_id, rnd), now + GRACE_S)]
 
     def _close(self, now: float, rnd: int) -> list[Command]:
         got = self.updates.get(rnd, {})

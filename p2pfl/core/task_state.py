@@ -90,6 +90,7 @@ class TaskState:
     last_metrics: dict[str, Any] = field(default_factory=dict)
     final_sent: bool = False
     fetch_retries: dict[str, int] = field(default_factory=dict)  # cid -> retries so far
+    deadline_waits: dict[int, int] = field(default_factory=dict)  # round -> graces waited
     roster_publish: Any = None  # our roster's Publish command, if we coordinate
     # Blobs this task made or fetched, by round, so old rounds can be forgotten.
     round_blobs: dict[int, set[str]] = field(default_factory=dict)

@@ -176,3 +176,25 @@ def test_lossy_links_are_survived_by_retrying_fetches(data4):
     assert cluster.result["status"] == "succeeded", cluster.result
     machine = cluster.nodes[0].core.tasks[cluster.task_id]
     assert all(len(c.included) == 4 for c in machine.closes.values())
+
+
+def test_silent_coordinator_is_replaced_after_a_grace(data5, monkeypatch):
+    """The coordinator stays connected but never closes a round: after the deadline and
+    one grace period the next in rank closes it, and the task completes."""
+    from p2pfl.core.rounds import Rounds
+    from p2pfl.sim.cluster import SimCluster
+
+    paths, test = data5
+    order = _roster_order(paths, test)
+    silent = SimCluster(spec(paths, test)).identities[order[0]].peer_id
+    close = Rounds._close
+
+    def mute(self, now, rnd):
+        return [] if self.my_id == silent else close(self, now, rnd)
+
+    monkeypatch.setattr(Rounds, "_close", mute)
+    cluster, _ = run(spec(paths, test, params={"rounds": 2, "deadline_s": 5}))
+    assert cluster.result["status"] == "succeeded", cluster.result
+    closes = cluster.nodes[0].core.tasks[cluster.task_id].closes
+    assert sorted(closes) == [1, 2]
+    assert all(c.peer != silent for c in closes.values())
