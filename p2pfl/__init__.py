@@ -20,3 +20,20 @@ from p2pfl.taskpack.sdk import (
 )
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "Context",
+    "DPConfig",
+    "Identity",
+    "LocalProtocolError",
+    "NodeNotRunning",
+    "P2PFLError",
+    "Partial",
+    "RemoteProtocolError",
+    "Task",
+    "TaskFailed",
+    "TaskNotFinished",
+    "Update",
+    "ValidationError",
+]
