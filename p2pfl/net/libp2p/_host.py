@@ -9,9 +9,12 @@ when full, a 120 s heartbeat.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
+import libp2p.pubsub.gossipsub as _gossipsub_mod
+import libp2p.pubsub.pubsub as _pubsub_mod
 import multiaddr
 from libp2p import new_host
 from libp2p.abc import INotifee
@@ -96,8 +99,63 @@ class SinkPubsub(Pubsub):
                 self._on_message(topic, publish_message.from_id, publish_message.data)
 
 
+class _GossipSub(GossipSub):
+    """GossipSub without py-libp2p 0.8.1's GRAFT ping-pong.
+
+    Its handle_prune records "PRUNEd at" for the peer that pruned *us*, and handle_graft
+    treats a GRAFT from a peer so recorded (within 10 s) as a flood: it answers PRUNE
+    without a backoff of its own. So when A prunes B and later grafts it (A's mesh fell
+    below degree_low), B prunes A, A records B, B grafts A, and so on: 16 local nodes
+    logged ~220 "GRAFT flood detected" and churned their meshes. Flood tracking belongs to
+    peers *we* pruned (py-libp2p records those too, in its mesh maintenance); here the
+    record made for the pruner is undone.
+    """
+
+    async def handle_prune(self, prune_msg: Any, sender_peer_id: Any) -> None:
+        topic = prune_msg.topicID
+        before = self.graft_flood_tracking.get(sender_peer_id, {}).get(topic)
+        await super().handle_prune(prune_msg, sender_peer_id)
+        tracked = self.graft_flood_tracking.get(sender_peer_id)
+        if tracked is not None:
+            if before is None:
+                tracked.pop(topic, None)
+                if not tracked:
+                    del self.graft_flood_tracking[sender_peer_id]
+            else:
+                tracked[topic] = before
+
+
+# Every pubsub RPC carries the sender's signed peer record, and py-libp2p verifies it
+# (Ed25519, protobuf, peerstore update) on each one received: 5-9% of a node's CPU while a
+# taskpack spreads. A peer resends the same bytes until its addresses change, so a record
+# already accepted from that peer is accepted again without the work, for a while.
+_RECORD_TTL_S = 600.0
+_accepted_records: dict[Any, tuple[bytes, float]] = {}
+_original_consume = _pubsub_mod.maybe_consume_signed_record
+
+
+def _consume_signed_record_once(msg: Any, host: Any, peer_id: Any) -> bool:
+    record = msg.senderRecord if msg.HasField("senderRecord") else b""
+    if not record:
+        return True
+    now = time.monotonic()
+    seen = _accepted_records.get(peer_id)
+    if seen is not None and seen[0] == record and now - seen[1] < _RECORD_TTL_S:
+        return True
+    ok = bool(_original_consume(msg, host, peer_id))
+    if ok:
+        if len(_accepted_records) > 4096:
+            _accepted_records.clear()
+        _accepted_records[peer_id] = (bytes(record), now)
+    return ok
+
+
+_pubsub_mod.maybe_consume_signed_record = _consume_signed_record_once  # type: ignore[assignment]
+_gossipsub_mod.maybe_consume_signed_record = _consume_signed_record_once  # type: ignore[assignment]
+
+
 def build_pubsub(host: Any, config: Libp2pConfig, on_message: GossipHandler) -> tuple[Any, Any]:
-    gossipsub = GossipSub(
+    gossipsub = _GossipSub(
         protocols=[PROTOCOL_ID_V11, PROTOCOL_ID],
         degree=config.gossip_degree,
         degree_low=config.gossip_degree_low,

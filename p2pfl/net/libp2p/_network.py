@@ -98,6 +98,9 @@ class Libp2pNetwork:
         self._connected: dict[str, tuple[str, ...]] = {}
         self._handshaking: set[str] = set()
         self._pinging: set[str] = set()
+        # One long-lived ping stream per peer: a fresh stream per ping (yamux open and
+        # close, a multistream-select round trip) was most of an idle node's CPU.
+        self._ping_streams: dict[str, Any] = {}
         self._last_alive: dict[str, float] = {}
         self._senders: dict[str, trio.MemorySendChannel[bytes]] = {}
         self._serve_limits: dict[str, trio.Semaphore] = {}
@@ -416,6 +419,7 @@ class Libp2pNetwork:
         self._book.on_disconnected(peer, trio.current_time())
         self._last_alive.pop(peer, None)
         self._serve_limits.pop(peer, None)
+        self._ping_streams.pop(peer, None)  # dies with the connection
         sender = self._senders.pop(peer, None)
         if sender is not None:
             sender.close()
@@ -550,15 +554,30 @@ class Libp2pNetwork:
         stream = None
         try:
             with trio.move_on_after(self._config.liveness_timeout_s):
-                stream = await self._host.new_stream(ID.from_base58(peer), [PING_PROTOCOL])
-                await perform_ping_roundtrip(stream)
-                self._alive(peer)
-                await _close(stream)
-                stream = None
-        except Exception as exc:
-            LOG.debug("ping %s failed: %r", peer, exc)
+                for _attempt in range(2):  # a stale reused stream gets one fresh replacement
+                    stream = self._ping_streams.pop(peer, None)
+                    fresh = stream is None
+                    try:
+                        if stream is None:
+                            stream = await self._host.new_stream(
+                                ID.from_base58(peer), [PING_PROTOCOL]
+                            )
+                        await perform_ping_roundtrip(stream)
+                    except Exception as exc:
+                        LOG.debug("ping %s failed: %r", peer, exc)
+                        await _reset(stream)
+                        stream = None
+                        if fresh:
+                            return
+                        continue
+                    self._alive(peer)
+                    if peer in self._connected:
+                        self._ping_streams[peer] = stream
+                        stream = None  # kept for the next ping
+                    return
         finally:
             self._pinging.discard(peer)
+            # Cancelled mid-ping or the peer left: the stream may hold half a pong.
             await _reset(stream)
 
     async def _disconnect(self, peer: str) -> None:
