@@ -163,7 +163,9 @@ async def test_three_nodes_discover_each_other_and_gossip(nursery: trio.Nursery)
             lambda ev: sum(1 for e in ev if isinstance(e, Message) and e.data in set(burst)) >= 200
         )
         got = [e for e in n.rec.of(Message) if e.data in set(burst)]
-        assert [e.data for e in got] == burst  # each exactly once, in order
+        # No loss and each exactly once. Not in order: GossipSub may deliver a message via
+        # a relay before the direct copy, and nothing in the protocol relies on ordering.
+        assert sorted(e.data for e in got) == sorted(burst)
         assert all(e.sender == b.id and e.topic == topic for e in got)
     for n in nodes:
         n.stop()
