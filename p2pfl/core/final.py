@@ -32,7 +32,6 @@ from p2pfl.core.task_state import (
     REDUCER_CANDIDATES,
     NodeState,
     TaskState,
-    _fmt_metrics,
     _jsonable,
 )
 from p2pfl.store.blobref import BlobRef
@@ -278,9 +277,8 @@ class FinalStep(TaskState):
             self._event(
                 kind,
                 now,
-                f"{result.status}"
-                + (f": {result.reason}" if result.reason else "")
-                + (" " + _fmt_metrics(result.metrics) if isinstance(result.metrics, dict) else ""),
+                # Metrics travel in the event's `metrics`; followers render them once.
+                f"{result.status}" + (f": {result.reason}" if result.reason else ""),
                 peer=result.reducer,
                 metrics=result.metrics if isinstance(result.metrics, dict) else {},
             ),

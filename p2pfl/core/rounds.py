@@ -40,7 +40,6 @@ from p2pfl.core.task_state import (
     GRACE_S,
     NodeState,
     TaskState,
-    _fmt_metrics,
 )
 from p2pfl.store.blobref import BlobRef
 
@@ -409,7 +408,7 @@ class Rounds(TaskState):
             self._event(
                 "node",
                 now,
-                f"round {rnd}/{self.offer.rounds}: " + _fmt_metrics(progress_metrics),
+                f"round {rnd}/{self.offer.rounds} evaluated",
                 peer=self.my_id,
                 round=rnd,
                 metrics={
@@ -442,8 +441,7 @@ class Rounds(TaskState):
             self._event(
                 "node",
                 now,
-                f"round {progress.round}/{self.offer.rounds} {progress.state}"
-                + (": " + _fmt_metrics(metrics) if metrics else ""),
+                f"round {progress.round}/{self.offer.rounds} {progress.state}",
                 peer=progress.peer,
                 round=progress.round,
                 metrics=metrics,

@@ -195,17 +195,6 @@ class TaskState:
         return Emit(event)
 
 
-def _fmt_metrics(metrics: Any) -> str:
-    if not isinstance(metrics, dict):
-        return ""
-    parts = []
-    for key in ("loss", "accuracy", "epsilon", "mean", "count"):
-        value = metrics.get(key)
-        if isinstance(value, int | float):
-            parts.append(f"{key}={value:.4g}")
-    return " ".join(parts)
-
-
 def _jsonable(value: Any) -> Any:
     """Reduce output as msgpack-native values (numpy scalars and arrays become Python)."""
     if isinstance(value, dict):
