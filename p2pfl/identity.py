@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from p2pfl.errors import LocalProtocolError
+from p2pfl.fsutil import atomic_write
 
 KEY_FILE = "identity.key"
 # protobuf PublicKey{Type: Ed25519 (1), Data: <32 bytes>} and its identity-multihash prefix.
@@ -114,14 +115,7 @@ class Identity:
             return cls.from_seed(seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         identity = cls.generate()
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, identity.seed())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        atomic_write(path, identity.seed(), mode=0o600)  # a secret: owner only
         return identity
 
     def seed(self) -> bytes:

@@ -26,6 +26,7 @@ from p2pfl.core.messages import TaskpackAnnounce
 from p2pfl.core.node_core import DatasetInfo, NodeCore
 from p2pfl.driver import Driver
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError, TaskFailed, TaskNotFinished
+from p2pfl.fsutil import atomic_write
 from p2pfl.identity import Identity
 from p2pfl.store.blobs import BlobStore
 from p2pfl.wire import decode, encode
@@ -258,10 +259,7 @@ class Node:
         self._finished[machine.task_id] = record
         folder = self.config.data_dir / _FINISHED
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{machine.task_id}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, default=str))
-        os.replace(tmp, path)
+        atomic_write(folder / f"{machine.task_id}.json", json.dumps(record, default=str))
 
     def _load_finished(self) -> None:
         folder = self.config.data_dir / _FINISHED
@@ -278,10 +276,7 @@ class Node:
         """Keep the announcement so a restarted node still serves and lists its taskpack."""
         folder = self.config.data_dir / _ANNOUNCEMENTS
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{ann.ref.cid}.msg"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(encode(ann))
-        os.replace(tmp, path)
+        atomic_write(folder / f"{ann.ref.cid}.msg", encode(ann))
 
     def restore(self) -> None:
         self._load_finished()

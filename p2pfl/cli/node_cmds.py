@@ -3,12 +3,10 @@ wait, result. Everything but `node` goes through `p2pfl.Client` (the control soc
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import click
 
 from p2pfl.cli.main import fail
 from p2pfl.client import DATA_DIR_ENV, Client, event_failed, event_succeeded
+from p2pfl.fsutil import atomic_write
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PARAM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
@@ -432,18 +431,5 @@ def result_cmd(task_id: str, data_dir: Path, as_json: bool, model_out: Path | No
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same directory, fsync, rename: never half a file."""
-    path = path.expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a model is not a secret
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write the file so it is whole or absent (a model is not a secret: mode 0644)."""
+    atomic_write(path.expanduser(), data)

@@ -7,33 +7,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import click
 
 from p2pfl.errors import LocalProtocolError, ValidationError
+from p2pfl.fsutil import atomic_write
 
 
 def _problems(exc: ValidationError) -> click.ClickException:
     """A ValidationError as a ClickException listing every problem, one per line."""
     return click.ClickException(str(exc))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same directory, fsync and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; an archive is not a secret
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @click.command("new")
@@ -103,7 +87,7 @@ def pack_cmd(taskpack_dir: Path, out: Path | None, as_json: bool) -> None:
     cid = cid_of(archive)
     files = sum(1 for m in scan(archive) if not m.is_dir)
     if out is not None:
-        _write_atomic(out, archive)
+        atomic_write(out, archive)
     if as_json:
         info = {
             "cid": cid,

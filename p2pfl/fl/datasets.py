@@ -21,13 +21,13 @@ from __future__ import annotations
 import functools
 import gzip
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from p2pfl.fl.partition import split_train_test
+from p2pfl.fsutil import atomic_path
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -237,18 +237,6 @@ def load_dataset(name: str) -> Dataset:
 # Table files: features + a `label` column.
 
 
-def _atomic_write(path: Path, write) -> None:  # type: ignore[no-untyped-def]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_table(path: str | os.PathLike, X: np.ndarray, y: np.ndarray, feature_names) -> None:  # type: ignore[no-untyped-def]
     """Write `.csv` (header row, features then `label`) or `.npz`, atomically."""
     path = Path(path)
@@ -278,7 +266,8 @@ def write_table(path: str | os.PathLike, X: np.ndarray, y: np.ndarray, feature_n
 
     else:
         raise ValueError(f"write_table: {path}: unsupported format (use .csv or .npz)")
-    _atomic_write(path, write)
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 def load_table(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -20,9 +20,7 @@ import io
 import itertools
 import json
 import math
-import os
 import sys
-import tempfile
 import traceback
 import types
 from collections.abc import Callable
@@ -31,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from p2pfl.fsutil import atomic_write
 from p2pfl.runtime.jobs import (
     KIND_BUDGET,
     KIND_ERROR,
@@ -217,21 +216,9 @@ def load_state(path: Path | None) -> dict[str, Any]:
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Write ctx.state atomically (temp file, fsync, rename) so a crash leaves old or new."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = json.dumps(state, sort_keys=True).encode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write ctx.state atomically, so a crash leaves the old state or the new (mode 0600:
+    it is the task's private state)."""
+    atomic_write(path, json.dumps(state, sort_keys=True), mode=None)
 
 
 def persist_state(session: TaskSession) -> None:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from p2pfl.fsutil import atomic_write
 
 ROUND_COLUMNS = (
     "node", "round", "accuracy", "loss", "bytes_sent", "bytes_received", "epsilon", "alive",
@@ -237,24 +237,8 @@ def summary_json(summary: Summary) -> str:
 # --- files ---------------------------------------------------------------------------
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    return atomic_write(path, text.encode("utf-8"))
 
 
 def write_rounds_csv(path: str | Path, records: Iterable[RecordLike]) -> Path:
@@ -281,7 +265,7 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     buf = io.BytesIO()
     # No timestamps/software tags in the PNG: same data, same bytes.
     fig.savefig(buf, format="png", metadata={"Software": None})
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write(path, buf.getvalue())
 
 
 def _band_plot(stats: Sequence[RoundStat], what: str, title: str, path: Path) -> Path:
