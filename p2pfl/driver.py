@@ -37,14 +37,17 @@ from p2pfl.core.commands import (
     JobDone,
     JobFailed,
     Log,
+    Persist,
     Publish,
     RunJob,
     Send,
     SetTimer,
+    TaskEnded,
     TimerFired,
 )
 from p2pfl.core.messages import TOPICS, TaskpackAnnounce
 from p2pfl.core.node_core import NodeCore
+from p2pfl.core.tokens import Timer
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError
 from p2pfl.net.base import FetchDone, FetchFailed, Message, Network, PeerDisconnected
 from p2pfl.store.blobref import BlobRef, make_blob_ref
@@ -62,9 +65,9 @@ class DriverIO(Protocol):
 
     def now(self) -> float: ...
 
-    def set_timer(self, key: tuple, deadline: float, callback: Callback) -> None: ...
+    def set_timer(self, key: Timer, deadline: float, callback: Callback) -> None: ...
 
-    def cancel_timer(self, key: tuple) -> None: ...
+    def cancel_timer(self, key: Timer) -> None: ...
 
     def call_soon(self, callback: Callback) -> None: ...
 
@@ -174,13 +177,20 @@ class Driver:
         elif isinstance(cmd, Aggregate):
             self._aggregate(cmd)
         elif isinstance(cmd, Emit):
-            if cmd.event.get("kind") in ("result", "failed") or (
-                cmd.event.get("peer") == self.me
-                and str(cmd.event.get("message", "")).startswith("declined")
-            ):
-                self._close_task(cmd.event["task_id"])
+            event = cmd.event.as_dict()
             for listener in list(self.listeners):
-                listener(cmd.event)
+                listener(event)
+        elif isinstance(cmd, TaskEnded):
+            self._close_task(cmd.task_id)
+            log.info(
+                "%s task %s ended here: %s%s",
+                self.me[-8:],
+                cmd.task_id[:12],
+                cmd.status,
+                f" ({cmd.reason})" if cmd.reason else "",
+            )
+        elif isinstance(cmd, Persist):
+            pass  # resume snapshots: see node.py
         elif isinstance(cmd, Log):
             getattr(log, cmd.level, log.info)("%s %s", self.me[-8:], cmd.text)
         else:  # pragma: no cover - a new command without a handler is a bug
@@ -227,7 +237,9 @@ class Driver:
             self.network.fetch(c.peer, c.cid, c.offset, c.length, (c.cid, c.index))
 
     def _on_fetch_answer(self, event: FetchDone | FetchFailed) -> None:
-        cid, index = event.token  # type: ignore[misc]
+        token = event.token
+        assert isinstance(token, tuple)  # we fetch with (cid, chunk index) tokens
+        cid, index = token
         fetch = self._fetches.get(cid)
         if fetch is None:
             return
@@ -328,6 +340,8 @@ class Driver:
     def create_task(
         self, ref: str, overrides: dict[str, str], *, volunteer_window_s: float = 3.0
     ) -> dict[str, Any]:
+        """Offer a task on a verified taskpack (a cid, or a name with an optional @range):
+        parameters are the taskpack's defaults with `overrides` applied and checked."""
         from p2pfl.taskpack.params import effective_federated, load_params
 
         entry = self.core.book.find(ref)
@@ -345,14 +359,17 @@ class Driver:
             )
         overrides = {k: v for k, v in overrides.items() if not k.startswith("inputs.")}
         params = load_params(self.taskpack_dir(entry.cid), overrides)
-        federated = {
-            **effective_federated(entry.manifest, params),
-            "volunteer_window_s": volunteer_window_s,
-            "inputs": [bindings.get(n, n) for n in names],
-        }
+        federated = effective_federated(entry.manifest, params)
         # The task's code reads its local epochs from its params, like any other setting.
         params.setdefault("local_epochs", federated.get("local_epochs", 1))
-        task_id, cmds = self.core.create_task(entry.cid, params, federated, self.io.now())
+        task_id, cmds = self.core.create_task(
+            entry.cid,
+            params,
+            federated,
+            tuple(bindings.get(n, n) for n in names),
+            self.io.now(),
+            volunteer_window_s=volunteer_window_s,
+        )
         self.execute(cmds)
         return {"task_id": task_id, "cid": entry.cid, "name": entry.name, "version": entry.version}
 
@@ -480,21 +497,26 @@ class Driver:
     def _aggregate(self, cmd: Aggregate) -> None:
         store = self.store
 
-        def work() -> bytes:
-            from p2pfl.fl.aggregate import aggregate
-            from p2pfl.wire import decode_tensors, encode_tensors
+        def work() -> tuple[bytes, tuple[tuple[str, str], ...]]:
+            from p2pfl.fl.aggregate import aggregate_checked
 
-            updates = [
-                (decode_tensors(store.get(ref.cid)), w)
-                for ref, w in zip(cmd.refs, cmd.weights, strict=True)
-            ]
-            return encode_tensors(aggregate(cmd.method, updates, **cmd.options))
+            return aggregate_checked(
+                cmd.method,
+                [
+                    (ref.cid, store.get(ref.cid), w)
+                    for ref, w in zip(cmd.refs, cmd.weights, strict=True)
+                ],
+                reference=store.get(cmd.reference.cid) if cmd.reference is not None else None,
+                max_norm=cmd.max_norm,
+                options=cmd.options,
+            )
 
         def done(result: Any, error: BaseException | None) -> None:
             if error is not None:
                 self.on_event(Aggregated(cmd.token, None, f"{type(error).__name__}: {error}"))
                 return
-            self.on_event(Aggregated(cmd.token, self.put_blob(result)))
+            data, dropped = result
+            self.on_event(Aggregated(cmd.token, self.put_blob(data), dropped=dropped))
 
         self.io.run_blocking(work, done)
 
@@ -504,7 +526,7 @@ class Driver:
         return {cid: f.progress() for cid, f in self._fetches.items()}
 
 
-def unpack_atomic(archive: bytes, dest: Path, unpack: Callable[[bytes, Path], None]) -> None:
+def unpack_atomic(archive: bytes, dest: Path, unpack: Callable[[bytes, Path], Any]) -> None:
     """Unpack into a temporary sibling, then rename: a half-unpacked taskpack never exists
     under its final name (and concurrent unpacks of the same cid are harmless)."""
     if dest.exists():

@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from p2pfl.core.tokens import Timer
 from p2pfl.runtime import ChildProcessRunner, JobError
 
 log = logging.getLogger("p2pfl.node")
@@ -24,7 +25,7 @@ class TrioIO:
     def __init__(self, nursery: trio.Nursery, runner: ChildProcessRunner) -> None:
         self._nursery = nursery
         self.runner = runner
-        self._timers: dict[tuple, trio.CancelScope] = {}
+        self._timers: dict[Timer, trio.CancelScope] = {}
         self._send, self._receive = trio.open_memory_channel[Callable[[], None]](math.inf)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -42,7 +43,7 @@ class TrioIO:
     def call_soon(self, callback: Callable[[], None]) -> None:
         self._send.send_nowait(callback)
 
-    def set_timer(self, key: tuple, deadline: float, callback: Callable[[], None]) -> None:
+    def set_timer(self, key: Timer, deadline: float, callback: Callable[[], None]) -> None:
         self.cancel_timer(key)
         scope = trio.CancelScope()
         self._timers[key] = scope
@@ -56,7 +57,7 @@ class TrioIO:
 
         self._nursery.start_soon(wait)
 
-    def cancel_timer(self, key: tuple) -> None:
+    def cancel_timer(self, key: Timer) -> None:
         scope = self._timers.pop(key, None)
         if scope is not None:
             scope.cancel()

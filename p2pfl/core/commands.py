@@ -7,9 +7,11 @@ The core never performs I/O: every handler returns a list of these commands. The
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from p2pfl.core.tokens import AggToken, JobToken, Timer
 from p2pfl.store.blobref import BlobRef
 
 # --- commands (core -> driver) ---------------------------------------------------------
@@ -53,13 +55,13 @@ class ForgetBlobs:
 
 @dataclass(frozen=True, slots=True)
 class SetTimer:
-    key: tuple
+    key: Timer
     deadline: float  # absolute, on the driver's clock (the same clock `now` comes from)
 
 
 @dataclass(frozen=True, slots=True)
 class CancelTimer:
-    key: tuple
+    key: Timer
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,30 +78,92 @@ class RunJob:
 
     task_id: str
     job: Any
-    token: tuple
+    token: JobToken
 
 
 @dataclass(frozen=True, slots=True)
 class Aggregate:
     """Combine update blobs (in this order) into a new model blob; answer Aggregated.
 
-    method: an aggregator name (fedavg|median|trimmed_mean|krum) or "pushsum" (sum of
-    mass-weighted shares)."""
+    method: an aggregator name (fedavg|median|trimmed_mean|krum) or "pushsum" (push-sum
+    merge: the mass-weighted mean of estimates, masses as floats).
+
+    Before combining, every update is checked against `reference` (the model the round
+    started from): tensor names, shapes and dtypes must match, values must be finite and,
+    if `max_norm` > 0, the distance ||update - reference|| at most `max_norm`. An update
+    failing a check is left out (Aggregated.dropped says which and why). The check is a
+    pure function of the bytes, so every honest node leaves out the same updates."""
 
     task_id: str
     round: int
     refs: tuple[BlobRef, ...]
     weights: tuple[float, ...]
     method: str
+    token: AggToken
     options: dict = field(default_factory=dict)
-    token: tuple = ()
+    reference: BlobRef | None = None
+    max_norm: float = 0.0
+
+
+class EventKind(enum.Enum):
+    """What a follower's event is about (its value is the `kind` field followers read)."""
+
+    STATE = "state"  # this node's own standing in the task (offered, declined...)
+    NODE = "node"  # a participant's progress or state
+    ROSTER = "roster"  # the roster was accepted
+    ROUND = "round"  # an update announced in a round
+    CLOSED = "closed"  # a round was closed (which updates make it)
+    RESULT = "result"  # the signed result arrived: succeeded
+    FAILED = "failed"  # the signed result arrived: failed
+    LOG = "log"  # a line the task's code logged
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEvent:
+    """A task event for whoever follows the task (control socket, simulator, logs)."""
+
+    kind: EventKind
+    task_id: str
+    t: float
+    message: str = ""
+    peer: str | None = None
+    round: int | None = None
+    metrics: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "t": self.t,
+            "kind": self.kind.value,
+            "task_id": self.task_id,
+            "message": self.message,
+            "peer": self.peer,
+            "round": self.round,
+            "metrics": dict(self.metrics),
+        }
 
 
 @dataclass(frozen=True, slots=True)
 class Emit:
-    """A task event for whoever follows the task (control socket, simulator, logs)."""
+    event: TaskEvent
 
-    event: dict
+
+@dataclass(frozen=True, slots=True)
+class TaskEnded:
+    """The task is over for this node (result, failure, decline, withdrawal, error): the
+    driver ends its worker and wipes its scratch space. Nobody parses event text."""
+
+    task_id: str
+    status: str  # succeeded | failed | declined | withdrawn | errored | expired
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Persist:
+    """Write what a restarted node needs to rejoin this task (atomically); None: forget
+    it (the task is over)."""
+
+    task_id: str
+    snapshot: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +184,8 @@ Command = (
     | RunJob
     | Aggregate
     | Emit
+    | TaskEnded
+    | Persist
     | Log
 )
 
@@ -128,7 +194,7 @@ Command = (
 
 @dataclass(frozen=True, slots=True)
 class TimerFired:
-    key: tuple
+    key: Timer
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,18 +217,19 @@ class ArchiveChecked:
 
 @dataclass(frozen=True, slots=True)
 class JobDone:
-    token: tuple
+    token: JobToken
     result: Any
 
 
 @dataclass(frozen=True, slots=True)
 class JobFailed:
-    token: tuple
+    token: JobToken
     reason: str
 
 
 @dataclass(frozen=True, slots=True)
 class Aggregated:
-    token: tuple
+    token: AggToken
     ref: BlobRef | None
     reason: str = ""  # non-empty when aggregation failed
+    dropped: tuple[tuple[str, str], ...] = ()  # (cid, why) of updates left out

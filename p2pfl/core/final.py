@@ -1,160 +1,185 @@
 """The final step of one task at one node: partials, reduce, the signed result.
 
-Each participant sends its final partial directly to the three best-ranked live
-participants; the first live one runs the taskpack's `reduce` and publishes the signed
-TaskResult. If it dies, the next candidate reduces after a deadline.
+Each participant sends its final partial directly to the best-ranked live participants;
+the first live one runs the taskpack's `reduce` and publishes the signed TaskResult. If it
+dies or stays silent, the next candidate reduces after a deadline. A result counts only
+from the participant whose duty it is in this node's view; one from a lower-ranked
+participant is held until this node's deadlines have passed the ranks above it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from p2pfl.core.commands import (
     Aggregate,
+    Aggregated,
     CancelTimer,
     Command,
+    EventKind,
     FetchBlob,
+    JobDone,
+    JobFailed,
     Log,
     Publish,
-    RunJob,
     Send,
     SetTimer,
 )
-from p2pfl.core.election import first_live
-from p2pfl.core.messages import (
-    TOPIC_TASKS,
-    FinalPartial,
-    Progress,
-    TaskResult,
-)
-from p2pfl.core.task_state import (
-    GRACE_S,
-    REDUCER_CANDIDATES,
-    NodeState,
-    TaskState,
-    _jsonable,
-)
-from p2pfl.store.blobref import BlobRef
+from p2pfl.core.gather import Gather
+from p2pfl.core.messages import TOPIC_TASKS, FinalPartial, Progress, TaskResult
+from p2pfl.core.phase import BlobOutcome, Phase
+from p2pfl.core.rounds_base import MAX_UPDATE_BYTES, RoundsBase
+from p2pfl.core.tokens import AggToken, JobStep, TimerKind
+from p2pfl.core.view import NodeState, jsonable
 from p2pfl.wire import seal
 
+if TYPE_CHECKING:
+    from p2pfl.core.task import TaskMachine
 
-class FinalStep(TaskState):
-    """Final-step behaviour; mixed into TaskMachine."""
+GRACE_S = 2.0
+REDUCER_CANDIDATES = 3  # final partials go to this many best-ranked live participants
 
-    # --- final step ---------------------------------------------------------------------
 
-    def _finalize(self, now: float) -> list[Command]:
-        self.phase = "finalizing"
-        metrics = {k: v for k, v in self.last_metrics.items() if isinstance(v, int | float)}
-        n = int(metrics.pop("num_samples", self.samples.get(self.my_id, 0)))
-        state = self.nodes.setdefault(self.my_id, NodeState())
-        state.state = "final"
-        return [
-            RunJob(
-                self.task_id,
-                {"kind": "finalize", "num_samples": n, "metrics": metrics, "aggregates": {}},
-                (self.task_id, "finalize"),
-            )
-        ]
+class FinalStep:
+    def __init__(self, task: TaskMachine) -> None:
+        self.task = task
+        self.partials: dict[str, FinalPartial] = {}
+        self.sent = False
+        self.reducing = False
+        self.merge = ""  # gossip reducer: "" -> "merging" -> "merged" (or "skipped")
+        self.gather: Gather | None = None
+        self.held: dict[str, TaskResult] = {}  # results not (yet) from the duty
+
+    @property
+    def gathering(self) -> bool:
+        return self.gather is not None
+
+    # --- our partial ---------------------------------------------------------------------
+
+    def finalize(self, now: float) -> list[Command]:
+        task = self.task
+        task.phase = Phase.FINALIZING
+        metrics = {k: v for k, v in task.last_metrics.items() if isinstance(v, int | float)}
+        n = int(metrics.pop("num_samples", task.samples.get(task.my_id, 0)))
+        task.node(task.my_id).state = "final"
+        job = {"kind": "finalize", "num_samples": n, "metrics": metrics, "aggregates": {}}
+        return [task.job(JobStep.FINALIZE, job)]
+
+    def on_job(self, now: float, event: JobDone | JobFailed) -> list[Command]:
+        task = self.task
+        step = event.token.step
+        if isinstance(event, JobFailed):
+            if step is JobStep.TRAIN:  # analysis: the one execution
+                return self._send_refused(now, f"execution failed: {event.reason}")
+            if step is JobStep.FINALIZE:
+                return self._send_refused(now, f"postprocess failed: {event.reason}")
+            if step is JobStep.REDUCE:
+                return task.fail(now, f"reduce failed: {event.reason}")
+            return []
+        if step is JobStep.TRAIN:
+            return self._after_analysis(now, event.result)
+        if step is JobStep.FINALIZE:
+            return self._send_partial(now, event.result)
+        if step is JobStep.REDUCE:
+            return self._publish_result(now, event.result)
+        return []
 
     def _after_analysis(self, now: float, result: dict[str, Any]) -> list[Command]:
-        n = int(result.get("num_samples", 0))
-        if n < self.local.min_records:
-            return self._send_partial_refused(
-                now, f"fewer than {self.local.min_records} records (k policy): not released"
-            )
-        self.phase = "finalizing"
-        return [
-            RunJob(
-                self.task_id,
-                {
-                    "kind": "finalize",
-                    "num_samples": n,
-                    "metrics": dict(result.get("metrics") or {}),
-                    "aggregates": dict(result.get("aggregates") or {}),
-                },
-                (self.task_id, "finalize"),
-            )
-        ]
+        task = self.task
+        n = min(int(result.get("num_samples", 0)), task.samples.get(task.my_id, 0))
+        if n < task.local.min_records:
+            why = f"fewer than {task.local.min_records} records (k policy): not released"
+            return self._send_refused(now, why)
+        task.phase = Phase.FINALIZING
+        job = {
+            "kind": "finalize",
+            "num_samples": n,
+            "metrics": dict(result.get("metrics") or {}),
+            "aggregates": dict(result.get("aggregates") or {}),
+        }
+        return [task.job(JobStep.FINALIZE, job)]
 
-    def _reducer_candidates(self) -> list[str]:
-        return [p for p in self.participants if p not in self.dead][:REDUCER_CANDIDATES]
+    def _candidates(self) -> list[str]:
+        return self.task.live()[:REDUCER_CANDIDATES]
 
     def _send_partial(self, now: float, partial: Any) -> list[Command]:
+        task = self.task
+        rounds = task.rounds
         msg = FinalPartial(
-            self.task_id,
-            self.my_id,
-            int(partial.num_samples),
-            dict(partial.metrics),
-            dict(partial.aggregates),
-            self.global_ref if self.is_training else None,
-            mass=self.mass if self.offer.protocol == "gossip" else 0.0,
+            task.task_id,
+            task.my_id,
+            min(int(partial.num_samples), task.samples.get(task.my_id, 0)),
+            jsonable(dict(partial.metrics)),
+            jsonable(dict(partial.aggregates)),
+            task.global_ref if task.is_training else None,
+            mass=getattr(rounds, "mass", 0.0) if task.offer.protocol == "gossip" else 0.0,
         )
-        return self._deliver_partial(now, msg)
+        return self._deliver(now, msg)
 
-    def _send_partial_refused(self, now: float, reason: str) -> list[Command]:
-        msg = FinalPartial(self.task_id, self.my_id, 0, {}, {}, None, refused=reason)
-        return [Log("info", f"task {self.task_id[:12]}: {reason}")] + self._deliver_partial(
-            now, msg
-        )
+    def _send_refused(self, now: float, reason: str) -> list[Command]:
+        task = self.task
+        msg = FinalPartial(task.task_id, task.my_id, 0, {}, {}, None, refused=reason[:2000])
+        return [Log("info", f"task {task.task_id[:12]}: {reason}")] + self._deliver(now, msg)
 
-    def _deliver_partial(self, now: float, msg: FinalPartial) -> list[Command]:
-        if self.final_sent:
+    def _deliver(self, now: float, msg: FinalPartial) -> list[Command]:
+        task = self.task
+        if self.sent:
             return []
-        self.final_sent = True
-        self.phase = "done-local"
-        self.nodes.setdefault(self.my_id, NodeState()).state = "refused" if msg.refused else "final"
-        out: list[Command] = [CancelTimer(("round", self.task_id, self.round))]
-        for peer in self._reducer_candidates():
-            if peer != self.my_id:
-                out.append(Send(peer, msg))
-        if self.offer.publisher != self.my_id:
-            out.append(
-                Send(
-                    self.offer.publisher,
-                    Progress(self.task_id, self.my_id, self.round, "final", {}),
-                )
-            )
+        self.sent = True
+        task.phase = Phase.REDUCING
+        task.node(task.my_id).state = "refused" if msg.refused else "final"
+        out: list[Command] = [CancelTimer(task.timer(TimerKind.ROUND, task.round))]
+        out += [Send(peer, msg) for peer in self._candidates() if peer != task.my_id]
+        if task.offer.publisher != task.my_id:
+            progress = Progress(task.task_id, task.my_id, task.round, "final", {})
+            out.append(Send(task.offer.publisher, progress))
         out += self.on_partial(now, msg)
-        # Reducer failover: candidates further down wait a little longer each.
-        candidates = self._reducer_candidates()
-        if self.my_id in candidates:
-            pos = candidates.index(self.my_id)
-            out.append(
-                SetTimer(("reduce", self.task_id), now + self.offer.round_timeout_s + pos * GRACE_S)
-            )
+        # Every participant keeps a deadline for the result: past it, the duty moves down
+        # one rank per grace period (and a held result from the next in rank counts).
+        out.append(SetTimer(task.timer(TimerKind.REDUCE), now + task.offer.round_timeout_s))
         return out
 
+    # --- the reducer ---------------------------------------------------------------------
+
     def on_partial(self, now: float, partial: FinalPartial) -> list[Command]:
-        if partial.peer not in self.participants or partial.peer in self.partials:
+        task = self.task
+        if partial.peer not in task.participants or partial.peer in self.partials:
             return []
+        if partial.model is not None and partial.model.size > MAX_UPDATE_BYTES:
+            return [
+                Log(
+                    "warning",
+                    f"task {task.task_id[:12]}: oversize final model from {partial.peer[-8:]}",
+                )
+            ]
+        cap = float(sum(task.samples.get(p, 0) for p in task.participants))
+        if partial.mass > cap or partial.num_samples > task.samples.get(partial.peer, 0):
+            return [
+                Log(
+                    "warning",
+                    f"task {task.task_id[:12]}: partial of {partial.peer[-8:]} claims more than its signed record",
+                )
+            ]
         self.partials[partial.peer] = partial
         return self._maybe_reduce(now, deadline_passed=False)
 
     def _maybe_reduce(self, now: float, deadline_passed: bool) -> list[Command]:
-        if self.reducing or self.result is not None or not self.participating:
+        task = self.task
+        if self.reducing or task.result is not None or not task.participating:
             return []
-        if self.my_id not in self.partials:
+        if task.my_id not in self.partials:
             return []  # we reduce only after our own final step
-        reducer = first_live(self.participants, self.dead)
-        if reducer != self.my_id and not deadline_passed:
+        if task.acting() != task.my_id:
             return []
-        if reducer != self.my_id and deadline_passed:
-            candidates = self._reducer_candidates()
-            if self.my_id not in candidates:
-                return []
-        waiting = [p for p in self.participants if p not in self.dead and p not in self.partials]
+        waiting = [p for p in task.live() if p not in self.partials]
         if waiting and not deadline_passed:
             return []
         usable = [p for p in self.partials.values() if not p.refused]
-        if len(usable) < min(self.offer.min_nodes, len(self.participants)):
+        if len(usable) < min(task.offer.min_nodes, len(task.participants)):
             refused = [f"{p.peer[-8:]}: {p.refused}" for p in self.partials.values() if p.refused]
-            return self._fail(
-                now,
-                f"only {len(usable)} usable partials (min_nodes {self.offer.min_nodes})"
-                + (f"; refused: {'; '.join(refused)}" if refused else ""),
-            )
-        if self.offer.protocol == "gossip" and self.final_merge in ("", "merging"):
+            why = f"only {len(usable)} usable partials (min_nodes {task.offer.min_nodes})"
+            return task.fail(now, why + (f"; refused: {'; '.join(refused)}" if refused else ""))
+        if task.offer.protocol == "gossip" and task.is_training and self.merge in ("", "merging"):
             return self._merge_final_models(now, usable)
         self.reducing = True
         partials = [
@@ -167,125 +192,190 @@ class FinalStep(TaskState):
             for p in sorted(usable, key=lambda p: p.peer)
         ]
         return [
-            Log("info", f"task {self.task_id[:12]}: reducing {len(partials)} partials"),
-            RunJob(
-                self.task_id, {"kind": "reduce", "partials": partials}, (self.task_id, "reduce")
-            ),
+            Log("info", f"task {task.task_id[:12]}: reducing {len(partials)} partials"),
+            task.job(JobStep.REDUCE, {"kind": "reduce", "partials": partials}),
         ]
 
     def _merge_final_models(self, now: float, usable: list[FinalPartial]) -> list[Command]:
-        """gossip: the result's model is the mass-weighted average of every participant's
+        """gossip: the result's model is the mass-weighted mean of every participant's
         final estimate -- the consensus push-sum converges to, reached in one step here."""
-        if self.final_merge == "merging":
+        if self.merge == "merging":
             return []
+        task = self.task
         models = sorted(
             (p for p in usable if p.model is not None and p.mass > 0), key=lambda p: p.peer
         )
         if not models:
-            self.final_merge = "skipped"
+            self.merge = "skipped"
             return self._maybe_reduce(now, deadline_passed=True)
-        self.final_merge = "merging"
+        self.merge = "merging"
+        rnd = task.offer.rounds + 1
         agg = Aggregate(
-            self.task_id,
-            self.offer.rounds + 1,
+            task.task_id,
+            rnd,
             tuple(p.model for p in models if p.model is not None),
             tuple(p.mass for p in models),
-            "fedavg",
-            {},
-            (self.task_id, "final-aggregate", self.offer.rounds + 1),
+            "pushsum",
+            AggToken(task.task_id, rnd, final=True),
+            reference=task.global_ref,
         )
-        return self._fetch_then(agg, {p.model.cid: p.peer for p in models if p.model is not None})
+        self.gather = Gather(agg, {p.model.cid: p.peer for p in models if p.model}, task.my_id)
+        return self.gather.start()
 
-    def on_final_merged(self, now: float, ref: BlobRef | None, reason: str) -> list[Command]:
-        self.pending_aggregate = None
-        self.waiting_blobs = set()
-        self.phase = "done-local"
+    def on_blob(self, now: float, event: BlobOutcome) -> list[Command]:
+        gather = self.gather
+        if gather is None or event.cid not in gather.waiting:
+            return []
+        if not event.ok:
+            self.gather = None
+            return self._merged(now, None, f"model {event.cid[:16]} unfetchable: {event.reason}")
+        ready = gather.arrived(event.cid)
+        if ready is None:
+            return []
+        self.gather = None
+        return [ready]
+
+    def on_merged(self, now: float, event: Aggregated) -> list[Command]:
+        return self._merged(now, event.ref, event.reason)
+
+    def _merged(self, now: float, ref: Any, reason: str) -> list[Command]:
+        task = self.task
+        out: list[Command] = []
         if ref is None:
-            self.final_merge = "skipped"  # keep our own estimate as the result's model
-            out: list[Command] = [
-                Log("warning", f"task {self.task_id[:12]}: final merge failed: {reason}")
-            ]
+            self.merge = "skipped"  # keep our own estimate as the result's model
+            out.append(Log("warning", f"task {task.task_id[:12]}: final merge failed: {reason}"))
         else:
-            self.final_merge = "merged"
-            self.global_ref = ref
-            out = []
+            self.merge = "merged"
+            task.global_ref = ref
         return out + self._maybe_reduce(now, deadline_passed=True)
 
-    def _publish_result(
-        self, now: float, status: str, reason: str, metrics: dict[str, Any]
-    ) -> list[Command]:
-        if self.result is not None:
+    def _publish_result(self, now: float, metrics: Any) -> list[Command]:
+        task = self.task
+        if task.result is not None:
             return []
         contributors = tuple(sorted(p.peer for p in self.partials.values() if not p.refused))
         result = TaskResult(
-            task_id=self.task_id,
-            status=status,
-            reason=reason,
-            reducer=self.my_id,
-            participants=contributors or self.participants,
-            rounds=self.round if self.is_training else 1,
-            metrics=_jsonable(metrics),
-            model=self.global_ref if self.is_training else None,
+            task_id=task.task_id,
+            status="succeeded",
+            reason="",
+            reducer=task.my_id,
+            participants=contributors or task.participants,
+            rounds=task.round if task.is_training else 1,
+            metrics=jsonable(metrics if isinstance(metrics, dict) else {}),
+            model=task.global_ref if task.is_training else None,
             created=now,
         )
-        return [Publish(TOPIC_TASKS, seal(self.me, result))]
+        return [Publish(TOPIC_TASKS, seal(task.me, result))] + self.take_result(
+            now, result, task.my_id
+        )
 
-    def _fail(self, now: float, reason: str) -> list[Command]:
-        if self.result is not None or self.phase == "failed":
+    def on_deadline(self, now: float) -> list[Command]:
+        """Our deadline for the result passed: the duty moves one rank down, and a held
+        result from the new acting participant counts."""
+        task = self.task
+        if task.result is not None:
             return []
-        self.phase = "failed"
-        self.reason = reason
-        result = TaskResult(
-            task_id=self.task_id,
-            status="failed",
-            reason=reason,
-            reducer=self.my_id,
-            participants=self.participants,
-            rounds=self.round,
-            metrics={},
-            model=None,
-            created=now,
-        )
-        return [
-            Log("warning", f"task {self.task_id[:12]} failed: {reason}"),
-            Publish(TOPIC_TASKS, seal(self.me, result)),
-        ]
+        acting = task.acting()
+        out: list[Command] = []
+        if acting == task.my_id:
+            return self._maybe_reduce(now, deadline_passed=True)
+        if acting is not None and task.participating:
+            task.dead.add(acting)
+            out.append(
+                Log(
+                    "warning",
+                    f"task {task.task_id[:12]}: {acting[-8:]} silent past the result's deadline",
+                )
+            )
+        elif not task.participating and self.held:
+            # A follower has no deadlines of its own: it takes the best-ranked held result.
+            order = task.participants
+            best = min(self.held, key=lambda p: order.index(p) if p in order else len(order))
+            return self.take_result(now, self.held.pop(best), best)
+        out += task.on_view_changed(now)
+        if task.result is None and len(task.live()) > 0:
+            out.append(SetTimer(task.timer(TimerKind.REDUCE), now + GRACE_S))
+        return out
+
+    def on_view_changed(self, now: float) -> list[Command]:
+        task = self.task
+        for signer in [p for p in task.participants if p in self.held]:
+            if task.may_act(signer):
+                return self.take_result(now, self.held.pop(signer), signer)
+        return self._maybe_reduce(now, deadline_passed=False)
+
+    # --- the result ------------------------------------------------------------------------
 
     def on_result(self, now: float, result: TaskResult, signer: str) -> list[Command]:
-        allowed = set(self.participants) | {self.offer.publisher}
-        if signer not in allowed:
-            return [Log("warning", f"result for {self.task_id[:12]} signed by outsider {signer}")]
-        if self.result is not None:
+        task = self.task
+        if task.result is not None or signer != result.reducer:
             return []
-        self.result = result
-        self.result_signer = signer
+        if task.roster is None:
+            # Before any roster only the publisher may end the task (a failure).
+            if signer == task.offer.publisher and result.status == "failed":
+                return self.take_result(now, result, signer)
+            return task._refuse(TaskResult, f"result from {signer[-8:]} before any roster")
+        if signer not in task.participants or not set(result.participants) <= set(
+            task.participants
+        ):
+            return task._refuse(TaskResult, f"result from {signer[-8:]} outside the roster")
+        if not task.may_act(signer):
+            if len(self.held) < len(task.participants):
+                self.held[signer] = result
+            out: list[Command] = [
+                Log(
+                    "info",
+                    f"task {task.task_id[:12]}: result from {signer[-8:]} held: not its duty yet",
+                )
+            ]
+            if not task.participating:
+                out.append(SetTimer(task.timer(TimerKind.REDUCE), now + task.offer.round_timeout_s))
+            return out
+        return self.take_result(now, result, signer)
+
+    def take_result(self, now: float, result: TaskResult, signer: str) -> list[Command]:
+        task = self.task
+        if task.result is not None:
+            return []
+        task.result = result
+        task.result_signer = signer
+        self.held.clear()
         # Followers see where everyone ended, even participants they heard little from.
-        for peer in self.participants:
-            state = self.nodes.setdefault(peer, NodeState())
+        for peer in task.participants:
+            state = task.nodes.setdefault(peer, NodeState())
             contributed = peer in result.participants
-            state.state = "done" if contributed else ("lost" if peer in self.dead else "left out")
+            state.state = "done" if contributed else ("lost" if peer in task.dead else "left out")
             if contributed and result.status == "succeeded":
                 state.round = max(state.round, result.rounds)
-        self.phase = "done" if result.status == "succeeded" else "failed"
-        self.reason = result.reason
-        kind = "result" if result.status == "succeeded" else "failed"
+        ok = result.status == "succeeded"
+        task.phase = Phase.DONE if ok else Phase.FAILED
+        task.reason = result.reason
         out: list[Command] = [
-            CancelTimer(("reduce", self.task_id)),
-            CancelTimer(("round", self.task_id, self.round)),
-            CancelTimer(("volunteer", self.task_id)),
-            CancelTimer(("publisher-watch", self.task_id)),
-            self._event(
-                kind,
+            CancelTimer(task.timer(kind, task.round if kind is TimerKind.ROUND else 0))
+            for kind in (
+                TimerKind.REDUCE,
+                TimerKind.ROUND,
+                TimerKind.VOLUNTEER,
+                TimerKind.REVEAL,
+                TimerKind.ROSTER_TAKEOVER,
+                TimerKind.PUBLISHER_WATCH,
+                TimerKind.EXPIRE,
+            )
+        ]
+        out.append(
+            task.event(
+                EventKind.RESULT if ok else EventKind.FAILED,
                 now,
                 # Metrics travel in the event's `metrics`; followers render them once.
-                f"{result.status}" + (f": {result.reason}" if result.reason else ""),
+                result.status + (f": {result.reason}" if result.reason else ""),
                 peer=result.reducer,
                 metrics=result.metrics if isinstance(result.metrics, dict) else {},
-            ),
-        ]
+            )
+        )
         # The task is over: keep only the final model (for `p2pfl result --model-out`).
-        final = frozenset({result.model.cid} if result.model else ())
-        out += self._forget_rounds_before(1 << 30, keep=final)
-        if result.model is not None and self.my_id == self.offer.publisher:
+        if isinstance(task.rounds, RoundsBase):
+            final = frozenset({result.model.cid} if result.model else ())
+            out += task.rounds.forget_before(1 << 30, keep=final)
+        if result.model is not None and task.my_id == task.offer.publisher:
             out.append(FetchBlob(result.model, (result.reducer,)))
-        return out
+        return out + task.end(result.status, result.reason)

@@ -11,6 +11,7 @@ capabilities) travel inside a `Signed` envelope; the rest are authenticated by t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from p2pfl.store.blobref import BlobRef
@@ -20,6 +21,42 @@ TOPIC_TASKPACKS = "p2pfl/v1/taskpacks"
 TOPIC_CAPABILITIES = "p2pfl/v1/capabilities"
 TOPIC_TASKS = "p2pfl/v1/tasks"
 TOPICS = (TOPIC_TASKPACKS, TOPIC_CAPABILITIES, TOPIC_TASKS)
+
+
+# --- fixed-format tokens ----------------------------------------------------------------
+# Ids from the wire are opaque tokens of one fixed format, checked at decode time (a
+# dataclass __post_init__ refusal becomes a RemoteProtocolError in the codec): a task id
+# can never be "../../x", so no code path can turn one into a surprising file name.
+
+TASK_ID_HEX = 32  # hex digits of a task id (128 bits of sha256)
+NONCE_BYTES = 16  # offer nonces and volunteer ranking nonces
+_TASK_ID = re.compile(f"[0-9a-f]{{{TASK_ID_HEX}}}")
+_PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{40,64}")  # base58btc multihash
+
+
+def check_task_id(value: str) -> None:
+    if type(value) is not str or not _TASK_ID.fullmatch(value):
+        raise ValueError(f"task_id must be {TASK_ID_HEX} lowercase hex digits")
+
+
+def check_peer_id(value: str, what: str = "peer") -> None:
+    if type(value) is not str or not _PEER_ID.fullmatch(value):
+        raise ValueError(f"{what} is not a peer id")
+
+
+def check_peers(values: tuple[str, ...], what: str) -> None:
+    for value in values:
+        check_peer_id(value, what)
+
+
+def _check_task(task_id: str, peer: str) -> None:
+    check_task_id(task_id)
+    check_peer_id(peer)
+
+
+def _check_nonce(nonce: bytes, what: str) -> None:
+    if len(nonce) != NONCE_BYTES:
+        raise ValueError(f"{what} must be {NONCE_BYTES} bytes")
 
 
 # --- taskpacks -------------------------------------------------------------------------
@@ -78,6 +115,9 @@ class Capability:
 @message("task.offer")
 @dataclass(frozen=True, slots=True)
 class TaskOffer:
+    """A publisher's signed offer. `task_id` is derived from every other field
+    (core/offer.py `derive_task_id`, re-derived by every receiver), so nobody can pick it."""
+
     task_id: str
     cid: str  # the taskpack archive
     name: str
@@ -97,22 +137,61 @@ class TaskOffer:
     created: float
     volunteer_deadline: float  # absolute time
     round_timeout_s: float
+    nonce: bytes  # the publisher's fresh randomness (NONCE_BYTES), part of the task id
+    max_update_norm: float = 0.0  # > 0: an update farther than this from the model is dropped
+
+    def __post_init__(self) -> None:
+        _check_task(self.task_id, self.publisher)
+        _check_nonce(self.nonce, "nonce")
 
 
 @message("task.volunteer")
 @dataclass(frozen=True, slots=True)
 class Volunteer:
+    """A node's signed offer to take part. `commit` is sha256 of a secret ranking nonce it
+    reveals later (`Reveal`): ranks mix every volunteer's nonce, so neither the offerer
+    (who picks the task id) nor one volunteer can choose to rank first."""
+
     task_id: str
     peer: str
     num_samples: int
+    commit: bytes
+
+    def __post_init__(self) -> None:
+        _check_task(self.task_id, self.peer)
+        if self.num_samples < 0:
+            raise ValueError("num_samples must be >= 0")
+        if len(self.commit) != 32:
+            raise ValueError("commit must be 32 bytes")
+
+
+@message("task.reveal")
+@dataclass(frozen=True, slots=True)
+class Reveal:
+    """A volunteer's ranking nonce, published once volunteering is over (signed)."""
+
+    task_id: str
+    peer: str
+    nonce: bytes
+
+    def __post_init__(self) -> None:
+        _check_task(self.task_id, self.peer)
+        _check_nonce(self.nonce, "nonce")
 
 
 @message("task.decline")
 @dataclass(frozen=True, slots=True)
 class Decline:
+    """A node will not take part (before the roster) or withdraws (after it), and why."""
+
     task_id: str
     peer: str
     reason: str
+
+    def __post_init__(self) -> None:
+        _check_task(self.task_id, self.peer)
+        if len(self.reason) > 2000:
+            raise ValueError("reason longer than 2000 characters")
 
 
 @message("task.roster")
@@ -126,6 +205,11 @@ class Roster:
     epoch: int  # 0 for the best-ranked coordinator, k for the k-th takeover
     participants: tuple[str, ...]
     volunteers: tuple[bytes, ...]  # each an encoded Signed(Volunteer)
+    reveals: tuple[bytes, ...]  # each an encoded Signed(Reveal): the ranking beacon's inputs
+
+    def __post_init__(self) -> None:
+        _check_task(self.task_id, self.coordinator)
+        check_peers(self.participants, "participant")
 
 
 @message("task.update")
@@ -141,6 +225,11 @@ class RoundUpdate:
     metrics: Json
     status: str = "ok"  # ok | failed | withdrawn
 
+    def __post_init__(self) -> None:
+        _check_task(self.task_id, self.peer)
+        if self.round < 1 or self.num_samples < 0:
+            raise ValueError("round must be >= 1 and num_samples >= 0")
+
 
 @message("task.close")
 @dataclass(frozen=True, slots=True)
@@ -155,6 +244,13 @@ class RoundClose:
     dead: tuple[str, ...] = ()
     attempt: int = 0  # a re-close of the same round (an included update was unfetchable)
 
+    def __post_init__(self) -> None:
+        _check_task(self.task_id, self.peer)
+        check_peers(self.included, "included")
+        check_peers(self.dead, "dead")
+        if self.round < 1 or self.attempt < 0:
+            raise ValueError("round must be >= 1 and attempt >= 0")
+
 
 @message("task.push")
 @dataclass(frozen=True, slots=True)
@@ -167,6 +263,11 @@ class GossipPush:
     ref: BlobRef | None  # None: the sender had nothing to send this round (failed)
     mass: float
 
+    def __post_init__(self) -> None:
+        _check_task(self.task_id, self.peer)
+        if self.round < 1 or not self.mass >= 0.0:
+            raise ValueError("round must be >= 1 and mass >= 0")
+
 
 @message("task.progress")
 @dataclass(frozen=True, slots=True)
@@ -178,6 +279,9 @@ class Progress:
     round: int
     state: str
     metrics: Json
+
+    def __post_init__(self) -> None:
+        _check_task(self.task_id, self.peer)
 
 
 @message("task.partial")
@@ -192,6 +296,11 @@ class FinalPartial:
     refused: str = ""  # non-empty: the node declined to release (reason)
     mass: float = 0.0  # gossip: the push-sum weight of `model` (the reducer averages by it)
 
+    def __post_init__(self) -> None:
+        _check_task(self.task_id, self.peer)
+        if self.num_samples < 0 or not self.mass >= 0.0:
+            raise ValueError("num_samples and mass must be >= 0")
+
 
 @message("task.result")
 @dataclass(frozen=True, slots=True)
@@ -205,3 +314,9 @@ class TaskResult:
     metrics: Json
     model: BlobRef | None
     created: float
+
+    def __post_init__(self) -> None:
+        _check_task(self.task_id, self.reducer)
+        check_peers(self.participants, "participant")
+        if self.status not in ("succeeded", "failed"):
+            raise ValueError("status must be succeeded or failed")

@@ -26,7 +26,9 @@ from p2pfl.core.commands import (
     SetTimer,
     TimerFired,
 )
+from p2pfl.core.election import commitment
 from p2pfl.core.messages import (
+    NONCE_BYTES,
     TOPIC_CAPABILITIES,
     TOPIC_TASKPACKS,
     TOPIC_TASKS,
@@ -35,6 +37,7 @@ from p2pfl.core.messages import (
     FinalPartial,
     GossipPush,
     Progress,
+    Reveal,
     Roster,
     RoundClose,
     RoundUpdate,
@@ -44,27 +47,39 @@ from p2pfl.core.messages import (
     TaskpackSync,
     TaskResult,
     Volunteer,
+    check_task_id,
 )
-from p2pfl.core.task import TaskMachine, new_task_id
-from p2pfl.core.task_state import LocalContext
+from p2pfl.core.offer import build_offer, offer_problem
+from p2pfl.core.phase import ACCEPTS, BlobOutcome, PeerBack, PeerLost, Phase, TaskpackState
+from p2pfl.core.task import Incoming, LocalContext, TaskMachine
 from p2pfl.core.taskpacks import TaskpackBook
+from p2pfl.core.tokens import NodeTimer, NodeTimerKind, TaskTimer
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError
 from p2pfl.identity import Identity
 from p2pfl.net.base import FetchDone, FetchFailed, Message, PeerConnected, PeerDisconnected
 from p2pfl.wire import Signed, decode, seal, unseal
 
 # Which messages may arrive where, and whether they must be signed.
-_SIGNED = (TaskOffer, Volunteer, Roster, TaskResult, Capability, Decline)
+_SIGNED = (TaskOffer, Volunteer, Reveal, Roster, TaskResult, Capability, Decline)
 _ON_TOPIC: dict[str | None, tuple[type, ...]] = {
     TOPIC_TASKPACKS: (TaskpackAnnounce, TaskpackHave),
     TOPIC_CAPABILITIES: (Capability,),
-    TOPIC_TASKS: (TaskOffer, Volunteer, Decline, Roster, RoundUpdate, RoundClose, TaskResult),
+    TOPIC_TASKS: (
+        TaskOffer,
+        Volunteer,
+        Reveal,
+        Decline,
+        Roster,
+        RoundUpdate,
+        RoundClose,
+        TaskResult,
+    ),
     None: (TaskpackSync, GossipPush, Progress, FinalPartial),
 }
-_PENDING_PER_TASK = 4096  # messages held for a task whose offer (or roster) is not here yet
-# Messages that only make sense once the roster is known (held until then).
-_AFTER_ROSTER = (RoundUpdate, RoundClose, GossipPush, Progress, FinalPartial)
+_PENDING_PER_TASK = 4096  # messages held for a task whose offer is not here yet
 _PENDING_TASKS = 256
+MAX_TASKS_PER_PUBLISHER = 16  # unfinished tasks one publisher may have on this node
+_FORGOTTEN_MAX = 4096  # expired task ids remembered, so a replayed offer stays dead
 REPUBLISH_S = 2.0  # our own announcements and offers go out once more after this
 
 
@@ -99,10 +114,11 @@ class NodeCore:
         self.rng = rng or random.Random()
         self.book = TaskpackBook(self.me, policy, capabilities)
         self.tasks: dict[str, TaskMachine] = {}
+        self._forgotten: dict[str, None] = {}  # expired offers (insertion-ordered, bounded)
         self.local = LocalContext({d.name: d.rows for d in datasets.values()}, min_records)
         self.connected: dict[str, tuple[str, ...]] = {}
         self.peer_caps: dict[str, Capability] = {}
-        self._pending: dict[str, list[tuple[str, Any, str, Signed | None]]] = defaultdict(list)
+        self._pending: dict[str, list[tuple[str, Incoming]]] = defaultdict(list)
         self.bad_messages = 0
         self.full_mesh = False  # set by the driver: connected to the whole network
         self._republish: dict[str, Publish] = {}  # records to publish once more (see _again_soon)
@@ -129,7 +145,7 @@ class NodeCore:
         )
         return [
             Publish(TOPIC_CAPABILITIES, seal(self.identity, record)),
-            SetTimer(("capabilities",), now + self.caps_interval_s),
+            SetTimer(NodeTimer(NodeTimerKind.CAPABILITIES), now + self.caps_interval_s),
         ]
 
     # --- local requests ------------------------------------------------------------------
@@ -144,50 +160,46 @@ class NodeCore:
         may not have told us its subscriptions yet, and would miss it (receivers drop
         duplicates)."""
         self._republish[name] = publish
-        return [SetTimer(("republish", name), now + REPUBLISH_S)]
+        return [SetTimer(NodeTimer(NodeTimerKind.REPUBLISH, name), now + REPUBLISH_S)]
 
     def create_task(
-        self, cid: str, params: dict[str, Any], federated: dict[str, Any], now: float
+        self,
+        cid: str,
+        params: dict[str, Any],
+        federated: dict[str, Any],
+        inputs: tuple[str, ...],
+        now: float,
+        volunteer_window_s: float = 3.0,
     ) -> tuple[str, list[Command]]:
+        """Offer a task on a taskpack verified here (ours or another publisher's): the
+        offer is signed by us, the requester."""
         entry = self.book.verified(cid)
         if entry is None:
             raise LocalProtocolError(f"taskpack {cid} is not verified on this node")
-        manifest = entry.manifest
-        dp = federated.get("differential_privacy") or {}
-        task_id = new_task_id(cid, params, self.me, self.rng)
-        offer = TaskOffer(
-            task_id=task_id,
+        offer = build_offer(
             cid=cid,
             name=entry.name,
             version=entry.version,
             type=entry.type,
             publisher=self.me,
             params=params,
-            protocol=str(federated.get("protocol", "fedavg")),
-            aggregator=str(federated.get("aggregator", "fedavg")),
-            rounds=int(federated.get("rounds", 1)) if entry.type == "training" else 1,
-            min_nodes=int(federated.get("min_nodes", 1)),
-            max_nodes=int(federated.get("max_nodes", 1000)),
-            fanout=int(federated.get("fanout", 3)),
-            mu=float(federated.get("mu", 0.0)),
-            dp=(
-                {
-                    "epsilon": float(dp["epsilon"]),
-                    "delta": float(dp.get("delta", 1e-5)),
-                    "max_grad_norm": float(dp.get("max_grad_norm", 1.0)),
-                }
-                if dp.get("enabled")
-                else None
-            ),
-            inputs=tuple(federated.get("inputs") or [i.name for i in manifest.spec.inputs]),
-            created=now,
-            volunteer_deadline=now + float(federated.get("volunteer_window_s", 3.0)),
-            round_timeout_s=float(federated.get("deadline_s", 60.0)),
+            federated=federated,
+            inputs=inputs,
+            now=now,
+            nonce=self.rng.randbytes(NONCE_BYTES),
+            volunteer_window_s=volunteer_window_s,
         )
         # Our own machine starts now; the offer's echo from gossip is then a duplicate.
         publish = Publish(TOPIC_TASKS, seal(self.identity, offer))
-        again = self._again_soon(f"offer:{task_id}", publish, now)
-        return task_id, [publish, *again, *self._on_offer(offer, now)]
+        again = self._again_soon(f"offer:{offer.task_id}", publish, now)
+        return offer.task_id, [publish, *again, *self._on_offer(offer, now)]
+
+    def policy_decision(self, task_id: str) -> dict[str, Any] | None:
+        """The site policy's decision for a task this node has seen (None: not seen)."""
+        machine = self.tasks.get(task_id)
+        if machine is None:
+            return None
+        return {"task_id": task_id, "phase": machine.phase.value, "reason": machine.reason}
 
     # --- events ------------------------------------------------------------------------
 
@@ -195,71 +207,77 @@ class NodeCore:
         if isinstance(event, Message):
             return self._on_message(event, now)
         if isinstance(event, TimerFired):
-            return self._on_timer(event.key, now)
+            return self._on_timer(event, now)
         if isinstance(event, PeerConnected):
             self.connected[event.peer] = event.addrs
-            out = []
-            for machine in self.tasks.values():
-                machine.connected = set(self.connected)
-                machine.full_mesh = self.full_mesh
-                out += machine.on_peer_back(now, event.peer)
+            out = self._to_all(PeerBack(event.peer), now)
             out += self.book.on_peer_connected(event.peer)
             if self.caps_interval_s:
                 # A new peer missed our last record: re-publish soon (one timer, so a burst
                 # of connections costs one message), once the gossip mesh includes it.
-                out.append(SetTimer(("capabilities",), now + 1.0))
+                out.append(SetTimer(NodeTimer(NodeTimerKind.CAPABILITIES), now + 1.0))
             return out
         if isinstance(event, PeerDisconnected):
             self.connected.pop(event.peer, None)
-            out: list[Command] = []
-            for machine in list(self.tasks.values()):
-                machine.connected = set(self.connected)
-                machine.full_mesh = self.full_mesh
-                out += machine.on_peer_lost(now, event.peer)
-            return out
+            return self._to_all(PeerLost(event.peer), now)
         if isinstance(event, BlobReady | BlobFailed):
             ok = isinstance(event, BlobReady)
-            reason = "" if ok else event.reason  # type: ignore[union-attr]
+            reason = event.reason if isinstance(event, BlobFailed) else ""
             out = (
                 self.book.on_blob_ready(event.cid)
                 if ok
                 else self.book.on_blob_failed(event.cid, reason)
             )
-            for machine in list(self.tasks.values()):
-                out += machine.on_blob(now, event.cid, ok, reason)
-            return out
+            return out + self._to_all(BlobOutcome(event.cid, ok, reason), now)
         if isinstance(event, ArchiveChecked):
             out = self.book.on_archive_checked(event.cid, event.refusal, event.detail)
             entry = self.book.entries.get(event.cid)
-            for machine in list(self.tasks.values()):
-                if machine.offer.cid == event.cid and entry is not None:
-                    out += machine.on_taskpack(now, entry.status, entry.reason)
+            if entry is not None:
+                state = TaskpackState(entry.status, entry.reason)
+                for machine in list(self.tasks.values()):
+                    if machine.offer.cid == event.cid and machine.phase is Phase.PENDING:
+                        out += self._run(machine, state, now)
             return out
-        if isinstance(event, JobDone | JobFailed):
-            machine = self.tasks.get(event.token[0])
-            if machine is None:
-                return []
-            if isinstance(event, JobDone):
-                return machine.on_job_done(now, event.token, event.result)
-            return machine.on_job_failed(now, event.token, event.reason)
-        if isinstance(event, Aggregated):
-            machine = self.tasks.get(event.token[0])
-            return (
-                machine.on_aggregated(now, event.token, event.ref, event.reason) if machine else []
-            )
+        if isinstance(event, JobDone | JobFailed | Aggregated):
+            owner = self.tasks.get(event.token.task_id)
+            return self._run(owner, event, now) if owner is not None else []
         if isinstance(event, FetchDone | FetchFailed):
             raise LocalProtocolError("blob fetch events belong to the driver's fetcher")
         raise LocalProtocolError(f"unexpected event {type(event).__name__}")
 
-    def _on_timer(self, key: tuple, now: float) -> list[Command]:
-        if key[0] == "capabilities":
-            self._expire_capabilities(now)
-            return self._publish_capability(now)
-        if key[0] == "republish":
-            publish = self._republish.pop(key[1], None)
+    def _run(self, machine: TaskMachine, event: Any, now: float) -> list[Command]:
+        """One event into one machine; a machine whose offer expired is forgotten."""
+        machine.connected = set(self.connected)
+        machine.full_mesh = self.full_mesh
+        out = machine.handle(event, now)
+        if machine.phase is Phase.EXPIRED:
+            self.tasks.pop(machine.task_id, None)
+            self._forgotten[machine.task_id] = None
+            while len(self._forgotten) > _FORGOTTEN_MAX:
+                self._forgotten.pop(next(iter(self._forgotten)))
+        return out
+
+    def _to_all(self, event: Any, now: float) -> list[Command]:
+        """A node-wide event to every task that takes it in its phase (a blob outcome is
+        for the tasks that fetch; a lost peer for everyone still following)."""
+        out: list[Command] = []
+        key = type(event)
+        for machine in list(self.tasks.values()):
+            if key in ACCEPTS[machine.phase]:
+                out += self._run(machine, event, now)
+        return out
+
+    def _on_timer(self, event: TimerFired, now: float) -> list[Command]:
+        key = event.key
+        if isinstance(key, NodeTimer):
+            if key.kind is NodeTimerKind.CAPABILITIES:
+                self._expire_capabilities(now)
+                return self._publish_capability(now) if self.caps_interval_s else []
+            publish = self._republish.pop(key.name, None)
             return [publish] if publish is not None else []
-        machine = self.tasks.get(key[1]) if len(key) > 1 else None
-        return machine.on_timer(now, key) if machine else []
+        assert isinstance(key, TaskTimer)
+        target = self.tasks.get(key.task_id)
+        return self._run(target, event, now) if target is not None else []
 
     def _expire_capabilities(self, now: float) -> None:
         for peer in [p for p, c in self.peer_caps.items() if c.expires < now]:
@@ -319,67 +337,46 @@ class NodeCore:
             return []
         if isinstance(msg, TaskOffer):
             return self._on_offer(msg, now)
+        check_task_id(msg.task_id)
+        incoming = Incoming(msg, signer, envelope)
+        if isinstance(msg, Roster):
+            incoming.carried = _roster_carried(msg.task_id, msg.volunteers, msg.reveals)
         machine = self.tasks.get(msg.task_id)
         if machine is None:
+            if msg.task_id in self._forgotten:
+                return []
             pending = self._pending[msg.task_id]
             if len(self._pending) <= _PENDING_TASKS and len(pending) < _PENDING_PER_TASK:
-                pending.append((sender, msg, signer, envelope))
+                pending.append((sender, incoming))
             else:
                 self._pending.pop(msg.task_id, None)
             return []
-        return self._to_machine(machine, msg, signer, envelope, now)
-
-    def _to_machine(
-        self, machine: TaskMachine, msg: Any, signer: str, envelope: Signed | None, now: float
-    ) -> list[Command]:
-        if isinstance(msg, Volunteer):
-            assert envelope is not None  # Volunteer is in _SIGNED: _open guarantees it
-            return machine.on_volunteer(now, msg, envelope)
-        if isinstance(msg, Decline):
-            return machine.on_decline(now, msg)
-        if machine.roster is None and isinstance(msg, _AFTER_ROSTER):
-            if len(machine.early) < _PENDING_PER_TASK:
-                machine.early.append((msg, signer))
-            return []
-        if isinstance(msg, Roster):
-            vols = list(_roster_volunteers(msg.task_id, msg.volunteers))
-            out = machine.on_roster(now, msg, signer, vols)
-            if machine.roster is not None and machine.early:
-                early, machine.early = machine.early, []
-                for held, held_signer in early:
-                    out += self._to_machine(machine, held, held_signer, None, now)
-            return out
-        if isinstance(msg, RoundUpdate):
-            return machine.on_update(now, msg)
-        if isinstance(msg, RoundClose):
-            return machine.on_close(now, msg)
-        if isinstance(msg, GossipPush):
-            return machine.on_push(now, msg)
-        if isinstance(msg, Progress):
-            return machine.on_progress(now, msg)
-        if isinstance(msg, FinalPartial):
-            return machine.on_partial(now, msg)
-        if isinstance(msg, TaskResult):
-            return machine.on_result(now, msg, signer)
-        return []
+        return self._run(machine, incoming, now)
 
     def _on_offer(self, offer: TaskOffer, now: float) -> list[Command]:
-        if offer.task_id in self.tasks:
+        if offer.task_id in self.tasks or offer.task_id in self._forgotten:
             return []
-        if (
-            not 1 <= offer.min_nodes <= offer.max_nodes
-            or offer.rounds < 1
-            or offer.rounds > 100_000
-        ):
-            raise RemoteProtocolError(f"offer {offer.task_id}: inconsistent node counts or rounds")
-        machine = TaskMachine(offer, self.identity, self.local, created_at=now)
+        problem = offer_problem(offer)
+        if problem is not None:
+            raise RemoteProtocolError(f"offer {offer.task_id[:12]}: {problem}")
+        mine = sum(
+            1
+            for m in self.tasks.values()
+            if m.offer.publisher == offer.publisher and m.result is None
+        )
+        if offer.publisher != self.me and mine >= MAX_TASKS_PER_PUBLISHER:
+            raise RemoteProtocolError(
+                f"offer {offer.task_id[:12]}: {offer.publisher} already has {mine} unfinished tasks here"
+            )
+        machine = TaskMachine(offer, self.identity, self.local, now, self.rng)
         machine.connected = set(self.connected)
         machine.full_mesh = self.full_mesh
         self.tasks[offer.task_id] = machine
         entry = self.book.entries.get(offer.cid)
-        out = machine.start(now, entry.status if entry else None, entry.reason if entry else "")
-        for _sender, msg, signer, envelope in self._pending.pop(offer.task_id, []):
-            out += self._to_machine(machine, msg, signer, envelope, now)
+        state = TaskpackState(entry.status if entry else None, entry.reason if entry else "")
+        out = machine.start(now, state)
+        for _sender, incoming in self._pending.pop(offer.task_id, []):
+            out += self._run(machine, incoming, now)
         return out
 
     # --- views --------------------------------------------------------------------------
@@ -412,18 +409,34 @@ def _decode_and_unseal(data: bytes) -> tuple[Any, Signed | None]:
 
 
 @functools.lru_cache(maxsize=64)
-def _roster_volunteers(task_id: str, volunteers: tuple[bytes, ...]) -> tuple[str, ...]:
-    """The peers whose own signed volunteer records a roster carries (each checked).
+def _roster_carried(
+    task_id: str, volunteers: tuple[bytes, ...], reveals: tuple[bytes, ...]
+) -> dict[str, bytes]:
+    """peer -> revealed nonce of every volunteer whose own signed record and signed reveal
+    a roster carries (each signature and commitment checked).
 
     Memoised like `_decode_and_unseal`: every node checks the same roster."""
-    peers = []
+    commits: dict[str, bytes] = {}
     for raw in volunteers:
         signed = decode(raw, expected=Signed)
         vol = unseal(signed, expected=Volunteer)
         if vol.peer != signed.signer or vol.task_id != task_id:
             raise RemoteProtocolError("roster carries a volunteer record for someone else")
-        peers.append(vol.peer)
-    return tuple(peers)
+        commits[vol.peer] = vol.commit
+    nonces: dict[str, bytes] = {}
+    for raw in reveals:
+        signed = decode(raw, expected=Signed)
+        reveal = unseal(signed, expected=Reveal)
+        if reveal.peer != signed.signer or reveal.task_id != task_id:
+            raise RemoteProtocolError("roster carries a reveal for someone else")
+        if commits.get(reveal.peer) != commitment(reveal.nonce):
+            raise RemoteProtocolError(
+                f"roster carries a reveal of {reveal.peer} that matches no record"
+            )
+        nonces[reveal.peer] = reveal.nonce
+    if set(nonces) != set(commits):
+        raise RemoteProtocolError("roster carries volunteer records without reveals")
+    return nonces
 
 
 def _cap_dict(cap: Capability) -> dict[str, Any]:

@@ -1,356 +1,880 @@
-"""One task as seen by one node: offer -> volunteer -> roster -> rounds -> reduce -> result.
+"""One task as seen by one node: offer -> volunteer -> reveal -> roster -> rounds -> result.
 
 A `TaskMachine` takes events (messages, job outcomes, blobs, timers, peers lost) with the
 current time and returns commands; it never performs I/O. One instance exists per task a
-node has heard of, whatever its role: publisher, participant, coordinator, reducer or a
-mere observer.
+node has heard of, whatever its part: publisher, participant, coordinator, reducer or a
+mere observer. `handle` routes every event through one table (core/phase.py); the rounds
+(`FedAvgRounds` or `PushSumRounds`) and the final step (`FinalStep`) are parts with their
+own state, composed here.
 
-Per-participant phases::
-
-    pending -> validating -> volunteered -> (roster) -> init -> training(r) -> closing(r)
-      -> aggregating(r) -> evaluating(r) -> [training(r+1) ... ] -> finalizing -> done
-    any phase -> failed / done when a signed result arrives
-
-Round rules (fedavg / fedprox): every participant announces its update; the acting
-coordinator (first live roster member) publishes a RoundClose naming exactly which updates
-make the round, once all live participants have reported or the round deadline passes.
-Everyone averages exactly those, sorted by peer id, so honest nodes hold bit-identical
-models. gossip: push-sum with `fanout` pseudo-random targets per round, chosen by a hash
-that the receivers can recompute, so each node knows whose shares to wait for.
+Roles are checked by rule, by every node (core/election.py): a roster must follow the
+rank rule; a round close, a failure and a result count only from the participant whose
+duty it is in this node's view (the first live one in rank order); one from a lower-ranked
+participant is held until this node's own deadlines have passed the ones above it.
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from p2pfl.core.commands import (
+    Aggregated,
     CancelTimer,
     Command,
+    Emit,
+    EventKind,
+    JobDone,
+    JobFailed,
     Log,
     Publish,
     RunJob,
     SetTimer,
+    TaskEnded,
+    TaskEvent,
+    TimerFired,
 )
-from p2pfl.core.election import ranked, roster_problem
+from p2pfl.core.election import (
+    beacon as make_beacon,
+    commitment,
+    first_live,
+    ranked,
+    roster_problem,
+)
+from p2pfl.core.fedavg_rounds import FedAvgRounds
 from p2pfl.core.final import FinalStep
 from p2pfl.core.messages import (
+    NONCE_BYTES,
     TOPIC_TASKS,
     Decline,
+    FinalPartial,
+    GossipPush,
+    Progress,
+    Reveal,
     Roster,
+    RoundClose,
     RoundUpdate,
+    TaskOffer,
+    TaskResult,
     Volunteer,
 )
-from p2pfl.core.rounds import Rounds
-from p2pfl.core.task_state import (
-    GRACE_S,
-    NodeState,
+from p2pfl.core.phase import (
+    ACCEPTS,
+    ACTIVE,
+    TERMINAL,
+    AggregatedKey,
+    BlobOutcome,
+    EventKey,
+    PeerBack,
+    PeerLost,
+    Phase,
+    TaskpackState,
 )
+from p2pfl.core.pushsum_rounds import PushSumRounds
+from p2pfl.core.tokens import JobStep, JobToken, TaskTimer, TimerKind
+from p2pfl.core.view import NodeState, result_dict
+from p2pfl.identity import Identity
+from p2pfl.store.blobref import BlobRef
 from p2pfl.wire import Signed, encode, seal
 
+GRACE_S = 2.0  # per rank position, before the next in line takes over a silent duty
+EXPIRE_AFTER_S = 60.0  # an offer without a roster is forgotten this long after its deadline
+MAX_HELD = 64  # messages held for later per task (early round messages, premature duties)
 
-class TaskMachine(Rounds, FinalStep):
-    """One task at one node: the offer, volunteering, the roster, timers and lost peers;
-    rounds and the final step come from the mixins (same state, see core/task_state.py)."""
+
+class Incoming:
+    """A wire message for this task, with who signed (or sent) it."""
+
+    __slots__ = ("carried", "envelope", "msg", "signer")
+
+    def __init__(
+        self,
+        msg: Any,
+        signer: str,
+        envelope: Signed | None = None,
+        carried: dict[str, bytes] | None = None,
+    ) -> None:
+        self.msg, self.signer, self.envelope = msg, signer, envelope
+        # Rosters: peer -> revealed nonce of each volunteer record + reveal it carries.
+        self.carried = carried or {}
+
+
+class LocalContext:
+    """What the owning node knows that the task needs (datasets, k)."""
+
+    def __init__(self, datasets: dict[str, int], min_records: int = 10) -> None:
+        self.datasets = datasets  # name -> record count
+        self.min_records = min_records
+
+
+class TaskMachine:
+    def __init__(
+        self,
+        offer: TaskOffer,
+        me: Identity,
+        local: LocalContext,
+        created_at: float,
+        rng: random.Random,
+    ) -> None:
+        self.offer = offer
+        self.me = me
+        self.local = local
+        self.created_at = created_at
+        self.rng = rng
+        self.phase = Phase.PENDING
+        self.reason = ""
+        # Volunteering: every valid signed record, its commitment and later its reveal.
+        self.volunteers: dict[str, Signed] = {}
+        self.samples: dict[str, int] = {}  # the signed sample counts (cap every update)
+        self.commits: dict[str, bytes] = {}
+        self.reveals: dict[str, Signed] = {}
+        self.nonces: dict[str, bytes] = {}
+        self.declines: dict[str, str] = {}
+        self.my_nonce = b""
+        self.revealed = False  # volunteering is over for us: nonces may be published
+        self.reveal_sent = False
+        self.roster: Roster | None = None
+        self.roster_publish: Publish | None = None
+        self.reveal_publish: Publish | None = None
+        self.dead: set[str] = set()  # unreachable, or silent past a duty's deadline
+        self.withdrawn: dict[str, str] = {}  # participant -> its reason
+        self.nodes: dict[str, NodeState] = {}
+        self.round = 0
+        self.global_ref: BlobRef | None = None
+        self.last_metrics: dict[str, Any] = {}
+        self.rounds: FedAvgRounds | PushSumRounds | None = None
+        self.final = FinalStep(self)
+        self.result: TaskResult | None = None
+        self.result_signer = ""
+        self.early: list[Incoming] = []  # round messages that came before the roster
+        self.held_rosters: dict[int, Incoming] = {}  # takeover rosters before their time
+        self.takeover_epoch = 0  # how many rank positions this node has skipped so far
+        self.refused: Counter[str] = Counter()  # events a phase could not take, per kind
+        self.connected: set[str] = set()
+        self.full_mesh = False  # the driver knows we are connected to the whole network
+        self.ended = False
+
+    # --- identity of the task ----------------------------------------------------------
+
+    @property
+    def task_id(self) -> str:
+        return self.offer.task_id
+
+    @property
+    def my_id(self) -> str:
+        return self.me.peer_id
+
+    @property
+    def is_training(self) -> bool:
+        return self.offer.type == "training"
+
+    @property
+    def participants(self) -> tuple[str, ...]:
+        return self.roster.participants if self.roster else ()
+
+    @property
+    def participating(self) -> bool:
+        return self.my_id in self.participants
+
+    def live(self) -> list[str]:
+        """Roster members still expected to contribute, in rank order."""
+        return [p for p in self.participants if p not in self.dead and p not in self.withdrawn]
+
+    def acting(self) -> str | None:
+        """Whose duty it is now (closing, failing, reducing): the first live participant."""
+        return first_live(self.participants, self.dead | set(self.withdrawn))
+
+    def may_act(self, peer: str) -> bool:
+        """`peer` may do the duty now: it is the acting participant or ranks above it (it
+        may be alive after all: a partition healed)."""
+        acting = self.acting()
+        if acting is None or peer not in self.participants:
+            return False
+        order = self.participants
+        return order.index(peer) <= order.index(acting)
+
+    def node(self, peer: str) -> NodeState:
+        return self.nodes.setdefault(peer, NodeState())
+
+    def event(self, kind: EventKind, now: float, message: str = "", **extra: Any) -> Emit:
+        return Emit(TaskEvent(kind, self.task_id, now, message, **extra))
+
+    def timer(self, kind: TimerKind, rnd: int = 0, cid: str = "") -> TaskTimer:
+        return TaskTimer(self.task_id, kind, rnd, cid)
+
+    def job(self, step: JobStep, job: dict[str, Any], rnd: int = 0) -> RunJob:
+        return RunJob(self.task_id, job, JobToken(self.task_id, step, rnd))
+
+    # --- the one entry point -------------------------------------------------------------
+
+    def handle(self, event: Any, now: float) -> list[Command]:
+        key = _key_of(event)
+        if key not in ACCEPTS[self.phase]:
+            return self._refuse(key, f"not taken in phase {self.phase.value}")
+        handler = HANDLERS[key]
+        try:
+            return handler(self, now, event)
+        except Exception as exc:  # a bug: this task stops here, the node goes on
+            self.phase = Phase.ERRORED
+            self.reason = f"internal error handling {_key_name(key)}: {type(exc).__name__}: {exc}"
+            return [
+                Log("error", f"task {self.task_id[:12]} errored: {self.reason}"),
+                self.event(EventKind.STATE, now, f"errored: {self.reason}", peer=self.my_id),
+                *self.end("errored", self.reason),
+            ]
+
+    def _refuse(self, key: EventKey, why: str) -> list[Command]:
+        name = _key_name(key)
+        self.refused[name] += 1
+        return [Log("debug", f"task {self.task_id[:12]}: {name} refused: {why}")]
+
+    def end(self, status: str, reason: str = "") -> list[Command]:
+        """The task is over for this node: once."""
+        if self.ended:
+            return []
+        self.ended = True
+        return [TaskEnded(self.task_id, status, reason)]
 
     # --- offer and volunteering -------------------------------------------------------
 
-    def start(
-        self, now: float, taskpack_status: str | None, taskpack_reason: str = ""
-    ) -> list[Command]:
+    def start(self, now: float, taskpack: TaskpackState) -> list[Command]:
         """The offer arrived (or was made here). Decide whether we can take part."""
+        deadline = self.offer.volunteer_deadline
         out: list[Command] = [
-            SetTimer(("volunteer", self.task_id), self.offer.volunteer_deadline),
-            self._event("state", now, f"offered {self.offer.name}@{self.offer.version}"),
+            SetTimer(self.timer(TimerKind.VOLUNTEER), deadline),
+            SetTimer(self.timer(TimerKind.EXPIRE), deadline + EXPIRE_AFTER_S),
+            self.event(EventKind.STATE, now, f"offered {self.offer.name}@{self.offer.version}"),
         ]
         if self.my_id == self.offer.publisher:
-            # The publisher decides failure when nobody coordinates in time.
-            out.append(
-                SetTimer(
-                    ("publisher-watch", self.task_id), self.offer.volunteer_deadline + 3 * GRACE_S
-                )
-            )
-        return out + self.on_taskpack(now, taskpack_status, taskpack_reason)
+            # The publisher fails a task that nobody coordinates in time.
+            watch = deadline + 4 * GRACE_S
+            out.append(SetTimer(self.timer(TimerKind.PUBLISHER_WATCH), watch))
+        return out + self.on_taskpack(now, taskpack)
 
-    def on_taskpack(self, now: float, status: str | None, reason: str = "") -> list[Command]:
-        if self.phase != "pending" or status is None or status in ("fetching", "checking"):
+    def on_taskpack(self, now: float, event: TaskpackState) -> list[Command]:
+        status = event.status
+        if self.phase != Phase.PENDING or status is None or status in ("fetching", "checking"):
             return []
         if status != "verified":
-            return self._decline(now, f"taskpack {reason or status}")
+            return self.decline(now, f"taskpack {event.reason or status}")
         missing = [name for name in self.offer.inputs if name not in self.local.datasets]
         if missing:
-            return self._decline(now, f"no local dataset named {', '.join(missing)}")
+            return self.decline(now, f"no local dataset named {', '.join(missing)}")
         if now > self.offer.volunteer_deadline:
-            return self._decline(now, "offer expired before the taskpack was verified")
-        self.phase = "validating"
-        return [RunJob(self.task_id, {"kind": "validate"}, (self.task_id, "validate"))]
+            return self.decline(now, "offer expired before the taskpack was verified")
+        self.phase = Phase.VALIDATING
+        return [self.job(JobStep.VALIDATE, {"kind": "validate"})]
 
-    def _decline(self, now: float, reason: str) -> list[Command]:
-        self.phase = "declined"
+    def decline(self, now: float, reason: str) -> list[Command]:
+        self.phase = Phase.DECLINED
         self.reason = reason
-        return [
-            Publish(TOPIC_TASKS, seal(self.me, Decline(self.task_id, self.my_id, reason))),
+        self.declines[self.my_id] = reason
+        out: list[Command] = [
+            Publish(TOPIC_TASKS, seal(self.me, Decline(self.task_id, self.my_id, reason[:2000]))),
             Log("info", f"task {self.task_id[:12]}: declined: {reason}"),
-            self._event("state", now, f"declined: {reason}", peer=self.my_id),
+            self.event(EventKind.STATE, now, f"declined: {reason}", peer=self.my_id),
         ]
+        # Our worker is no longer needed; we keep following the task.
+        out += [TaskEnded(self.task_id, "declined", reason)]
+        return out + self._maybe_all_declined(now)
 
-    def _volunteer(self, now: float) -> list[Command]:
-        self.phase = "volunteered"
+    def on_validated(self, now: float, event: JobDone | JobFailed) -> list[Command]:
+        if isinstance(event, JobFailed):
+            return self.decline(now, f"validate_inputs refused: {event.reason}")
         samples = sum(self.local.datasets.get(name, 0) for name in self.offer.inputs)
         if self.offer.type == "analysis" and samples < self.local.min_records:
-            return self._decline(now, f"fewer than {self.local.min_records} records (k policy)")
-        signed = seal(self.me, Volunteer(self.task_id, self.my_id, samples))
-        return [Publish(TOPIC_TASKS, signed), Log("info", f"task {self.task_id[:12]}: volunteered")]
+            return self.decline(now, f"fewer than {self.local.min_records} records (k policy)")
+        self.phase = Phase.VOLUNTEERED
+        self.my_nonce = self.rng.randbytes(NONCE_BYTES)
+        record = Volunteer(self.task_id, self.my_id, samples, commitment(self.my_nonce))
+        signed = seal(self.me, record)
+        out: list[Command] = [
+            Publish(TOPIC_TASKS, signed),
+            Log("info", f"task {self.task_id[:12]}: volunteered"),
+        ]
+        out += self._take_volunteer(now, record, signed)
+        if self.revealed or now >= self.offer.volunteer_deadline:
+            out += self._reveal(now)
+        return out
 
-    def on_volunteer(self, now: float, vol: Volunteer, signed: Signed) -> list[Command]:
-        if vol.peer in self.volunteers or self.result is not None:
+    def on_volunteer(self, now: float, event: Incoming) -> list[Command]:
+        vol: Volunteer = event.msg
+        if vol.peer in self.volunteers or self.roster is not None or event.envelope is None:
             return []
+        if self.revealed and vol.peer != self.my_id:
+            # Too late: nonces are out, and a record made after seeing them could grind.
+            return self._refuse(Volunteer, f"{vol.peer[-8:]} volunteered after the reveals")
+        return self._take_volunteer(now, vol, event.envelope)
+
+    def _take_volunteer(self, now: float, vol: Volunteer, signed: Signed) -> list[Command]:
         self.volunteers[vol.peer] = signed
         self.samples[vol.peer] = vol.num_samples
+        self.commits[vol.peer] = vol.commit
         self.nodes.setdefault(vol.peer, NodeState("volunteered"))
-        out = [self._event("node", now, "volunteered", peer=vol.peer)]
-        return out + self._maybe_roster(now, early=True)
+        out: list[Command] = [self.event(EventKind.NODE, now, "volunteered", peer=vol.peer)]
+        if self._everyone_answered():
+            out += self._reveal(now)
+        return out + self._maybe_roster(now)
 
-    def on_decline(self, now: float, decline: Decline) -> list[Command]:
+    def on_decline(self, now: float, event: Incoming) -> list[Command]:
+        decline: Decline = event.msg
+        if decline.peer in self.participants:
+            return self._on_withdraw(now, decline.peer, decline.reason)
+        if decline.peer in self.declines:
+            return []
         self.declines[decline.peer] = decline.reason
-        return [self._event("node", now, f"declined: {decline.reason}", peer=decline.peer)] + (
-            self._maybe_roster(now, early=True)
-        )
-
-    # --- roster ----------------------------------------------------------------------
+        self.volunteers.pop(decline.peer, None)
+        out: list[Command] = [
+            self.event(EventKind.NODE, now, f"declined: {decline.reason}", peer=decline.peer)
+        ]
+        if self._everyone_answered():
+            out += self._reveal(now)
+        return out + self._maybe_all_declined(now) + self._maybe_roster(now)
 
     def _everyone_answered(self) -> bool:
-        """True when every peer we are connected to has answered and nobody we do not
-        know answered: then we have the whole network's answers already."""
+        """True when every peer we are connected to has answered and nobody we do not know
+        answered: then no volunteer can still come, and waiting for the deadline is moot."""
         if not self.full_mesh:
             return False
         answered = set(self.volunteers) | set(self.declines)
         return answered >= self.connected and answered <= self.connected | {self.my_id}
 
-    def _maybe_roster(self, now: float, early: bool) -> list[Command]:
-        """Publish the roster if we are the best-ranked live volunteer and the time is right
-        (early: before the volunteer deadline, when waiting longer cannot change the pick)."""
-        if self.roster is not None or self.result is not None or self.phase != "volunteered":
+    def _maybe_all_declined(self, now: float) -> list[Command]:
+        """The publisher fails the task at once when every peer that could take part said
+        no (with their reasons), instead of waiting for the volunteer deadline."""
+        if self.my_id != self.offer.publisher or self.roster is not None or self.volunteers:
             return []
-        # Cheap tests first: this runs on every volunteer record (N^2 times in a network).
-        if early and len(self.volunteers) < self.offer.max_nodes and not self._everyone_answered():
+        if not self._everyone_answered() or not self.declines:
             return []
-        order = [p for p in ranked(self.task_id, self.volunteers) if p not in self.dead]
-        if not order or order[0] != self.my_id:
+        return self.fail(now, _declined_summary(self.declines))
+
+    # --- reveals and the roster --------------------------------------------------------
+
+    def _reveal(self, now: float) -> list[Command]:
+        """Volunteering is over for us: publish our ranking nonce (once we have one)."""
+        out: list[Command] = []
+        if not self.revealed:
+            self.revealed = True
+            deadline = max(now, self.offer.volunteer_deadline) + GRACE_S
+            out.append(SetTimer(self.timer(TimerKind.REVEAL), deadline))
+        if self.phase == Phase.VOLUNTEERED and self.my_nonce and not self.reveal_sent:
+            self.reveal_sent = True
+            signed = seal(self.me, Reveal(self.task_id, self.my_id, self.my_nonce))
+            self.reveal_publish = Publish(TOPIC_TASKS, signed)
+            out.append(self.reveal_publish)
+            out.append(SetTimer(self.timer(TimerKind.REPUBLISH_REVEAL), now + GRACE_S / 2))
+            out += self._take_reveal(now, self.my_id, self.my_nonce, signed)
+        return out
+
+    def on_reveal(self, now: float, event: Incoming) -> list[Command]:
+        reveal: Reveal = event.msg
+        if reveal.peer in self.nonces or event.envelope is None or self.roster is not None:
+            return []  # a duplicate (we republish reveals once) or too late to matter
+        if self.commits.get(reveal.peer) != commitment(reveal.nonce):
+            return self._refuse(Reveal, f"{reveal.peer[-8:]}: reveal without a matching record")
+        return self._take_reveal(now, reveal.peer, reveal.nonce, event.envelope)
+
+    def _take_reveal(self, now: float, peer: str, nonce: bytes, signed: Signed) -> list[Command]:
+        self.nonces[peer] = nonce
+        self.reveals[peer] = signed
+        return self._maybe_roster(now)
+
+    def _eligible(self) -> dict[str, bytes]:
+        """Volunteers with a record and a matching reveal: peer -> nonce."""
+        return {p: n for p, n in self.nonces.items() if p in self.volunteers}
+
+    def _maybe_roster(self, now: float, deadline_passed: bool = False) -> list[Command]:
+        """Publish the roster if we are the best-ranked live volunteer and the time is right:
+        every volunteer we know has revealed (or the reveal deadline passed)."""
+        if self.roster is not None or self.phase != Phase.VOLUNTEERED or not self.revealed:
             return []
-        if len(order) < self.offer.min_nodes:
-            return []  # the publisher's watch declares the failure, with the reason
+        eligible = self._eligible()
+        if not deadline_passed and len(eligible) < len(self.volunteers):
+            return []  # reveals still to come
+        seed = make_beacon(eligible)
+        everyone = ranked(self.task_id, eligible, seed)
+        order = [p for p in everyone if p not in self.dead]
+        if not order or order[0] != self.my_id or len(order) < self.offer.min_nodes:
+            return []
         chosen = tuple(order[: self.offer.max_nodes])
-        all_order = ranked(self.task_id, self.volunteers)
         roster = Roster(
             task_id=self.task_id,
             coordinator=self.my_id,
-            epoch=all_order.index(self.my_id),
+            epoch=everyone.index(self.my_id),
             participants=chosen,
-            volunteers=tuple(encode(self.volunteers[p]) for p in all_order),
+            volunteers=tuple(encode(self.volunteers[p]) for p in everyone),
+            reveals=tuple(encode(self.reveals[p]) for p in everyone),
         )
         self.roster_publish = Publish(TOPIC_TASKS, seal(self.me, roster))
-        return [
+        out: list[Command] = [
             self.roster_publish,
             # Once more shortly: a participant that missed it would sit out the task.
-            SetTimer(("republish-roster", self.task_id), now + GRACE_S / 2),
+            SetTimer(self.timer(TimerKind.REPUBLISH_ROSTER), now + GRACE_S / 2),
             Log("info", f"task {self.task_id[:12]}: coordinating {len(chosen)} participants"),
         ]
+        return out + self._accept_roster(now, roster)
 
-    def on_roster(
-        self, now: float, roster: Roster, signer: str, volunteer_ids: list[str]
-    ) -> list[Command]:
-        if signer != roster.coordinator:
-            return [
-                Log(
-                    "warning",
-                    f"roster for {self.task_id[:12]} signed by {signer}, not its coordinator",
-                )
-            ]
+    def on_roster(self, now: float, event: Incoming, carried: dict[str, bytes]) -> list[Command]:
+        """`carried`: peer -> nonce of every volunteer record + reveal the roster carries
+        (signatures and commitments already checked by the node core)."""
+        roster: Roster = event.msg
+        if event.signer != roster.coordinator:
+            return self._refuse(Roster, f"signed by {event.signer[-8:]}, not its coordinator")
+        if self.roster is not None and roster.epoch >= self.roster.epoch:
+            return []  # the one we have is at least as good
+        held = [p for p in self._eligible() if p not in self.dead]
         problem = roster_problem(
             self.task_id,
             roster.coordinator,
             roster.epoch,
             roster.participants,
-            volunteer_ids,
+            carried,
+            held,
             self.offer.min_nodes,
             self.offer.max_nodes,
         )
         if problem is not None:
-            return [
-                Log("warning", f"invalid roster for {self.task_id[:12]} from {signer}: {problem}")
+            out: list[Command] = [
+                Log(
+                    "warning",
+                    f"task {self.task_id[:12]}: invalid roster from {event.signer}: {problem}",
+                )
             ]
-        if self.roster is not None:
-            # A better-ranked coordinator's roster wins while nothing has been decided yet.
-            better = roster.epoch < self.roster.epoch
-            if not better or self.closes or self.round > 1:
-                return []
+            if self.my_id in self._eligible() and self.my_id not in roster.participants:
+                # Our own valid record was left out: say so, and let the next in rank
+                # take over (we treat this coordinator as gone).
+                self.dead.add(roster.coordinator)
+                out.append(
+                    self.event(
+                        EventKind.STATE,
+                        now,
+                        f"rejected the roster of {roster.coordinator}: {problem}",
+                        peer=self.my_id,
+                    )
+                )
+                out += self._maybe_roster(now, deadline_passed=True)
+            return out
+        if roster.epoch > self.takeover_epoch and not self._better_ranked_gone(roster):
+            # A takeover before its time (by our clock): hold it until the ranks above
+            # its coordinator have had their grace periods.
+            if len(self.held_rosters) < MAX_HELD:
+                self.held_rosters[roster.epoch] = event
+            return []
+        if self.roster is not None and (self.round > 1 or self.phase not in _FRESH):
+            return []  # too late to switch: the task already went on
+        return self._accept_roster(now, roster)
+
+    def _better_ranked_gone(self, roster: Roster) -> bool:
+        """Every volunteer ranked above the roster's coordinator is gone in our view."""
+        seed = make_beacon(self._eligible())
+        order = ranked(self.task_id, self._eligible(), seed)
+        if roster.coordinator not in order:
+            return False
+        return all(p in self.dead for p in order[: order.index(roster.coordinator)])
+
+    def _accept_roster(self, now: float, roster: Roster) -> list[Command]:
+        first = self.roster is None
         self.roster = roster
+        self.held_rosters.clear()
         self.nodes = {p: self.nodes.get(p, NodeState("volunteered")) for p in roster.participants}
         out: list[Command] = [
-            CancelTimer(("volunteer", self.task_id)),
-            CancelTimer(("publisher-watch", self.task_id)),
-            self._event(
-                "roster",
+            CancelTimer(self.timer(TimerKind.VOLUNTEER)),
+            CancelTimer(self.timer(TimerKind.REVEAL)),
+            CancelTimer(self.timer(TimerKind.ROSTER_TAKEOVER)),
+            CancelTimer(self.timer(TimerKind.PUBLISHER_WATCH)),
+            CancelTimer(self.timer(TimerKind.EXPIRE)),
+            self.event(
+                EventKind.ROSTER,
                 now,
                 f"roster: {len(roster.participants)} participants, coordinator {roster.coordinator}",
                 peer=roster.coordinator,
             ),
         ]
-        if self.participating and self.phase == "volunteered":
+        if self.participating and self.phase == Phase.VOLUNTEERED:
             out += self._begin(now)
-        elif not self.participating and self.phase in ("volunteered", "validating"):
-            self.phase = "observing"
+        elif not self.participating and self.phase in (Phase.VOLUNTEERED, Phase.VALIDATING):
+            self.phase = Phase.OBSERVING
+            out += [TaskEnded(self.task_id, "observing", "not on the roster")]
+        if first and self.early:
+            held, self.early = self.early, []
+            for incoming in held:
+                out += self.handle(incoming, now)
         return out
 
     def _begin(self, now: float) -> list[Command]:
         self.round = 1
         if self.is_training:
-            self.phase = "init"
-            return [RunJob(self.task_id, {"kind": "init"}, (self.task_id, "init"))]
+            self.rounds = (
+                PushSumRounds(self) if self.offer.protocol == "gossip" else FedAvgRounds(self)
+            )
+            self.phase = Phase.INIT
+            return [self.job(JobStep.INIT, {"kind": "init"})]
         # analysis (and other one-shot types): a single execution, then the final step
-        self.phase = "training"
+        self.phase = Phase.TRAINING
         return [
-            RunJob(
-                self.task_id,
-                {"kind": "train", "round": 1, "weights": None},
-                (self.task_id, "train", 1),
-            ),
-            SetTimer(("round", self.task_id, 1), now + self.offer.round_timeout_s),
+            self.job(JobStep.TRAIN, {"kind": "train", "round": 1, "weights": None}, 1),
+            SetTimer(self.timer(TimerKind.ROUND, 1), now + self.offer.round_timeout_s),
         ]
 
-    # --- timers ----------------------------------------------------------------------
+    # --- timers ------------------------------------------------------------------------
 
-    def on_timer(self, now: float, key: tuple) -> list[Command]:
-        kind = key[0]
+    def on_timer(self, now: float, event: TimerFired) -> list[Command]:
+        key = event.key
+        assert isinstance(key, TaskTimer)
         if self.result is not None:
             return []
-        if kind == "volunteer":
-            out = self._maybe_roster(now, early=False)
-            if self.roster is None and self.phase == "volunteered":
-                out.append(SetTimer(("roster-takeover", self.task_id), now + GRACE_S))
-            return out
-        if kind == "roster-takeover":
-            # The best-ranked live volunteer stayed silent: treat it as gone; the next in
-            # rank (perhaps us) publishes the roster. Everyone does this in step.
-            if self.roster is not None or self.phase != "volunteered":
-                return []
-            order = [p for p in ranked(self.task_id, self.volunteers) if p not in self.dead]
-            if order and order[0] != self.my_id:
-                self.dead.add(order[0])
-            out = self._maybe_roster(now, early=False)
-            if self.roster is None and len(order) > 1:
-                out.append(SetTimer(("roster-takeover", self.task_id), now + GRACE_S))
-            return out
-        if kind == "publisher-watch":
+        kind = key.kind
+        if kind is TimerKind.VOLUNTEER:
+            return self._reveal(now)
+        if kind is TimerKind.REVEAL:
+            out = self._maybe_roster(now, deadline_passed=True)
             if self.roster is None:
-                n = len(self.volunteers)
-                if n < self.offer.min_nodes:
-                    why = f"only {n} volunteer{'s' if n != 1 else ''} by the deadline; min_nodes is {self.offer.min_nodes}"
-                else:
-                    why = f"no valid roster from the {n} volunteers by the deadline"
-                return self._fail(now, why)
-            return []
-        if kind == "round":
-            return self._on_round_deadline(now, key[2])
-        if kind == "reduce":
-            return self._maybe_reduce(now, deadline_passed=True)
-        if kind == "republish-roster":
+                out.append(SetTimer(self.timer(TimerKind.ROSTER_TAKEOVER), now + GRACE_S))
+            return out
+        if kind is TimerKind.ROSTER_TAKEOVER:
+            return self._roster_takeover(now)
+        if kind is TimerKind.PUBLISHER_WATCH:
+            return self._publisher_watch(now)
+        if kind is TimerKind.EXPIRE:
+            return self._expire(now)
+        if kind is TimerKind.REPUBLISH_REVEAL:
+            again = self.roster is None and self.reveal_publish is not None
+            return [self.reveal_publish] if again and self.reveal_publish is not None else []
+        if kind is TimerKind.REPUBLISH_ROSTER:
             mine = self.roster is not None and self.roster.coordinator == self.my_id
             return [self.roster_publish] if mine and self.roster_publish is not None else []
-        if kind == "refetch":
-            return self.on_refetch(now, key[2])
-        if kind == "reclose":
-            if key[2] == self.round and self.phase == "aggregating":
-                return self._fail(now, f"round {key[2]}: an included update stayed unfetchable")
-            return []
+        if kind is TimerKind.REDUCE:
+            return self.final.on_deadline(now)
+        if self.rounds is not None:
+            return self.rounds.on_timer(now, key)
+        if kind is TimerKind.ROUND:  # analysis: the execution's deadline
+            return self.final.on_deadline(now)
         return []
 
-    # --- peers -----------------------------------------------------------------------
-
-    def on_peer_lost(self, now: float, peer: str) -> list[Command]:
-        if peer not in self.participants or peer in self.dead or self.result is not None:
-            if peer in self.volunteers and self.roster is None:
-                self.dead.add(peer)
+    def _roster_takeover(self, now: float) -> list[Command]:
+        """The best-ranked live volunteer stayed silent: treat it as gone; the next in rank
+        (perhaps us) publishes the roster. Every node does this in step."""
+        if self.roster is not None:
             return []
-        self.dead.add(peer)
-        self.nodes.setdefault(peer, NodeState()).state = "lost"
-        out: list[Command] = [self._event("node", now, "lost (peer unreachable)", peer=peer)]
-        if not self.participating:
-            return out
-        out += self._check_round_complete(now)
-        out += self._maybe_reduce(now, deadline_passed=False)
+        eligible = self._eligible()
+        order = [p for p in ranked(self.task_id, eligible, make_beacon(eligible))]
+        live = [p for p in order if p not in self.dead]
+        if live and live[0] != self.my_id:
+            self.dead.add(live[0])
+        self.takeover_epoch += 1
+        out = self._maybe_roster(now, deadline_passed=True)
+        for epoch in sorted(self.held_rosters):
+            if self.roster is None and epoch <= self.takeover_epoch:
+                held = self.held_rosters.pop(epoch)
+                out += self.handle(held, now)
+        if self.roster is None and len(live) > 1:
+            out.append(SetTimer(self.timer(TimerKind.ROSTER_TAKEOVER), now + GRACE_S))
         return out
 
-    def on_peer_back(self, now: float, peer: str) -> list[Command]:
+    def _publisher_watch(self, now: float) -> list[Command]:
+        if self.roster is not None:
+            return []
+        n = len(self._eligible())
+        if n < self.offer.min_nodes:
+            why = f"only {n} volunteer{'s' if n != 1 else ''} by the deadline; min_nodes is {self.offer.min_nodes}"
+            if self.declines:
+                why += f"; {_declined_summary(self.declines)}"
+        else:
+            why = f"no valid roster from the {n} volunteers by the deadline"
+        # Keep watching: a takeover may still come, and then the failure stands aside.
+        return self.fail(now, why)
+
+    def _expire(self, now: float) -> list[Command]:
+        if self.roster is not None or self.result is not None:
+            return []
+        self.phase = Phase.EXPIRED
+        self.reason = "the offer got no roster"
+        return self.end("expired", self.reason)
+
+    # --- peers ---------------------------------------------------------------------------
+
+    def on_peer_lost(self, now: float, event: PeerLost) -> list[Command]:
+        peer = event.peer
+        if self.roster is None:
+            if peer in self.volunteers:
+                self.dead.add(peer)
+            return []
+        if peer not in self.participants or peer in self.dead:
+            return []
+        self.dead.add(peer)
+        self.node(peer).state = "lost"
+        out: list[Command] = [self.event(EventKind.NODE, now, "lost (peer unreachable)", peer=peer)]
+        return out + self.on_view_changed(now)
+
+    def on_peer_back(self, now: float, event: PeerBack) -> list[Command]:
         """A participant we had lost is reachable again (a partition healed, a restart):
-        it is expected in the next rounds again. If it missed rounds, the next close it
-        receives brings it back in step (on_close jumps to that round)."""
-        if peer not in self.dead or peer not in self.participants or self.result is not None:
+        it is expected in the next rounds again; the next close brings it back in step."""
+        peer = event.peer
+        if peer not in self.dead or peer not in self.participants:
             return []
         self.dead.discard(peer)
-        self.nodes.setdefault(peer, NodeState()).state = "rejoined"
-        return [self._event("node", now, "reachable again", peer=peer)]
+        self.node(peer).state = "rejoined"
+        return [self.event(EventKind.NODE, now, "reachable again", peer=peer)]
 
-    # --- rounds (fedavg / fedprox) ----------------------------------------------------
+    def on_view_changed(self, now: float) -> list[Command]:
+        """Who is live changed: a held duty message may now count, a round may be complete."""
+        out: list[Command] = []
+        if self.rounds is not None and self.phase in ACTIVE:
+            out += self.rounds.on_view_changed(now)
+        out += self.final.on_view_changed(now)
+        return out
 
-    def on_job_done(self, now: float, token: tuple, result: Any) -> list[Command]:
-        step = token[1]
-        if step == "validate":
-            return self._volunteer(now) if self.phase == "validating" else []
-        if step == "init":
-            self.global_ref = result
-            if result is not None:
-                self.round_blobs.setdefault(0, set()).add(result.cid)
-            return self._train(now, 1)
-        if step == "train":
-            return self._on_trained(now, token[2], result)
-        if step == "evaluate":
-            return self._on_evaluated(now, token[2], result)
-        if step == "finalize":
-            return self._send_partial(now, result)
-        if step == "reduce":
-            return self._publish_result(now, "succeeded", "", result)
+    def _on_withdraw(self, now: float, peer: str, reason: str) -> list[Command]:
+        if peer in self.withdrawn:
+            return []
+        self.withdrawn[peer] = reason
+        self.node(peer).state = "withdrawn"
+        out: list[Command] = [
+            self.event(EventKind.NODE, now, f"withdrew: {reason}", peer=peer, round=self.round)
+        ]
+        return out + self.on_view_changed(now)
+
+    # --- local outcomes ------------------------------------------------------------------
+
+    def withdraw(self, now: float, reason: str) -> list[Command]:
+        """A local failure: this node leaves the task, with its reason; others go on."""
+        if self.phase in TERMINAL or self.phase is Phase.WITHDRAWN:
+            return []
+        self.phase = Phase.WITHDRAWN
+        self.reason = reason
+        self.withdrawn[self.my_id] = reason
+        self.node(self.my_id).state = "withdrawn"
+        out: list[Command] = [
+            Log("warning", f"task {self.task_id[:12]}: withdrawing: {reason}"),
+            Publish(TOPIC_TASKS, seal(self.me, Decline(self.task_id, self.my_id, reason[:2000]))),
+            self.event(EventKind.STATE, now, f"withdrew: {reason}", peer=self.my_id),
+            TaskEnded(self.task_id, "withdrawn", reason),
+        ]
+        # If it was our duty to close or reduce, the next in rank now has it.
+        return out + self.on_view_changed(now)
+
+    def fail(self, now: float, reason: str) -> list[Command]:
+        """The task cannot go on. Only the acting participant (or, before any roster, the
+        publisher) may say so for everyone; anyone else withdraws with the reason."""
+        if self.result is not None:
+            return []
+        if self.roster is None:
+            allowed = self.my_id == self.offer.publisher
+        else:
+            allowed = self.acting() == self.my_id
+        if not allowed:
+            return self.withdraw(now, reason)
+        result = TaskResult(
+            task_id=self.task_id,
+            status="failed",
+            reason=reason[:4000],
+            reducer=self.my_id,
+            participants=self.participants,
+            rounds=self.round,
+            metrics={},
+            model=None,
+            created=now,
+        )
+        out: list[Command] = [
+            Log("warning", f"task {self.task_id[:12]} failed: {reason}"),
+            Publish(TOPIC_TASKS, seal(self.me, result)),
+        ]
+        return out + self.final.take_result(now, result, self.my_id)
+
+    def on_result(self, now: float, event: Incoming) -> list[Command]:
+        return self.final.on_result(now, event.msg, event.signer)
+
+    # --- dispatch helpers ---------------------------------------------------------------
+
+    def _before_roster(self, now: float, event: Incoming) -> list[Command] | None:
+        """Round messages can arrive before the roster (a fast peer): hold them."""
+        if self.roster is not None:
+            return None
+        if len(self.early) < MAX_HELD * 16:
+            self.early.append(event)
         return []
 
-    def on_job_failed(self, now: float, token: tuple, reason: str) -> list[Command]:
-        step = token[1]
-        log = Log("warning", f"task {self.task_id[:12]}: {step} failed: {reason}")
-        if step == "validate":
-            return [log] + self._decline(now, f"validate_inputs refused: {reason}")
-        if step == "init":
-            return [log] + self._fail(now, f"initial weights failed: {reason}")
-        if step == "train":
-            rnd = token[2]
-            status = "withdrawn" if "budget" in reason else "failed"
-            self.nodes.setdefault(self.my_id, NodeState()).state = status
-            update = RoundUpdate(
-                self.task_id, rnd, self.my_id, None, 0, {"error": reason[:200]}, status
-            )
-            out: list[Command] = [
-                log,
-                self._event(
-                    "node", now, f"round {rnd} {status}: {reason}", peer=self.my_id, round=rnd
-                ),
+    def on_round_message(self, now: float, event: Incoming) -> list[Command]:
+        held = self._before_roster(now, event)
+        if held is not None:
+            return held
+        msg = event.msg
+        if isinstance(msg, Progress):
+            return self._on_progress(now, msg)
+        if isinstance(msg, FinalPartial):
+            return self.final.on_partial(now, msg)
+        if self.rounds is None:
+            return self._observe_round(now, msg)
+        if isinstance(msg, RoundUpdate) and isinstance(self.rounds, FedAvgRounds):
+            return self.rounds.on_update(now, msg)
+        if isinstance(msg, RoundClose) and isinstance(self.rounds, FedAvgRounds):
+            return self.rounds.on_close(now, msg)
+        if isinstance(msg, GossipPush) and isinstance(self.rounds, PushSumRounds):
+            return self.rounds.on_push(now, msg)
+        return self._refuse(type(msg), f"not part of the {self.offer.protocol} protocol")
+
+    def _observe_round(self, now: float, msg: Any) -> list[Command]:
+        """A follower's view of a round (we do not take part)."""
+        if isinstance(msg, RoundUpdate) and msg.peer in self.participants:
+            state = self.node(msg.peer)
+            state.round = msg.round
+            state.absorb(msg.metrics)
+            state.state = "updated" if msg.status == "ok" else msg.status
+            return [
+                self.event(
+                    EventKind.ROUND,
+                    now,
+                    f"round {msg.round}: update from {msg.peer[-8:]} ({msg.status})",
+                    peer=msg.peer,
+                    round=msg.round,
+                )
             ]
-            if self.offer.type != "training":
-                return out + self._send_partial_refused(now, f"execution failed: {reason}")
-            if self.offer.protocol == "gossip":
-                return out + self._gossip_send(now, rnd, None, 0)
-            return out + [Publish(TOPIC_TASKS, update)]
-        if step == "evaluate":
-            return [log] + self._on_evaluated(now, token[2], {})
-        if step == "finalize":
-            return [log] + self._send_partial_refused(now, f"postprocess failed: {reason}")
-        if step == "reduce":
-            return [log] + self._publish_result(now, "failed", f"reduce failed: {reason}", {})
-        return [log]
+        if isinstance(msg, RoundClose) and self.may_act(msg.peer):
+            self.round = max(self.round, msg.round)
+            return [
+                self.event(
+                    EventKind.CLOSED,
+                    now,
+                    f"round {msg.round}/{self.offer.rounds} closed with {len(msg.included)} updates",
+                    round=msg.round,
+                )
+            ]
+        return []
+
+    def _on_progress(self, now: float, progress: Progress) -> list[Command]:
+        if progress.peer not in self.participants:
+            return []
+        state = self.node(progress.peer)
+        state.state, state.round = str(progress.state)[:32], progress.round
+        state.absorb(progress.metrics)
+        metrics = progress.metrics if isinstance(progress.metrics, dict) else {}
+        return [
+            self.event(
+                EventKind.NODE,
+                now,
+                f"round {progress.round}/{self.offer.rounds} {state.state}",
+                peer=progress.peer,
+                round=progress.round,
+                metrics=metrics,
+            )
+        ]
+
+    def on_job(self, now: float, event: JobDone | JobFailed) -> list[Command]:
+        step = event.token.step
+        if step is JobStep.VALIDATE:
+            return self.on_validated(now, event)
+        if step in (JobStep.FINALIZE, JobStep.REDUCE) or not self.is_training:
+            return self.final.on_job(now, event)
+        assert self.rounds is not None
+        return self.rounds.on_job(now, event)
+
+    def on_blob(self, now: float, event: BlobOutcome) -> list[Command]:
+        out = self.final.on_blob(now, event) if self.final.gathering else []
+        if self.rounds is not None:
+            out += self.rounds.on_blob(now, event)
+        return out
+
+    def on_aggregated(self, now: float, event: Aggregated) -> list[Command]:
+        if event.token.final:
+            return self.final.on_merged(now, event)
+        if self.rounds is None:
+            return []
+        return self.rounds.on_aggregated(now, event)
+
+    # --- views ---------------------------------------------------------------------------
+
+    def status(self) -> str:
+        if self.result is not None:
+            return self.result.status
+        if self.phase in (Phase.FAILED, Phase.ERRORED, Phase.EXPIRED):
+            return "failed"
+        return "running" if self.roster is not None else "pending"
+
+    def summary(self) -> dict[str, Any]:
+        result = self.result
+        return {
+            "task_id": self.task_id,
+            "cid": self.offer.cid,
+            "name": self.offer.name,
+            "version": self.offer.version,
+            "type": self.offer.type,
+            "status": self.status(),
+            "reason": result.reason if result else self.reason,
+            "publisher": self.offer.publisher,
+            "coordinator": self.roster.coordinator if self.roster else None,
+            "reducer": result.reducer if result else self.acting(),
+            "participants": list(self.participants),
+            "round": self.round,
+            "rounds": self.offer.rounds,
+            "protocol": self.offer.protocol,
+            "aggregator": self.offer.aggregator,
+            "phase": self.phase.value,
+            "nodes": {p: s.as_dict() for p, s in sorted(self.nodes.items())},
+            "created": self.offer.created,
+            "refused": dict(self.refused),
+        }
+
+    def result_dict(self) -> dict[str, Any] | None:
+        if self.result is None:
+            return None
+        return result_dict(self.result, self.result_signer, self.offer)
 
 
-def new_task_id(cid: str, params: Any, publisher: str, rng: random.Random) -> str:
-    import hashlib
-    import json
+_FRESH = frozenset({Phase.VOLUNTEERED, Phase.INIT, Phase.TRAINING, Phase.OBSERVING})
 
-    nonce = rng.getrandbits(64)
-    blob = json.dumps([cid, params, publisher, nonce], sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:32]
+
+def _declined_summary(declines: dict[str, str]) -> str:
+    """`3 of 3 nodes declined: cannot load src/task.py (2 nodes); no dataset (1 node)`."""
+    reasons = Counter(declines.values())
+    n = len(declines)
+    parts = [f"{why} ({k} node{'s' if k != 1 else ''})" for why, k in sorted(reasons.items())]
+    if len(reasons) == 1:
+        parts = [next(iter(reasons))]
+    return f"{n} of {n} node{'s' if n != 1 else ''} declined: " + "; ".join(parts)
+
+
+def _key_of(event: Any) -> EventKey:
+    if isinstance(event, Incoming):
+        return type(event.msg)
+    if isinstance(event, TimerFired):
+        assert isinstance(event.key, TaskTimer)
+        return event.key.kind
+    if isinstance(event, JobDone | JobFailed):
+        return event.token.step
+    if isinstance(event, Aggregated):
+        return AggregatedKey
+    return type(event)
+
+
+def _key_name(key: EventKey) -> str:
+    if isinstance(key, TimerKind):
+        return f"timer:{key.value}"
+    if isinstance(key, JobStep):
+        return f"job:{key.value}"
+    return key.__name__
+
+
+Handler = Callable[[TaskMachine, float, Any], list[Command]]
+
+# The handler of each event kind (ACCEPTS in core/phase.py says in which phases).
+HANDLERS: dict[EventKey, Handler] = {
+    Volunteer: TaskMachine.on_volunteer,
+    Reveal: TaskMachine.on_reveal,
+    Decline: TaskMachine.on_decline,
+    Roster: lambda m, now, e: m.on_roster(now, e, e.carried),
+    RoundUpdate: TaskMachine.on_round_message,
+    RoundClose: TaskMachine.on_round_message,
+    GossipPush: TaskMachine.on_round_message,
+    Progress: TaskMachine.on_round_message,
+    FinalPartial: TaskMachine.on_round_message,
+    TaskResult: TaskMachine.on_result,
+    PeerLost: TaskMachine.on_peer_lost,
+    PeerBack: TaskMachine.on_peer_back,
+    TaskpackState: TaskMachine.on_taskpack,
+    BlobOutcome: TaskMachine.on_blob,
+    AggregatedKey: TaskMachine.on_aggregated,
+    **{kind: TaskMachine.on_timer for kind in TimerKind},
+    **{step: TaskMachine.on_job for step in JobStep},
+}

@@ -29,10 +29,13 @@ from p2pfl.fl.pushsum import (
 )
 
 Weights = dict[str, np.ndarray]
-Updates = Sequence[tuple[Weights, int]]
+Updates = Sequence[tuple[Weights, float]]
 
 __all__ = [
     "AGGREGATORS",
+    "aggregate_checked",
+    "pushsum",
+    "update_problem",
     "PushSumState",
     "Weights",
     "aggregate",
@@ -57,7 +60,7 @@ def _check(updates: Updates) -> list[str]:
     for i, (weights, num_samples) in enumerate(updates):
         if list(weights.keys()) != keys:
             raise ValueError(f"update {i}: keys {list(weights.keys())} differ from {keys}")
-        if int(num_samples) < 0:
+        if not float(num_samples) >= 0:
             raise ValueError(f"update {i}: negative num_samples {num_samples}")
         for key in keys:
             a, b = np.shape(weights[key]), np.shape(updates[0][0][key])
@@ -85,7 +88,7 @@ def fedavg(updates: Updates) -> Weights:
     If every update reports 0 samples the plain mean is used (nothing else is defined).
     """
     keys = _check(updates)
-    counts = [int(n) for _, n in updates]
+    counts = [float(n) for _, n in updates]
     total = sum(counts)
     # Weights as float64 fractions computed once, so each tensor sees identical factors.
     factors = [n / total for n in counts] if total > 0 else [1.0 / len(updates)] * len(updates)
@@ -169,11 +172,20 @@ def krum(updates: Updates, f: int, m: int = 1) -> Weights:
     return fedavg([(w, 1) for w, _ in chosen])
 
 
+def pushsum(updates: Updates) -> Weights:
+    """Push-sum merge of (estimate, mass) shares: sum_i w_i m_i / sum_i w_i, masses as
+    floats (fl/pushsum.py: init_state / merge_shares / estimate, the one implementation)."""
+    _check(updates)
+    states = [init_state(weights, float(mass)) for weights, mass in updates]
+    return estimate(merge_shares(states))
+
+
 AGGREGATORS: dict[str, Callable[..., Weights]] = {
     "fedavg": fedavg,
     "median": median,
     "trimmed_mean": trimmed_mean,
     "krum": krum,
+    "pushsum": pushsum,
 }
 
 
@@ -186,3 +198,65 @@ def aggregate(name: str, updates: Updates, **kw: Any) -> Weights:
             f"unknown aggregator {name!r}; choose one of {', '.join(AGGREGATORS)}"
         ) from None
     return fn(updates, **kw)
+
+
+def update_problem(update: Weights, reference: Weights, max_norm: float = 0.0) -> str | None:
+    """Why `update` cannot be averaged into a model shaped like `reference`, or None:
+    other tensor names, shapes or dtypes; non-finite values; or farther than `max_norm`
+    (L2 over every tensor) from the reference when max_norm > 0."""
+    if list(update) != list(reference):
+        return f"tensors {sorted(update)[:4]} differ from the model's {sorted(reference)[:4]}"
+    sq = 0.0
+    for key, ref in reference.items():
+        value = np.asarray(update[key])
+        ref = np.asarray(ref)
+        if value.shape != ref.shape or value.dtype != ref.dtype:
+            return f"tensor {key!r} is {value.dtype}{list(value.shape)}, the model's {ref.dtype}{list(ref.shape)}"
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            return f"tensor {key!r} holds NaN or Inf"
+        if max_norm > 0:
+            diff = value.astype(np.float64) - ref.astype(np.float64)
+            sq += float(np.dot(diff.ravel(), diff.ravel()))
+    if max_norm > 0 and sq**0.5 > max_norm:
+        return f"update norm {sq**0.5:.4g} exceeds max_update_norm {max_norm:g}"
+    return None
+
+
+def aggregate_checked(
+    method: str,
+    blobs: Sequence[tuple[str, Any, float]],
+    *,
+    reference: Any = None,
+    max_norm: float = 0.0,
+    options: dict[str, Any] | None = None,
+) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+    """Decode, check and combine update blobs ``(cid, bytes, weight)``: the round's step
+    on every node. Updates failing `update_problem` against `reference` (the model the
+    round started from) are left out and reported as ``(cid, why)``; the checks are pure
+    functions of the bytes, so every honest node leaves out the same ones."""
+    from p2pfl.errors import RemoteProtocolError
+    from p2pfl.wire import decode_tensors, encode_tensors
+
+    ref = decode_tensors(reference) if reference is not None else None
+    kept: list[tuple[Weights, float]] = []
+    dropped: list[tuple[str, str]] = []
+    for cid, data, weight in blobs:
+        try:
+            weights = decode_tensors(data)
+        except RemoteProtocolError as exc:
+            dropped.append((cid, str(exc)))
+            continue
+        problem = update_problem(
+            weights, ref if ref is not None else (kept[0][0] if kept else weights), max_norm
+        )
+        if problem is not None:
+            dropped.append((cid, problem))
+            continue
+        kept.append((weights, weight))
+    if not kept:
+        why = "; ".join(f"{cid[:16]}: {reason}" for cid, reason in dropped[:3])
+        raise ValueError(f"every update was left out ({why})")
+    opts = dict(options or {})
+    if method == "krum":  # fewer updates than announced: tolerate what they can
+        opts["f"] = min(int(opts.get("f", 0)), max(0, (len(kept) - 3) // 2))
+    return bytes(encode_tensors(aggregate(method, kept, **opts))), tuple(dropped)

@@ -214,7 +214,7 @@ class ClusterBase:
         # Faults of round r play once every live participant finished round r-1 (its
         # evaluation is in), or, as a fallback when some never do (a partition), once
         # round r itself closed somewhere. Round 1's play when the roster is out.
-        if kind == "round" and event.get("round") and "closed" in event.get("message", ""):
+        if kind == "closed" and event.get("round"):
             if self._closed_round < event["round"]:
                 self._closed_round = int(event["round"])
                 self._schedule(self._apply_faults)
@@ -235,8 +235,9 @@ class ClusterBase:
                 if rnd > self._round_done and all((i, rnd) in self._seen for i in live):
                     self._round_done = int(rnd)
                     self._schedule(self._apply_faults)
-        if index == 0 and kind in ("result", "failed") and self.result is None:
-            machine = self.nodes[0].core.tasks.get(event["task_id"])
+        # The first node to hold the signed result (the publisher may have crashed).
+        if kind in ("result", "failed") and self.result is None:
+            machine = self.nodes[index].core.tasks.get(event["task_id"])
             self.result = machine.result_dict() if machine else {"status": "failed"}
 
     def _record(self, index: int, rnd: int, metrics: dict[str, Any], stats: NetStats) -> None:

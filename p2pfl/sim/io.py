@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from p2pfl.core.tokens import Timer
 from p2pfl.net.sim import SimHub, TimerHandle
 from p2pfl.runtime import InProcessRunner, JobError
 
@@ -28,12 +29,12 @@ class SimIO:
         self.owner = owner
         self.runner = runner
         self.compute_s = compute_s
-        self._timers: dict[tuple, TimerHandle] = {}
+        self._timers: dict[Timer, TimerHandle] = {}
 
     def now(self) -> float:
         return self.hub.now
 
-    def set_timer(self, key: tuple, deadline: float, callback: Callable[[], None]) -> None:
+    def set_timer(self, key: Timer, deadline: float, callback: Callable[[], None]) -> None:
         self.cancel_timer(key)
 
         def fire() -> None:
@@ -42,7 +43,7 @@ class SimIO:
 
         self._timers[key] = self.hub.call_at(deadline, fire, owner=self.owner)
 
-    def cancel_timer(self, key: tuple) -> None:
+    def cancel_timer(self, key: Timer) -> None:
         handle = self._timers.pop(key, None)
         if handle is not None:
             self.hub.cancel(handle)

@@ -137,7 +137,7 @@ def test_k_policy_refuses_small_aggregates(data4):
         )
     )
     assert cluster.result["status"] == "failed"
-    assert "only 0 volunteers" in cluster.result["reason"]
+    assert "4 of 4 nodes declined: fewer than 10000 records (k policy)" in cluster.result["reason"]
     declines = cluster.nodes[0].core.tasks[cluster.task_id].declines
     assert len(declines) == 4 and all("k policy" in why for why in declines.values())
 
@@ -175,13 +175,13 @@ def test_lossy_links_are_survived_by_retrying_fetches(data4):
     cluster, _ = run(spec(paths, test, link={"latency_ms": 20, "bandwidth_mbps": 100, "loss": 0.3}))
     assert cluster.result["status"] == "succeeded", cluster.result
     machine = cluster.nodes[0].core.tasks[cluster.task_id]
-    assert all(len(c.included) == 4 for c in machine.closes.values())
+    assert all(len(c.included) == 4 for c in machine.rounds.closes.values())
 
 
 def test_silent_coordinator_is_replaced_after_a_grace(data5, monkeypatch):
     """The coordinator stays connected but never closes a round: after the deadline and
     one grace period the next in rank closes it, and the task completes."""
-    from p2pfl.core.rounds import Rounds
+    from p2pfl.core.fedavg_rounds import FedAvgRounds as Rounds
     from p2pfl.sim.cluster import SimCluster
 
     paths, test = data5
@@ -190,11 +190,11 @@ def test_silent_coordinator_is_replaced_after_a_grace(data5, monkeypatch):
     close = Rounds._close
 
     def mute(self, now, rnd):
-        return [] if self.my_id == silent else close(self, now, rnd)
+        return [] if self.task.my_id == silent else close(self, now, rnd)
 
     monkeypatch.setattr(Rounds, "_close", mute)
     cluster, _ = run(spec(paths, test, params={"rounds": 2, "deadline_s": 5}))
     assert cluster.result["status"] == "succeeded", cluster.result
-    closes = cluster.nodes[0].core.tasks[cluster.task_id].closes
+    closes = cluster.nodes[0].core.tasks[cluster.task_id].rounds.closes
     assert sorted(closes) == [1, 2]
     assert all(c.peer != silent for c in closes.values())

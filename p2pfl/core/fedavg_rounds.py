@@ -1,0 +1,314 @@
+"""fedavg / fedprox rounds of one task at one node.
+
+Every participant announces its update (a blob, by cid). The acting coordinator -- the
+first live roster member in this node's view -- publishes a RoundClose naming exactly the
+updates that make the round; everyone averages exactly those, sorted by peer id, so
+honest nodes hold bit-identical models. A close from anyone else is held until this
+node's own deadlines have passed the ranks above its sender. An included update that
+proves unfetchable makes the coordinator re-close the round without it.
+
+Honest weights: an update's sample count may not exceed its author's signed volunteer
+record; a blob announced by another participant first is refused; the aggregation step
+leaves out updates whose tensors do not match the model, are not finite, or lie farther
+than the offer's max_update_norm (core/commands.py Aggregate).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from p2pfl.core.commands import CancelTimer, Command, EventKind, Log, Publish, SetTimer
+from p2pfl.core.messages import TOPIC_TASKS, RoundClose, RoundUpdate
+from p2pfl.core.phase import ACTIVE, Phase
+from p2pfl.core.rounds_base import RoundsBase
+from p2pfl.core.tokens import TaskTimer, TimerKind
+from p2pfl.store.blobref import BlobRef
+
+GRACE_S = 2.0
+
+
+class FedAvgRounds(RoundsBase):
+    def __init__(self, task: Any) -> None:
+        super().__init__(task)
+        self.updates: dict[int, dict[str, RoundUpdate]] = {}
+        self.closes: dict[int, RoundClose] = {}
+        self.held: dict[int, dict[str, RoundClose]] = {}  # closes not (yet) from the duty
+        self.waiting_close: RoundClose | None = None  # accepted, announcements missing
+        self.deadline_waits: dict[int, int] = {}  # round -> graces waited
+
+    # --- our own update ------------------------------------------------------------------
+
+    def on_trained(self, now: float, rnd: int, result: dict[str, Any]) -> list[Command]:
+        task = self.task
+        if rnd in self.closes:
+            return []
+        ref: BlobRef | None = result.get("ref")
+        metrics = dict(result.get("metrics") or {})
+        if ref is None:
+            return task.withdraw(now, f"round {rnd}: training produced no update")
+        state = task.node(task.my_id)
+        state.absorb(metrics)
+        state.state = "waiting"
+        self.round_blobs.setdefault(rnd, set()).add(ref.cid)
+        update = RoundUpdate(
+            task.task_id, rnd, task.my_id, ref, self.my_samples(result.get("num_samples")), metrics
+        )
+        # Our own announcement comes back to us over gossip (a publisher receives its own).
+        return [Publish(TOPIC_TASKS, update)]
+
+    # --- everyone's updates ------------------------------------------------------------
+
+    def on_update(self, now: float, update: RoundUpdate) -> list[Command]:
+        task = self.task
+        peer = update.peer
+        if peer not in task.participants or peer in task.withdrawn:
+            return []
+        if not 1 <= update.round <= task.offer.rounds or update.status != "ok":
+            return task._refuse(RoundUpdate, f"round {update.round} status {update.status!r}")
+        if update.ref is None or peer in self.updates.get(update.round, {}):
+            return []
+        signed = task.samples.get(peer, 0)
+        if update.num_samples > signed:
+            return [
+                Log(
+                    "warning",
+                    f"task {task.task_id[:12]}: update of {peer[-8:]} claims {update.num_samples} samples; its signed record says {signed}: refused",
+                )
+            ]
+        problem = self.check_blob(peer, update.ref)
+        if problem is not None:
+            return [
+                Log(
+                    "warning", f"task {task.task_id[:12]}: update of {peer[-8:]} refused: {problem}"
+                )
+            ]
+        self.updates.setdefault(update.round, {})[peer] = update
+        state = task.node(peer)
+        state.round = update.round
+        state.absorb(update.metrics)
+        state.state = "updated"
+        out: list[Command] = [
+            task.event(
+                EventKind.ROUND,
+                now,
+                f"round {update.round}: update from {peer[-8:]}",
+                peer=peer,
+                round=update.round,
+                metrics=update.metrics if isinstance(update.metrics, dict) else {},
+            )
+        ]
+        if self.waiting_close is not None and self.waiting_close.round == update.round:
+            close, self.waiting_close = self.waiting_close, None
+            return out + self._aggregate_close(now, close)
+        return out + self._check_complete(now)
+
+    def _check_complete(self, now: float) -> list[Command]:
+        task = self.task
+        rnd = task.round
+        if task.acting() != task.my_id or rnd in self.closes or task.phase not in ACTIVE:
+            return []
+        got = self.updates.get(rnd, {})
+        if any(p not in got for p in task.live()):
+            return []
+        return self._close(now, rnd)
+
+    def _close(self, now: float, rnd: int) -> list[Command]:
+        task = self.task
+        got = self.updates.get(rnd, {})
+        live = task.live()
+        if len(live) < task.offer.min_nodes:
+            return task.fail(now, _too_few(task, live))
+        included = tuple(sorted(p for p in got if p not in task.withdrawn))
+        if not included:
+            return task.fail(now, f"round {rnd}: no usable update" + _reasons(task.withdrawn))
+        close = RoundClose(task.task_id, rnd, task.my_id, included, tuple(sorted(task.dead)))
+        return [Publish(TOPIC_TASKS, close)]
+
+    # --- closes --------------------------------------------------------------------------
+
+    def on_close(self, now: float, close: RoundClose) -> list[Command]:
+        task = self.task
+        if close.peer not in task.participants:
+            return []
+        if not task.may_act(close.peer):
+            # Not its duty (yet) in our view: hold it; our deadlines may move the duty.
+            held = self.held.setdefault(close.round, {})
+            if close.round >= task.round and len(held) < len(task.participants):
+                held[close.peer] = close
+            return [
+                Log(
+                    "info",
+                    f"task {task.task_id[:12]}: round {close.round} close from {close.peer[-8:]} held: not its duty",
+                )
+            ]
+        return self._accept_close(now, close)
+
+    def _accept_close(self, now: float, close: RoundClose) -> list[Command]:
+        task = self.task
+        previous = self.closes.get(close.round)
+        if previous is not None:
+            # Only a re-close of the round we are still assembling replaces the first one.
+            redo = (
+                close.attempt > previous.attempt
+                and close.round == task.round
+                and task.phase is Phase.AGGREGATING
+            )
+            if not redo:
+                return []
+        self.closes[close.round] = close
+        self.held.pop(close.round, None)
+        out: list[Command] = [
+            CancelTimer(task.timer(TimerKind.ROUND, close.round)),
+            CancelTimer(task.timer(TimerKind.RECLOSE, close.round)),
+            task.event(
+                EventKind.CLOSED,
+                now,
+                f"round {close.round}/{task.offer.rounds} closed with {len(close.included)} updates",
+                round=close.round,
+            ),
+        ]
+        if task.phase not in ACTIVE or task.phase in (Phase.FINALIZING, Phase.REDUCING):
+            return out
+        if close.round < task.round:
+            return out
+        # Straggler or not: this close defines the round for everyone.
+        task.round = close.round
+        return out + self._aggregate_close(now, close)
+
+    def _aggregate_close(self, now: float, close: RoundClose) -> list[Command]:
+        task = self.task
+        updates = self.updates.get(close.round, {})
+        missing = [p for p in close.included if p not in updates]
+        if missing:
+            # The close may overtake an announcement on the way: wait for it, bounded.
+            self.waiting_close = close
+            task.phase = Phase.AGGREGATING
+            return [
+                SetTimer(
+                    task.timer(TimerKind.RECLOSE, close.round), now + task.offer.round_timeout_s
+                )
+            ]
+        refs = [updates[p].ref for p in close.included]
+        weights = [float(updates[p].num_samples) for p in close.included]
+        agg = self.aggregate(
+            close.round,
+            [r for r in refs if r is not None],
+            weights,
+            task.offer.aggregator,
+            close.attempt,
+        )
+        return self.fetch_then(agg, {u.ref.cid: u.peer for u in updates.values() if u.ref})
+
+    def on_aggregated(self, now: float, event: Any) -> list[Command]:
+        task = self.task
+        close = self.closes.get(event.token.round)
+        if (
+            event.token.round != task.round
+            or task.phase is not Phase.AGGREGATING
+            or (close is not None and close.attempt != event.token.attempt)
+        ):
+            return []  # superseded by a re-close of the round
+        return super().on_aggregated(now, event)
+
+    # --- deadlines -----------------------------------------------------------------------
+
+    def on_timer(self, now: float, key: TaskTimer) -> list[Command]:
+        task = self.task
+        if key.kind is TimerKind.ROUND:
+            return self._on_round_deadline(now, key.round)
+        if key.kind is TimerKind.RECLOSE:
+            if key.round == task.round and task.phase is Phase.AGGREGATING:
+                return task.withdraw(
+                    now, f"round {key.round}: the round's updates stayed out of reach"
+                )
+            return []
+        return super().on_timer(now, key)
+
+    def _on_round_deadline(self, now: float, rnd: int) -> list[Command]:
+        """The acting coordinator closes at its deadline. If it stays silent for a further
+        grace period, this node treats it as gone and the next in rank has the duty; a
+        silent next-in-rank is skipped one grace later, and so on, all nodes in step."""
+        task = self.task
+        if rnd in self.closes or rnd != task.round:
+            return []
+        acting = task.acting()
+        if acting == task.my_id:
+            return self._close(now, rnd)
+        waits = self.deadline_waits.get(rnd, 0) + 1
+        self.deadline_waits[rnd] = waits
+        out: list[Command] = []
+        if waits >= 2 and acting is not None:
+            task.dead.add(acting)
+            out.append(
+                Log(
+                    "warning",
+                    f"task {task.task_id[:12]}: {acting[-8:]} silent past round {rnd}'s deadline",
+                )
+            )
+            out += task.on_view_changed(now)
+            if rnd in self.closes:
+                return out
+        return out + [SetTimer(task.timer(TimerKind.ROUND, rnd), now + GRACE_S)]
+
+    def on_view_changed(self, now: float) -> list[Command]:
+        task = self.task
+        out: list[Command] = []
+        held = self.held.get(task.round, {})
+        for peer in [p for p in task.participants if p in held]:
+            if task.may_act(peer):
+                out += self._accept_close(now, held.pop(peer))
+                break
+        live = task.live()
+        if task.acting() == task.my_id and len(live) < task.offer.min_nodes:
+            return out + task.fail(now, _too_few(task, live))
+        return out + self._check_complete(now)
+
+    # --- unfetchable updates -----------------------------------------------------------
+
+    def unfetchable(self, now: float, cid: str, author: str | None, reason: str) -> list[Command]:
+        """An included update cannot be fetched (its author died before anyone copied it):
+        the acting coordinator re-closes the round without it; everyone else waits for that
+        re-close until a deadline."""
+        task = self.task
+        rnd = task.round
+        close = self.closes.get(rnd)
+        if close is None:
+            return task.withdraw(now, f"could not fetch update {cid[:16]}: {reason}")
+        if author is not None and author != task.my_id:
+            task.dead.add(author)
+        if task.acting() != task.my_id:
+            return [
+                Log(
+                    "warning",
+                    f"task {task.task_id[:12]}: update {cid[:16]} of round {rnd} unfetchable ({reason}); waiting for a re-close",
+                ),
+                SetTimer(task.timer(TimerKind.RECLOSE, rnd), now + task.offer.round_timeout_s),
+            ]
+        included = tuple(p for p in close.included if p not in task.dead)
+        if not included or len(task.live()) < task.offer.min_nodes:
+            return task.fail(now, f"round {rnd}: too few fetchable updates remain")
+        redo = RoundClose(
+            task.task_id, rnd, task.my_id, included, tuple(sorted(task.dead)), close.attempt + 1
+        )
+        return [
+            Log("warning", f"task {task.task_id[:12]}: re-closing round {rnd} without {author}"),
+            Publish(TOPIC_TASKS, redo),
+        ]
+
+
+def _reasons(withdrawn: dict[str, str]) -> str:
+    """Why participants left, e.g. `; 2 withdrew: train failed: ValueError (2 nodes)`."""
+    if not withdrawn:
+        return " arrived"
+    counts: dict[str, int] = {}
+    for why in withdrawn.values():
+        counts[why] = counts.get(why, 0) + 1
+    parts = [f"{why} ({n} node{'s' if n != 1 else ''})" for why, n in sorted(counts.items())]
+    return f"; {len(withdrawn)} withdrew: " + "; ".join(parts)
+
+
+def _too_few(task: Any, live: list[str]) -> str:
+    return (
+        f"{len(live)} of {len(task.participants)} participants remain, fewer than min_nodes "
+        f"({task.offer.min_nodes})" + _reasons(task.withdrawn)
+    )
