@@ -1,0 +1,316 @@
+"""N NodeCores over an in-memory link, with a fake job runner and virtual time.
+
+No torch, no trio, no sockets: the driver's part is played here in a few lines, so a
+protocol rule is tested in microseconds. Models are tiny numpy tensors; node i's training
+moves every weight to `base + (i + 1)` so the honest FedAvg of a round is known exactly.
+
+Attacks are written as hooks: `outgoing` can rewrite or drop what a node publishes or
+sends, and `inject` puts any bytes on the wire under any sender.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from p2pfl.core.commands import (
+    Aggregate,
+    Aggregated,
+    ArchiveChecked,
+    BlobFailed,
+    BlobReady,
+    CancelTimer,
+    CheckArchive,
+    Emit,
+    FetchBlob,
+    JobDone,
+    JobFailed,
+    Log,
+    Publish,
+    RunJob,
+    Send,
+    SetTimer,
+    TaskEnded,
+    TimerFired,
+)
+from p2pfl.core.messages import TaskpackAnnounce
+from p2pfl.core.node_core import DatasetInfo, NodeCore
+from p2pfl.core.phase import Phase
+from p2pfl.core.task import TaskMachine
+from p2pfl.core.tokens import JobStep
+from p2pfl.fl.aggregate import aggregate_checked
+from p2pfl.identity import Identity
+from p2pfl.net.base import Message, PeerConnected, PeerDisconnected
+from p2pfl.store.blobref import make_blob_ref
+from p2pfl.taskpack.manifest import load_manifest
+from p2pfl.taskpack.trust import TrustPolicy
+from p2pfl.wire import decode_tensors, encode, encode_tensors
+
+ROOT = Path(__file__).resolve().parents[2]
+LATENCY_S = 0.01
+JOB_S = 0.5
+
+
+@dataclass
+class Node:
+    index: int
+    identity: Identity
+    core: NodeCore
+    alive: bool = True
+    events: list[dict[str, Any]] = field(default_factory=list)
+    logs: list[tuple[str, str]] = field(default_factory=list)
+    ended: list[TaskEnded] = field(default_factory=list)
+    fail_jobs: dict[JobStep, str] = field(default_factory=dict)  # step -> error
+    fail_aggregate: bool = False
+
+    @property
+    def peer(self) -> str:
+        return self.identity.peer_id
+
+
+class Harness:
+    def __init__(
+        self,
+        n: int,
+        *,
+        taskpack: str = "fedavg-mlp-digits",
+        rows: list[int] | None = None,
+        seed: int = 1,
+        full_mesh: bool = True,
+    ) -> None:
+        self.now = 0.0
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = 0
+        self._timers: dict[tuple[int, Any], int] = {}  # (node, key) -> live seq
+        self.blobs: dict[str, bytes] = {}
+        self.outgoing: Callable[[Node, Any], Any] | None = None  # (node, cmd) -> cmd | None
+        self.manifest = load_manifest(ROOT / "taskpacks" / taskpack)
+        rows = rows or [100] * n
+        self.nodes: list[Node] = []
+        for i in range(n):
+            identity = Identity.from_seed(hashlib.sha256(f"harness|{seed}|{i}".encode()).digest())
+            core = NodeCore(
+                identity,
+                policy=TrustPolicy(frozenset(), True),
+                capabilities={},
+                datasets={"data": DatasetInfo("data", rows[i], [])},
+                caps_interval_s=None,
+                rng=random.Random(seed * 1000 + i),
+            )
+            core.full_mesh = full_mesh
+            self.nodes.append(Node(i, identity, core))
+        archive = b"taskpack archive " + taskpack.encode()
+        ref = make_blob_ref(archive)
+        self.blobs[ref.cid] = archive
+        self.cid = ref.cid
+        ann = TaskpackAnnounce(self.manifest.canonical_bytes(), ref, self.nodes[0].peer, b"\0" * 64)
+        for node in self.nodes:
+            node.core.book.publish_local(ann)  # verified everywhere: the book has its own tests
+        for a in self.nodes:
+            for b in self.nodes:
+                if a is not b:
+                    self._feed(a, PeerConnected(b.peer, ()))
+
+    # --- running -----------------------------------------------------------------------
+
+    def at(self, delay: float, fn: Callable[[], None]) -> int:
+        self._seq += 1
+        heapq.heappush(self._heap, (self.now + delay, self._seq, fn))
+        return self._seq
+
+    def run(self, until: float = 1e9, max_steps: int = 200_000) -> None:
+        steps = 0
+        while self._heap and steps < max_steps:
+            t, _, fn = self._heap[0]
+            if t > until:
+                break
+            heapq.heappop(self._heap)
+            self.now = max(self.now, t)
+            fn()
+            steps += 1
+        assert steps < max_steps, "harness: no quiescence (a loop?)"
+
+    def offer(self, node: int = 0, **federated: Any) -> str:
+        fed = {
+            "protocol": "fedavg",
+            "aggregator": "fedavg",
+            "rounds": 2,
+            "min_nodes": 1,
+            "max_nodes": 100,
+            "fanout": 2,
+            "mu": 0.0,
+            "deadline_s": 10.0,
+            "differential_privacy": {"enabled": False},
+        }
+        fed.update(federated)
+        params = {"max_update_norm": fed.pop("max_update_norm")} if "max_update_norm" in fed else {}
+        core = self.nodes[node].core
+        task_id, cmds = core.create_task(
+            self.cid, params, fed, ("data",), self.now, volunteer_window_s=3.0
+        )
+        self._execute(self.nodes[node], cmds)
+        return task_id
+
+    def crash(self, index: int) -> None:
+        node = self.nodes[index]
+        node.alive = False
+        for other in self.nodes:
+            if other is not node and other.alive:
+                self._feed(other, PeerDisconnected(node.peer))
+
+    def inject(
+        self, sender: Node, topic: str | None, msg: Any, to: list[int] | None = None
+    ) -> None:
+        """Put `msg` on the wire as `sender` (a topic: everyone; None: a direct message)."""
+        data = encode(msg)
+        for node in self.nodes:
+            if node.alive and (to is None or node.index in to):
+                self.at(LATENCY_S, lambda n=node: self._feed(n, Message(topic, sender.peer, data)))
+
+    # --- views -------------------------------------------------------------------------
+
+    def machines(self, task_id: str) -> list[TaskMachine]:
+        return [n.core.tasks[task_id] for n in self.nodes if n.alive and task_id in n.core.tasks]
+
+    def model(self, cid: str) -> dict[str, np.ndarray]:
+        return decode_tensors(self.blobs[cid])
+
+    def results(self, task_id: str) -> list[Any]:
+        return [m.result for m in self.machines(task_id)]
+
+    def logs(self, level: str | None = None) -> list[str]:
+        return [text for n in self.nodes for lvl, text in n.logs if level in (None, lvl)]
+
+    # --- the driver's part ---------------------------------------------------------------
+
+    def _feed(self, node: Node, event: Any) -> None:
+        if node.alive:
+            self._execute(node, node.core.handle(event, self.now))
+
+    def _execute(self, node: Node, cmds: list[Any]) -> None:
+        for cmd in cmds:
+            if self.outgoing is not None and isinstance(cmd, Publish | Send):
+                cmd = self.outgoing(node, cmd)
+                if cmd is None:
+                    continue
+            self._one(node, cmd)
+
+    def _one(self, node: Node, cmd: Any) -> None:
+        if isinstance(cmd, Publish):
+            data = encode(cmd.msg)
+            for other in self.nodes:  # a publisher receives its own message too
+                self.at(
+                    LATENCY_S, lambda o=other: self._feed(o, Message(cmd.topic, node.peer, data))
+                )
+        elif isinstance(cmd, Send):
+            target = next((n for n in self.nodes if n.peer == cmd.peer), None)
+            if target is not None:
+                data = encode(cmd.msg)
+                self.at(LATENCY_S, lambda: self._feed(target, Message(None, node.peer, data)))
+        elif isinstance(cmd, SetTimer):
+            key = (node.index, cmd.key)
+            seq = self.at(max(0.0, cmd.deadline - self.now), lambda: self._timer(node, key, seq))
+            self._timers[key] = seq
+        elif isinstance(cmd, CancelTimer):
+            self._timers.pop((node.index, cmd.key), None)
+        elif isinstance(cmd, FetchBlob):
+            cid = cmd.ref.cid
+            ok = cid in self.blobs
+            event = BlobReady(cid) if ok else BlobFailed(cid, "no provider holds it")
+            self.at(LATENCY_S, lambda: self._feed(node, event))
+        elif isinstance(cmd, CheckArchive):
+            self.at(0, lambda: self._feed(node, ArchiveChecked(cmd.cid, None)))
+        elif isinstance(cmd, RunJob):
+            self.at(JOB_S, lambda: self._feed(node, self._job(node, cmd)))
+        elif isinstance(cmd, Aggregate):
+            self.at(0, lambda: self._feed(node, self._aggregate(node, cmd)))
+        elif isinstance(cmd, Emit):
+            node.events.append(cmd.event.as_dict())
+        elif isinstance(cmd, TaskEnded):
+            node.ended.append(cmd)
+        elif isinstance(cmd, Log):
+            node.logs.append((cmd.level, cmd.text))
+
+    def _timer(self, node: Node, key: tuple[int, Any], seq: int) -> None:
+        if self._timers.get(key) == seq:
+            del self._timers[key]
+            self._feed(node, TimerFired(key[1]))
+
+    def put(self, weights: dict[str, np.ndarray]) -> Any:
+        data = bytes(encode_tensors(weights))
+        ref = make_blob_ref(data)
+        self.blobs[ref.cid] = data
+        return ref
+
+    def _job(self, node: Node, cmd: RunJob) -> JobDone | JobFailed:
+        step = cmd.token.step
+        if step in node.fail_jobs:
+            return JobFailed(cmd.token, node.fail_jobs[step])
+        job = cmd.job
+        rows = node.core.datasets["data"].rows
+        if step is JobStep.VALIDATE:
+            return JobDone(cmd.token, None)
+        if step is JobStep.INIT:
+            return JobDone(cmd.token, self.put({"w": np.zeros(4, np.float32)}))
+        if step is JobStep.TRAIN:
+            if job.get("weights") is None:  # analysis: one execution
+                aggregates = {"sum": float(rows), "n": rows}
+                return JobDone(
+                    cmd.token, {"num_samples": rows, "metrics": {}, "aggregates": aggregates}
+                )
+            base = self.model(job["weights"].cid)["w"]
+            update = {"w": (base + (node.index + 1)).astype(np.float32)}
+            return JobDone(
+                cmd.token,
+                {"ref": self.put(update), "num_samples": rows, "metrics": {"loss": 1.0}},
+            )
+        if step is JobStep.EVALUATE:
+            return JobDone(cmd.token, {"accuracy": 0.5})
+        if step is JobStep.FINALIZE:
+            partial = SimpleNamespace(
+                num_samples=job["num_samples"], metrics=job["metrics"], aggregates=job["aggregates"]
+            )
+            return JobDone(cmd.token, partial)
+        if step is JobStep.REDUCE:
+            total = sum(p["num_samples"] for p in job["partials"])
+            return JobDone(cmd.token, {"num_samples": total, "nodes": len(job["partials"])})
+        raise AssertionError(step)
+
+    def _aggregate(self, node: Node, cmd: Aggregate) -> Aggregated:
+        if node.fail_aggregate:
+            return Aggregated(cmd.token, None, "MemoryError: out of memory")
+        try:
+            data, dropped = aggregate_checked(
+                cmd.method,
+                [(r.cid, self.blobs[r.cid], w) for r, w in zip(cmd.refs, cmd.weights, strict=True)],
+                reference=self.blobs[cmd.reference.cid] if cmd.reference else None,
+                max_norm=cmd.max_norm,
+                options=cmd.options,
+            )
+        except ValueError as exc:
+            return Aggregated(cmd.token, None, str(exc))
+        ref = make_blob_ref(data)
+        self.blobs[ref.cid] = data
+        return Aggregated(cmd.token, ref, dropped=dropped)
+
+
+def done(h: Harness, task_id: str) -> list[TaskMachine]:
+    """Every live machine of the task, asserting they all ended in the same result."""
+    machines = h.machines(task_id)
+    assert machines and all(m.result is not None for m in machines), [
+        (m.phase, m.reason) for m in machines
+    ]
+    assert len({encode(m.result) for m in machines}) == 1
+    return machines
+
+
+def phases(h: Harness, task_id: str) -> list[Phase]:
+    return [m.phase for m in h.machines(task_id)]

