@@ -1,0 +1,230 @@
+"""Every attack from the task protocol v2 issue, played by one peer against honest nodes
+over the in-memory harness. Each must fail, and the honest nodes must end with the honest
+model and result."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from p2pfl.core.messages import TOPIC_TASKS, Roster, RoundClose, RoundUpdate, TaskOffer, TaskResult
+from p2pfl.core.offer import derive_task_id
+from p2pfl.errors import RemoteProtocolError
+from p2pfl.wire import Signed, decode, encode, seal
+from tests.core.harness import Harness, done
+
+
+def _honest(rounds: int, n: int = 4) -> np.ndarray:
+    """The model the harness's honest nodes reach: each round adds mean(1..n)."""
+    return np.full(4, rounds * (n + 1) / 2, np.float32)
+
+
+def _order(h: Harness, task_id: str) -> list[int]:
+    index = {n.peer: n.index for n in h.nodes}
+    return [index[p] for p in h.machines(task_id)[0].participants]
+
+
+def _reference_order(n: int = 4, rounds: int = 2) -> list[int]:
+    h = Harness(n)
+    task_id = h.offer(rounds=rounds)
+    h.run()
+    return _order(h, task_id)
+
+
+def test_a_participant_closing_a_round_with_only_its_own_update_is_ignored():
+    order = _reference_order()
+    h = Harness(4)
+    attacker = h.nodes[order[-1]]  # the worst-ranked participant: never its duty
+
+    def own_close(node, cmd):
+        if node is attacker and isinstance(cmd.msg, RoundUpdate):
+            close = RoundClose(cmd.msg.task_id, cmd.msg.round, attacker.peer, (attacker.peer,))
+            h.inject(attacker, TOPIC_TASKS, close)
+        return cmd
+
+    h.outgoing = own_close
+    task_id = h.offer(rounds=2)
+    h.run()
+    machines = done(h, task_id)
+    assert machines[0].result.status == "succeeded"
+    assert np.allclose(h.model(machines[0].result.model.cid)["w"], _honest(2))
+    assert all(attacker.peer != c.peer for m in machines for c in m.rounds.closes.values())
+
+
+def test_a_result_before_the_elected_reducer_does_not_win():
+    order = _reference_order(rounds=1)
+    h = Harness(4)
+    attacker = h.nodes[order[-1]]
+
+    def early_result(node, cmd):
+        if node is attacker and isinstance(cmd.msg, RoundUpdate):
+            forged = TaskResult(
+                cmd.msg.task_id,
+                "succeeded",
+                "",
+                attacker.peer,
+                (attacker.peer,),
+                1,
+                {"accuracy": 1.0},
+                cmd.msg.ref,
+                0.0,
+            )
+            h.inject(attacker, TOPIC_TASKS, seal(attacker.identity, forged))
+        return cmd
+
+    h.outgoing = early_result
+    task_id = h.offer(rounds=1)
+    h.run()
+    machines = done(h, task_id)
+    result = machines[0].result
+    assert result.reducer == h.nodes[order[0]].peer
+    assert np.allclose(h.model(result.model.cid)["w"], _honest(1))
+
+
+def test_claiming_10e15_samples_does_not_dominate_the_average():
+    order = _reference_order()
+    h = Harness(4)
+    attacker = h.nodes[order[-1]]
+
+    def inflate(node, cmd):
+        if node is attacker and isinstance(cmd.msg, RoundUpdate):
+            return replace(cmd, msg=replace(cmd.msg, num_samples=10**15))
+        return cmd
+
+    h.outgoing = inflate
+    task_id = h.offer(rounds=2, deadline_s=5.0)
+    h.run()
+    machines = done(h, task_id)
+    result = machines[0].result
+    assert result.status == "succeeded" and attacker.peer not in {
+        p for m in machines for c in m.rounds.closes.values() for p in c.included
+    }
+    # The three honest nodes' mean (1, 2, 3 without the attacker's index) per round.
+    honest = [n.index + 1 for n in h.nodes if n is not attacker]
+    assert np.allclose(h.model(result.model.cid)["w"], 2 * np.mean(honest))
+    assert any("claims 1000000000000000 samples" in line for line in h.logs("warning"))
+
+
+def test_a_roster_leaving_out_a_better_ranked_volunteer_is_rejected():
+    order = _reference_order(rounds=1)
+    h = Harness(4)
+    attacker = h.nodes[order[-1]]
+
+    def grab(node, cmd):
+        # As soon as everyone revealed, the attacker publishes a roster that puts itself
+        # first and leaves out everyone who ranks better.
+        if node is attacker and isinstance(cmd.msg, Signed) and cmd.msg.kind == "task.reveal":
+
+            def forge() -> None:
+                machine = attacker.core.tasks[task_id[0]]
+                roster = Roster(
+                    machine.task_id,
+                    attacker.peer,
+                    0,
+                    (attacker.peer,),
+                    (encode(machine.volunteers[attacker.peer]),),
+                    (encode(machine.reveals[attacker.peer]),),
+                )
+                h.inject(attacker, TOPIC_TASKS, seal(attacker.identity, roster))
+
+            h.at(0.001, forge)
+        return cmd
+
+    task_id: list[str] = []
+    h.outgoing = grab
+    task_id.append(h.offer(rounds=1, min_nodes=1))
+    h.run()
+    honest = [m for m in h.machines(task_id[0]) if m.my_id != attacker.peer]
+    assert all(m.roster.coordinator == h.nodes[order[0]].peer for m in honest)
+    assert all(len(m.participants) == 4 for m in honest)
+    assert any("invalid roster from" in line for line in h.logs("warning"))
+
+
+def test_an_offer_cannot_choose_its_task_id():
+    h = Harness(3)
+    task_id = h.offer(rounds=1)
+    offer = h.nodes[0].core.tasks[task_id].offer
+    ground = replace(offer, task_id="f" * 32)  # a task id that would rank us first
+    attacker = h.nodes[2]
+    h.inject(
+        attacker, TOPIC_TASKS, seal(attacker.identity, replace(ground, publisher=attacker.peer))
+    )
+    h.run()
+    assert "f" * 32 not in h.nodes[0].core.tasks
+    assert any("task_id is not derived" in line for line in h.logs("warning"))
+    # And a derived id is what the receivers recompute.
+    assert derive_task_id(offer) == task_id
+
+
+def test_a_path_as_task_id_is_refused_at_decode_time():
+    h = Harness(2)
+    task_id = h.offer(rounds=1)
+    offer = h.nodes[0].core.tasks[task_id].offer
+    raw = encode(offer).replace(task_id.encode(), b"../../../x" + b"a" * 22)
+    with pytest.raises(RemoteProtocolError, match="task_id"):
+        decode(raw, expected=TaskOffer)
+
+
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ({"w": np.full(4, np.nan, np.float32)}, "NaN"),
+        ({"w": np.zeros(5, np.float32)}, "shape"),
+        ({"v": np.zeros(4, np.float32)}, "tensors"),
+        ({"w": np.full(4, 1000.0, np.float32)}, "norm"),
+    ],
+)
+def test_a_bad_update_is_left_out_and_the_round_goes_on(bad, why):
+    order = _reference_order()
+    h = Harness(4)
+    attacker = h.nodes[order[-1]]
+
+    def poison(node, cmd):
+        if node is attacker and isinstance(cmd.msg, RoundUpdate):
+            from p2pfl.store.blobref import make_blob_ref
+            from p2pfl.wire import encode_tensors
+
+            if why == "NaN":  # our encoder refuses NaN: write it into a valid blob's data
+                data = bytearray(encode_tensors({"w": np.zeros(4, np.float32)}))
+                data[-16:] = bad["w"].tobytes()
+                data = bytes(data)
+            else:
+                data = bytes(encode_tensors(bad))
+            ref = make_blob_ref(data)
+            h.blobs[ref.cid] = data
+            return replace(cmd, msg=replace(cmd.msg, ref=ref))
+        return cmd
+
+    h.outgoing = poison
+    task_id = h.offer(rounds=2, max_update_norm=100.0)
+    h.run()
+    machines = done(h, task_id)
+    result = machines[0].result
+    assert result.status == "succeeded"
+    honest = [n.index + 1 for n in h.nodes if n is not attacker]
+    assert np.allclose(h.model(result.model.cid)["w"], 2 * np.mean(honest))
+    assert any("left out update" in line for line in h.logs("warning"))
+
+
+def test_re_announcing_another_participants_update_is_refused():
+    order = _reference_order()
+    h = Harness(4)
+    attacker, victim = h.nodes[order[-1]], h.nodes[order[0]]
+    stolen: dict[int, object] = {}
+
+    def copy(node, cmd):
+        # The attacker sees the victim's announcement, then announces the same blob.
+        if node is victim and isinstance(cmd.msg, RoundUpdate):
+            forged = replace(cmd.msg, peer=attacker.peer)
+            h.at(0.05, lambda: h.inject(attacker, TOPIC_TASKS, forged))
+        if node is attacker and isinstance(cmd.msg, RoundUpdate):
+            return None
+        return cmd
+
+    h.outgoing = copy
+    task_id = h.offer(rounds=2, deadline_s=5.0)
+    h.run()
+    done(h, task_id)
+    assert any("was announced by" in line for line in h.logs("warning"))
