@@ -142,6 +142,60 @@ def test_a_roster_leaving_out_a_better_ranked_volunteer_is_rejected():
     assert any("invalid roster from" in line for line in h.logs("warning"))
 
 
+def test_a_takeover_roster_leaving_out_the_best_ranked_is_rejected_by_it():
+    from p2pfl.core.election import beacon, ranked
+
+    ref = Harness(4)
+    tid = ref.offer(rounds=1)
+    ref.run()
+    nonces = dict(ref.machines(tid)[0].nonces)
+    index = {n.peer: n.index for n in ref.nodes}
+    best = ref.machines(tid)[0].participants[0]
+    # Without the best-ranked volunteer the beacon changes; whoever then ranks first
+    # forges a roster without it (claiming the epoch its position allows).
+    rest = {p: n for p, n in nonces.items() if p != best}
+    seed = beacon(rest)
+    new_order = ranked(tid, rest, seed)
+    epoch = ranked(tid, nonces, seed).index(new_order[0])
+    h = Harness(4)
+    attacker, victim = h.nodes[index[new_order[0]]], h.nodes[index[best]]
+    order = [index[p] for p in new_order]
+
+    def grab(node, cmd):
+        if node is attacker and isinstance(cmd.msg, Signed) and cmd.msg.kind == "task.reveal":
+
+            def forge() -> None:
+                machine = attacker.core.tasks[task_id[0]]
+                rest = [h.nodes[i].peer for i in order]
+                roster = Roster(
+                    machine.task_id,
+                    attacker.peer,
+                    epoch,
+                    tuple(rest),
+                    tuple(encode(machine.volunteers[p]) for p in rest),
+                    tuple(encode(machine.reveals[p]) for p in rest),
+                )
+                h.inject(attacker, TOPIC_TASKS, seal(attacker.identity, roster))
+
+            h.at(0.05, forge)
+        # The victim's first roster is slow (its republish comes 1 s later).
+        if node is victim and isinstance(cmd.msg, Signed) and cmd.msg.kind == "task.roster":
+            if not slowed:
+                slowed.append(True)
+                return None
+        return cmd
+
+    task_id: list[str] = []
+    slowed: list[bool] = []
+    h.outgoing = grab
+    task_id.append(h.offer(rounds=1))
+    h.run()
+    honest = [m for m in h.machines(task_id[0]) if m.my_id != attacker.peer]
+    assert all(m.roster.coordinator == victim.peer for m in honest)
+    warnings = h.logs("warning")
+    assert any("leaves out volunteer" in line for line in warnings), warnings
+
+
 def test_an_offer_cannot_choose_its_task_id():
     h = Harness(3)
     task_id = h.offer(rounds=1)
@@ -212,7 +266,6 @@ def test_re_announcing_another_participants_update_is_refused():
     order = _reference_order()
     h = Harness(4)
     attacker, victim = h.nodes[order[-1]], h.nodes[order[0]]
-    stolen: dict[int, object] = {}
 
     def copy(node, cmd):
         # The attacker sees the victim's announcement, then announces the same blob.
