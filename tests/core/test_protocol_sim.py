@@ -160,7 +160,7 @@ def test_gossip_push_sum_learns(data5):
 @pytest.mark.slow
 def test_krum_resists_a_scaling_attacker(tmp_path):
     paths, test = digits_split(tmp_path, 7, per_node=150)
-    byz = {"nodes": [6], "attack": "scaled"}
+    byz = {"nodes": [5, 6], "attack": "scaled"}
     plain, _ = run(spec(paths, test, params={"rounds": 4, "aggregator": "fedavg"}, byzantine=byz))
     robust, _ = run(spec(paths, test, params={"rounds": 4, "aggregator": "krum"}, byzantine=byz))
     assert robust.result["status"] == "succeeded"
