@@ -26,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -431,10 +432,13 @@ class LocalNet:
         for node in nodes:
             want = {n.peer_id for n in nodes if n is not node}
             wait_until(
-                lambda node=node, want=want: want <= self.peer_ids(node),
+                functools.partial(self._sees, node, want),
                 timeout,
                 what=f"{node.name} connected to {len(want)} peers",
             )
+
+    def _sees(self, node: LocalNode, want: set[str]) -> bool:
+        return want <= self.peer_ids(node)
 
     def diagnostics(self) -> str:
         """The tail of every node's stderr, for error messages."""

@@ -419,7 +419,7 @@ def result_cmd(task_id: str, data_dir: Path, as_json: bool, model_out: Path | No
         cid = result.get("model_cid")
         if not cid:
             fail(f"task {task_id} produced no model (model_cid is empty)")
-        write_atomic(model_out, c.read_blob(cid))
+        write_atomic(model_out, c.read_blob(str(cid)))
     if as_json:
         emit_json(result)
         return

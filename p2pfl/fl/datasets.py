@@ -237,7 +237,7 @@ def load_dataset(name: str) -> Dataset:
 # Table files: features + a `label` column.
 
 
-def write_table(path: str | os.PathLike, X: np.ndarray, y: np.ndarray, feature_names) -> None:  # type: ignore[no-untyped-def]
+def write_table(path: str | os.PathLike, X: np.ndarray, y: np.ndarray, feature_names) -> None:
     """Write `.csv` (header row, features then `label`) or `.npz`, atomically."""
     path = Path(path)
     X = np.asarray(X, dtype=np.float32)
@@ -267,7 +267,7 @@ def write_table(path: str | os.PathLike, X: np.ndarray, y: np.ndarray, feature_n
     else:
         raise ValueError(f"write_table: {path}: unsupported format (use .csv or .npz)")
     with atomic_path(path) as tmp:
-        write(tmp)
+        write(str(tmp))
 
 
 def load_table(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[str]]:

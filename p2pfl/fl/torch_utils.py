@@ -211,7 +211,7 @@ def train_local(
         )
 
 
-def _train_plain(model, loader, make_opt, epochs, n, mu, prox_ref) -> TrainStats:  # type: ignore[no-untyped-def]
+def _train_plain(model, loader, make_opt, epochs, n, mu, prox_ref) -> TrainStats:
     model.train()
     opt = make_opt(model.parameters())
     loss_fn = _loss_fn(loader.dataset.tensors[1])
@@ -237,7 +237,7 @@ def _train_plain(model, loader, make_opt, epochs, n, mu, prox_ref) -> TrainStats
 
 def _train_dp(
     model, loader, make_opt, epochs, n, mu, prox_ref, dp, dp_state, rounds, seed, lr
-) -> TrainStats:  # type: ignore[no-untyped-def]
+) -> TrainStats:
     import torch
     from opacus import PrivacyEngine
     from opacus.accountants.utils import get_noise_multiplier

@@ -37,6 +37,7 @@ TRAIN_PER_SAMPLE_S = 2e-5
 class SimCluster(ClusterBase):
     tmp_prefix = "p2pfl-sim-"
     identity_label = "p2pfl-sim"
+    runner: InProcessRunner
 
     def __init__(self, spec: ClusterSpec) -> None:
         if spec.network != "sim":

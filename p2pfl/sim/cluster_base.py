@@ -190,7 +190,7 @@ class ClusterBase:
             ref = machine.global_ref if machine else None
             honest = decode_tensors(update)
             global_ = decode_tensors(node.store.get(ref.cid)) if ref is not None else honest
-            return encode_tensors(attack(name, honest, global_, rng))
+            return bytes(encode_tensors(attack(name, honest, global_, rng)))
 
         return hook
 

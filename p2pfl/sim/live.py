@@ -25,6 +25,7 @@ trio thread when the round finished.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -212,7 +213,7 @@ class LiveCluster(ClusterBase):
                     update_hook=self._update_hook(i),
                 )
                 holder.append(driver)
-                driver.listeners.append(lambda ev, i=i: self._on_event(i, ev))
+                driver.listeners.append(functools.partial(self._on_event, i))
                 node = ClusterNode(i, identity, store, core, driver, spec.node_data[i])
                 if i < len(self.nodes):
                     self.nodes[i] = node

@@ -132,9 +132,9 @@ def round_stats(records: Iterable[RecordLike]) -> list[RoundStat]:
     for rnd in sorted(by_round):
         rs = by_round[rnd]
         live = [r for r in rs if r.alive]
-        acc = [float(r.accuracy) for r in live if _ok(r.accuracy)]
-        loss = [float(r.loss) for r in live if _ok(r.loss)]
-        eps = [float(r.epsilon) for r in rs if _ok(r.epsilon)]
+        acc = [float(r.accuracy) for r in live if r.accuracy is not None and _ok(r.accuracy)]
+        loss = [float(r.loss) for r in live if r.loss is not None and _ok(r.loss)]
+        eps = [float(r.epsilon) for r in rs if r.epsilon is not None and _ok(r.epsilon)]
         out.append(
             RoundStat(
                 round=rnd,

@@ -175,7 +175,7 @@ def json_problems(value: Any, path: Sequence[object] = (), prefix: str = "") -> 
 class _NoAliasLoader(yaml.SafeLoader):
     """safe_load without anchors/aliases: a few aliases can expand to gigabytes of JSON."""
 
-    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+    def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise yaml.YAMLError(f"YAML aliases are not allowed (line {event.start_mark.line + 1})")
