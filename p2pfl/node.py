@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import platform
+import random
 import shutil
 import signal
 from collections import defaultdict
@@ -338,6 +339,8 @@ async def run_node(config: NodeConfig) -> None:
         capabilities=local_capabilities(data_dir),
         datasets=datasets,
         min_records=config.min_records,
+        # Offer and ranking nonces must be unpredictable: the OS's CSPRNG, never a seed.
+        rng=random.SystemRandom(),
     )
     (data_dir / "tmp").mkdir(exist_ok=True)
     runner = ChildProcessRunner(tmp_root=data_dir / "tmp")

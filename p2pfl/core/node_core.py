@@ -111,7 +111,8 @@ class NodeCore:
         self.capabilities = capabilities
         self.datasets = datasets
         self.caps_interval_s = caps_interval_s
-        self.rng = rng or random.Random()
+        # Nonces come from here: a real node passes random.SystemRandom (the OS CSPRNG).
+        self.rng = rng or random.SystemRandom()
         self.book = TaskpackBook(self.me, policy, capabilities)
         self.tasks: dict[str, TaskMachine] = {}
         self._forgotten: dict[str, None] = {}  # expired offers (insertion-ordered, bounded)
