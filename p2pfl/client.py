@@ -82,7 +82,7 @@ def _raise_for(reply: dict[str, Any]) -> None:
     kind = str(reply.get("kind", ""))
     if kind == "KeyError":
         raise NotFound(message, kind)
-    if kind == "ValidationError":
+    if kind in ("ValidationError", "PolicyError"):  # PolicyError: policy.yaml's problems
         problems = [str(p) for p in reply.get("problems") or [message]]
         head = message.split(":", 1)[0]
         what = head[len("invalid ") :] if head.startswith("invalid ") else "document"
@@ -249,8 +249,9 @@ class Client:
     ) -> str:
         """Offer a task and return its id.
 
-        `taskpack` is a directory (published first, then run), or the cid or name[@version]
-        of a taskpack the node already verified.
+        `taskpack` is a directory (published first, then run), or the cid, name or
+        name@range (``federated-stats@^1``) of a taskpack the node already verified, signed
+        by any publisher it trusts (the offer is signed by this node, the requester).
         """
         if _is_path(taskpack):
             return str(self.publish(taskpack, run=True, params=params)["task_id"])
@@ -261,6 +262,34 @@ class Client:
             params=_params(params),
         )
         return str(reply["task_id"])
+
+    def run(self, ref: str, params: dict[str, Any] | None = None) -> str:
+        """Offer a task on a taskpack the node already verified, by cid, name or
+        name@range (e.g. ``federated-stats@^1``), whoever published it; its id.
+
+        The offer is signed by this node: site policies judge it as this node's request."""
+        if _is_path(ref):
+            raise ValueError(f"{ref} is a directory: publish it (Client.publish(..., run=True))")
+        return self.create_task(ref, params)
+
+    # -- site policy and audit -------------------------------------------------------------
+
+    def policy_show(self) -> dict[str, Any]:
+        """{"policy": the effective site policy, "ledger": epsilon spent per dataset}."""
+        return self.call("policy_show")
+
+    def policy_reload(self) -> dict[str, Any]:
+        """Re-read DATA_DIR/policy.yaml. ValidationError (every problem) if it is invalid;
+        the node then keeps its current policy."""
+        return self.call("policy_reload")
+
+    def policy_check(self, task_id: str) -> dict[str, Any]:
+        """The node's policy decision on a task it has seen (allowed, rule, reason, terms)."""
+        return self.call("policy_check", task_id=task_id)
+
+    def audit(self, task: str | None = None) -> list[dict[str, Any]]:
+        """Entries of the node's audit log (DATA_DIR/audit.jsonl), oldest first."""
+        return self.call("audit", task=task)
 
     def events(self, task_id: str, deadline: float | None = None) -> Iterator[dict[str, Any]]:
         """The task's events, past ones first, then live ones; ends after the final event.

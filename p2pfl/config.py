@@ -17,6 +17,9 @@ class NodeConfig:
     datasets: dict[str, Path] = field(default_factory=dict)  # NAME -> PATH (csv / npz)
     trusted: frozenset[str] = frozenset()  # publisher peer ids whose taskpacks we run
     trust_any: bool = False  # development only: run anyone's taskpacks (loud warning)
+    # Development only: datasets the site policy does not name may be used by ANY requester
+    # (the safe default: only by this node's own operator). Loud warning.
+    allow_any_requester: bool = False
     min_records: int = 10  # k: never release an aggregate over fewer records
     log_level: str = "info"
 

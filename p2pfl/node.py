@@ -18,7 +18,7 @@ import signal
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
@@ -29,6 +29,16 @@ from p2pfl.driver import Driver
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError, TaskFailed, TaskNotFinished
 from p2pfl.fsutil import atomic_write
 from p2pfl.identity import Identity
+from p2pfl.policy import (
+    AUDIT_FILE,
+    LEDGER_FILE,
+    POLICY_FILE,
+    AuditLog,
+    PolicyError,
+    PrivacyLedger,
+    SitePolicy,
+    load_policy,
+)
 from p2pfl.store.blobs import BlobStore
 from p2pfl.wire import decode, encode
 
@@ -70,10 +80,40 @@ def local_capabilities(data_dir: Path) -> dict[str, Any]:
     }
 
 
+class Site(NamedTuple):
+    """What a site decides and records (p2pfl/policy), opened from DATA_DIR at start."""
+
+    policy: SitePolicy
+    ledger: PrivacyLedger
+    audit_log: AuditLog
+
+
+def open_site(config: NodeConfig, peer_id: str) -> Site:
+    """Load DATA_DIR/policy.yaml (PolicyError lists every problem: the node does not start),
+    the privacy ledger (LedgerError if corrupted) and the audit log; record the load."""
+    data_dir = Path(config.data_dir)
+    policy = load_policy(
+        data_dir / POLICY_FILE,
+        own_peer=peer_id,
+        allow_any_requester=config.allow_any_requester,
+        min_records=config.min_records,
+    )
+    site = Site(policy, PrivacyLedger(data_dir / LEDGER_FILE), AuditLog(data_dir / AUDIT_FILE))
+    site.audit_log.record("policy", action="load", digest=policy.digest, source=policy.source)
+    return site
+
+
 class Node:
     """The control socket's view of a running node (p2pfl.control.NodeAPI)."""
 
-    def __init__(self, config: NodeConfig, driver: Driver, network: Any, version: str) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        driver: Driver,
+        network: Any,
+        version: str,
+        site: Site | None = None,
+    ) -> None:
         self.config = config
         self.driver = driver
         self.network = network
@@ -83,6 +123,10 @@ class Node:
         self._watchers: dict[str, set[trio.MemorySendChannel[dict[str, Any]]]] = defaultdict(set)
         self._finished: dict[str, dict[str, Any]] = {}  # task id -> record (see _keep_finished)
         driver.listeners.append(self._on_task_event)
+        site = site if site is not None else open_site(config, self.core.me)
+        self.policy: SitePolicy = site.policy
+        self.ledger: PrivacyLedger = site.ledger
+        self.audit_log: AuditLog = site.audit_log  # `audit` is the control-socket method
 
     # --- events --------------------------------------------------------------------------
 
@@ -237,6 +281,44 @@ class Node:
             return None
         return bytes(self.driver.store.get(cid))
 
+    # --- site policy and audit (p2pfl/policy) ------------------------------------------------
+
+    def policy_show(self) -> dict[str, Any]:
+        return {"policy": self.policy.as_dict(), "ledger": self.ledger.as_dict()}
+
+    def policy_reload(self) -> dict[str, Any]:
+        """Re-read policy.yaml; an invalid file keeps the current policy (and says why)."""
+        try:
+            new = load_policy(
+                self.config.data_dir / POLICY_FILE,
+                own_peer=self.core.me,
+                allow_any_requester=self.config.allow_any_requester,
+                min_records=self.config.min_records,
+            )
+        except PolicyError as exc:
+            self.audit_log.record(
+                "policy", action="error", digest=self.policy.digest, problems=exc.problems
+            )
+            raise
+        changed = new.digest != self.policy.digest
+        self.policy = new
+        self.audit_log.record("policy", action="reload", digest=new.digest, changed=changed)
+        log.info("site policy reloaded (%s)", "changed" if changed else "unchanged")
+        return {"digest": new.digest, "changed": changed, "source": new.source}
+
+    def policy_check(self, task_id: str) -> dict[str, Any]:
+        """The decision the node made (or would make) on a task it has seen."""
+        tid = self._task_id(task_id)
+        # NodeCore.policy_decision(task_id) -> dict | None comes with the new task core.
+        decide = getattr(self.core, "policy_decision", None)
+        decision = decide(tid) if decide is not None else None
+        if decision is None:
+            raise KeyError(f"no policy decision for task {tid} (this node took no part in it)")
+        return {"task_id": tid, **decision}
+
+    def audit(self, task: str | None = None) -> list[dict[str, Any]]:
+        return self.audit_log.read(task=task)
+
     # --- persistence of finished tasks -------------------------------------------------------
 
     def _keep_finished(self, machine: Any) -> None:
@@ -329,6 +411,13 @@ async def run_node(config: NodeConfig) -> None:
             "!!! --trust-any: this node will run taskpacks from ANY publisher. "
             "Development only: never beside real data. !!!"
         )
+    if config.allow_any_requester:
+        log.warning(
+            "!!! --allow-any-requester: ANY peer may run tasks on datasets the site policy "
+            "does not name. Development only: never beside real data. !!!"
+        )
+    # Before the network starts: an invalid policy or ledger means the node does not run.
+    site = open_site(config, identity.peer_id)
     store = BlobStore(data_dir / "store")
     datasets = describe_datasets(config.datasets)
     core = NodeCore(
@@ -376,14 +465,18 @@ async def run_node(config: NodeConfig) -> None:
             holder.append(track_mesh)
             await nursery.start(network.run)
             driver.start()
-            node = Node(config, driver, network, __version__)
+            node = Node(config, driver, network, __version__, site=site)
             node.restore()
             await nursery.start(ControlServer(config.control_socket, node).serve)
             addrs = network.listen_addrs()
             log.info("node %s listening on %s", identity.peer_id, " ".join(addrs))
             print(f"p2pfl node {identity.peer_id} listening on {' '.join(addrs)}", flush=True)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            stop = (signal.SIGINT, signal.SIGTERM)
+            with trio.open_signal_receiver(*stop, signal.SIGHUP) as signals:
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        _reload_on_hup(node)
+                        continue
                     log.info("received %s: shutting down", signal.Signals(signum).name)
                     break
             nursery.cancel_scope.cancel()
@@ -398,6 +491,16 @@ async def run_node(config: NodeConfig) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(10):
             await runner.aclose()
     log.info("node stopped")
+
+
+def _reload_on_hup(node: Node) -> None:
+    """SIGHUP: reload the site policy; a bad file is logged and the old policy stays."""
+    try:
+        node.policy_reload()
+    except PolicyError as exc:
+        log.error("SIGHUP: policy not reloaded, keeping the current one: %s", exc)
+    except OSError as exc:
+        log.error("SIGHUP: policy not reloaded: %s", exc)
 
 
 def _leaf_errors(group: BaseExceptionGroup) -> list[BaseException]:

@@ -28,6 +28,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Wait for a task to end (exit 0 ok, 1 failed, 2 timeout).",
     ),
     "result": ("p2pfl.cli.node_cmds:result_cmd", "Print a task's result; write its model."),
+    "run": (
+        "p2pfl.cli.policy_cmds:run_cmd",
+        "Run a verified taskpack (by name, name@range or cid) as a task.",
+    ),
+    "policy": ("p2pfl.cli.policy_cmds:policy_group", "The site policy: show, reload, check."),
+    "audit": ("p2pfl.cli.policy_cmds:audit_cmd", "Read the node's audit log."),
     "new": ("p2pfl.cli.taskpack_cmds:new_cmd", "Create a new taskpack from a template."),
     "pack": ("p2pfl.cli.taskpack_cmds:pack_cmd", "Validate and pack a taskpack directory."),
     "datasets": (

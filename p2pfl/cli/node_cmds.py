@@ -122,6 +122,11 @@ def check_peer_id(text: str) -> str:
     "--trust-any", is_flag=True, help="Run ANYONE's taskpacks (development only: arbitrary code!)."
 )
 @click.option(
+    "--allow-any-requester",
+    is_flag=True,
+    help="Let ANY peer use datasets the site policy does not name (development only!).",
+)
+@click.option(
     "--min-records",
     type=click.IntRange(min=1),
     default=None,
@@ -140,6 +145,7 @@ def node_cmd(
     datasets: tuple[str, ...],
     trust: tuple[str, ...],
     trust_any: bool,
+    allow_any_requester: bool,
     min_records: int | None,
     log_level: str,
 ) -> None:
@@ -162,6 +168,7 @@ def node_cmd(
         datasets=ds,
         trusted=frozenset(check_peer_id(p) for p in trust),
         trust_any=trust_any,
+        allow_any_requester=allow_any_requester,
         log_level=log_level.lower(),
     )
     if min_records is not None:
@@ -170,6 +177,14 @@ def node_cmd(
         click.secho(
             "WARNING: --trust-any: this node will run code from ANY publisher on the network.\n"
             "WARNING: use it only on a private test network, never with real data.",
+            fg="red",
+            bold=True,
+            err=True,
+        )
+    if allow_any_requester:
+        click.secho(
+            "WARNING: --allow-any-requester: ANY peer may run tasks on datasets that\n"
+            "WARNING: DATA_DIR/policy.yaml does not name. Never use it with real data.",
             fg="red",
             bold=True,
             err=True,

@@ -86,14 +86,14 @@ class TaskpackBook:
         return entry if entry is not None and entry.status == VERIFIED else None
 
     def find(self, ref: str) -> TaskpackEntry | None:
-        """By cid, or by name / name@version (the newest verified version)."""
+        """By cid, or by name / name@version / name@range like ^1 (the newest verified)."""
         if ref in self.entries:
             return self.entries[ref]
         name, _, version = ref.partition("@")
         matches = [
             e
             for e in self.entries.values()
-            if e.name == name and e.status == VERIFIED and (not version or e.version == version)
+            if e.name == name and e.status == VERIFIED and _version_matches(e.version, version)
         ]
         if not matches:
             return None
@@ -271,3 +271,15 @@ def _version_key(version: str) -> tuple:
         return (1, v.major, v.minor, v.patch, v.prerelease is None, str(v.prerelease or ""))
     except Exception:
         return (0, version)
+
+
+def _version_matches(version: str, wanted: str) -> bool:
+    """No version: any; an exact version; or a semver range (^1, ~1.2, >=1.0,<2)."""
+    if not wanted or version == wanted:
+        return True
+    from p2pfl.policy.ranges import parse_range, version_in
+
+    try:
+        return version_in(version, parse_range(wanted))
+    except ValueError:
+        return False

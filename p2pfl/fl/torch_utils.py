@@ -8,7 +8,11 @@ Differential privacy, per node (DP-SGD with Opacus and an RDP accountant):
 * the accountant history (a list of ``[noise_multiplier, sample_rate, steps]``) lives in
   ``dp_state`` (JSON-able), so later rounds and a restarted node continue the accounting;
 * before a round, the epsilon *after* that round is computed; if it would exceed the
-  budget, `BudgetExhausted` is raised and nothing is trained.
+  budget, `BudgetExhausted` is raised and nothing is trained;
+* the noise and the Poisson sampling draw from generators seeded with fresh secret bits
+  (``secrets``) on every call, unless ``dp.deterministic`` (simulations only): a seed
+  derived from public values (task id, round) would let any peer regenerate the noise and
+  subtract it from a published update.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import secrets
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -171,7 +176,8 @@ def train_local(
     DP: with `dp`, DP-SGD via Opacus; `rounds` is the task's number of rounds (needed to
     calibrate the noise for the whole task) and `dp_state` (mutated) carries the accounting
     between calls. Raises BudgetExhausted before training if the round would overspend.
-    Deterministic for a given seed on CPU.
+    Deterministic for a given seed on CPU without DP, or with ``dp.deterministic``; with
+    DP on a real node the sampling and the noise come from fresh secret seeds instead.
     """
     import torch
 
@@ -182,7 +188,11 @@ def train_local(
     if n == 0:
         raise ValueError("train_local: no training samples")
     seed_cpu(seed)
-    gen = torch.Generator().manual_seed(seed)
+    # The loader's generator also drives Opacus's Poisson sampling: under real-node DP it
+    # must be as secret as the noise (which batches a record joined is private too).
+    secret = dp is not None and not dp.deterministic
+    gen = torch.Generator().manual_seed(secrets.randbits(64) if secret else seed)
+    noise_seed = secrets.randbits(64) if secret else seed + 1
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(xt, yt),
         batch_size=min(batch_size, n),
@@ -207,7 +217,7 @@ def train_local(
         if dp is None:
             return _train_plain(model, loader, make_opt, epochs, n, mu, prox_ref)
         return _train_dp(
-            model, loader, make_opt, epochs, n, mu, prox_ref, dp, dp_state, rounds, seed, lr
+            model, loader, make_opt, epochs, n, mu, prox_ref, dp, dp_state, rounds, noise_seed, lr
         )
 
 
@@ -236,7 +246,7 @@ def _train_plain(model, loader, make_opt, epochs, n, mu, prox_ref) -> TrainStats
 
 
 def _train_dp(
-    model, loader, make_opt, epochs, n, mu, prox_ref, dp, dp_state, rounds, seed, lr
+    model, loader, make_opt, epochs, n, mu, prox_ref, dp, dp_state, rounds, noise_seed, lr
 ) -> TrainStats:
     import torch
     from opacus import PrivacyEngine
@@ -284,7 +294,7 @@ def _train_dp(
         noise_multiplier=sigma,
         max_grad_norm=dp.max_grad_norm,
         poisson_sampling=True,
-        noise_generator=torch.Generator().manual_seed(seed + 1),
+        noise_generator=torch.Generator().manual_seed(noise_seed),
     )
     loss_fn = _loss_fn(loader.dataset.tensors[1])
     last = 0.0

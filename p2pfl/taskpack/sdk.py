@@ -37,11 +37,16 @@ Metrics = dict[str, float]
 
 @dataclass
 class DPConfig:
-    """Differential privacy asked for by the manifest (Opacus, per node)."""
+    """Differential privacy asked for by the manifest (Opacus, per node).
+
+    `deterministic` False (real nodes, the default): DP noise and Poisson sampling draw
+    from fresh secret seeds, so no other peer can regenerate and subtract the noise.
+    True is for simulations only: reproducible noise from the task's public seed."""
 
     epsilon: float
     delta: float = 1e-5
     max_grad_norm: float = 1.0
+    deterministic: bool = False
 
 
 @dataclass
@@ -122,3 +127,82 @@ class Task:
             if weight > 0:
                 out[key] = float(sum(v * n for v, n in pairs) / weight)
         return out
+
+
+# --- analysis outputs the node can check -----------------------------------------------------
+#
+# An analysis task returns its aggregates in this vocabulary (in Update.aggregates /
+# Partial.aggregates): plain msgpack-able dicts tagged "_release" that say how many records
+# stand behind each number. The node holding the data filters them before they leave
+# (p2pfl.policy.release.filter_release): anything under its k is dropped or shown as "<k",
+# extremes leave only if its policy allows, DP noise is added where its policy asks, and
+# untagged values are refused. `bound` is the largest |value| one record can contribute
+# (the clipping range): without it a total or mean cannot be noised, so under DP it is dropped.
+
+RELEASE_TAG = "_release"
+
+
+def _n(n: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+        raise ValueError(f"a record count must be an integer >= 0, got {n!r}")
+    return int(n)
+
+
+def _finite(v: float, what: str) -> float:
+    f = float(v)
+    if not np.isfinite(f):
+        raise ValueError(f"{what} must be finite, got {v!r}")
+    return f
+
+
+def count(n: int) -> dict[str, Any]:
+    """The number of records `n`."""
+    return {RELEASE_TAG: "count", "n": _n(n)}
+
+
+def _with_bound(d: dict[str, Any], bound: float | None) -> dict[str, Any]:
+    if bound is not None:
+        d["bound"] = _finite(bound, "bound")
+        if d["bound"] <= 0:
+            raise ValueError("bound must be > 0")
+    return d
+
+
+def total(value: float, n: int, *, bound: float | None = None) -> dict[str, Any]:
+    """A sum `value` over `n` records, each contributing at most `bound` in absolute value."""
+    return _with_bound({RELEASE_TAG: "total", "value": _finite(value, "total"), "n": _n(n)}, bound)
+
+
+def mean(value: float, n: int, *, bound: float | None = None) -> dict[str, Any]:
+    """A mean `value` over `n` records (|each| <= `bound`)."""
+    return _with_bound({RELEASE_TAG: "mean", "value": _finite(value, "mean"), "n": _n(n)}, bound)
+
+
+def histogram(edges: Any, counts: Any) -> dict[str, Any]:
+    """Record counts per bin; `edges` has one more entry than `counts`."""
+    e = [_finite(x, "edge") for x in edges]
+    c = [_n(int(x)) if isinstance(x, np.integer) else _n(x) for x in counts]
+    if len(e) != len(c) + 1:
+        raise ValueError(f"{len(e)} edges for {len(c)} bins (need bins + 1)")
+    return {RELEASE_TAG: "histogram", "edges": e, "counts": c}
+
+
+def groups(counts: dict[str, int]) -> dict[str, Any]:
+    """Record counts per category (group name -> count)."""
+    return {RELEASE_TAG: "groups", "counts": {str(g): _n(c) for g, c in counts.items()}}
+
+
+def extreme(which: str, value: float, n: int) -> dict[str, Any]:
+    """The exact minimum or maximum over `n` records (leaves only where a site allows it)."""
+    if which not in ("min", "max"):
+        raise ValueError(f"which must be 'min' or 'max', got {which!r}")
+    return {RELEASE_TAG: "extreme", "which": which, "value": _finite(value, which), "n": _n(n)}
+
+
+def is_released(value: Any, kind: str | None = None) -> bool:
+    """Whether `value` is a typed aggregate (of `kind`, if given)."""
+    return (
+        isinstance(value, dict)
+        and RELEASE_TAG in value
+        and (kind is None or value[RELEASE_TAG] == kind)
+    )

@@ -13,11 +13,14 @@ import trio
 
 from p2pfl.control import ControlServer
 from p2pfl.errors import TaskFailed, TaskNotFinished, ValidationError
+from p2pfl.identity import peer_id_from_public_bytes
+from p2pfl.policy import PolicyError
 
 PEER_A = "12D3KooWA" + "a" * 43
 PEER_B = "12D3KooWB" + "b" * 43
 SELF_ID = "12D3KooWS" + "s" * 43
 MODEL = b"\x00model-bytes\xff" * 1000
+REAL_PEER = peer_id_from_public_bytes(b"\x07" * 32)  # a valid Ed25519 peer id (policy checks)
 
 
 def summary(task_id: str, status: str, rnd: int, reason: str = "") -> dict[str, Any]:
@@ -153,7 +156,7 @@ class FakeNodeAPI:
         ]
 
     async def create_task(self, ref: str, params: dict[str, str]) -> dict[str, Any]:
-        if ref not in ("wages", "wages@1.0.0", "bafycidgood1"):
+        if ref not in ("wages", "wages@1.0.0", "wages@^1", "bafycidgood1"):
             raise KeyError(ref)
         return {"task_id": "good1", "cid": "bafycidgood1"}
 
@@ -200,6 +203,84 @@ class FakeNodeAPI:
 
     def read_blob(self, cid: str) -> bytes | None:
         return MODEL if cid == "bafymodel" else None
+
+    # --- site policy and audit --------------------------------------------------------------
+
+    policy_valid = True  # tests flip it to see a reload refused
+
+    def policy_show(self) -> dict[str, Any]:
+        from p2pfl.policy import parse_policy
+
+        doc = {
+            "requesters": {"lab-a": [REAL_PEER]},
+            "datasets": {
+                "wages": {
+                    "allow": ["lab-a"],
+                    "types": ["analysis"],
+                    "k": 10,
+                    "dp": {"required": True, "max_epsilon_per_task": 2.0, "budget": 10.0},
+                    "limits": {"max_rounds": 50, "memory": "2Gi"},
+                }
+            },
+        }
+        policy = parse_policy(doc, own_peer=REAL_PEER, source="/tmp/x/policy.yaml")
+        ledger = {"wages": {"spent": 4.0, "tasks": {"good1": 4.0}}}
+        return {"policy": policy.as_dict(), "ledger": ledger}
+
+    def policy_reload(self) -> dict[str, Any]:
+        if not self.policy_valid:
+            raise PolicyError(
+                ["datasets.wages.k: must be >= 1", "extra: unknown field"], "/tmp/x/policy.yaml"
+            )
+        return {"digest": "ab" * 32, "changed": True, "source": "/tmp/x/policy.yaml"}
+
+    def policy_check(self, task_id: str) -> dict[str, Any]:
+        tid = self._id(task_id)
+        if tid == "bad1":
+            return {
+                "task_id": tid,
+                "allowed": False,
+                "rule": "datasets.wages.allow",
+                "reason": f"dataset wages: requester {PEER_B} is not in allow [lab-a]",
+            }
+        return {
+            "task_id": tid,
+            "allowed": True,
+            "rule": "policy",
+            "reason": "allowed: requester ... may run federated-stats@1.0.0 (analysis) on wages",
+            "datasets": ["wages"],
+            "k": 10,
+            "dp_epsilon": 1.0,
+            "dp_delta": 1e-5,
+            "max_rounds": 50,
+            "memory_bytes": 2 * 2**30,
+            "extremes": False,
+            "metrics": "withhold",
+        }
+
+    def audit(self, task: str | None = None) -> list[dict[str, Any]]:
+        entries = [
+            {"t": 1700000000.0, "kind": "policy", "action": "load", "digest": "ab" * 32},
+            {
+                "t": 1700000001.0,
+                "kind": "offer",
+                "task": "bad1",
+                "requester": PEER_B,
+                "decision": "declined",
+                "rule": "datasets.wages.allow",
+                "reason": f"dataset wages: requester {PEER_B} is not in allow [lab-a]",
+            },
+            {
+                "t": 1700000002.0,
+                "kind": "release",
+                "task": "good1",
+                "round": 1,
+                "what": "partial",
+                "bytes": 321,
+                "dp_spend": 1.0,
+            },
+        ]
+        return [e for e in entries if task is None or e.get("task") == task]
 
 
 @contextlib.contextmanager

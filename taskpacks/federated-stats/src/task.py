@@ -1,12 +1,16 @@
 """federated-stats: count, mean, std, min, max and a histogram of one numeric column.
 
-Each node returns only aggregates of its column (never rows):
-    count, sum, sum_sq, min, max, histogram (counts over the shared bin edges),
-    underflow / overflow (values outside the edges), missing (NaN or empty cells)
-and the reduce step adds them up exactly. The bin edges come from params only (a list, or a
-count over the fixed [range_min, range_max]), so every node bins identically.
-The k-records policy (refusing to release aggregates over fewer than k rows) is the node's;
-Update.num_samples carries the record count it needs for that.
+Each node returns only aggregates of its column (never rows), in the SDK's typed release
+vocabulary so that the node holding the data can check each one before it leaves:
+    count, sum, sum_sq (totals), min, max (extremes), histogram (counts over the shared bin
+    edges), underflow / overflow (values outside the edges), missing (NaN or empty cells).
+The node then drops what stands for fewer than k records (a histogram bin becomes "<k"),
+keeps exact extremes only where its policy allows, and may add DP noise (which needs
+`bound`: values are clipped to [-bound, bound] so one record's weight is known).
+The reduce step adds up what was released: a bin suppressed at any node stays "<k", and the
+mean and std come from the nodes that released their sums. The bin edges come from params
+only (a list, or a count over the fixed [range_min, range_max]), so every node bins
+identically.
 """
 
 from __future__ import annotations
@@ -17,7 +21,19 @@ from typing import Any
 
 import numpy as np
 
-from p2pfl.taskpack.sdk import Context, Partial, Task, Update
+from p2pfl.taskpack.sdk import (
+    Context,
+    Partial,
+    Task,
+    Update,
+    count,
+    extreme,
+    histogram,
+    is_released,
+    total,
+)
+
+SUPPRESSED = "<k"
 
 
 def bin_edges(params: dict[str, Any]) -> np.ndarray:
@@ -77,22 +93,46 @@ def read_column(path: Path, column: str | None) -> tuple[str, np.ndarray]:
     return column, values.to_numpy(dtype=np.float64)
 
 
-def local_aggregates(values: np.ndarray, edges: np.ndarray) -> dict[str, Any]:
-    """The node's aggregates: JSON-able numbers and lists, nothing row-level."""
+def local_aggregates(
+    values: np.ndarray, edges: np.ndarray, bound: float | None = None
+) -> dict[str, Any]:
+    """The node's aggregates, typed for the node's release check; nothing row-level."""
     finite = values[np.isfinite(values)]
+    if bound is not None:
+        finite = np.clip(finite, -bound, bound)  # one record moves a sum by at most bound
+    n = int(finite.size)
     hist, _ = np.histogram(finite, bins=edges)
-    return {
-        "count": int(finite.size),
-        "sum": float(finite.sum()),
-        "sum_sq": float(np.square(finite).sum()),
-        "min": float(finite.min()) if finite.size else None,
-        "max": float(finite.max()) if finite.size else None,
-        "histogram": [int(c) for c in hist],
-        "underflow": int((finite < edges[0]).sum()),
-        "overflow": int((finite > edges[-1]).sum()),
-        "missing": int(values.size - finite.size),
-        "edges": [float(e) for e in edges],
+    out: dict[str, Any] = {
+        "count": count(n),
+        "sum": total(float(finite.sum()), n, bound=bound),
+        "sum_sq": total(float(np.square(finite).sum()), n, bound=bound * bound if bound else None),
+        "histogram": histogram(edges, hist),
+        "underflow": count(int((finite < edges[0]).sum())),
+        "overflow": count(int((finite > edges[-1]).sum())),
+        "missing": count(int(values.size - n)),
     }
+    if n:
+        out["min"] = extreme("min", float(finite.min()), n)
+        out["max"] = extreme("max", float(finite.max()), n)
+    return out
+
+
+def _released(aggs: list[dict[str, Any]], key: str, kind: str) -> list[dict[str, Any]]:
+    return [a[key] for a in aggs if is_released(a.get(key), kind)]
+
+
+def combine_histograms(hists: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Bin-wise sums; a bin suppressed ("<k") at any node stays suppressed."""
+    if not hists:
+        return None
+    edges = hists[0]["edges"]
+    if any(h["edges"] != edges for h in hists):
+        raise ValueError("partials used different bin edges")
+    cells: list[Any] = []
+    for i in range(len(edges) - 1):
+        column = [h["counts"][i] for h in hists]
+        cells.append(SUPPRESSED if SUPPRESSED in column else int(sum(column)))
+    return {"edges": edges, "counts": cells}
 
 
 class FederatedStats(Task):
@@ -106,42 +146,51 @@ class FederatedStats(Task):
         return {"column": column, "values": values}
 
     def execute(self, ctx: Context, data: dict[str, Any], weights: Any) -> Update:
-        aggregates = local_aggregates(data["values"], bin_edges(ctx.params))
-        aggregates["column"] = data["column"]
-        return Update(num_samples=aggregates["count"], aggregates=aggregates)
+        bound = ctx.params.get("bound")
+        aggregates = local_aggregates(
+            data["values"], bin_edges(ctx.params), float(bound) if bound else None
+        )
+        return Update(num_samples=aggregates["count"]["n"], aggregates=aggregates)
 
     def reduce(self, ctx: Context, partials: list[Partial]) -> dict[str, Any]:
-        """Exact combination: counts, sums and histograms add; min/max of the extremes."""
+        """Adds up what the nodes released: counts, sums and histograms add; min/max of the
+        released extremes; mean and std over the nodes that released count, sum, sum_sq."""
         parts = sorted(partials, key=lambda p: p.node)  # fixed order: reproducible sums
         aggs = [p.aggregates for p in parts if p.aggregates]
         if not aggs:
             raise ValueError("no partial carries aggregates")
-        edges = aggs[0].get("edges")
-        for i, a in enumerate(aggs):
-            if a.get("edges") != edges:
-                raise ValueError(f"partial {i} ({parts[i].node}) used different bin edges")
-        count = sum(int(a["count"]) for a in aggs)
-        total = math.fsum(float(a["sum"]) for a in aggs)
-        total_sq = math.fsum(float(a["sum_sq"]) for a in aggs)
-        mins = [a["min"] for a in aggs if a.get("min") is not None]
-        maxs = [a["max"] for a in aggs if a.get("max") is not None]
-        hist = np.sum([np.asarray(a["histogram"], dtype=np.int64) for a in aggs], axis=0)
-        mean = total / count if count else None
-        var = max(total_sq / count - mean * mean, 0.0) if count else None  # type: ignore[operator]
+        whole = [
+            a
+            for a in aggs
+            if all(is_released(a.get(k), kd) for k, kd in _MOMENTS) and a["count"]["n"] > 0
+        ]
+        n = sum(int(a["count"]["n"]) for a in whole)
+        total_ = math.fsum(float(a["sum"]["value"]) for a in whole)
+        total_sq = math.fsum(float(a["sum_sq"]["value"]) for a in whole)
+        mean = total_ / n if n else None
+        var = max(total_sq / n - mean * mean, 0.0) if n and mean is not None else None
+        mins = [e["value"] for e in _released(aggs, "min", "extreme")]
+        maxs = [e["value"] for e in _released(aggs, "max", "extreme")]
+
+        def added(key: str) -> int | None:
+            got = _released(aggs, key, "count")
+            return sum(int(c["n"]) for c in got) if got else None
+
         return {
-            "column": aggs[0].get("column"),
+            "column": ctx.params.get("column"),
             "nodes": len(aggs),
-            "count": count,
-            "sum": total,
+            "count": added("count"),
+            "sum": total_ if whole else None,
             "mean": mean,
             "std": math.sqrt(var) if var is not None else None,  # population std
-            "std_sample": (
-                math.sqrt(var * count / (count - 1)) if var is not None and count > 1 else None
-            ),
+            "std_sample": math.sqrt(var * n / (n - 1)) if var is not None and n > 1 else None,
             "min": min(mins) if mins else None,
             "max": max(maxs) if maxs else None,
-            "histogram": {"edges": edges, "counts": [int(c) for c in hist]},
-            "underflow": sum(int(a.get("underflow", 0)) for a in aggs),
-            "overflow": sum(int(a.get("overflow", 0)) for a in aggs),
-            "missing": sum(int(a.get("missing", 0)) for a in aggs),
+            "histogram": combine_histograms(_released(aggs, "histogram", "histogram")),
+            "underflow": added("underflow"),
+            "overflow": added("overflow"),
+            "missing": added("missing"),
         }
+
+
+_MOMENTS = (("count", "count"), ("sum", "total"), ("sum_sq", "total"))
