@@ -98,6 +98,7 @@ class Driver:
         datasets: dict[str, Path],
         state_dir: Path | None = None,
         update_hook: Callable[[str, bytes], bytes] | None = None,
+        persist: Callable[[str, bytes | None], None] | None = None,
     ) -> None:
         self.core = core
         self.network = network
@@ -108,6 +109,11 @@ class Driver:
         self.state_dir = state_dir
         # Simulations use this to play a byzantine node (transform its own updates).
         self.update_hook = update_hook
+        # Where task snapshots go (a real node: files under DATA_DIR/live); None: nowhere.
+        self.persist = persist
+        # Reproducible DP noise is for simulations only (they set this); a real node's
+        # noise and sampling come from fresh secret seeds.
+        self.deterministic_dp = False
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self._fetches: dict[str, BlobFetch] = {}
         self._specs: dict[str, Any] = {}
@@ -190,7 +196,8 @@ class Driver:
                 f" ({cmd.reason})" if cmd.reason else "",
             )
         elif isinstance(cmd, Persist):
-            pass  # resume snapshots: see node.py
+            if self.persist is not None:
+                self.persist(cmd.task_id, cmd.snapshot)
         elif isinstance(cmd, Log):
             getattr(log, cmd.level, log.info)("%s %s", self.me[-8:], cmd.text)
         else:  # pragma: no cover - a new command without a handler is a bug
@@ -385,8 +392,15 @@ class Driver:
         machine = self.core.tasks[task_id]
         offer = machine.offer
         entry = self.core.book.entries.get(offer.cid)
+        manifest = entry.manifest if entry is not None else None
+        if manifest is None and self.taskpack_dir(offer.cid).is_dir():
+            # A task resumed after a restart, before peers re-announced its taskpack: the
+            # copy we verified and unpacked earlier is on disk.
+            from p2pfl.taskpack.manifest import load_manifest
+
+            manifest = load_manifest(self.taskpack_dir(offer.cid))
         limits = Limits()
-        declared = entry.manifest.limits if entry and entry.manifest else None
+        declared = manifest.limits if manifest is not None else None
         if declared is not None:
             limits = Limits(
                 timeout_s=declared.timeout_s or limits.timeout_s,
@@ -402,18 +416,20 @@ class Driver:
             # Offer inputs are dataset names, in the manifest's input order.
             inputs={
                 manifest_input.name: self.datasets[dataset]
-                for manifest_input, dataset in zip(
-                    entry.manifest.spec.inputs, offer.inputs, strict=False
-                )
+                for manifest_input, dataset in zip(manifest.spec.inputs, offer.inputs, strict=False)
                 if dataset in self.datasets
             }
-            if entry and entry.manifest
+            if manifest is not None
             else {},
             seed=int(task_id[:8], 16),
             rounds=offer.rounds,
             protocol=offer.protocol,
             mu=offer.mu if offer.protocol == "fedprox" else 0.0,
-            dp=DPConfig(dp["epsilon"], dp["delta"], dp["max_grad_norm"]) if dp else None,
+            dp=DPConfig(
+                dp["epsilon"], dp["delta"], dp["max_grad_norm"], deterministic=self.deterministic_dp
+            )
+            if dp
+            else None,
             state_path=(self.state_dir / f"{task_id}.json") if self.state_dir else None,
             limits=limits,
         )

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import trio
 
 from p2pfl.config import NodeConfig
-from p2pfl.core.messages import TaskpackAnnounce
+from p2pfl.core.messages import TaskpackAnnounce, check_task_id
 from p2pfl.core.node_core import DatasetInfo, NodeCore
 from p2pfl.driver import Driver
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError, TaskFailed, TaskNotFinished
@@ -48,6 +48,7 @@ _HISTORY_MAX = 5000  # events kept per task for late followers
 _FINAL_KINDS = ("result", "failed")
 _ANNOUNCEMENTS = "announcements"  # our verified taskpacks, re-checked at start
 _FINISHED = "tasks"  # finished tasks' summaries and results, listed after a restart
+_LIVE = "live"  # snapshots of running tasks: a restarted node rejoins them
 
 
 def describe_datasets(datasets: dict[str, Path]) -> dict[str, DatasetInfo]:
@@ -123,6 +124,7 @@ class Node:
         self._watchers: dict[str, set[trio.MemorySendChannel[dict[str, Any]]]] = defaultdict(set)
         self._finished: dict[str, dict[str, Any]] = {}  # task id -> record (see _keep_finished)
         driver.listeners.append(self._on_task_event)
+        driver.persist = self.persist_task
         site = site if site is not None else open_site(config, self.core.me)
         self.policy: SitePolicy = site.policy
         self.ledger: PrivacyLedger = site.ledger
@@ -361,8 +363,29 @@ class Node:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / f"{ann.ref.cid}.msg", encode(ann))
 
+    def persist_task(self, task_id: str, snapshot: bytes | None) -> None:
+        """Keep (or, None, forget) a running task's snapshot. `task_id` was checked at
+        decode time: 32 hex digits, never a path."""
+        check_task_id(task_id)
+        path = self.config.data_dir / _LIVE / f"{task_id}.snap"
+        if snapshot is None:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, snapshot)
+
+    def _resume_tasks(self) -> None:
+        folder = self.config.data_dir / _LIVE
+        for path in sorted(folder.glob("*.snap")) if folder.is_dir() else []:
+            try:
+                self.driver.execute(self.core.resume(path.read_bytes(), self.driver.io.now()))
+                log.info("resumed task %s", path.stem[:12])
+            except (OSError, RemoteProtocolError) as exc:
+                log.warning("not resuming %s: %s", path.name, exc)
+
     def restore(self) -> None:
         self._load_finished()
+        self._resume_tasks()
         folder = self.config.data_dir / _ANNOUNCEMENTS
         if not folder.is_dir():
             return

@@ -51,6 +51,7 @@ from p2pfl.core.messages import (
 )
 from p2pfl.core.offer import build_offer, offer_problem
 from p2pfl.core.phase import ACCEPTS, BlobOutcome, PeerBack, PeerLost, Phase, TaskpackState
+from p2pfl.core.snapshot import open_snapshot
 from p2pfl.core.task import Incoming, LocalContext, TaskMachine
 from p2pfl.core.taskpacks import TaskpackBook
 from p2pfl.core.tokens import NodeTimer, NodeTimerKind, TaskTimer
@@ -191,9 +192,23 @@ class NodeCore:
             volunteer_window_s=volunteer_window_s,
         )
         # Our own machine starts now; the offer's echo from gossip is then a duplicate.
-        publish = Publish(TOPIC_TASKS, seal(self.identity, offer))
+        envelope = seal(self.identity, offer)
+        publish = Publish(TOPIC_TASKS, envelope)
         again = self._again_soon(f"offer:{offer.task_id}", publish, now)
-        return offer.task_id, [publish, *again, *self._on_offer(offer, now)]
+        return offer.task_id, [publish, *again, *self._on_offer(offer, now, envelope)]
+
+    def resume(self, data: bytes, now: float) -> list[Command]:
+        """Rejoin a task from its snapshot after a restart (signatures re-checked);
+        RemoteProtocolError for a damaged file."""
+        snap, offer_env, offer, roster_env, roster = open_snapshot(data)
+        if offer.task_id in self.tasks:
+            return []
+        _nonces, samples = _roster_carried(offer.task_id, roster.volunteers, roster.reveals)
+        machine = TaskMachine(offer, self.identity, self.local, now, self.rng)
+        machine.offer_envelope, machine.roster_envelope = offer_env, roster_env
+        machine.connected = set(self.connected)
+        self.tasks[offer.task_id] = machine
+        return machine.resume(now, roster, samples, snap.round, snap.model, snap.mass)
 
     def policy_decision(self, task_id: str) -> dict[str, Any] | None:
         """The site policy's decision for a task this node has seen (None: not seen)."""
@@ -337,11 +352,13 @@ class NodeCore:
                 self.peer_caps[msg.peer] = msg
             return []
         if isinstance(msg, TaskOffer):
-            return self._on_offer(msg, now)
+            return self._on_offer(msg, now, envelope)
         check_task_id(msg.task_id)
         incoming = Incoming(msg, signer, envelope)
         if isinstance(msg, Roster):
-            incoming.carried = _roster_carried(msg.task_id, msg.volunteers, msg.reveals)
+            incoming.carried, incoming.samples = _roster_carried(
+                msg.task_id, msg.volunteers, msg.reveals
+            )
         machine = self.tasks.get(msg.task_id)
         if machine is None:
             if msg.task_id in self._forgotten:
@@ -354,7 +371,7 @@ class NodeCore:
             return []
         return self._run(machine, incoming, now)
 
-    def _on_offer(self, offer: TaskOffer, now: float) -> list[Command]:
+    def _on_offer(self, offer: TaskOffer, now: float, envelope: Signed | None) -> list[Command]:
         if offer.task_id in self.tasks or offer.task_id in self._forgotten:
             return []
         problem = offer_problem(offer)
@@ -370,6 +387,7 @@ class NodeCore:
                 f"offer {offer.task_id[:12]}: {offer.publisher} already has {mine} unfinished tasks here"
             )
         machine = TaskMachine(offer, self.identity, self.local, now, self.rng)
+        machine.offer_envelope = envelope
         machine.connected = set(self.connected)
         machine.full_mesh = self.full_mesh
         self.tasks[offer.task_id] = machine
@@ -412,18 +430,21 @@ def _decode_and_unseal(data: bytes) -> tuple[Any, Signed | None]:
 @functools.lru_cache(maxsize=64)
 def _roster_carried(
     task_id: str, volunteers: tuple[bytes, ...], reveals: tuple[bytes, ...]
-) -> dict[str, bytes]:
-    """peer -> revealed nonce of every volunteer whose own signed record and signed reveal
-    a roster carries (each signature and commitment checked).
+) -> tuple[dict[str, bytes], dict[str, int]]:
+    """(peer -> revealed nonce, peer -> signed sample count) of every volunteer whose own
+    signed record and signed reveal a roster carries (each signature and commitment
+    checked).
 
     Memoised like `_decode_and_unseal`: every node checks the same roster."""
     commits: dict[str, bytes] = {}
+    samples: dict[str, int] = {}
     for raw in volunteers:
         signed = decode(raw, expected=Signed)
         vol = unseal(signed, expected=Volunteer)
         if vol.peer != signed.signer or vol.task_id != task_id:
             raise RemoteProtocolError("roster carries a volunteer record for someone else")
         commits[vol.peer] = vol.commit
+        samples[vol.peer] = vol.num_samples
     nonces: dict[str, bytes] = {}
     for raw in reveals:
         signed = decode(raw, expected=Signed)
@@ -437,7 +458,7 @@ def _roster_carried(
         nonces[reveal.peer] = reveal.nonce
     if set(nonces) != set(commits):
         raise RemoteProtocolError("roster carries volunteer records without reveals")
-    return nonces
+    return nonces, samples
 
 
 def _cap_dict(cap: Capability) -> dict[str, Any]:

@@ -216,6 +216,7 @@ class RoundsBase:
                 metrics={**numbers, "model_cid": task.global_ref.cid if task.global_ref else None},
             )
         ]
+        out += task.snapshot()  # a restart from here rejoins at the next round
         if task.offer.publisher != task.my_id:
             out.append(
                 Send(

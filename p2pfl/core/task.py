@@ -29,6 +29,7 @@ from p2pfl.core.commands import (
     JobDone,
     JobFailed,
     Log,
+    Persist,
     Publish,
     RunJob,
     SetTimer,
@@ -73,6 +74,7 @@ from p2pfl.core.phase import (
     TaskpackState,
 )
 from p2pfl.core.pushsum_rounds import PushSumRounds
+from p2pfl.core.snapshot import make_snapshot
 from p2pfl.core.tokens import JobStep, JobToken, TaskTimer, TimerKind
 from p2pfl.core.view import NodeState, result_dict
 from p2pfl.identity import Identity
@@ -87,7 +89,7 @@ MAX_HELD = 64  # messages held for later per task (early round messages, prematu
 class Incoming:
     """A wire message for this task, with who signed (or sent) it."""
 
-    __slots__ = ("carried", "envelope", "msg", "signer")
+    __slots__ = ("carried", "envelope", "msg", "samples", "signer")
 
     def __init__(
         self,
@@ -95,10 +97,13 @@ class Incoming:
         signer: str,
         envelope: Signed | None = None,
         carried: dict[str, bytes] | None = None,
+        samples: dict[str, int] | None = None,
     ) -> None:
         self.msg, self.signer, self.envelope = msg, signer, envelope
-        # Rosters: peer -> revealed nonce of each volunteer record + reveal it carries.
+        # Rosters: peer -> revealed nonce, and peer -> signed sample count, of each
+        # volunteer record + reveal the roster carries.
         self.carried = carried or {}
+        self.samples = samples or {}
 
 
 class LocalContext:
@@ -136,6 +141,8 @@ class TaskMachine:
         self.revealed = False  # volunteering is over for us: nonces may be published
         self.reveal_sent = False
         self.roster: Roster | None = None
+        self.offer_envelope: Signed | None = None  # as signed by the publisher (snapshots)
+        self.roster_envelope: Signed | None = None
         self.roster_publish: Publish | None = None
         self.reveal_publish: Publish | None = None
         self.dead: set[str] = set()  # unreachable, or silent past a duty's deadline
@@ -231,11 +238,11 @@ class TaskMachine:
         return [Log("debug", f"task {self.task_id[:12]}: {name} refused: {why}")]
 
     def end(self, status: str, reason: str = "") -> list[Command]:
-        """The task is over for this node: once."""
+        """The task is over for this node: once. Its snapshot is no longer needed."""
         if self.ended:
             return []
         self.ended = True
-        return [TaskEnded(self.task_id, status, reason)]
+        return [TaskEnded(self.task_id, status, reason), Persist(self.task_id, None)]
 
     # --- offer and volunteering -------------------------------------------------------
 
@@ -407,14 +414,16 @@ class TaskMachine:
             volunteers=tuple(encode(self.volunteers[p]) for p in everyone),
             reveals=tuple(encode(self.reveals[p]) for p in everyone),
         )
-        self.roster_publish = Publish(TOPIC_TASKS, seal(self.me, roster))
+        self.roster_envelope = seal(self.me, roster)
+        self.roster_publish = Publish(TOPIC_TASKS, self.roster_envelope)
         out: list[Command] = [
             self.roster_publish,
             # Once more shortly: a participant that missed it would sit out the task.
             SetTimer(self.timer(TimerKind.REPUBLISH_ROSTER), now + GRACE_S / 2),
             Log("info", f"task {self.task_id[:12]}: coordinating {len(chosen)} participants"),
         ]
-        return out + self._accept_roster(now, roster)
+        signed = {p: self.samples[p] for p in everyone if p in self.samples}
+        return out + self._accept_roster(now, roster, signed)
 
     def on_roster(self, now: float, event: Incoming, carried: dict[str, bytes]) -> list[Command]:
         """`carried`: peer -> nonce of every volunteer record + reveal the roster carries
@@ -464,7 +473,8 @@ class TaskMachine:
             return []
         if self.roster is not None and (self.round > 1 or self.phase not in _FRESH):
             return []  # too late to switch: the task already went on
-        return self._accept_roster(now, roster)
+        self.roster_envelope = event.envelope
+        return self._accept_roster(now, roster, event.samples)
 
     def _better_ranked_gone(self, roster: Roster) -> bool:
         """Every volunteer ranked above the roster's coordinator is gone in our view."""
@@ -474,9 +484,12 @@ class TaskMachine:
             return False
         return all(p in self.dead for p in order[: order.index(roster.coordinator)])
 
-    def _accept_roster(self, now: float, roster: Roster) -> list[Command]:
+    def _accept_roster(self, now: float, roster: Roster, samples: dict[str, int]) -> list[Command]:
         first = self.roster is None
         self.roster = roster
+        # Every participant's signed sample count, from the records the roster carries
+        # (we may have missed some Volunteer messages): each caps that peer's updates.
+        self.samples.update(samples)
         self.held_rosters.clear()
         self.nodes = {p: self.nodes.get(p, NodeState("volunteered")) for p in roster.participants}
         out: list[Command] = [
@@ -493,7 +506,7 @@ class TaskMachine:
             ),
         ]
         if self.participating and self.phase == Phase.VOLUNTEERED:
-            out += self._begin(now)
+            out += self._begin(now) + self.snapshot()
         elif not self.participating and self.phase in (Phase.VOLUNTEERED, Phase.VALIDATING):
             self.phase = Phase.OBSERVING
             out += [TaskEnded(self.task_id, "observing", "not on the roster")]
@@ -517,6 +530,45 @@ class TaskMachine:
             self.job(JobStep.TRAIN, {"kind": "train", "round": 1, "weights": None}, 1),
             SetTimer(self.timer(TimerKind.ROUND, 1), now + self.offer.round_timeout_s),
         ]
+
+    # --- persistence -------------------------------------------------------------------
+
+    def snapshot(self) -> list[Command]:
+        """What a restarted node needs to rejoin (see core/snapshot.py); [] if we are not
+        a participant or lack the signed records."""
+        if not self.participating or self.offer_envelope is None or self.roster_envelope is None:
+            return []
+        mass = float(getattr(self.rounds, "mass", 0.0))
+        data = make_snapshot(
+            self.offer_envelope, self.roster_envelope, self.round, self.global_ref, mass
+        )
+        return [Persist(self.task_id, data)]
+
+    def resume(
+        self, now: float, roster: Roster, samples: dict[str, int], rnd: int, model: Any, mass: float
+    ) -> list[Command]:
+        """Rejoin after a restart: the roster stands; train the next round from the last
+        model we hold (a close that overtakes us brings us back in step)."""
+        self.roster = roster
+        self.samples.update(samples)
+        self.revealed = True
+        self.nodes = {p: NodeState("volunteered") for p in roster.participants}
+        out: list[Command] = [
+            self.event(EventKind.STATE, now, f"resumed at round {rnd + 1}", peer=self.my_id)
+        ]
+        if not self.participating:
+            self.phase = Phase.OBSERVING
+            return out
+        self.phase = Phase.VOLUNTEERED
+        if model is None or not self.is_training:
+            return out + self._begin(now)
+        self.rounds = PushSumRounds(self) if self.offer.protocol == "gossip" else FedAvgRounds(self)
+        self.global_ref = model
+        if isinstance(self.rounds, PushSumRounds):
+            self.rounds.mass = mass
+        if rnd >= self.offer.rounds:
+            return out + self.final.finalize(now)
+        return out + self.rounds.train(now, rnd + 1)
 
     # --- timers ------------------------------------------------------------------------
 
@@ -651,6 +703,7 @@ class TaskMachine:
             Publish(TOPIC_TASKS, seal(self.me, Decline(self.task_id, self.my_id, reason[:2000]))),
             self.event(EventKind.STATE, now, f"withdrew: {reason}", peer=self.my_id),
             TaskEnded(self.task_id, "withdrawn", reason),
+            Persist(self.task_id, None),
         ]
         # If it was our duty to close or reduce, the next in rank now has it.
         return out + self.on_view_changed(now)

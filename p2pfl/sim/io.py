@@ -108,5 +108,6 @@ def sim_node(
         datasets=datasets,
         update_hook=update_hook,
     )
+    driver.deterministic_dp = True  # a simulation's DP noise is reproducible, and says so
     ref.append(driver)
     return driver

@@ -34,6 +34,7 @@ from p2pfl.core.commands import (
     JobDone,
     JobFailed,
     Log,
+    Persist,
     Publish,
     RunJob,
     Send,
@@ -70,6 +71,7 @@ class Node:
     ended: list[TaskEnded] = field(default_factory=list)
     fail_jobs: dict[JobStep, str] = field(default_factory=dict)  # step -> error
     fail_aggregate: bool = False
+    snapshots: dict[str, bytes] = field(default_factory=dict)  # what survives a restart
 
     @property
     def peer(self) -> str:
@@ -93,31 +95,47 @@ class Harness:
         self.blobs: dict[str, bytes] = {}
         self.outgoing: Callable[[Node, Any], Any] | None = None  # (node, cmd) -> cmd | None
         self.manifest = load_manifest(ROOT / "taskpacks" / taskpack)
-        rows = rows or [100] * n
-        self.nodes: list[Node] = []
-        for i in range(n):
-            identity = Identity.from_seed(hashlib.sha256(f"harness|{seed}|{i}".encode()).digest())
-            core = NodeCore(
-                identity,
-                policy=TrustPolicy(frozenset(), True),
-                capabilities={},
-                datasets={"data": DatasetInfo("data", rows[i], [])},
-                caps_interval_s=None,
-                rng=random.Random(seed * 1000 + i),
-            )
-            core.full_mesh = full_mesh
-            self.nodes.append(Node(i, identity, core))
+        self.rows = rows or [100] * n
+        self.seed, self.full_mesh = seed, full_mesh
         archive = b"taskpack archive " + taskpack.encode()
         ref = make_blob_ref(archive)
         self.blobs[ref.cid] = archive
         self.cid = ref.cid
-        ann = TaskpackAnnounce(self.manifest.canonical_bytes(), ref, self.nodes[0].peer, b"\0" * 64)
-        for node in self.nodes:
-            node.core.book.publish_local(ann)  # verified everywhere: the book has its own tests
+        publisher = Identity.from_seed(hashlib.sha256(f"harness|{seed}|0".encode()).digest())
+        self.announce = TaskpackAnnounce(
+            self.manifest.canonical_bytes(), ref, publisher.peer_id, b"\0" * 64
+        )
+        self.nodes: list[Node] = [Node(i, *self._core(i)) for i in range(n)]
         for a in self.nodes:
             for b in self.nodes:
                 if a is not b:
                     self._feed(a, PeerConnected(b.peer, ()))
+
+    def _core(self, i: int, restarts: int = 0) -> tuple[Identity, NodeCore]:
+        identity = Identity.from_seed(hashlib.sha256(f"harness|{self.seed}|{i}".encode()).digest())
+        core = NodeCore(
+            identity,
+            policy=TrustPolicy(frozenset(), True),
+            capabilities={},
+            datasets={"data": DatasetInfo("data", self.rows[i], [])},
+            caps_interval_s=None,
+            rng=random.Random(self.seed * 1000 + i + 7919 * restarts),
+        )
+        core.full_mesh = self.full_mesh
+        core.book.publish_local(self.announce)  # verified everywhere: the book has its own tests
+        return identity, core
+
+    def restart(self, index: int) -> None:
+        """A crashed node comes back: a fresh core, its snapshots from 'disk', reconnected."""
+        node = self.nodes[index]
+        node.identity, node.core = self._core(index, restarts=1)
+        node.alive = True
+        for other in self.nodes:
+            if other is not node and other.alive:
+                self._feed(node, PeerConnected(other.peer, ()))
+                self._feed(other, PeerConnected(node.peer, ()))
+        for data in list(node.snapshots.values()):
+            self._execute(node, node.core.resume(data, self.now))
 
     # --- running -----------------------------------------------------------------------
 
@@ -236,6 +254,11 @@ class Harness:
             node.events.append(cmd.event.as_dict())
         elif isinstance(cmd, TaskEnded):
             node.ended.append(cmd)
+        elif isinstance(cmd, Persist):
+            if cmd.snapshot is None:
+                node.snapshots.pop(cmd.task_id, None)
+            else:
+                node.snapshots[cmd.task_id] = cmd.snapshot
         elif isinstance(cmd, Log):
             node.logs.append((cmd.level, cmd.text))
 

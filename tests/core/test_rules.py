@@ -171,3 +171,35 @@ def test_every_node_declining_fails_at_once_with_their_reasons():
     result = h.machines(task_id)[0].result
     assert result is not None and result.status == "failed"
     assert result.reason == "3 of 3 nodes declined: validate_inputs refused: SyntaxError: bad"
+
+
+def test_a_restarted_participant_rejoins_at_the_current_round():
+    order = _order(4, rounds=4)
+    h = Harness(4)
+    victim = h.nodes[order[-1]]
+    task_id = h.offer(rounds=4)
+    h.run(until=2.3)  # round 2 is training; round 1's model is on "disk"
+    assert victim.snapshots and h.machines(task_id)[0].round == 2
+    h.crash(victim.index)
+    h.at(0.3, lambda: h.restart(victim.index))
+    h.run()
+    machines = done(h, task_id)
+    result = machines[0].result
+    assert result.status == "succeeded" and victim.peer in result.participants
+    # It trained again after the restart: it is in the last round's close.
+    assert victim.peer in machines[0].rounds.closes[4].included
+    assert not victim.snapshots  # the task is over: its snapshot is gone
+
+
+def test_a_restarted_coordinator_resumes_its_duty():
+    order = _order(4, rounds=4)
+    h = Harness(4)
+    coordinator = h.nodes[order[0]]
+    task_id = h.offer(rounds=4)
+    h.run(until=2.3)
+    h.crash(coordinator.index)
+    h.at(0.2, lambda: h.restart(coordinator.index))
+    h.run()
+    machines = done(h, task_id)
+    assert machines[0].result.reducer == coordinator.peer
+    assert coordinator.peer in machines[0].result.participants
