@@ -26,9 +26,11 @@ from p2pfl.core.commands import (
     Aggregate,
     Aggregated,
     ArchiveChecked,
+    Audit,
     BlobFailed,
     BlobReady,
     CancelTimer,
+    ChargePrivacy,
     CheckArchive,
     Command,
     Emit,
@@ -114,6 +116,8 @@ class Driver:
         # Reproducible DP noise is for simulations only (they set this); a real node's
         # noise and sampling come from fresh secret seeds.
         self.deterministic_dp = False
+        # Where audit lines and privacy charges go (a real node's log and ledger).
+        self.site_sink: Callable[[Command], None] | None = None
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self._fetches: dict[str, BlobFetch] = {}
         self._specs: dict[str, Any] = {}
@@ -195,6 +199,9 @@ class Driver:
                 cmd.status,
                 f" ({cmd.reason})" if cmd.reason else "",
             )
+        elif isinstance(cmd, Audit | ChargePrivacy):
+            if self.site_sink is not None:
+                self.site_sink(cmd)
         elif isinstance(cmd, Persist):
             if self.persist is not None:
                 self.persist(cmd.task_id, cmd.snapshot)
@@ -493,7 +500,35 @@ class Driver:
                 "metrics": dict(result.metrics or {}),
                 "aggregates": dict(result.aggregates or {}),
             }
+        if kind == "finalize":
+            return self._release(task_id, result)
         return result
+
+    def _release(self, task_id: str, partial: Any) -> Any:
+        """What an analysis partial may release, decided here, by the node that holds the
+        data (p2pfl/policy/release.py): numbers under k suppressed, extremes only where the
+        policy allows, DP noise from a CSPRNG where it asks; recorded in the audit log."""
+        import dataclasses
+
+        from p2pfl.policy import filter_release, released_epsilon
+
+        machine = self.core.tasks.get(task_id)
+        decision = machine.decision if machine is not None else None
+        if decision is None or machine is None or machine.offer.type == "training":
+            return partial
+        rules = decision.release_rules()
+        aggregates, notes = filter_release(dict(partial.aggregates or {}), rules)
+        metrics, more = filter_release(dict(partial.metrics or {}), rules)
+        spent = released_epsilon(aggregates) + released_epsilon(metrics)
+        inputs = tuple(machine.offer.inputs)
+        if spent > 0:
+            self.execute([ChargePrivacy(task_id, inputs, spent)])
+            for name in inputs:
+                self.core.privacy_spent[name] = self.core.privacy_spent.get(name, 0.0) + spent
+        size = len(encode_json(aggregates)) + len(encode_json(metrics))
+        fields = {"task": task_id, "round": 1, "what": "partial", "bytes": size}
+        self.execute([Audit("release", {**fields, "dp_spend": spent, "notes": notes + more})])
+        return dataclasses.replace(partial, aggregates=aggregates, metrics=metrics)
 
     def _emit_log(self, task_id: str, line: str) -> None:
         event = {
@@ -540,6 +575,12 @@ class Driver:
 
     def fetch_progress(self) -> dict[str, tuple[int, int]]:
         return {cid: f.progress() for cid, f in self._fetches.items()}
+
+
+def encode_json(value: Any) -> bytes:
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str).encode()
 
 
 def unpack_atomic(archive: bytes, dest: Path, unpack: Callable[[bytes, Path], Any]) -> None:

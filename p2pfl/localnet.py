@@ -252,7 +252,9 @@ class LocalNet:
         self.root = Path(root)
         self.log_dir = self.root / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.node_args = list(node_args)
+        # A local network is a development network: any requester may use the datasets
+        # its nodes do not name in a policy.yaml (a test that wants a site policy writes one).
+        self.node_args = ["--allow-any-requester", *node_args]
         self.node_class = node_class
         self.nodes: list[LocalNode] = []  # every process ever started (restarts included)
         self._old_sigterm: Any = None

@@ -125,6 +125,7 @@ class Node:
         self._finished: dict[str, dict[str, Any]] = {}  # task id -> record (see _keep_finished)
         driver.listeners.append(self._on_task_event)
         driver.persist = self.persist_task
+        driver.site_sink = self._site_record
         site = site if site is not None else open_site(config, self.core.me)
         self.policy: SitePolicy = site.policy
         self.ledger: PrivacyLedger = site.ledger
@@ -285,6 +286,19 @@ class Node:
 
     # --- site policy and audit (p2pfl/policy) ------------------------------------------------
 
+    def _site_record(self, cmd: Any) -> None:
+        """The core's audit lines and privacy charges, made durable (fsynced) here."""
+        from p2pfl.core.commands import Audit, ChargePrivacy
+
+        if isinstance(cmd, Audit):
+            self.audit_log.record(cmd.kind, **cmd.fields)
+        elif isinstance(cmd, ChargePrivacy):
+            for name in cmd.datasets:
+                total = self.ledger.charge(cmd.task_id, name, cmd.epsilon)
+                self.audit_log.record(
+                    "privacy", task=cmd.task_id, dataset=name, epsilon=cmd.epsilon, task_total=total
+                )
+
     def policy_show(self) -> dict[str, Any]:
         return {"policy": self.policy.as_dict(), "ledger": self.ledger.as_dict()}
 
@@ -304,6 +318,7 @@ class Node:
             raise
         changed = new.digest != self.policy.digest
         self.policy = new
+        self.core.site = new  # decisions from now on follow the new policy
         self.audit_log.record("policy", action="reload", digest=new.digest, changed=changed)
         log.info("site policy reloaded (%s)", "changed" if changed else "unchanged")
         return {"digest": new.digest, "changed": changed, "source": new.source}
@@ -453,6 +468,8 @@ async def run_node(config: NodeConfig) -> None:
         min_records=config.min_records,
         # Offer and ranking nonces must be unpredictable: the OS's CSPRNG, never a seed.
         rng=random.SystemRandom(),
+        site=site.policy,
+        privacy_spent=site.ledger.spent_all(),
     )
     (data_dir / "tmp").mkdir(exist_ok=True)
     runner = ChildProcessRunner(tmp_root=data_dir / "tmp")

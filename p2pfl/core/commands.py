@@ -158,6 +158,25 @@ class TaskEnded:
 
 
 @dataclass(frozen=True, slots=True)
+class Audit:
+    """A line for the site's audit log (DATA_DIR/audit.jsonl): offers with the decision and
+    its rule, releases, privacy spending."""
+
+    kind: str  # offer | release | privacy
+    fields: dict
+
+
+@dataclass(frozen=True, slots=True)
+class ChargePrivacy:
+    """Spend `epsilon` of each dataset's lifetime budget for this task (idempotent per
+    task and dataset: the ledger keeps a task's cumulative spend)."""
+
+    task_id: str
+    datasets: tuple[str, ...]
+    epsilon: float
+
+
+@dataclass(frozen=True, slots=True)
 class Persist:
     """Write what a restarted node needs to rejoin this task (atomically); None: forget
     it (the task is over)."""
@@ -185,6 +204,8 @@ Command = (
     | Aggregate
     | Emit
     | TaskEnded
+    | Audit
+    | ChargePrivacy
     | Persist
     | Log
 )

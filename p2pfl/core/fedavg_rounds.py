@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from p2pfl.core.commands import CancelTimer, Command, EventKind, Log, Publish, SetTimer
+from p2pfl.core.commands import Audit, CancelTimer, Command, EventKind, Log, Publish, SetTimer
 from p2pfl.core.messages import TOPIC_TASKS, RoundClose, RoundUpdate
 from p2pfl.core.phase import ACTIVE, Phase
 from p2pfl.core.rounds_base import RoundsBase
@@ -50,11 +50,16 @@ class FedAvgRounds(RoundsBase):
         state.absorb(metrics)
         state.state = "waiting"
         self.round_blobs.setdefault(rnd, set()).add(ref.cid)
+        shared = {} if task.withhold_metrics else metrics
         update = RoundUpdate(
-            task.task_id, rnd, task.my_id, ref, self.my_samples(result.get("num_samples")), metrics
+            task.task_id, rnd, task.my_id, ref, self.my_samples(result.get("num_samples")), shared
         )
         # Our own announcement comes back to us over gossip (a publisher receives its own).
-        return [Publish(TOPIC_TASKS, update)]
+        out: list[Command] = [Publish(TOPIC_TASKS, update)]
+        if task.decision is not None:  # a site: what leaves is recorded
+            what = {"task": task.task_id, "round": rnd, "what": "update", "bytes": ref.size}
+            out.append(Audit("release", {**what, "dp_spend": 0.0, "notes": []}))
+        return out
 
     # --- everyone's updates ------------------------------------------------------------
 

@@ -87,8 +87,8 @@ class FinalStep:
     def _after_analysis(self, now: float, result: dict[str, Any]) -> list[Command]:
         task = self.task
         n = min(int(result.get("num_samples", 0)), task.samples.get(task.my_id, 0))
-        if n < task.local.min_records:
-            why = f"fewer than {task.local.min_records} records (k policy): not released"
+        if n < task.k:
+            why = f"fewer than {task.k} records (k policy): not released"
             return self._send_refused(now, why)
         task.phase = Phase.FINALIZING
         job = {
@@ -109,7 +109,7 @@ class FinalStep:
             task.task_id,
             task.my_id,
             min(int(partial.num_samples), task.samples.get(task.my_id, 0)),
-            jsonable(dict(partial.metrics)),
+            {} if task.withhold_metrics and task.is_training else jsonable(dict(partial.metrics)),
             jsonable(dict(partial.aggregates)),
             task.global_ref if task.is_training else None,
             mass=getattr(rounds, "mass", 0.0) if task.offer.protocol == "gossip" else 0.0,

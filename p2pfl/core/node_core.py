@@ -11,13 +11,14 @@ import functools
 import random
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from p2pfl.core.commands import (
     Aggregated,
     ArchiveChecked,
     BlobFailed,
     BlobReady,
+    ChargePrivacy,
     Command,
     JobDone,
     JobFailed,
@@ -60,6 +61,9 @@ from p2pfl.identity import Identity
 from p2pfl.net.base import FetchDone, FetchFailed, Message, PeerConnected, PeerDisconnected
 from p2pfl.wire import Signed, decode, seal, unseal
 
+if TYPE_CHECKING:
+    from p2pfl.policy import SitePolicy
+
 # Which messages may arrive where, and whether they must be signed.
 _SIGNED = (TaskOffer, Volunteer, Reveal, Roster, TaskResult, Capability, Decline)
 _ON_TOPIC: dict[str | None, tuple[type, ...]] = {
@@ -80,6 +84,19 @@ _ON_TOPIC: dict[str | None, tuple[type, ...]] = {
 _PENDING_PER_TASK = 4096  # messages held for a task whose offer is not here yet
 _PENDING_TASKS = 256
 MAX_TASKS_PER_PUBLISHER = 16  # unfinished tasks one publisher may have on this node
+# Phases in which a task holds a dataset (the policy's concurrent_tasks limit).
+_BUSY = frozenset(
+    {
+        Phase.VALIDATING,
+        Phase.VOLUNTEERED,
+        Phase.INIT,
+        Phase.TRAINING,
+        Phase.AGGREGATING,
+        Phase.EVALUATING,
+        Phase.FINALIZING,
+        Phase.REDUCING,
+    }
+)
 _FORGOTTEN_MAX = 4096  # expired task ids remembered, so a replayed offer stays dead
 REPUBLISH_S = 2.0  # our own announcements and offers go out once more after this
 
@@ -106,6 +123,8 @@ class NodeCore:
         min_records: int = 10,
         caps_interval_s: float | None = 30.0,
         rng: random.Random | None = None,
+        site: SitePolicy | None = None,
+        privacy_spent: dict[str, float] | None = None,
     ) -> None:
         self.identity = identity
         self.me = identity.peer_id
@@ -124,6 +143,11 @@ class NodeCore:
         self.bad_messages = 0
         self.full_mesh = False  # set by the driver: connected to the whole network
         self._republish: dict[str, Publish] = {}  # records to publish once more (see _again_soon)
+        # The site's policy (None: a simulation, where the researcher chose every node's
+        # code and data) and the lifetime DP spend per dataset (the node loads its ledger;
+        # ChargePrivacy commands keep this copy current, so decisions see every commitment).
+        self.site = site
+        self.privacy_spent: dict[str, float] = dict(privacy_spent or {})
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -141,7 +165,7 @@ class NodeCore:
             gpu=bool(caps.get("gpu", False)),
             python=str(caps.get("python", "")),
             torch=str(caps.get("torch", "")),
-            datasets=[d.as_dict() for d in self.datasets.values()],
+            datasets=[self._advertised(d) for d in self.datasets.values()],
             issued=now,
             expires=now + 3 * self.caps_interval_s,
         )
@@ -149,6 +173,55 @@ class NodeCore:
             Publish(TOPIC_CAPABILITIES, seal(self.identity, record)),
             SetTimer(NodeTimer(NodeTimerKind.CAPABILITIES), now + self.caps_interval_s),
         ]
+
+    def _advertised(self, info: DatasetInfo) -> dict[str, Any]:
+        """A dataset as the capability record shows it: the row count exact, coarse
+        (tens) or hidden, as the policy says (below k it never shows)."""
+        out = info.as_dict()
+        if self.site is not None:
+            out["rows"] = self.site.advertised_rows(info.name, info.rows)
+        return out
+
+    def _state_of(self, machine: TaskMachine, entry: Any) -> TaskpackState:
+        """The taskpack's status for a task, with the site policy's decision once it is
+        verified here (made before any of its code runs)."""
+        if entry is None:
+            return TaskpackState(None)
+        decision = None
+        if entry.status == "verified" and self.site is not None and entry.manifest is not None:
+            decision = self._decide(machine.offer, entry)
+        return TaskpackState(entry.status, entry.reason, decision)
+
+    def _decide(self, offer: TaskOffer, entry: Any) -> Any:
+        from p2pfl.policy import OfferFacts
+
+        assert self.site is not None
+        spec = entry.manifest.spec
+        dp = offer.dp if isinstance(offer.dp, dict) else None
+        facts = OfferFacts(
+            requester=offer.publisher,
+            datasets=tuple(offer.inputs),
+            taskpack_publisher=entry.announce.publisher,
+            taskpack_name=entry.name,
+            taskpack_version=entry.version,
+            type=offer.type,
+            rounds=offer.rounds,
+            protocol=offer.protocol,
+            aggregator=offer.aggregator,
+            dp_epsilon=float(dp["epsilon"]) if dp else None,
+            dp_delta=float(dp["delta"]) if dp else None,
+            manifest_dp_required=bool(spec.federated.differential_privacy.enabled),
+            manifest_type=spec.type,
+            manifest_aggregator=spec.federated.aggregator,
+            manifest_protocol=spec.federated.protocol,
+            params=dict(offer.params) if isinstance(offer.params, dict) else {},
+        )
+        running: dict[str, int] = defaultdict(int)
+        for other in self.tasks.values():
+            if other.offer.task_id != offer.task_id and other.phase in _BUSY:
+                for name in other.offer.inputs:
+                    running[name] += 1
+        return self.site.decide(facts, spent=self.privacy_spent, running=running)
 
     # --- local requests ------------------------------------------------------------------
 
@@ -211,11 +284,12 @@ class NodeCore:
         return machine.resume(now, roster, samples, snap.round, snap.model, snap.mass)
 
     def policy_decision(self, task_id: str) -> dict[str, Any] | None:
-        """The site policy's decision for a task this node has seen (None: not seen)."""
+        """The site policy's decision for a task this node has seen (None: not seen, or
+        not decided yet: its taskpack is not verified here)."""
         machine = self.tasks.get(task_id)
-        if machine is None:
+        if machine is None or machine.decision is None:
             return None
-        return {"task_id": task_id, "phase": machine.phase.value, "reason": machine.reason}
+        return {"task_id": task_id, **machine.decision.as_dict()}
 
     # --- events ------------------------------------------------------------------------
 
@@ -249,10 +323,9 @@ class NodeCore:
             out = self.book.on_archive_checked(event.cid, event.refusal, event.detail)
             entry = self.book.entries.get(event.cid)
             if entry is not None:
-                state = TaskpackState(entry.status, entry.reason)
                 for machine in list(self.tasks.values()):
                     if machine.offer.cid == event.cid and machine.phase is Phase.PENDING:
-                        out += self._run(machine, state, now)
+                        out += self._run(machine, self._state_of(machine, entry), now)
             return out
         if isinstance(event, JobDone | JobFailed | Aggregated):
             owner = self.tasks.get(event.token.task_id)
@@ -266,6 +339,10 @@ class NodeCore:
         machine.connected = set(self.connected)
         machine.full_mesh = self.full_mesh
         out = machine.handle(event, now)
+        for cmd in out:
+            if isinstance(cmd, ChargePrivacy):
+                for name in cmd.datasets:
+                    self.privacy_spent[name] = self.privacy_spent.get(name, 0.0) + cmd.epsilon
         if machine.phase is Phase.EXPIRED:
             self.tasks.pop(machine.task_id, None)
             self._forgotten[machine.task_id] = None
@@ -391,9 +468,7 @@ class NodeCore:
         machine.connected = set(self.connected)
         machine.full_mesh = self.full_mesh
         self.tasks[offer.task_id] = machine
-        entry = self.book.entries.get(offer.cid)
-        state = TaskpackState(entry.status if entry else None, entry.reason if entry else "")
-        out = machine.start(now, state)
+        out = machine.start(now, self._state_of(machine, self.book.entries.get(offer.cid)))
         for _sender, incoming in self._pending.pop(offer.task_id, []):
             out += self._run(machine, incoming, now)
         return out

@@ -9,6 +9,7 @@ silently dropped (`TaskMachine.refused`).
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 from p2pfl.core.messages import (
     Decline,
@@ -76,12 +77,13 @@ class PeerBack:
 
 
 class TaskpackState:
-    """The taskpack's status changed in the book (verified, rejected...)."""
+    """The taskpack's status changed in the book (verified, rejected...); once verified,
+    with the site policy's decision on the offer (None: no site policy, a simulation)."""
 
-    __slots__ = ("reason", "status")
+    __slots__ = ("decision", "reason", "status")
 
-    def __init__(self, status: str | None, reason: str = "") -> None:
-        self.status, self.reason = status, reason
+    def __init__(self, status: str | None, reason: str = "", decision: Any = None) -> None:
+        self.status, self.reason, self.decision = status, reason, decision
 
 
 class BlobOutcome:

@@ -22,7 +22,9 @@ from typing import Any
 
 from p2pfl.core.commands import (
     Aggregated,
+    Audit,
     CancelTimer,
+    ChargePrivacy,
     Command,
     Emit,
     EventKind,
@@ -162,6 +164,7 @@ class TaskMachine:
         self.connected: set[str] = set()
         self.full_mesh = False  # the driver knows we are connected to the whole network
         self.ended = False
+        self.decision: Any = None  # the site policy's Decision on this offer, once made
 
     # --- identity of the task ----------------------------------------------------------
 
@@ -271,8 +274,40 @@ class TaskMachine:
             return self.decline(now, f"no local dataset named {', '.join(missing)}")
         if now > self.offer.volunteer_deadline:
             return self.decline(now, "offer expired before the taskpack was verified")
+        out: list[Command] = []
+        decision = event.decision
+        if decision is not None:
+            # The site's policy decides before any code runs, and the audit log says so.
+            self.decision = decision
+            out.append(
+                Audit(
+                    "offer",
+                    {
+                        "task": self.task_id,
+                        "requester": self.offer.publisher,
+                        "taskpack": f"{self.offer.name}@{self.offer.version}",
+                        "datasets": list(self.offer.inputs),
+                        "decision": "allowed" if decision.allowed else "declined",
+                        "rule": decision.rule,
+                        "reason": decision.reason,
+                    },
+                )
+            )
+            if not decision.allowed:
+                return out + self.decline(now, decision.reason)
         self.phase = Phase.VALIDATING
-        return [self.job(JobStep.VALIDATE, {"kind": "validate"})]
+        return out + [self.job(JobStep.VALIDATE, {"kind": "validate"})]
+
+    @property
+    def k(self) -> int:
+        """Fewest records behind any number this node releases (its own k and the policy's)."""
+        k = self.local.min_records
+        return max(k, int(self.decision.k)) if self.decision is not None else k
+
+    @property
+    def withhold_metrics(self) -> bool:
+        """Per-round loss and local metrics stay home (the policy asks, e.g. under DP)."""
+        return self.decision is not None and self.decision.metrics == "withhold"
 
     def decline(self, now: float, reason: str) -> list[Command]:
         self.phase = Phase.DECLINED
@@ -291,8 +326,8 @@ class TaskMachine:
         if isinstance(event, JobFailed):
             return self.decline(now, f"validate_inputs refused: {event.reason}")
         samples = sum(self.local.datasets.get(name, 0) for name in self.offer.inputs)
-        if self.offer.type == "analysis" and samples < self.local.min_records:
-            return self.decline(now, f"fewer than {self.local.min_records} records (k policy)")
+        if self.offer.type == "analysis" and samples < self.k:
+            return self.decline(now, f"fewer than {self.k} records (k policy)")
         self.phase = Phase.VOLUNTEERED
         self.my_nonce = self.rng.randbytes(NONCE_BYTES)
         record = Volunteer(self.task_id, self.my_id, samples, commitment(self.my_nonce))
@@ -301,6 +336,11 @@ class TaskMachine:
             Publish(TOPIC_TASKS, signed),
             Log("info", f"task {self.task_id[:12]}: volunteered"),
         ]
+        dp = self.offer.dp
+        if isinstance(dp, dict) and self.decision is not None:
+            # Volunteering commits our data to the task's DP budget (not refunded if the
+            # roster leaves us out: the conservative side).
+            out.append(ChargePrivacy(self.task_id, self.offer.inputs, float(dp["epsilon"])))
         out += self._take_volunteer(now, record, signed)
         if self.revealed or now >= self.offer.volunteer_deadline:
             out += self._reveal(now)

@@ -87,6 +87,7 @@ class Harness:
         rows: list[int] | None = None,
         seed: int = 1,
         full_mesh: bool = True,
+        sites: dict[int, Callable[[list[str]], Any]] | None = None,
     ) -> None:
         self.now = 0.0
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
@@ -97,6 +98,11 @@ class Harness:
         self.manifest = load_manifest(ROOT / "taskpacks" / taskpack)
         self.rows = rows or [100] * n
         self.seed, self.full_mesh = seed, full_mesh
+        self.sites = sites or {}  # node -> (peer ids of all nodes -> its SitePolicy)
+        self.peer_ids = [
+            Identity.from_seed(hashlib.sha256(f"harness|{seed}|{i}".encode()).digest()).peer_id
+            for i in range(n)
+        ]
         archive = b"taskpack archive " + taskpack.encode()
         ref = make_blob_ref(archive)
         self.blobs[ref.cid] = archive
@@ -120,6 +126,7 @@ class Harness:
             datasets={"data": DatasetInfo("data", self.rows[i], [])},
             caps_interval_s=None,
             rng=random.Random(self.seed * 1000 + i + 7919 * restarts),
+            site=self.sites[i](self.peer_ids) if i in self.sites else None,
         )
         core.full_mesh = self.full_mesh
         core.book.publish_local(self.announce)  # verified everywhere: the book has its own tests
