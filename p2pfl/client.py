@@ -226,6 +226,14 @@ class Client:
         """A task summary; `task_id` may be a unique prefix. NotFound if unknown."""
         return self.call("task", task_id=task_id)
 
+    def cancel(self, task_id: str, reason: str = "") -> dict[str, Any]:
+        """End a task this node published, for every participant."""
+        return self.call("cancel_task", task_id=task_id, reason=reason)
+
+    def withdraw(self, task_id: str) -> dict[str, Any]:
+        """Take this node out of a task; the others go on without it."""
+        return self.call("withdraw_task", task_id=task_id)
+
     def publish(
         self, path: str | os.PathLike[str], run: bool = False, params: dict[str, Any] | None = None
     ) -> dict[str, Any]:

@@ -299,6 +299,18 @@ class Node:
                     "privacy", task=cmd.task_id, dataset=name, epsilon=cmd.epsilon, task_total=total
                 )
 
+    def cancel_task(self, task_id: str, reason: str = "") -> dict[str, Any]:
+        tid = self._task_id(task_id)
+        self.driver.execute(
+            self.core.cancel(tid, reason or "no reason given", self.driver.io.now())
+        )
+        return self.task(tid)
+
+    def withdraw_task(self, task_id: str) -> dict[str, Any]:
+        tid = self._task_id(task_id)
+        self.driver.execute(self.core.withdraw(tid, self.driver.io.now()))
+        return self.task(tid)
+
     def policy_show(self) -> dict[str, Any]:
         return {"policy": self.policy.as_dict(), "ledger": self.ledger.as_dict()}
 

@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "publish": ("p2pfl.cli.node_cmds:publish_cmd", "Publish a taskpack (and run it with --run)."),
     "taskpacks": ("p2pfl.cli.node_cmds:taskpacks_cmd", "List the taskpacks a node knows."),
     "tasks": ("p2pfl.cli.node_cmds:tasks_cmd", "List the tasks a node knows."),
+    "cancel": ("p2pfl.cli.node_cmds:cancel_cmd", "End a task you published, for everyone."),
+    "withdraw": ("p2pfl.cli.node_cmds:withdraw_cmd", "Take this node out of a task."),
     "trace": ("p2pfl.cli.node_cmds:trace_cmd", "Follow a task live until it ends."),
     "wait": (
         "p2pfl.cli.node_cmds:wait_cmd",

@@ -294,6 +294,33 @@ def tasks_cmd(data_dir: Path, as_json: bool) -> None:
     render.console().print(render.tasks_table(tasks))
 
 
+@click.command("cancel")
+@click.argument("task_id")
+@click.option("--reason", default="", help="Why (shown to every participant).")
+@data_dir_option
+@json_option
+def cancel_cmd(task_id: str, reason: str, data_dir: Path, as_json: bool) -> None:
+    """End a task this node published, for every participant."""
+    task = client(data_dir).cancel(task_id, reason)
+    if as_json:
+        emit_json(task)
+        return
+    click.echo(f"task {task['task_id']} cancelled: {task.get('reason') or reason}")
+
+
+@click.command("withdraw")
+@click.argument("task_id")
+@data_dir_option
+@json_option
+def withdraw_cmd(task_id: str, data_dir: Path, as_json: bool) -> None:
+    """Take this node out of a task (the others go on without it)."""
+    task = client(data_dir).withdraw(task_id)
+    if as_json:
+        emit_json(task)
+        return
+    click.echo(f"withdrew from task {task['task_id']}")
+
+
 @click.command("trace")
 @click.argument("task_id", metavar="TASK")
 @data_dir_option

@@ -48,6 +48,8 @@ class NodeAPI(Protocol):
     def policy_reload(self) -> dict[str, Any]: ...
     def policy_check(self, task_id: str) -> dict[str, Any]: ...
     def audit(self, task: str | None = None) -> list[dict[str, Any]]: ...
+    def cancel_task(self, task_id: str, reason: str = "") -> dict[str, Any]: ...
+    def withdraw_task(self, task_id: str) -> dict[str, Any]: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,6 +92,8 @@ class ControlServer:
             "policy_reload": _Op(api.policy_reload, {}),
             "policy_check": _Op(api.policy_check, {"task_id": str}, subject="task"),
             "audit": _Op(api.audit, {"task": (str, type(None))}),
+            "cancel_task": _Op(api.cancel_task, {"task_id": str, "reason": str}, subject="task"),
+            "withdraw_task": _Op(api.withdraw_task, {"task_id": str}, subject="task"),
         }
         self._inode: tuple[int, int] | None = None
 

@@ -320,3 +320,19 @@ class TaskResult:
         check_peers(self.participants, "participant")
         if self.status not in ("succeeded", "failed"):
             raise ValueError("status must be succeeded or failed")
+
+
+@message("task.cancel")
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """The task's publisher ends it for every participant (signed; from anyone else it is
+    refused)."""
+
+    task_id: str
+    publisher: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        _check_task(self.task_id, self.publisher)
+        if len(self.reason) > 2000:
+            raise ValueError("reason longer than 2000 characters")

@@ -33,6 +33,7 @@ from p2pfl.core.messages import (
     TOPIC_CAPABILITIES,
     TOPIC_TASKPACKS,
     TOPIC_TASKS,
+    Cancel,
     Capability,
     Decline,
     FinalPartial,
@@ -65,7 +66,7 @@ if TYPE_CHECKING:
     from p2pfl.policy import SitePolicy
 
 # Which messages may arrive where, and whether they must be signed.
-_SIGNED = (TaskOffer, Volunteer, Reveal, Roster, TaskResult, Capability, Decline)
+_SIGNED = (TaskOffer, Volunteer, Reveal, Roster, TaskResult, Capability, Decline, Cancel)
 _ON_TOPIC: dict[str | None, tuple[type, ...]] = {
     TOPIC_TASKPACKS: (TaskpackAnnounce, TaskpackHave),
     TOPIC_CAPABILITIES: (Capability,),
@@ -78,6 +79,7 @@ _ON_TOPIC: dict[str | None, tuple[type, ...]] = {
         RoundUpdate,
         RoundClose,
         TaskResult,
+        Cancel,
     ),
     None: (TaskpackSync, GossipPush, Progress, FinalPartial),
 }
@@ -269,6 +271,32 @@ class NodeCore:
         publish = Publish(TOPIC_TASKS, envelope)
         again = self._again_soon(f"offer:{offer.task_id}", publish, now)
         return offer.task_id, [publish, *again, *self._on_offer(offer, now, envelope)]
+
+    def cancel(self, task_id: str, reason: str, now: float) -> list[Command]:
+        """End a task we published, for every participant."""
+        machine = self.tasks.get(task_id)
+        if machine is None:
+            raise KeyError(task_id)
+        if machine.offer.publisher != self.me:
+            raise LocalProtocolError(
+                f"task {task_id} was published by {machine.offer.publisher}; only its publisher can cancel it"
+            )
+        if machine.result is not None:
+            raise LocalProtocolError(f"task {task_id} already ended ({machine.result.status})")
+        envelope = seal(self.identity, Cancel(task_id, self.me, reason[:2000]))
+        incoming = Incoming(unseal(envelope), self.me, envelope)
+        return [Publish(TOPIC_TASKS, envelope), *self._run(machine, incoming, now)]
+
+    def withdraw(self, task_id: str, now: float) -> list[Command]:
+        """Take this node out of a task (the others go on without it)."""
+        machine = self.tasks.get(task_id)
+        if machine is None:
+            raise KeyError(task_id)
+        if machine.result is not None:
+            raise LocalProtocolError(f"task {task_id} already ended ({machine.result.status})")
+        if not machine.participating:
+            raise LocalProtocolError(f"this node does not take part in task {task_id}")
+        return machine.withdraw(now, "withdrawn by this node's operator")
 
     def resume(self, data: bytes, now: float) -> list[Command]:
         """Rejoin a task from its snapshot after a restart (signatures re-checked);

@@ -12,6 +12,7 @@ import enum
 from typing import Any
 
 from p2pfl.core.messages import (
+    Cancel,
     Decline,
     FinalPartial,
     GossipPush,
@@ -107,6 +108,7 @@ _FOLLOW: frozenset[EventKey] = frozenset(
         Volunteer,
         Reveal,
         Decline,
+        Cancel,
         Roster,
         RoundUpdate,
         RoundClose,

@@ -51,6 +51,7 @@ from p2pfl.core.final import FinalStep
 from p2pfl.core.messages import (
     NONCE_BYTES,
     TOPIC_TASKS,
+    Cancel,
     Decline,
     FinalPartial,
     GossipPush,
@@ -779,6 +780,24 @@ class TaskMachine:
     def on_result(self, now: float, event: Incoming) -> list[Command]:
         return self.final.on_result(now, event.msg, event.signer)
 
+    def on_cancel(self, now: float, event: Incoming) -> list[Command]:
+        """The publisher ended the task: for everyone, at once."""
+        cancel: Cancel = event.msg
+        if event.signer != self.offer.publisher or self.result is not None:
+            return self._refuse(Cancel, f"cancel signed by {event.signer[-8:]}, not the publisher")
+        result = TaskResult(
+            task_id=self.task_id,
+            status="failed",
+            reason=f"cancelled by the publisher: {cancel.reason}"[:4000],
+            reducer=self.offer.publisher,
+            participants=self.participants,
+            rounds=self.round,
+            metrics={},
+            model=None,
+            created=now,
+        )
+        return self.final.take_result(now, result, self.offer.publisher)
+
     # --- dispatch helpers ---------------------------------------------------------------
 
     def _before_roster(self, now: float, event: Incoming) -> list[Command] | None:
@@ -963,6 +982,7 @@ HANDLERS: dict[EventKey, Handler] = {
     Progress: TaskMachine.on_round_message,
     FinalPartial: TaskMachine.on_round_message,
     TaskResult: TaskMachine.on_result,
+    Cancel: TaskMachine.on_cancel,
     PeerLost: TaskMachine.on_peer_lost,
     PeerBack: TaskMachine.on_peer_back,
     TaskpackState: TaskMachine.on_taskpack,

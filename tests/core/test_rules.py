@@ -203,3 +203,47 @@ def test_a_restarted_coordinator_resumes_its_duty():
     machines = done(h, task_id)
     assert machines[0].result.reducer == coordinator.peer
     assert coordinator.peer in machines[0].result.participants
+
+
+def test_the_publisher_cancels_a_task_for_everyone():
+    h = Harness(3)
+    task_id = h.offer(rounds=5)
+    h.run(until=2.3)
+    h._execute(h.nodes[0], h.nodes[0].core.cancel(task_id, "wrong parameters", h.now))
+    h.run()
+    machines = h.machines(task_id)  # each node records the cancel when it hears of it
+    assert {(m.result.status, m.result.reason) for m in machines} == {
+        ("failed", "cancelled by the publisher: wrong parameters")
+    }
+    assert all(m.round < 5 for m in machines)
+
+
+def test_a_cancel_from_anyone_else_is_refused():
+    import pytest
+
+    from p2pfl.core.messages import TOPIC_TASKS, Cancel
+    from p2pfl.errors import LocalProtocolError
+    from p2pfl.wire import seal
+
+    h = Harness(3)
+    task_id = h.offer(rounds=2)
+    h.run(until=1.5)
+    with pytest.raises(LocalProtocolError, match="only its publisher"):
+        h.nodes[1].core.cancel(task_id, "mine now", h.now)
+    attacker = h.nodes[1]
+    h.inject(attacker, TOPIC_TASKS, seal(attacker.identity, Cancel(task_id, attacker.peer, "x")))
+    h.run()
+    assert done(h, task_id)[0].result.status == "succeeded"
+
+
+def test_an_operator_withdraws_its_node_and_the_others_go_on():
+    order = _order(4, rounds=3)
+    h = Harness(4)
+    task_id = h.offer(rounds=3)
+    h.run(until=2.3)
+    leaver = h.nodes[order[-1]]
+    h._execute(leaver, leaver.core.withdraw(task_id, h.now))
+    h.run()
+    machines = done(h, task_id)
+    assert machines[0].result.status == "succeeded"
+    assert leaver.peer not in machines[0].result.participants
