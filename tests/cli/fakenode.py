@@ -172,6 +172,14 @@ class FakeNodeAPI:
     def task(self, task_id: str) -> dict[str, Any]:
         return self.events[self._id(task_id)][-1]["task"]
 
+    def cancel_task(self, task_id: str, reason: str = "") -> dict[str, Any]:
+        task = dict(self.task(task_id))
+        task.update(status="failed", reason=f"cancelled by the publisher: {reason}")
+        return task
+
+    def withdraw_task(self, task_id: str) -> dict[str, Any]:
+        return dict(self.task(task_id))
+
     async def watch_task(self, task_id: str) -> AsyncIterator[dict[str, Any]]:
         tid = self._id(task_id)
         try:

@@ -18,7 +18,18 @@ from p2pfl.cli.main import COMMANDS, LazyGroup, cli
 from p2pfl.config import NodeConfig
 from p2pfl.identity import Identity
 
-MINE = ["node", "peers", "publish", "taskpacks", "tasks", "trace", "wait", "result"]
+MINE = [
+    "node",
+    "peers",
+    "publish",
+    "taskpacks",
+    "tasks",
+    "trace",
+    "wait",
+    "result",
+    "cancel",
+    "withdraw",
+]
 
 
 @pytest.fixture(scope="module")
@@ -283,3 +294,11 @@ def test_node_without_node_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def _unused(_: Any) -> None:  # keeps FakeNodeAPI imported for readers of this file
     FakeNodeAPI()
+
+
+def test_cancel_and_withdraw_answer_in_json(node_dir: Path) -> None:
+    r = run("cancel", "good1", "--reason", "wrong data", "--data-dir", str(node_dir), "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["reason"] == "cancelled by the publisher: wrong data"
+    r = run("withdraw", "good1", "--data-dir", str(node_dir), "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["task_id"]
