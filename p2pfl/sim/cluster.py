@@ -47,6 +47,14 @@ class SimCluster(ClusterBase):
         super().__init__(spec)
         self.hub = SimHub(seed=spec.seed, link=LinkModel(**spec.link), detect_s=spec.detect_s)
         self.runner = InProcessRunner()
+        if spec.dp:
+            self.warnings.append(
+                "DP noise in this simulation is reproducible (seeded from the task id), so "
+                "it protects nothing: real nodes draw DP noise and sampling from the OS CSPRNG"
+            )
+        self.warnings.append(
+            "simulated nodes apply no site policy and run taskpack code unconfined, in one process"
+        )
         self._result_at: float | None = None
         self._build()
 
