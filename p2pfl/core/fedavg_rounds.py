@@ -50,7 +50,7 @@ class FedAvgRounds(RoundsBase):
         state.absorb(metrics)
         state.state = "waiting"
         self.round_blobs.setdefault(rnd, set()).add(ref.cid)
-        shared = {} if task.withhold_metrics else metrics
+        shared = task.shareable(metrics)
         update = RoundUpdate(
             task.task_id, rnd, task.my_id, ref, self.my_samples(result.get("num_samples")), shared
         )

@@ -109,7 +109,9 @@ class FinalStep:
             task.task_id,
             task.my_id,
             min(int(partial.num_samples), task.samples.get(task.my_id, 0)),
-            {} if task.withhold_metrics and task.is_training else jsonable(dict(partial.metrics)),
+            jsonable(
+                task.shareable(partial.metrics) if task.is_training else dict(partial.metrics)
+            ),
             jsonable(dict(partial.aggregates)),
             task.global_ref if task.is_training else None,
             mass=getattr(rounds, "mass", 0.0) if task.offer.protocol == "gossip" else 0.0,

@@ -217,8 +217,7 @@ class RoundsBase:
             )
         ]
         out += task.snapshot()  # a restart from here rejoins at the next round
-        if task.withhold_metrics:
-            numbers = {}  # the policy keeps local metrics home
+        numbers = task.shareable(numbers)  # the policy may keep local metrics home
         if task.offer.publisher != task.my_id:
             out.append(
                 Send(

@@ -310,6 +310,16 @@ class TaskMachine:
         """Per-round loss and local metrics stay home (the policy asks, e.g. under DP)."""
         return self.decision is not None and self.decision.metrics == "withhold"
 
+    def shareable(self, metrics: Any) -> dict[str, Any]:
+        """The metrics that may leave this node: all of them, or, when the policy withholds
+        metrics, only the privacy accounting (epsilon is computed from the task's public
+        DP parameters, not from the data's values)."""
+        if not isinstance(metrics, dict):
+            return {}
+        if not self.withhold_metrics:
+            return dict(metrics)
+        return {k: v for k, v in metrics.items() if k in _ACCOUNTING}
+
     def decline(self, now: float, reason: str) -> list[Command]:
         self.phase = Phase.DECLINED
         self.reason = reason
@@ -934,6 +944,7 @@ class TaskMachine:
         return result_dict(self.result, self.result_signer, self.offer)
 
 
+_ACCOUNTING = frozenset({"epsilon", "delta"})
 _FRESH = frozenset({Phase.VOLUNTEERED, Phase.INIT, Phase.TRAINING, Phase.OBSERVING})
 
 
