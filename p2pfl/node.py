@@ -441,6 +441,7 @@ async def run_node(config: NodeConfig) -> None:
     from p2pfl.control import ControlServer
     from p2pfl.control.framing import socket_is_live
     from p2pfl.io_trio import TrioIO
+    from p2pfl.net.base import allow_all
     from p2pfl.net.libp2p import Libp2pConfig, Libp2pNetwork
     from p2pfl.runtime import ChildProcessRunner
     from p2pfl.taskpack.trust import TrustPolicy
@@ -495,6 +496,9 @@ async def run_node(config: NodeConfig) -> None:
                 Libp2pConfig(listen=list(config.listen), bootstrap=list(config.bootstrap)),
                 sink=lambda event: io.call_soon(lambda: holder[1](event)),
                 blob_reader=store.read,
+                # Who may fetch which blob (issue 9 item 6): everyone, until the core's rule
+                # (a task's updates and partials only to its roster) is wired in here.
+                may_serve=allow_all,
             )
             driver = Driver(
                 core,

@@ -29,12 +29,14 @@ from p2pfl.net.base import (
     EventSink,
     FetchDone,
     FetchFailed,
+    MayServe,
     Message,
     NetEvent,
     NetStats,
     PeerConnected,
     PeerDisconnected,
     PeerInfo,
+    allow_all,
 )
 from p2pfl.net.libp2p import _blob, _bulk, _fetch, _px
 from p2pfl.net.libp2p._config import Libp2pConfig
@@ -69,11 +71,13 @@ class Libp2pNetwork:
         config: Libp2pConfig,
         sink: EventSink,
         blob_reader: BlobReader | None = None,
+        may_serve: MayServe = allow_all,
     ) -> None:
         self._identity = identity
         self._config = config
         self._sink = sink
         self._blob_reader: BlobReader = blob_reader or (lambda cid, off, n: None)
+        self._may_serve = may_serve  # asked before every range served (see net.base)
         self._cmd_send, self._cmd_recv = trio.open_memory_channel[tuple[Any, ...]](math.inf)
         self._book = PeerBook(
             identity.peer_id,
@@ -344,7 +348,12 @@ class Libp2pNetwork:
         peer = str(stream.muxed_conn.peer_id)
         self._alive(peer)
         await _blob.serve_blob_stream(
-            stream, peer, self._blob_reader, self._serve_limit(peer), self._count_serve
+            stream,
+            peer,
+            self._blob_reader,
+            self._serve_limit(peer),
+            self._count_serve,
+            self._may_serve,
         )
 
     async def _handle_bulk_stream(self, stream: Any) -> None:
@@ -354,7 +363,7 @@ class Libp2pNetwork:
         # The serve counts its own bytes: serves overlap, so the server's shared counter
         # would charge each serve with the others' bytes as well.
         got, sent = await _bulk.serve_bulk_stream(
-            stream, peer, self._bulk, self._blob_reader, self._serve_limit(peer)
+            stream, peer, self._bulk, self._blob_reader, self._serve_limit(peer), self._may_serve
         )
         self._count_serve(got, sent)
 
