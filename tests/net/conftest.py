@@ -99,9 +99,7 @@ class SimHarness:
             self.events.append([])
             reader = _reader(blobs[i] if blobs else {})
             hook = may_serve[i] if may_serve else None
-            self.nets.append(
-                self.hub.add_node(ident.peer_id, self.events[i].append, reader, hook)
-            )
+            self.nets.append(self.hub.add_node(ident.peer_id, self.events[i].append, reader, hook))
         self.hub.apply_topology(topology)
         return list(self.nets)
 

@@ -19,7 +19,7 @@ import msgpack
 import trio
 
 from p2pfl.errors import RemoteProtocolError
-from p2pfl.net.base import MAX_FETCH_BYTES, NOT_ALLOWED, BlobReader, MayServe
+from p2pfl.net.base import MAX_FETCH_BYTES, NOT_ALLOWED, BlobReader, MayServe, allow_all
 from p2pfl.net.libp2p._framing import (
     deadline,
     frame,
@@ -90,7 +90,7 @@ async def serve_blob_stream(
     reader: BlobReader,
     limit: trio.Semaphore,
     count: Callable[[int, int], None],
-    may_serve: MayServe,
+    may_serve: MayServe = allow_all,
 ) -> None:
     """Answer one request on `stream`. Never raises: bad input resets the stream.
 

@@ -39,7 +39,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from p2pfl.errors import RemoteProtocolError
-from p2pfl.net.base import NOT_ALLOWED, MayServe
+from p2pfl.net.base import NOT_ALLOWED, MayServe, allow_all
 from p2pfl.net.libp2p._blob import (
     _MAX_REQUEST,
     FORBIDDEN,
@@ -154,7 +154,7 @@ async def serve_bulk_stream(
     server: BulkServer,
     reader: Any,
     limit: trio.Semaphore,
-    may_serve: MayServe,
+    may_serve: MayServe = allow_all,
 ) -> tuple[int, int]:
     """Answer one bulk request on a libp2p stream.
 
