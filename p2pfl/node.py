@@ -180,9 +180,15 @@ class Node:
                     "peer_id": peer,
                     "addrs": addrs or view.get("addrs", []),
                     "capabilities": view.get("capabilities"),
+                    "dropped_messages": self._dropped(peer),
                 }
             )
         return out
+
+    def _dropped(self, peer: str) -> int:
+        """Messages from `peer` dropped for being over a size or inbound byte bound."""
+        inbound = getattr(self.driver.io, "inbound", None)
+        return inbound.dropped(peer) if inbound is not None else 0
 
     async def publish(self, path: str, run: bool, params: dict[str, str]) -> dict[str, Any]:
         info = await trio.to_thread.run_sync(self.driver.publish_taskpack, Path(path))
@@ -446,6 +452,7 @@ async def run_node(config: NodeConfig) -> None:
     from p2pfl.control.framing import socket_is_live
     from p2pfl.io_trio import TrioIO
     from p2pfl.net.base import allow_all
+    from p2pfl.net.inbound import InboundBudget
     from p2pfl.net.libp2p import Libp2pConfig, Libp2pNetwork
     from p2pfl.runtime import ChildProcessRunner
     from p2pfl.taskpack.trust import TrustPolicy
@@ -492,17 +499,21 @@ async def run_node(config: NodeConfig) -> None:
     runner = ChildProcessRunner(tmp_root=data_dir / "tmp")
     try:
         async with trio.open_nursery() as nursery:
-            io = TrioIO(nursery, runner)
+            # Bytes of peers' messages waiting for the core, bounded per peer and in all:
+            # charged by the network's delivery, released once the core handled them.
+            inbound = InboundBudget()
+            io = TrioIO(nursery, runner, inbound, identity.peer_id)
             await nursery.start(io.run)
             holder: list[Any] = []
             network = Libp2pNetwork(
                 identity,
                 Libp2pConfig(listen=list(config.listen), bootstrap=list(config.bootstrap)),
-                sink=lambda event: io.call_soon(lambda: holder[1](event)),
+                sink=lambda event: io.deliver(event, lambda e: holder[1](e)),
                 blob_reader=store.read,
                 # Who may fetch which blob (issue 9 item 6): everyone, until the core's rule
                 # (a task's updates and partials only to its roster) is wired in here.
                 may_serve=allow_all,
+                inbound=inbound,
             )
             driver = Driver(
                 core,

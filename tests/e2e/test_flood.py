@@ -43,14 +43,14 @@ def _rss(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
 
-async def _peers_ok(node: Any) -> list[Any]:
+async def _peers_ok(node: Any) -> list[dict[str, Any]]:
     """`p2pfl peers --json` against the node; its parsed answer (raises if it fails)."""
     argv = p2pfl_argv("peers", "--data-dir", str(node.data_dir), "--json")
     with trio.fail_after(PEERS_TIMEOUT_S):
         proc = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-    out: list[Any] = json.loads(proc.stdout)
-    return out
+    peers: list[dict[str, Any]] = json.loads(proc.stdout)["peers"]
+    return peers
 
 
 async def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -162,7 +162,7 @@ async def _run_case(tmp_path: Path, case: str) -> dict[str, Any]:
     cluster = Cluster(tmp_path)
     try:
         node = cluster.start_node("victim")
-        attacker = Attacker(node.bootstrap_addr())
+        attacker = Attacker(node.bootstrap_addr)
         async with trio.open_nursery() as nursery:
             await nursery.start(attacker.net.run)
             attacker.net.subscribe(TOPIC_TASKS)

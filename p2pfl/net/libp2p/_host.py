@@ -31,6 +31,10 @@ from p2pfl.net.libp2p._config import Libp2pConfig
 
 # Called for every gossip message we accept: (topic, originator peer id bytes, data).
 GossipHandler = Callable[[str, bytes, bytes], None]
+# Asked first for every gossip message received: (originator peer id bytes, data length)
+# -> whether to go on. False drops it before signature checks, the message cache, relaying
+# and delivery (an oversized message, or its originator over its inbound byte budget).
+GossipAdmit = Callable[[bytes, int], bool]
 
 
 def build_host(keypair: Any, config: Libp2pConfig) -> Any:
@@ -86,12 +90,30 @@ class SinkPubsub(Pubsub):
     synchronous callback cannot overflow, so nothing is lost however bursty the topic.
     """
 
-    def __init__(self, host: Any, router: Any, on_message: GossipHandler) -> None:
+    def __init__(
+        self,
+        host: Any,
+        router: Any,
+        on_message: GossipHandler,
+        admit: GossipAdmit | None = None,
+        max_rpc_bytes: int = 1 << 20,
+    ) -> None:
         # strict_signing: every message carries the originator's signature, so `from_id`
         # is authenticated, not just the forwarding neighbour's claim.
         super().__init__(host, router, strict_signing=True)
         self._on_message = on_message
+        self._admit = admit
         self.peer_queues = _DeepQueues()
+        # One RPC read from a peer holds at most this much (py-libp2p's own outbound limit
+        # is about 1 MiB, so an honest peer never sends more); a larger one ends its stream.
+        self.max_inbound_rpc_size = max_rpc_bytes
+
+    async def push_msg(self, msg_forwarder: Any, msg: rpc_pb2.Message) -> None:
+        # Before anything costs: an oversized message or a flooding originator's message
+        # is neither verified, nor cached for gossip, nor relayed, nor delivered.
+        if self._admit is not None and not self._admit(msg.from_id, len(msg.data)):
+            return
+        await super().push_msg(msg_forwarder, msg)
 
     def notify_subscriptions(self, publish_message: rpc_pb2.Message) -> None:
         for topic in publish_message.topicIDs:
@@ -154,7 +176,13 @@ _pubsub_mod.maybe_consume_signed_record = _consume_signed_record_once  # type: i
 _gossipsub_mod.maybe_consume_signed_record = _consume_signed_record_once  # type: ignore[assignment]
 
 
-def build_pubsub(host: Any, config: Libp2pConfig, on_message: GossipHandler) -> tuple[Any, Any]:
+def build_pubsub(
+    host: Any,
+    config: Libp2pConfig,
+    on_message: GossipHandler,
+    admit: GossipAdmit | None = None,
+    max_rpc_bytes: int = 1 << 20,
+) -> tuple[Any, Any]:
     gossipsub = _GossipSub(
         protocols=[PROTOCOL_ID_V11, PROTOCOL_ID],
         degree=config.gossip_degree,
@@ -169,7 +197,7 @@ def build_pubsub(host: Any, config: Libp2pConfig, on_message: GossipHandler) -> 
         # Keep the heartbeat where we set it.
         adaptive_gossip_enabled=False,
     )
-    pubsub = SinkPubsub(host, gossipsub, on_message)
+    pubsub = SinkPubsub(host, gossipsub, on_message, admit, max_rpc_bytes)
     return pubsub, gossipsub
 
 

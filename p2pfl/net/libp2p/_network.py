@@ -21,6 +21,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError
 from p2pfl.identity import Identity
+from p2pfl.limits import MAX_INBOUND_STREAMS_PER_PEER
 from p2pfl.net.base import (
     MAX_DIRECT_BYTES,
     MAX_FETCH_BYTES,
@@ -38,6 +39,7 @@ from p2pfl.net.base import (
     PeerInfo,
     allow_all,
 )
+from p2pfl.net.inbound import InboundBudget
 from p2pfl.net.libp2p import _blob, _bulk, _fetch, _px
 from p2pfl.net.libp2p._config import Libp2pConfig
 from p2pfl.net.libp2p._framing import (
@@ -60,6 +62,9 @@ HANDSHAKE_TIMEOUT_S = 10.0
 WRITE_TIMEOUT_S = 30.0
 # First peer-exchange re-ask after a new connection; doubles up to px_interval_s.
 PX_FAST_S = 0.5
+# One gossip RPC read from a peer: one message at the cap plus its envelope (ids,
+# signature, topic, a sender record, control messages).
+MAX_GOSSIP_RPC_BYTES = MAX_GOSSIP_BYTES + 64 * 1024
 
 
 class Libp2pNetwork:
@@ -72,12 +77,18 @@ class Libp2pNetwork:
         sink: EventSink,
         blob_reader: BlobReader | None = None,
         may_serve: MayServe = allow_all,
+        inbound: InboundBudget | None = None,
     ) -> None:
+        """`inbound`, when given, is the budget the consumer charges received messages to
+        (io_trio.TrioIO.deliver): gossip from an originator over it is dropped before it
+        is verified, cached or relayed, and drops of oversized messages are counted in it."""
         self._identity = identity
         self._config = config
         self._sink = sink
         self._blob_reader: BlobReader = blob_reader or (lambda cid, off, n: None)
         self._may_serve = may_serve  # asked before every range served (see net.base)
+        self._inbound = inbound
+        self._inbound_streams: dict[str, int] = {}  # peer -> direct streams open to us
         self._cmd_send, self._cmd_recv = trio.open_memory_channel[tuple[Any, ...]](math.inf)
         self._book = PeerBook(
             identity.peer_id,
@@ -88,7 +99,14 @@ class Libp2pNetwork:
         for addr in config.bootstrap:
             self._book.add_bootstrap(addr.rsplit("/p2p/", 1)[1], addr)
         self._stats = NetStats(
-            extra={"fetch_done": 0, "fetch_failed": 0, "direct_dropped": 0, "blob_served": 0}
+            extra={
+                "fetch_done": 0,
+                "fetch_failed": 0,
+                "direct_dropped": 0,
+                "blob_served": 0,
+                "gossip_refused": 0,
+                "direct_streams_refused": 0,
+            }
         )
         self._host: Any = None
         self._pubsub: Any = None
@@ -165,7 +183,9 @@ class Libp2pNetwork:
         cancelled; cancellation closes the host."""
         route_libp2p_logs(self._config.libp2p_log_level)
         host = build_host(self._identity.libp2p_keypair(), self._config)
-        pubsub, gossipsub = build_pubsub(host, self._config, self._on_gossip)
+        pubsub, gossipsub = build_pubsub(
+            host, self._config, self._on_gossip, self._admit_gossip, MAX_GOSSIP_RPC_BYTES
+        )
         self._host, self._pubsub = host, pubsub
         self._reacher = _fetch.Reacher(host, self._book.addrs)
         host.set_stream_handler(TProtocol(MSG_PROTOCOL), self._handle_msg_stream)
@@ -257,13 +277,37 @@ class Libp2pNetwork:
             except Exception:
                 LOG.exception("network command %s failed", kind)
 
-    def _on_gossip(self, topic: str, from_id: bytes, data: bytes) -> None:
+    def _sender(self, from_id: bytes) -> str:
         sender = self._sender_ids.get(from_id)
         if sender is None:
-            sender = ID(from_id).to_base58()
+            try:
+                sender = ID(from_id).to_base58()
+            except Exception:
+                sender = "?"  # not a peer id: strict signing refuses the message anyway
             if len(self._sender_ids) > 10_000:
                 self._sender_ids.clear()
             self._sender_ids[from_id] = sender
+        return sender
+
+    def _admit_gossip(self, from_id: bytes, n: int) -> bool:
+        """Whether a received gossip message is worth verifying, caching and relaying:
+        within MAX_GOSSIP_BYTES, from an originator not over its inbound byte budget."""
+        sender = self._sender(from_id)
+        if sender == self.peer_id:
+            return True  # our own publish coming back (publish() already capped it)
+        too_big = n > MAX_GOSSIP_BYTES
+        if not too_big and (self._inbound is None or self._inbound.room(sender, n)):
+            return True
+        self._stats.extra["gossip_refused"] += 1
+        what = "oversized gossip message" if too_big else "gossip message"
+        if self._inbound is not None:
+            self._inbound.drop(sender, n, what)
+        else:
+            LOG.debug("dropped a %s of %d bytes from %s", what, n, sender)
+        return False
+
+    def _on_gossip(self, topic: str, from_id: bytes, data: bytes) -> None:
+        sender = self._sender(from_id)
         self._stats.bytes_received += len(data)
         self._stats.messages_received += 1
         self._emit(Message(topic, sender, data))
@@ -325,6 +369,24 @@ class Libp2pNetwork:
 
     async def _handle_msg_stream(self, stream: Any) -> None:
         peer = str(stream.muxed_conn.peer_id)
+        # A sender uses one stream; each open stream can buffer a yamux window, so a peer
+        # opening many at once is refused past a few.
+        if self._inbound_streams.get(peer, 0) >= MAX_INBOUND_STREAMS_PER_PEER:
+            self._stats.extra["direct_streams_refused"] += 1
+            LOG.debug("refusing another direct stream from %s", peer)
+            await _reset(stream)
+            return
+        self._inbound_streams[peer] = self._inbound_streams.get(peer, 0) + 1
+        try:
+            await self._read_msg_stream(peer, stream)
+        finally:
+            left = self._inbound_streams.get(peer, 1) - 1
+            if left > 0:
+                self._inbound_streams[peer] = left
+            else:
+                self._inbound_streams.pop(peer, None)
+
+    async def _read_msg_stream(self, peer: str, stream: Any) -> None:
         try:
             while True:
                 data = await read_frame(stream, MAX_DIRECT_BYTES)

@@ -31,10 +31,10 @@ import numpy as np
 
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError
 from p2pfl.net.base import (
-    NOT_ALLOWED,
     MAX_DIRECT_BYTES,
     MAX_FETCH_BYTES,
     MAX_GOSSIP_BYTES,
+    NOT_ALLOWED,
     FetchDone,
     FetchFailed,
     Message,
