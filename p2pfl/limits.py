@@ -39,6 +39,11 @@ INBOUND_TOTAL_BYTES = 64 * MiB
 # Direct-message streams one peer may hold open to us at once (each can buffer a yamux
 # window); a further stream is reset.
 MAX_INBOUND_STREAMS_PER_PEER = 4
+# Gossip queued for one peer that reads slowly (our publishes and relays); past it, new
+# RPCs for that peer are dropped.
+OUTBOUND_GOSSIP_PEER_BYTES = 16 * MiB
+# Direct messages queued for one peer that reads slowly; past it, new ones are dropped.
+OUTBOUND_DIRECT_PEER_BYTES = 32 * MiB
 # Per-peer drop logs are rate-limited to one line per peer this often.
 LOG_EVERY_S = 10.0
 

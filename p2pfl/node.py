@@ -505,10 +505,14 @@ async def run_node(config: NodeConfig) -> None:
             io = TrioIO(nursery, runner, inbound, identity.peer_id)
             await nursery.start(io.run)
             holder: list[Any] = []
+
+            def deliver(event: Any) -> None:
+                io.deliver(event, lambda e: holder[1](e))
+
             network = Libp2pNetwork(
                 identity,
                 Libp2pConfig(listen=list(config.listen), bootstrap=list(config.bootstrap)),
-                sink=lambda event: io.deliver(event, lambda e: holder[1](e)),
+                sink=lambda event: deliver(event),
                 blob_reader=store.read,
                 # Who may fetch which blob (issue 9 item 6): everyone, until the core's rule
                 # (a task's updates and partials only to its roster) is wired in here.

@@ -128,8 +128,9 @@ async def _flood(
     async def poll() -> None:
         nonlocal peak, answers
         while not done.is_set():
-            peers = await _peers_ok(node)
-            assert any(p["peer_id"] == attacker.net.peer_id for p in peers)
+            # It must answer; whether it still lists the flooder is its own business (a
+            # node may well drop a peer that floods it).
+            await _peers_ok(node)
             answers += 1
             peak = max(peak, _rss(node.pid))
             await trio.sleep(0.2)
@@ -160,6 +161,7 @@ async def _flood(
 
 async def _run_case(tmp_path: Path, case: str) -> dict[str, Any]:
     cluster = Cluster(tmp_path)
+    node = None
     try:
         node = cluster.start_node("victim")
         attacker = Attacker(node.bootstrap_addr)
@@ -192,8 +194,13 @@ async def _run_case(tmp_path: Path, case: str) -> dict[str, Any]:
                 )
             nursery.cancel_scope.cancel()
         assert node.alive(), node.stderr_tail()
+        result["drop_reports"] = node.stderr().count("dropping messages from")
         print(f"flood {case}: {result}")
         return result
+    except BaseException:
+        if node is not None:
+            print(f"victim's stderr:\n{node.stderr_tail()}")
+        raise
     finally:
         cluster.close()
 

@@ -54,7 +54,7 @@ async def test_trio_queue_charges_peer_messages_until_handled() -> None:
     async with trio.open_nursery() as nursery:
         io = TrioIO(nursery, runner=None, inbound=InboundBudget(per_peer=1000), me="me")  # type: ignore[arg-type]
         # Not running yet: everything queues, as when the core is slower than the peer.
-        for i in range(5):
+        for _ in range(5):
             io.deliver(Message(None, "flooder", bytes(300)), handled.append)
         io.deliver(Message("t", "other", bytes(300)), handled.append)
         io.deliver(Message(None, "me", bytes(5000)), handled.append)  # our own: not charged

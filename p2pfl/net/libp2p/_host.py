@@ -24,9 +24,11 @@ from libp2p.network.config import ConnectionConfig
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.rpc_queue import PriorityQueue
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID, Transport as Noise
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID, Yamux
 
+from p2pfl.limits import LOG_EVERY_S, OUTBOUND_GOSSIP_PEER_BYTES
 from p2pfl.net.libp2p._config import Libp2pConfig
 
 # Called for every gossip message we accept: (topic, originator peer id bytes, data).
@@ -59,27 +61,62 @@ def build_host(keypair: Any, config: Libp2pConfig) -> Any:
     async def _no_auto_connect() -> None:
         return None
 
-    host.get_network().auto_connector.maybe_connect = _no_auto_connect
+    network: Any = host.get_network()  # the Swarm: its interface type lacks the connector
+    network.auto_connector.maybe_connect = _no_auto_connect
     return host
 
 
 # Outbound RPCs queued per peer before py-libp2p drops new ones. Its default of 32 lost
-# two thirds of a 200-message burst (logged at debug level only). Gossip carries small
-# control messages, so a deep queue costs little memory in practice.
+# two thirds of a 200-message burst (logged at debug level only), so the count is raised
+# and the queue is bounded in bytes instead (OUTBOUND_GOSSIP_PEER_BYTES, p2pfl.limits): a
+# slow peer costs us at most that much, however many messages wait for it.
 OUTBOUND_QUEUE_RPCS = 8192
+_LOG = logging.getLogger("p2pfl.net.libp2p")
 
 
-class _DeepQueues(dict):  # type: ignore[type-arg]
-    """pubsub.peer_queues, deepening each per-peer queue as pubsub creates it."""
+class _BytePriorityQueue(PriorityQueue):
+    """py-libp2p's per-peer outbound queue, refusing an RPC past `max_bytes` queued."""
+
+    def __init__(self, max_size: int, max_bytes: int) -> None:
+        super().__init__(max_size)
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.dropped = 0
+        self._logged_at = float("-inf")
+
+    def push(self, rpc: rpc_pb2.RPC, priority: bool = False) -> bool:
+        n = rpc.ByteSize()
+        if self.bytes + n > self.max_bytes:
+            self.dropped += 1
+            now = time.monotonic()
+            if now - self._logged_at >= LOG_EVERY_S:
+                self._logged_at = now
+                _LOG.warning(
+                    "a peer is not reading its gossip: %d bytes queued for it, %d RPCs dropped",
+                    self.bytes,
+                    self.dropped,
+                )
+            return False
+        ok = super().push(rpc, priority)
+        if ok:
+            self.bytes += n
+        return ok
+
+    def pop(self) -> rpc_pb2.RPC | None:
+        rpc = super().pop()
+        if rpc is not None:
+            self.bytes = max(0, self.bytes - rpc.ByteSize())
+        return rpc
+
+
+class _DeepQueues(dict[Any, Any]):
+    """pubsub.peer_queues, replacing each per-peer queue's store as pubsub creates it."""
 
     def __setitem__(self, peer: Any, queue: Any) -> None:
-        inner = getattr(queue, "_queue", None)
-        if inner is not None and hasattr(inner, "max_size"):
-            inner.max_size = OUTBOUND_QUEUE_RPCS
+        if isinstance(getattr(queue, "_queue", None), PriorityQueue):
+            queue._queue = _BytePriorityQueue(OUTBOUND_QUEUE_RPCS, OUTBOUND_GOSSIP_PEER_BYTES)
         else:  # a py-libp2p upgrade moved it: say so rather than silently drop messages
-            logging.getLogger("p2pfl.net.libp2p").warning(
-                "cannot deepen the pubsub queue; bursts over 32 messages may be lost"
-            )
+            _LOG.warning("cannot replace the pubsub queue; bursts over 32 messages may be lost")
         super().__setitem__(peer, queue)
 
 
@@ -172,8 +209,8 @@ def _consume_signed_record_once(msg: Any, host: Any, peer_id: Any) -> bool:
     return ok
 
 
-_pubsub_mod.maybe_consume_signed_record = _consume_signed_record_once  # type: ignore[assignment]
-_gossipsub_mod.maybe_consume_signed_record = _consume_signed_record_once  # type: ignore[assignment]
+_pubsub_mod.maybe_consume_signed_record = _consume_signed_record_once
+_gossipsub_mod.maybe_consume_signed_record = _consume_signed_record_once
 
 
 def build_pubsub(

@@ -21,7 +21,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError
 from p2pfl.identity import Identity
-from p2pfl.limits import MAX_INBOUND_STREAMS_PER_PEER
+from p2pfl.limits import MAX_INBOUND_STREAMS_PER_PEER, OUTBOUND_DIRECT_PEER_BYTES
 from p2pfl.net.base import (
     MAX_DIRECT_BYTES,
     MAX_FETCH_BYTES,
@@ -89,6 +89,7 @@ class Libp2pNetwork:
         self._may_serve = may_serve  # asked before every range served (see net.base)
         self._inbound = inbound
         self._inbound_streams: dict[str, int] = {}  # peer -> direct streams open to us
+        self._send_bytes: dict[str, int] = {}  # peer -> bytes of direct messages queued
         self._cmd_send, self._cmd_recv = trio.open_memory_channel[tuple[Any, ...]](math.inf)
         self._book = PeerBook(
             identity.peer_id,
@@ -318,11 +319,18 @@ class Libp2pNetwork:
         if peer == self.peer_id:
             self._emit(Message(None, peer, data))
             return
+        queued = self._send_bytes.get(peer, 0)
+        if queued + len(data) > OUTBOUND_DIRECT_PEER_BYTES:
+            # The peer reads slower than we write to it: what is queued bounds our memory.
+            self._stats.extra["direct_dropped"] += 1
+            LOG.debug("dropping a direct message to %s: %d bytes queued for it", peer, queued)
+            return
         channel = self._senders.get(peer)
         if channel is None:
             channel, recv = trio.open_memory_channel[bytes](math.inf)
             self._senders[peer] = channel
             self._spawn(self._direct_sender, peer, channel, recv)
+        self._send_bytes[peer] = queued + len(data)
         channel.send_nowait(data)
 
     async def _direct_sender(
@@ -331,6 +339,7 @@ class Libp2pNetwork:
         stream = None
         try:
             async for data in recv:
+                self._unqueue(peer, len(data))
                 sent = False
                 for _attempt in range(2):  # a stale stream gets one fresh replacement
                     try:
@@ -359,13 +368,20 @@ class Libp2pNetwork:
             channel.close()
             while True:
                 try:
-                    recv.receive_nowait()
+                    self._unqueue(peer, len(recv.receive_nowait()))
                     self._stats.extra["direct_dropped"] += 1
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
             if stream is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(1):
                     await _close(stream)
+
+    def _unqueue(self, peer: str, n: int) -> None:
+        left = self._send_bytes.get(peer, 0) - n
+        if left > 0:
+            self._send_bytes[peer] = left
+        else:
+            self._send_bytes.pop(peer, None)
 
     async def _handle_msg_stream(self, stream: Any) -> None:
         peer = str(stream.muxed_conn.peer_id)
