@@ -539,6 +539,7 @@ async def run_node(config: NodeConfig) -> None:
 
             holder.append(track_mesh)
             await nursery.start(network.run)
+            nursery.start_soon(_trim_memory_forever)
             driver.start()
             node = Node(config, driver, network, __version__, site=site)
             node.restore()
@@ -576,6 +577,14 @@ def _reload_on_hup(node: Node) -> None:
         log.error("SIGHUP: policy not reloaded, keeping the current one: %s", exc)
     except OSError as exc:
         log.error("SIGHUP: policy not reloaded: %s", exc)
+
+
+async def _trim_memory_forever() -> None:
+    """Return memory freed after bursts of peers' messages to the OS (see p2pfl.memtrim)."""
+    from p2pfl.memtrim import TRIM_EVERY_S, trim
+
+    while trim():
+        await trio.sleep(TRIM_EVERY_S)
 
 
 def _leaf_errors(group: BaseExceptionGroup) -> list[BaseException]:
