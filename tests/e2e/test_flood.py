@@ -13,6 +13,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ import psutil
 import pytest
 import trio
 
-from p2pfl.core.messages import TOPIC_TASKS, TaskOffer
+from p2pfl.core.messages import NONCE_BYTES, TASK_ID_HEX, TOPIC_TASKS, TaskOffer
+from p2pfl.core.offer import derive_task_id
 from p2pfl.identity import Identity
 from p2pfl.memtrim import TRIM_EVERY_S
 from p2pfl.net.base import NetEvent
@@ -71,7 +73,7 @@ def _big_offer(attacker: Identity, i: int, size: int) -> bytes:
     """A valid signed TaskOffer of about `size` bytes (the bulk is in params)."""
     now = time.time()
     offer = TaskOffer(
-        task_id=f"{i:064x}",
+        task_id="0" * TASK_ID_HEX,  # replaced below by the id derived from the contents
         cid="bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy",
         name="flood",
         version="1.0.0",
@@ -86,12 +88,13 @@ def _big_offer(attacker: Identity, i: int, size: int) -> bytes:
         fanout=1,
         mu=0.0,
         dp=None,
-        inputs=(),
+        inputs=("data",),
         created=now,
         volunteer_deadline=now + 3600,
         round_timeout_s=60.0,
+        nonce=os.urandom(NONCE_BYTES),
     )
-    return encode(seal(attacker, offer))
+    return encode(seal(attacker, replace(offer, task_id=derive_task_id(offer))))
 
 
 class Attacker:
