@@ -3,6 +3,11 @@
 Every callback into the driver (network events, timers, job and thread outcomes) goes
 through one FIFO queue drained by one task, so the driver and the core see events one at
 a time, in order, and a bug in handling one event is logged instead of killing the node.
+
+The queue is bounded in bytes where peers fill it: a received message (`deliver`) holds
+its bytes in the InboundBudget until the core has handled it, and is dropped when its
+sender (or everyone) is over budget. Timers, jobs and our own messages are not charged:
+their number is bounded by what this node itself started.
 """
 
 from __future__ import annotations
@@ -16,32 +21,62 @@ from typing import Any
 import trio
 
 from p2pfl.core.tokens import Timer
+from p2pfl.net.base import Message
+from p2pfl.net.inbound import InboundBudget
 from p2pfl.runtime import ChildProcessRunner, JobError
 
 log = logging.getLogger("p2pfl.node")
 
 
+_Item = tuple[Callable[[], None], str | None, int]  # callback, peer charged, bytes charged
+
+
 class TrioIO:
-    def __init__(self, nursery: trio.Nursery, runner: ChildProcessRunner) -> None:
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        runner: ChildProcessRunner,
+        inbound: InboundBudget | None = None,
+        me: str = "",
+    ) -> None:
         self._nursery = nursery
         self.runner = runner
+        self.inbound = inbound if inbound is not None else InboundBudget()
+        self._me = me
         self._timers: dict[Timer, trio.CancelScope] = {}
-        self._send, self._receive = trio.open_memory_channel[Callable[[], None]](math.inf)
+        # Unbounded in count; what peers put here is bounded in bytes by self.inbound.
+        self._send, self._receive = trio.open_memory_channel[_Item](math.inf)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Drain the callback queue until cancelled."""
         task_status.started()
-        async for callback in self._receive:
+        async for callback, peer, cost in self._receive:
             try:
                 callback()
             except Exception:  # a bug: say so loudly, keep serving the other tasks
                 log.exception("internal error while handling an event")
+            finally:
+                if peer is not None:
+                    self.inbound.release(peer, cost)
+
+    def deliver(self, event: Any, handler: Callable[[Any], None]) -> bool:
+        """Queue a network event for `handler`; a peer's message is charged to its sender's
+        byte budget until handled, or dropped (False) when over it."""
+        if isinstance(event, Message) and event.sender != self._me:
+            cost = len(event.data)
+            what = "gossip message" if event.topic is not None else "direct message"
+            if not self.inbound.take(event.sender, cost, what):
+                return False
+            self._send.send_nowait((lambda: handler(event), event.sender, cost))
+            return True
+        self._send.send_nowait((lambda: handler(event), None, 0))
+        return True
 
     def now(self) -> float:
         return time.time()
 
     def call_soon(self, callback: Callable[[], None]) -> None:
-        self._send.send_nowait(callback)
+        self._send.send_nowait((callback, None, 0))
 
     def set_timer(self, key: Timer, deadline: float, callback: Callable[[], None]) -> None:
         self.cancel_timer(key)

@@ -40,6 +40,7 @@ from p2pfl.policy import (
     load_policy,
 )
 from p2pfl.store.blobs import BlobStore
+from p2pfl.taskpack.signing import reseal_announcement
 from p2pfl.wire import decode, encode
 
 log = logging.getLogger("p2pfl.node")
@@ -179,13 +180,20 @@ class Node:
                     "peer_id": peer,
                     "addrs": addrs or view.get("addrs", []),
                     "capabilities": view.get("capabilities"),
+                    "dropped_messages": self._dropped(peer),
                 }
             )
         return out
 
+    def _dropped(self, peer: str) -> int:
+        """Messages from `peer` dropped for being over a size or inbound byte bound."""
+        inbound = getattr(self.driver.io, "inbound", None)
+        return inbound.dropped(peer) if inbound is not None else 0
+
     async def publish(self, path: str, run: bool, params: dict[str, str]) -> dict[str, Any]:
         info = await trio.to_thread.run_sync(self.driver.publish_taskpack, Path(path))
-        ann: TaskpackAnnounce = info.pop("announce")
+        # Signed over the whole BlobRef (see taskpack.signing; a no-op once the driver is).
+        ann: TaskpackAnnounce = reseal_announcement(self.core.identity, info.pop("announce"))
         self.driver.announce_taskpack(ann)
         self._remember(ann)
         if run:
@@ -422,6 +430,8 @@ class Node:
             except RemoteProtocolError as exc:
                 log.warning("ignoring unreadable %s: %s", path, exc)
                 continue
+            # Stored by an older node with a version 1 signature: ours, so sign it again.
+            ann = reseal_announcement(self.core.identity, ann)
             # Through the normal checks: signature, trust, then the stored archive.
             self.driver.execute(self.core.book.on_announce(self.core.me, ann))
 
@@ -441,6 +451,8 @@ async def run_node(config: NodeConfig) -> None:
     from p2pfl.control import ControlServer
     from p2pfl.control.framing import socket_is_live
     from p2pfl.io_trio import TrioIO
+    from p2pfl.net.base import allow_all
+    from p2pfl.net.inbound import InboundBudget
     from p2pfl.net.libp2p import Libp2pConfig, Libp2pNetwork
     from p2pfl.runtime import ChildProcessRunner
     from p2pfl.taskpack.trust import TrustPolicy
@@ -487,14 +499,25 @@ async def run_node(config: NodeConfig) -> None:
     runner = ChildProcessRunner(tmp_root=data_dir / "tmp")
     try:
         async with trio.open_nursery() as nursery:
-            io = TrioIO(nursery, runner)
+            # Bytes of peers' messages waiting for the core, bounded per peer and in all:
+            # charged by the network's delivery, released once the core handled them.
+            inbound = InboundBudget()
+            io = TrioIO(nursery, runner, inbound, identity.peer_id)
             await nursery.start(io.run)
             holder: list[Any] = []
+
+            def deliver(event: Any) -> None:
+                io.deliver(event, lambda e: holder[1](e))
+
             network = Libp2pNetwork(
                 identity,
                 Libp2pConfig(listen=list(config.listen), bootstrap=list(config.bootstrap)),
-                sink=lambda event: io.call_soon(lambda: holder[1](event)),
+                sink=lambda event: deliver(event),
                 blob_reader=store.read,
+                # Who may fetch which blob (issue 9 item 6): everyone, until the core's rule
+                # (a task's updates and partials only to its roster) is wired in here.
+                may_serve=allow_all,
+                inbound=inbound,
             )
             driver = Driver(
                 core,
@@ -516,6 +539,7 @@ async def run_node(config: NodeConfig) -> None:
 
             holder.append(track_mesh)
             await nursery.start(network.run)
+            nursery.start_soon(_trim_memory_forever)
             driver.start()
             node = Node(config, driver, network, __version__, site=site)
             node.restore()
@@ -553,6 +577,14 @@ def _reload_on_hup(node: Node) -> None:
         log.error("SIGHUP: policy not reloaded, keeping the current one: %s", exc)
     except OSError as exc:
         log.error("SIGHUP: policy not reloaded: %s", exc)
+
+
+async def _trim_memory_forever() -> None:
+    """Return memory freed after bursts of peers' messages to the OS (see p2pfl.memtrim)."""
+    from p2pfl.memtrim import TRIM_EVERY_S, trim
+
+    while trim():
+        await trio.sleep(TRIM_EVERY_S)
 
 
 def _leaf_errors(group: BaseExceptionGroup) -> list[BaseException]:

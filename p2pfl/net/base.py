@@ -22,14 +22,31 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-# Gossip carries small control messages only. py-libp2p silently drops frames over about
-# 1 MiB, so we refuse bigger publishes ourselves (LocalProtocolError) and move anything
-# large as a blob.
-MAX_GOSSIP_BYTES = 512 * 1024
-# A direct message has the same bound; bulk data goes through fetch().
-MAX_DIRECT_BYTES = 512 * 1024
-# Largest range one fetch() may ask for. Blobs of any size move as many ranges.
-MAX_FETCH_BYTES = 4 * 1024 * 1024
+# Message and range caps live with every other bound in p2pfl.limits; re-exported here
+# because every transport checks them. Gossip carries small control messages only: we
+# refuse bigger publishes ourselves (LocalProtocolError), drop bigger ones received, and
+# move anything large as a blob.
+from p2pfl.limits import MAX_DIRECT_BYTES, MAX_FETCH_BYTES, MAX_GOSSIP_BYTES
+
+__all__ = [
+    "MAX_DIRECT_BYTES",
+    "MAX_FETCH_BYTES",
+    "MAX_GOSSIP_BYTES",
+    "NOT_ALLOWED",
+    "BlobReader",
+    "EventSink",
+    "FetchDone",
+    "FetchFailed",
+    "MayServe",
+    "Message",
+    "NetEvent",
+    "NetStats",
+    "Network",
+    "PeerConnected",
+    "PeerDisconnected",
+    "PeerInfo",
+    "allow_all",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +108,16 @@ EventSink = Callable[[NetEvent], None]
 # Serves a byte range of a locally held blob: (cid, offset, length) -> bytes, or None when
 # this node does not hold that blob. Returning fewer bytes than asked means end of blob.
 BlobReader = Callable[[str, int, int], bytes | None]
+# Whether this node serves blob `cid` to `peer`: (peer id, cid) -> bool, asked before every
+# range is read. A refused peer gets a FetchFailed whose reason starts with NOT_ALLOWED
+# (at once, not a timeout). The node decides (e.g. a task's updates only to its roster).
+MayServe = Callable[[str, str], bool]
+NOT_ALLOWED = "not allowed"
+
+
+def allow_all(peer: str, cid: str) -> bool:
+    """The default MayServe: every peer may fetch every blob this node holds."""
+    return True
 
 
 @dataclass

@@ -3,9 +3,10 @@
 Two checkpoints, each returning ``None`` (go on) or the first ``Refusal``:
 
 1. ``check_announcement`` -- before fetching anything, from the gossiped announcement:
-   signature, then trust, then manifest validity, then requirements, then inputs. The
-   cheap, peer-independent signature check goes first so a forged announcement can never
-   make a node do more work or reveal what it trusts.
+   signature (over the manifest and the whole BlobRef: cid, size, chunk hashes), then a
+   self-consistent ref within the size cap, then trust, then manifest validity, then
+   requirements, then inputs. The cheap, peer-independent signature check goes first so a
+   forged announcement can never make a node do more work or reveal what it trusts.
 2. ``check_archive`` -- after fetching: the archive's bytes hash to the CID, the archive is
    safe to unpack, and its ``manifest.yaml`` is the manifest that was signed.
 """
@@ -21,6 +22,8 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from p2pfl.errors import RemoteProtocolError, ValidationError
+from p2pfl.limits import blob_too_big
+from p2pfl.store.blobref import BlobRef, validate_ref
 from p2pfl.store.cid import cid_of
 from p2pfl.taskpack.manifest import MANIFEST_FILE, Manifest, load_manifest
 from p2pfl.taskpack.pack import read_member, scan
@@ -41,6 +44,8 @@ __all__ = [
 Reason = Literal[
     "untrusted-publisher",
     "bad-signature",
+    "bad-ref",
+    "too-large",
     "invalid-manifest",
     "requirements-unmet",
     "inputs-missing",
@@ -123,7 +128,7 @@ def check_inputs(manifest: Manifest, dataset_names: Iterable[str] | None) -> Ref
 def check_announcement(
     publisher: str,
     manifest_bytes: bytes,
-    cid: str,
+    ref: BlobRef,
     sig: bytes,
     policy: TrustPolicy,
     capabilities: Mapping[str, Any],
@@ -133,8 +138,19 @@ def check_announcement(
 
     ``dataset_names=None`` skips the inputs check (nothing to match against yet).
     """
-    if not verify_taskpack(publisher, manifest_bytes, cid, sig):
-        return Refusal("bad-signature", f"signature does not match publisher {publisher[:64]!r}")
+    if not verify_taskpack(publisher, manifest_bytes, ref, sig):
+        return Refusal(
+            "bad-signature",
+            f"signature does not match publisher {str(publisher)[:64]!r} for this manifest"
+            " and blob reference",
+        )
+    try:
+        validate_ref(ref)
+    except RemoteProtocolError as exc:
+        return Refusal("bad-ref", str(exc))
+    too_big = blob_too_big("taskpack", ref.size)
+    if too_big is not None:
+        return Refusal("too-large", too_big)
     if not policy.allows(publisher):
         return Refusal("untrusted-publisher", f"{publisher} is not in this node's trust list")
     try:
@@ -171,7 +187,7 @@ def check_archive(archive: bytes, cid: str, manifest_bytes: bytes) -> Refusal | 
 def authenticate(
     publisher: str,
     manifest_bytes: bytes,
-    cid: str,
+    ref: BlobRef,
     sig: bytes,
     policy: TrustPolicy,
     capabilities: Mapping[str, Any],
@@ -180,8 +196,8 @@ def authenticate(
 ) -> Refusal | None:
     """Both checkpoints in order; the archive check runs only when `archive` is given."""
     refusal = check_announcement(
-        publisher, manifest_bytes, cid, sig, policy, capabilities, dataset_names
+        publisher, manifest_bytes, ref, sig, policy, capabilities, dataset_names
     )
     if refusal is None and archive is not None:
-        refusal = check_archive(archive, cid, manifest_bytes)
+        refusal = check_archive(archive, ref.cid, manifest_bytes)
     return refusal

@@ -283,7 +283,8 @@ def _compile_type(tp: Any, owner: str) -> tuple[Callable[[Any], Any], Callable[[
 def _compile_seq(item: Any, owner: str, kind: type) -> tuple[Callable, Callable]:
     d_item, e_item = _compile_type(item, owner)
     # Sequences of str/bytes/bool from the wire need no conversion: one C-speed type scan.
-    simple = {_dec_str: str, _dec_bytes: bytes, _dec_bool: bool}.get(d_item)
+    simples: dict[Callable[[Any], Any], type] = {_dec_str: str, _dec_bytes: bytes, _dec_bool: bool}
+    simple = simples.get(d_item)
 
     def convert(v: Any, conv: Callable[[Any], Any], accept: tuple[type, ...]) -> Any:
         if type(v) not in accept:
@@ -372,9 +373,9 @@ def _compile_spec(spec: _Spec) -> None:
     for f in dataclasses.fields(cls):
         if not f.init:
             raise LocalProtocolError(f"{cls.__name__}.{f.name}: init=False fields not supported")
-        d, e = _compile_type(hints[f.name], f"{cls.__name__}.{f.name}")
+        decoder, encoder = _compile_type(hints[f.name], f"{cls.__name__}.{f.name}")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        fields.append((f.name, d, e, required))
+        fields.append((f.name, decoder, encoder, required))
     names = frozenset(f[0] for f in fields)
     # Messages carry "v" and "t" in the same map as their fields.
     extra_ok = 2 if spec.is_message else 0
@@ -530,7 +531,7 @@ def decode(
         raise RemoteProtocolError(f"unsupported wire version {v!r} (we speak {WIRE_VERSION})")
     t = d.get("t")
     spec = _MESSAGES.get(t) if type(t) is str else None
-    if spec is None:
+    if spec is None or not isinstance(t, str):
         raise RemoteProtocolError(f"unknown message type {t!r}")
     if expected is not None:
         ok = spec.cls in expected if isinstance(expected, tuple) else spec.cls is expected

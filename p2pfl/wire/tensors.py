@@ -124,7 +124,7 @@ def encode_tensors(tensors: Mapping[str, Any]) -> memoryview:
     total = offsets[-1] + arrays[-1][1].nbytes if arrays else start
     buf = np.empty(total, np.uint8)  # not zeroed: only the padding needs zeros, below
     buf[:start] = 0
-    _PREFIX.pack_into(buf, 0, MAGIC, len(header))
+    _PREFIX.pack_into(buf.data, 0, MAGIC, len(header))
     buf[_PREFIX.size : _PREFIX.size + len(header)] = np.frombuffer(header, np.uint8)
     end = start
     for (_name, arr, dname), off in zip(arrays, offsets, strict=True):
@@ -134,7 +134,7 @@ def encode_tensors(tensors: Mapping[str, Any]) -> memoryview:
             np.copyto(dst, arr, casting="equiv")
         end = off + arr.nbytes
     buf.flags.writeable = False
-    return memoryview(buf).cast("B")
+    return buf.data.cast("B")
 
 
 def _all_finite(arr: np.ndarray) -> bool:
@@ -201,10 +201,10 @@ def decode_tensors(
         raise _fail("header must be {v, tensors}")
     out: dict[str, np.ndarray] = {}
     pos = _align(_PREFIX.size + hlen)
-    for i, e in enumerate(entries):
-        if type(e) is not list or len(e) != 5:
+    for i, entry in enumerate(entries):
+        if type(entry) is not list or len(entry) != 5:
             raise _fail(f"entry {i}: expected [name, dtype, shape, offset, nbytes]")
-        name, dname, shape, offset, nbytes = e
+        name, dname, shape, offset, nbytes = entry
         if type(name) is not str:
             raise _fail(f"entry {i}: name must be str")
         where = f"tensor {name[:100]!r}"

@@ -13,6 +13,7 @@ import pytest
 from p2pfl.errors import LocalProtocolError
 from p2pfl.net.base import (
     MAX_GOSSIP_BYTES,
+    NOT_ALLOWED,
     FetchDone,
     FetchFailed,
     Message,
@@ -124,6 +125,36 @@ async def test_fetch_ranges_short_read_and_unknown_cid(net_harness) -> None:
     assert len(done[2].data) == len(blob) - 10_000
     (failed,) = _of(h.events[1], FetchFailed)
     assert (failed.token, failed.peer, failed.cid) == ("missing", server, "cid-missing")
+
+
+async def test_fetch_refused_by_may_serve_fails_fast_with_not_allowed(net_harness) -> None:
+    h = net_harness
+    blob = b"secret update" * 100
+    asked: list[tuple[str, str]] = []
+
+    def only_node_2(peer: str, cid: str) -> bool:
+        asked.append((peer, cid))
+        return peer == ids[2]
+
+    ids: list[str] = []
+    nets = await _mesh(h, 3, blobs=[{"cid-u": blob}, {}, {}], may_serve=[only_node_2, None, None])
+    ids += [net.peer_id for net in nets]
+    server = ids[0]
+    nets[1].fetch(server, "cid-u", 0, 100, token="refused")
+    nets[2].fetch(server, "cid-u", 0, 100, token="allowed")
+
+    def answered(i: int) -> bool:
+        return bool(_of(h.events[i], FetchDone) + _of(h.events[i], FetchFailed))
+
+    # Well inside the fetch timeouts: a refusal is an answer, not a hang.
+    await h.wait_for(lambda: answered(1) and answered(2), 5.0)
+    (failed,) = _of(h.events[1], FetchFailed)
+    assert (failed.token, failed.peer, failed.cid) == ("refused", server, "cid-u")
+    assert failed.reason.startswith(NOT_ALLOWED), failed.reason
+    assert not _of(h.events[1], FetchDone)
+    (done,) = _of(h.events[2], FetchDone)
+    assert (done.token, done.data) == ("allowed", blob[:100])
+    assert (ids[1], "cid-u") in asked and (ids[2], "cid-u") in asked
 
 
 async def test_oversize_publish_raises(net_harness) -> None:

@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from p2pfl.identity import Identity
-from p2pfl.net.base import BlobReader, NetEvent, Network
+from p2pfl.net.base import BlobReader, MayServe, NetEvent, Network, allow_all
 from p2pfl.net.sim import LinkModel, SimHub
 
 NET_KINDS = ["sim", "libp2p"]
@@ -36,9 +36,15 @@ class NetHarness(Protocol):
     events: list[list[NetEvent]]
 
     async def start(
-        self, n: int, *, topology: str = "full", blobs: list[dict[str, bytes]] | None = None
+        self,
+        n: int,
+        *,
+        topology: str = "full",
+        blobs: list[dict[str, bytes]] | None = None,
+        may_serve: list[MayServe | None] | None = None,
     ) -> list[Network]:
-        """n nodes; node i's sink appends to events[i]; blobs[i] = {cid: bytes} served by i.
+        """n nodes; node i's sink appends to events[i]; blobs[i] = {cid: bytes} served by i,
+        to the peers may_serve[i] allows (default: all).
         topology: "full" (everyone linked) or "star" (everyone linked to node 0)."""
         ...
 
@@ -82,12 +88,18 @@ class SimHarness:
         self.nets: list[Network] = []
 
     async def start(
-        self, n: int, *, topology: str = "full", blobs: list[dict[str, bytes]] | None = None
+        self,
+        n: int,
+        *,
+        topology: str = "full",
+        blobs: list[dict[str, bytes]] | None = None,
+        may_serve: list[MayServe | None] | None = None,
     ) -> list[Network]:
         for i, ident in enumerate(_identities(n)):
             self.events.append([])
             reader = _reader(blobs[i] if blobs else {})
-            self.nets.append(self.hub.add_node(ident.peer_id, self.events[i].append, reader))
+            hook = may_serve[i] if may_serve else None
+            self.nets.append(self.hub.add_node(ident.peer_id, self.events[i].append, reader, hook))
         self.hub.apply_topology(topology)
         return list(self.nets)
 
@@ -117,10 +129,16 @@ class Libp2pHarness:
         self._scopes: list[trio.CancelScope] = []
 
     async def start(
-        self, n: int, *, topology: str = "full", blobs: list[dict[str, bytes]] | None = None
+        self,
+        n: int,
+        *,
+        topology: str = "full",
+        blobs: list[dict[str, bytes]] | None = None,
+        may_serve: list[MayServe | None] | None = None,
     ) -> list[Network]:
         for i, ident in enumerate(_identities(n)):
             self.events.append([])
+            hook = (may_serve[i] if may_serve else None) or allow_all
             if i == 0:
                 boot: list[str] = []
             elif topology == "star":
@@ -138,6 +156,7 @@ class Libp2pHarness:
                 config,
                 sink=self.events[i].append,
                 blob_reader=_reader(blobs[i] if blobs else {}),
+                may_serve=hook,
             )
             scope = trio.CancelScope()
             self._scopes.append(scope)

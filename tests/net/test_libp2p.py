@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import multiaddr
 import pytest
@@ -18,14 +19,18 @@ from p2pfl.net.base import (
     MAX_DIRECT_BYTES,
     MAX_FETCH_BYTES,
     MAX_GOSSIP_BYTES,
+    NOT_ALLOWED,
     BlobReader,
     FetchDone,
     FetchFailed,
+    MayServe,
     Message,
     NetEvent,
     PeerConnected,
     PeerDisconnected,
+    allow_all,
 )
+from p2pfl.net.inbound import InboundBudget
 from p2pfl.net.libp2p import BLOB_PROTOCOL, MSG_PROTOCOL, Libp2pConfig, Libp2pNetwork
 from p2pfl.net.libp2p._framing import frame
 
@@ -106,6 +111,8 @@ async def start_node(
     identity: Identity | None = None,
     *,
     reader: BlobReader | None = None,
+    may_serve: MayServe = allow_all,
+    inbound: InboundBudget | None = None,
     **config: object,
 ) -> Node:
     identity = identity or Identity.generate()
@@ -116,7 +123,14 @@ async def start_node(
         blob = blobs.get(cid)
         return None if blob is None else blob[offset : offset + length]
 
-    net = Libp2pNetwork(identity, fast_config(**config), rec, reader or dict_reader)
+    net = Libp2pNetwork(
+        identity,
+        fast_config(**config),
+        rec,
+        reader or dict_reader,
+        may_serve=may_serve,
+        inbound=inbound,
+    )
     scope = trio.CancelScope()
 
     async def runner(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -259,6 +273,64 @@ async def test_fetch_falls_back_to_stream_protocol_without_bulk(nursery: trio.Nu
     assert b.rec.of(FetchFailed)[0].reason == "not found"
     assert b.net.stats().extra["bulk_fallbacks"] == 2
     assert a.net.stats().extra["blob_served"] == 2
+
+
+async def test_refused_peer_gets_not_allowed_on_the_stream_protocol(nursery: trio.Nursery) -> None:
+    allowed: set[str] = set()
+    a = await start_node(nursery, bulk_tcp=False, may_serve=lambda peer, cid: peer in allowed)
+    b = await start_node(nursery, bootstrap=[a.addr])
+    await b.rec.wait_for(lambda ev: a.id in b.rec.connected())
+    a.blobs["c"] = b"update bytes"
+    b.net.fetch(a.id, "c", 0, 5, "refused")
+    await b.rec.wait_for(lambda ev: bool(b.rec.of(FetchFailed)))
+    assert b.rec.of(FetchFailed)[0].reason == NOT_ALLOWED
+    allowed.add(b.id)
+    b.net.fetch(a.id, "c", 0, 5, "allowed")
+    await b.rec.wait_for(lambda ev: bool(b.rec.of(FetchDone)))
+    assert b.rec.of(FetchDone)[0].data == b"updat"
+
+
+async def test_gossip_over_the_cap_or_the_budget_is_dropped_and_counted(
+    nursery: trio.Nursery,
+) -> None:
+    budget = InboundBudget(per_peer=3 * MAX_GOSSIP_BYTES, total=10 * MAX_GOSSIP_BYTES)
+    a = await start_node(nursery, inbound=budget)
+    b = await start_node(nursery, bootstrap=[a.addr])
+    a.net.subscribe("t")
+    b.net.subscribe("t")
+    await b.rec.wait_for(lambda ev: a.id in b.rec.connected())
+    # py-libp2p's pubsub carries a message above our cap (up to about 1 MiB): the receiver
+    # must refuse it itself.
+    pubsub = b.net._pubsub
+    await _wait_subscribed(pubsub, a.id, "t")
+    await pubsub.publish("t", b"x" * (MAX_GOSSIP_BYTES + 1))
+    b.net.publish("t", b"small")
+    await a.rec.wait_for(lambda ev: any(m.data == b"small" for m in a.rec.of(Message)))
+    assert budget.dropped(b.id) == 1  # the oversized one, before it was even verified
+    # A core that has not handled b's earlier messages yet: b is at its budget at a.
+    assert budget.take(b.id, 3 * MAX_GOSSIP_BYTES)
+    for _ in range(3):
+        b.net.publish("t", b"y" * 1000)
+    await _poll(lambda: budget.dropped(b.id) == 4)
+    budget.release(b.id, 3 * MAX_GOSSIP_BYTES)
+    b.net.publish("t", b"after")
+    await a.rec.wait_for(lambda ev: any(m.data == b"after" for m in a.rec.of(Message)))
+    got = [m.data for m in a.rec.of(Message) if m.sender == b.id]
+    assert got == [b"small", b"after"]
+    assert a.net.stats().extra["gossip_refused"] == 4
+
+
+async def _poll(predicate: Callable[[], bool]) -> None:
+    """Until predicate() (a drop makes no event to wait for)."""
+    with trio.fail_after(10):
+        while not predicate():
+            await trio.sleep(0.02)
+
+
+async def _wait_subscribed(pubsub: Any, peer: str, topic: str) -> None:
+    with trio.fail_after(10):
+        while not any(str(p) == peer for p in pubsub.peer_topics.get(topic, ())):
+            await trio.sleep(0.02)
 
 
 async def test_fetch_from_unreachable_peer_fails(nursery: trio.Nursery) -> None:

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 from p2pfl.identity import Identity
+from p2pfl.limits import MAX_TASKPACK_BYTES
+from p2pfl.store.blobref import BlobRef, make_blob_ref
 from p2pfl.store.cid import cid_of
 from p2pfl.taskpack.manifest import load_manifest
 from p2pfl.taskpack.pack import pack_dir
@@ -30,48 +32,106 @@ DATASETS = ["wages", "other"]
 @dataclasses.dataclass
 class Signed:
     archive: bytes
-    cid: str
+    ref: BlobRef
     manifest: bytes
     sig: bytes
+
+    @property
+    def cid(self) -> str:
+        return self.ref.cid
 
 
 def publish(tmp_path: Path, doc: dict | None = None, signer: Identity = PUBLISHER) -> Signed:
     root = write_tree(tmp_path / "tp", {"src/task.py": b"# task\n"}, manifest_yaml(doc))
     archive = pack_dir(root)
-    cid = cid_of(archive)
+    ref = make_blob_ref(archive)
     manifest = load_manifest(root).canonical_bytes()
-    return Signed(archive, cid, manifest, sign_taskpack(signer, manifest, cid))
+    return Signed(archive, ref, manifest, sign_taskpack(signer, manifest, ref))
 
 
 def announce(s: Signed, policy: TrustPolicy | None = None, caps=CAPS, datasets=DATASETS):
     policy = policy or TrustPolicy(frozenset({PUBLISHER.peer_id}))
-    return check_announcement(PUBLISHER.peer_id, s.manifest, s.cid, s.sig, policy, caps, datasets)
+    return check_announcement(PUBLISHER.peer_id, s.manifest, s.ref, s.sig, policy, caps, datasets)
 
 
 def test_happy_path(tmp_path: Path) -> None:
     s = publish(tmp_path)
-    assert verify_taskpack(PUBLISHER.peer_id, s.manifest, s.cid, s.sig)
+    assert verify_taskpack(PUBLISHER.peer_id, s.manifest, s.ref, s.sig)
     assert announce(s) is None
     assert check_archive(s.archive, s.cid, s.manifest) is None
     policy = TrustPolicy(trust_any=True)
     assert (
-        authenticate(PUBLISHER.peer_id, s.manifest, s.cid, s.sig, policy, CAPS, DATASETS, s.archive)
+        authenticate(PUBLISHER.peer_id, s.manifest, s.ref, s.sig, policy, CAPS, DATASETS, s.archive)
         is None
     )
 
 
-def test_payload_is_unambiguous() -> None:
-    # The digest is fixed-length, so no (manifest, cid) pair can collide with another.
-    assert len(signing_payload(b"m", "c")) == 33
-    assert signing_payload(b"ab", "c") != signing_payload(b"a", "bc")
+def test_payload_is_unambiguous_and_covers_the_whole_ref() -> None:
+    # Tag plus two fixed-length digests: no (manifest, ref) pair can collide with another.
+    ref = make_blob_ref(b"x" * 5000, chunk_size=1024)
+    assert len(signing_payload(b"m", ref)) == len(b"p2pfl-taskpack-v2\0") + 64
+    assert signing_payload(b"ab", ref) != signing_payload(b"a", ref)
+    for changed in (
+        dataclasses.replace(ref, size=ref.size + 1),
+        dataclasses.replace(ref, chunk_size=2048),
+        dataclasses.replace(ref, chunk_hashes=ref.chunk_hashes[:-1]),
+        dataclasses.replace(ref, chunk_hashes=(b"\0" * 32, *ref.chunk_hashes[1:])),
+        dataclasses.replace(ref, cid=cid_of(b"other")),
+    ):
+        assert signing_payload(b"m", changed) != signing_payload(b"m", ref)
+
+
+def test_genuine_signature_with_forged_ref_is_bad_signature(tmp_path: Path) -> None:
+    """The 1 GiB download of issue 9: a real signature, a forged size and chunk list."""
+    s = publish(tmp_path)
+    gib = 2**30
+    forged = BlobRef(s.cid, gib, 4 * 2**20, tuple(b"\x07" * 32 for _ in range(gib // (4 * 2**20))))
+    refusal = announce(dataclasses.replace(s, ref=forged))
+    assert refusal is not None and refusal.reason == "bad-signature"
+    hashes = dataclasses.replace(s.ref, chunk_hashes=(b"\x07" * 32,) * s.ref.n_chunks)
+    assert announce(dataclasses.replace(s, ref=hashes)).reason == "bad-signature"
+
+
+def test_version_1_signature_is_refused(tmp_path: Path) -> None:
+    s = publish(tmp_path)
+    v1 = sign_taskpack(PUBLISHER, s.manifest, s.cid)  # manifest + cid only
+    assert announce(dataclasses.replace(s, sig=v1)).reason == "bad-signature"
+
+
+def test_oversize_taskpack_refused_before_fetch() -> None:
+    manifest = load_manifest(manifest_yaml()).canonical_bytes()
+    chunk = 4 * 2**20
+    size = MAX_TASKPACK_BYTES + 1
+    n = -(-size // chunk)
+    ref = BlobRef(cid_of(b"big"), size, chunk, (b"\x01" * 32,) * n)
+    s = Signed(b"", ref, manifest, sign_taskpack(PUBLISHER, manifest, ref))
+    refusal = announce(s)
+    assert refusal is not None and refusal.reason == "too-large"
+    assert str(MAX_TASKPACK_BYTES) in refusal.detail
+    fits = BlobRef(
+        ref.cid, MAX_TASKPACK_BYTES, chunk, (b"\x01" * 32,) * (MAX_TASKPACK_BYTES // chunk)
+    )
+    assert announce(Signed(b"", fits, manifest, sign_taskpack(PUBLISHER, manifest, fits))) is None
+
+
+def test_inconsistent_ref_is_bad_ref() -> None:
+    manifest = load_manifest(manifest_yaml()).canonical_bytes()
+    ref = BlobRef(cid_of(b"x"), 10_000, 1024, (b"\x01" * 32,) * 3)  # 10 chunks, 3 hashes
+    refusal = announce(Signed(b"", ref, manifest, sign_taskpack(PUBLISHER, manifest, ref)))
+    assert refusal is not None and refusal.reason == "bad-ref"
 
 
 def test_wrong_signature(tmp_path: Path) -> None:
     s = publish(tmp_path, signer=OTHER)  # signed by someone else, announced as PUBLISHER
     assert announce(s) == Refusal("bad-signature", announce(s).detail)
-    assert not verify_taskpack(PUBLISHER.peer_id, s.manifest, s.cid, b"\0" * 64)
-    assert not verify_taskpack("not-a-peer-id", s.manifest, s.cid, s.sig)
-    assert not verify_taskpack(PUBLISHER.peer_id, s.manifest, "caf\u00e9", s.sig)
+    assert not verify_taskpack(PUBLISHER.peer_id, s.manifest, s.ref, b"\0" * 64)
+    assert not verify_taskpack("not-a-peer-id", s.manifest, s.ref, s.sig)
+    bad_cid = dataclasses.replace(s.ref, cid="caf\u00e9")
+    assert not verify_taskpack(PUBLISHER.peer_id, s.manifest, bad_cid, s.sig)
+    assert not verify_taskpack(PUBLISHER.peer_id, s.manifest, s.cid, s.sig)  # not a BlobRef
+    assert not verify_taskpack(
+        PUBLISHER.peer_id, s.manifest, dataclasses.replace(s.ref, size=-1), s.sig
+    )
     good = publish(tmp_path / "g")
     flipped = bytes([good.sig[0] ^ 1]) + good.sig[1:]
     assert announce(dataclasses.replace(good, sig=flipped)).reason == "bad-signature"
@@ -103,8 +163,8 @@ def test_changed_manifest_in_archive_is_manifest_mismatch(tmp_path: Path) -> Non
     honest = publish(tmp_path / "a")
     # A different archive whose CID is signed together with the *original* manifest.
     other = publish(tmp_path / "b", manifest_doc(spec__federated__rounds=300))
-    sig = sign_taskpack(PUBLISHER, honest.manifest, other.cid)
-    assert announce(Signed(other.archive, other.cid, honest.manifest, sig)) is None
+    sig = sign_taskpack(PUBLISHER, honest.manifest, other.ref)
+    assert announce(Signed(other.archive, other.ref, honest.manifest, sig)) is None
     refusal = check_archive(other.archive, other.cid, honest.manifest)
     assert refusal is not None and refusal.reason == "manifest-mismatch"
 
@@ -135,8 +195,8 @@ def test_archive_without_manifest_or_unsafe(tmp_path: Path) -> None:
 
 def test_invalid_manifest(tmp_path: Path) -> None:
     manifest = b'{"apiVersion":"p2pfl/v1","kind":"TaskPackage"}'
-    cid = cid_of(b"whatever")
-    s = Signed(b"", cid, manifest, sign_taskpack(PUBLISHER, manifest, cid))
+    ref = make_blob_ref(b"whatever")
+    s = Signed(b"", ref, manifest, sign_taskpack(PUBLISHER, manifest, ref))
     refusal = announce(s)
     assert refusal is not None and refusal.reason == "invalid-manifest"
     assert "metadata: is required" in refusal.detail and "spec: is required" in refusal.detail

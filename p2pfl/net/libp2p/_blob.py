@@ -3,7 +3,9 @@
 Request:  frame(msgpack [cid, offset, length])            (length <= MAX_FETCH_BYTES)
 Response: status byte, 4-byte big-endian length, body.    status 0: body is the data
                                                           (short at the end of the blob);
-                                                          otherwise body is a reason text.
+                                                          otherwise body is a reason text
+                                                          (status 4: "not allowed", this
+                                                          peer may not have this blob).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import msgpack
 import trio
 
 from p2pfl.errors import RemoteProtocolError
-from p2pfl.net.base import MAX_FETCH_BYTES, BlobReader
+from p2pfl.net.base import MAX_FETCH_BYTES, NOT_ALLOWED, BlobReader, MayServe, allow_all
 from p2pfl.net.libp2p._framing import (
     deadline,
     frame,
@@ -30,7 +32,7 @@ from p2pfl.net.libp2p._framing import (
 LOG = logging.getLogger("p2pfl.net.libp2p")
 
 BLOB_PROTOCOL = "/p2pfl/blob/1.0.0"
-OK, NOT_FOUND, BAD_REQUEST, SERVER_ERROR = 0, 1, 2, 3
+OK, NOT_FOUND, BAD_REQUEST, SERVER_ERROR, FORBIDDEN = 0, 1, 2, 3, 4
 _RESP = struct.Struct(">BI")
 _MAX_REQUEST = 1024
 _MAX_REASON = 4096
@@ -49,6 +51,15 @@ class FetchRefused(Exception):
 
 class _Busy(Exception):
     """No serve slot came free in time."""
+
+
+def allowed(may_serve: MayServe, peer: str, cid: str) -> bool:
+    """`may_serve(peer, cid)`, failing closed: a hook that raises refuses (and says so)."""
+    try:
+        return bool(may_serve(peer, cid))
+    except Exception:
+        LOG.exception("may_serve failed for %s / %s: refusing", peer, cid[:80])
+        return False
 
 
 def encode_request(cid: str, offset: int, length: int) -> bytes:
@@ -79,38 +90,25 @@ async def serve_blob_stream(
     reader: BlobReader,
     limit: trio.Semaphore,
     count: Callable[[int, int], None],
+    may_serve: MayServe = allow_all,
 ) -> None:
-    """Answer one request on `stream`. Never raises: bad input resets the stream."""
+    """Answer one request on `stream`. Never raises: bad input resets the stream.
+
+    `may_serve(peer, cid)` is asked before anything is read: a refused peer gets a
+    FORBIDDEN answer at once (the fetcher fails with "not allowed", no timeout)."""
     try:
         with trio.fail_after(REQUEST_TIMEOUT_S):
             raw = await read_frame(stream, _MAX_REQUEST)
         if raw is None:
             raise RemoteProtocolError("blob stream closed before a request")
         cid, offset, length = decode_request(raw)
-        # Bounds how many ranges one peer has us read at once; every holder is bounded in
-        # time (the write below), so the wait is too, and past it the answer is "busy".
-        async with serve_slot(limit, SLOT_TIMEOUT_S) as got:
-            try:
-                if not got:
-                    raise _Busy
-                data = reader(cid, offset, length)
-            except _Busy:
-                status, body = SERVER_ERROR, b"busy"
-            except Exception:
-                LOG.exception("blob reader failed for %s@%d+%d", cid, offset, length)
-                status, body = SERVER_ERROR, b"server error"
-            else:
-                if data is None:
-                    status, body = NOT_FOUND, b"not found"
-                elif len(data) > length:
-                    LOG.error("blob reader returned %d bytes for %d asked", len(data), length)
-                    status, body = SERVER_ERROR, b"server error"
-                else:
-                    status, body = OK, data
+        if not allowed(may_serve, peer, cid):
+            # Refused before a slot or a read: costs this node one small answer.
+            status, body = FORBIDDEN, NOT_ALLOWED.encode()
             with trio.fail_after(transfer_deadline(len(body))):
-                await stream.write(_RESP.pack(status, len(body)))
-                if body:
-                    await stream.write(body)
+                await stream.write(_RESP.pack(status, len(body)) + body)
+        else:
+            status, body = await _answer_range(stream, reader, limit, cid, offset, length)
         count(len(raw) + 4, _RESP.size + len(body))
         with trio.move_on_after(2):  # the answer is out: never hold the task long here
             await stream.close()
@@ -123,6 +121,37 @@ async def serve_blob_stream(
     except Exception as exc:  # the peer went away mid-answer, most likely
         LOG.debug("blob stream from %s failed: %r", peer, exc)
         await _reset(stream)
+
+
+async def _answer_range(
+    stream: Any, reader: BlobReader, limit: trio.Semaphore, cid: str, offset: int, length: int
+) -> tuple[int, bytes]:
+    """Read the range under one of the peer's serve slots and write the answer."""
+    # Bounds how many ranges one peer has us read at once; every holder is bounded in
+    # time (the write below), so the wait is too, and past it the answer is "busy".
+    async with serve_slot(limit, SLOT_TIMEOUT_S) as got:
+        try:
+            if not got:
+                raise _Busy
+            data = reader(cid, offset, length)
+        except _Busy:
+            status, body = SERVER_ERROR, b"busy"
+        except Exception:
+            LOG.exception("blob reader failed for %s@%d+%d", cid, offset, length)
+            status, body = SERVER_ERROR, b"server error"
+        else:
+            if data is None:
+                status, body = NOT_FOUND, b"not found"
+            elif len(data) > length:
+                LOG.error("blob reader returned %d bytes for %d asked", len(data), length)
+                status, body = SERVER_ERROR, b"server error"
+            else:
+                status, body = OK, data
+        with trio.fail_after(transfer_deadline(len(body))):
+            await stream.write(_RESP.pack(status, len(body)))
+            if body:
+                await stream.write(body)
+    return status, body
 
 
 async def request_range(stream: Any, cid: str, offset: int, length: int) -> tuple[bytes, int]:

@@ -39,12 +39,15 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from p2pfl.errors import RemoteProtocolError
+from p2pfl.net.base import NOT_ALLOWED, MayServe, allow_all
 from p2pfl.net.libp2p._blob import (
     _MAX_REQUEST,
+    FORBIDDEN,
     NOT_FOUND,
     OK,
     SERVER_ERROR,
     FetchRefused,
+    allowed,
     decode_request,
     encode_request,
 )
@@ -146,7 +149,12 @@ class BulkServer:
 
 
 async def serve_bulk_stream(
-    stream: Any, peer: str, server: BulkServer, reader: Any, limit: trio.Semaphore
+    stream: Any,
+    peer: str,
+    server: BulkServer,
+    reader: Any,
+    limit: trio.Semaphore,
+    may_serve: MayServe = allow_all,
 ) -> tuple[int, int]:
     """Answer one bulk request on a libp2p stream.
 
@@ -162,6 +170,12 @@ async def serve_bulk_stream(
         if not raw:
             raise RemoteProtocolError("bulk stream closed before a request")
         cid, offset, length = decode_request(raw)
+        if not allowed(may_serve, peer, cid):
+            # Refused before a slot or a read; FetchRefused on the fetcher (no fallback).
+            sent = await _answer(stream, FORBIDDEN, NOT_ALLOWED.encode())
+            with trio.move_on_after(2):
+                await _close(stream)
+            return len(raw), sent
         # A slot is held until the range is collected: it bounds memory per peer. Every
         # holder is bounded in time, so this wait is too; past it the answer is "busy"
         # (the fetcher then asks another provider rather than this overloaded one again).
@@ -272,7 +286,8 @@ async def _seal(key: bytes, data: bytes, aad: bytes) -> bytes:
     if len(data) < THREAD_CRYPTO_BYTES:
         return AESGCM(key).encrypt(_NONCE, data, aad)
     # Abandonable: a cancelled serve must not wait for the thread (it finishes alone).
-    return await trio.to_thread.run_sync(
+    # mypy 2.4 rejects any keyword after run_sync's `*args: Unpack[Ts]` (a false positive).
+    return await trio.to_thread.run_sync(  # type: ignore[call-arg]
         AESGCM(key).encrypt, _NONCE, data, aad, abandon_on_cancel=True
     )
 
@@ -280,7 +295,7 @@ async def _seal(key: bytes, data: bytes, aad: bytes) -> bytes:
 async def _open(key: bytes, sealed: bytes, aad: bytes) -> bytes:
     if len(sealed) < THREAD_CRYPTO_BYTES:
         return AESGCM(key).decrypt(_NONCE, sealed, aad)
-    return await trio.to_thread.run_sync(
+    return await trio.to_thread.run_sync(  # type: ignore[call-arg]
         AESGCM(key).decrypt, _NONCE, sealed, aad, abandon_on_cancel=True
     )
 

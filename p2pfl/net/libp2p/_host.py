@@ -8,6 +8,7 @@ when full, a 120 s heartbeat.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -21,16 +22,23 @@ from libp2p.abc import INotifee
 from libp2p.crypto.x25519 import create_new_key_pair as x25519_keypair
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.rpc_queue import PriorityQueue
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID, Transport as Noise
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID, Yamux
 
+from p2pfl.limits import LOG_EVERY_S, OUTBOUND_GOSSIP_PEER_BYTES
 from p2pfl.net.libp2p._config import Libp2pConfig
 
 # Called for every gossip message we accept: (topic, originator peer id bytes, data).
 GossipHandler = Callable[[str, bytes, bytes], None]
+# Asked first for every gossip message received: (originator peer id bytes, data length)
+# -> whether to go on. False drops it before signature checks, the message cache, relaying
+# and delivery (an oversized message, or its originator over its inbound byte budget).
+GossipAdmit = Callable[[bytes, int], bool]
 
 
 def build_host(keypair: Any, config: Libp2pConfig) -> Any:
@@ -55,27 +63,62 @@ def build_host(keypair: Any, config: Libp2pConfig) -> Any:
     async def _no_auto_connect() -> None:
         return None
 
-    host.get_network().auto_connector.maybe_connect = _no_auto_connect
+    network: Any = host.get_network()  # the Swarm: its interface type lacks the connector
+    network.auto_connector.maybe_connect = _no_auto_connect
     return host
 
 
 # Outbound RPCs queued per peer before py-libp2p drops new ones. Its default of 32 lost
-# two thirds of a 200-message burst (logged at debug level only). Gossip carries small
-# control messages, so a deep queue costs little memory in practice.
+# two thirds of a 200-message burst (logged at debug level only), so the count is raised
+# and the queue is bounded in bytes instead (OUTBOUND_GOSSIP_PEER_BYTES, p2pfl.limits): a
+# slow peer costs us at most that much, however many messages wait for it.
 OUTBOUND_QUEUE_RPCS = 8192
+_LOG = logging.getLogger("p2pfl.net.libp2p")
 
 
-class _DeepQueues(dict):  # type: ignore[type-arg]
-    """pubsub.peer_queues, deepening each per-peer queue as pubsub creates it."""
+class _BytePriorityQueue(PriorityQueue):
+    """py-libp2p's per-peer outbound queue, refusing an RPC past `max_bytes` queued."""
+
+    def __init__(self, max_size: int, max_bytes: int) -> None:
+        super().__init__(max_size)
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.dropped = 0
+        self._logged_at = float("-inf")
+
+    def push(self, rpc: rpc_pb2.RPC, priority: bool = False) -> bool:
+        n = rpc.ByteSize()
+        if self.bytes + n > self.max_bytes:
+            self.dropped += 1
+            now = time.monotonic()
+            if now - self._logged_at >= LOG_EVERY_S:
+                self._logged_at = now
+                _LOG.warning(
+                    "a peer is not reading its gossip: %d bytes queued for it, %d RPCs dropped",
+                    self.bytes,
+                    self.dropped,
+                )
+            return False
+        ok = super().push(rpc, priority)
+        if ok:
+            self.bytes += n
+        return ok
+
+    def pop(self) -> rpc_pb2.RPC | None:
+        rpc = super().pop()
+        if rpc is not None:
+            self.bytes = max(0, self.bytes - rpc.ByteSize())
+        return rpc
+
+
+class _DeepQueues(dict[Any, Any]):
+    """pubsub.peer_queues, replacing each per-peer queue's store as pubsub creates it."""
 
     def __setitem__(self, peer: Any, queue: Any) -> None:
-        inner = getattr(queue, "_queue", None)
-        if inner is not None and hasattr(inner, "max_size"):
-            inner.max_size = OUTBOUND_QUEUE_RPCS
+        if isinstance(getattr(queue, "_queue", None), PriorityQueue):
+            queue._queue = _BytePriorityQueue(OUTBOUND_QUEUE_RPCS, OUTBOUND_GOSSIP_PEER_BYTES)
         else:  # a py-libp2p upgrade moved it: say so rather than silently drop messages
-            logging.getLogger("p2pfl.net.libp2p").warning(
-                "cannot deepen the pubsub queue; bursts over 32 messages may be lost"
-            )
+            _LOG.warning("cannot replace the pubsub queue; bursts over 32 messages may be lost")
         super().__setitem__(peer, queue)
 
 
@@ -86,12 +129,30 @@ class SinkPubsub(Pubsub):
     synchronous callback cannot overflow, so nothing is lost however bursty the topic.
     """
 
-    def __init__(self, host: Any, router: Any, on_message: GossipHandler) -> None:
+    def __init__(
+        self,
+        host: Any,
+        router: Any,
+        on_message: GossipHandler,
+        admit: GossipAdmit | None = None,
+        max_rpc_bytes: int = 1 << 20,
+    ) -> None:
         # strict_signing: every message carries the originator's signature, so `from_id`
         # is authenticated, not just the forwarding neighbour's claim.
         super().__init__(host, router, strict_signing=True)
         self._on_message = on_message
+        self._admit = admit
         self.peer_queues = _DeepQueues()
+        # One RPC read from a peer holds at most this much (py-libp2p's own outbound limit
+        # is about 1 MiB, so an honest peer never sends more); a larger one ends its stream.
+        self.max_inbound_rpc_size = max_rpc_bytes
+
+    async def push_msg(self, msg_forwarder: Any, msg: rpc_pb2.Message) -> None:
+        # Before anything costs: an oversized message or a flooding originator's message
+        # is neither verified, nor cached for gossip, nor relayed, nor delivered.
+        if self._admit is not None and not self._admit(msg.from_id, len(msg.data)):
+            return
+        await super().push_msg(msg_forwarder, msg)
 
     def notify_subscriptions(self, publish_message: rpc_pb2.Message) -> None:
         for topic in publish_message.topicIDs:
@@ -110,6 +171,27 @@ class _GossipSub(GossipSub):
     peers *we* pruned (py-libp2p records those too, in its mesh maintenance); here the
     record made for the pruner is undone.
     """
+
+    def _check_equivocation(self, msg: rpc_pb2.Message) -> bool:
+        """py-libp2p keeps the first copy of each of the last 500-1000 messages, whole, to
+        spot a peer sending two contents under one (from, seqno): with gossip messages of up
+        to MAX_GOSSIP_BYTES that held 260 MB after a flood of 600 junk messages. Same check,
+        keeping a 32-byte digest of the content instead of the message."""
+        key = msg.from_id + msg.seqno
+        h = hashlib.sha256(msg.data)
+        for topic in msg.topicIDs:
+            h.update(b"\0" + topic.encode())
+        digest = h.digest()
+        first = self.equivocation_detection.get(key)
+        if first is None:
+            self.equivocation_detection[key] = digest  # type: ignore[assignment]
+            return True
+        if first != digest:
+            _LOG.warning("equivocation: %s sent two contents under one seqno", ID(msg.from_id))
+            if self.scorer is not None:
+                self.scorer.penalize_equivocation(ID(msg.from_id), 100.0)
+            return False
+        return True
 
     async def handle_prune(self, prune_msg: Any, sender_peer_id: Any) -> None:
         topic = prune_msg.topicID
@@ -150,11 +232,17 @@ def _consume_signed_record_once(msg: Any, host: Any, peer_id: Any) -> bool:
     return ok
 
 
-_pubsub_mod.maybe_consume_signed_record = _consume_signed_record_once  # type: ignore[assignment]
-_gossipsub_mod.maybe_consume_signed_record = _consume_signed_record_once  # type: ignore[assignment]
+_pubsub_mod.maybe_consume_signed_record = _consume_signed_record_once
+_gossipsub_mod.maybe_consume_signed_record = _consume_signed_record_once
 
 
-def build_pubsub(host: Any, config: Libp2pConfig, on_message: GossipHandler) -> tuple[Any, Any]:
+def build_pubsub(
+    host: Any,
+    config: Libp2pConfig,
+    on_message: GossipHandler,
+    admit: GossipAdmit | None = None,
+    max_rpc_bytes: int = 1 << 20,
+) -> tuple[Any, Any]:
     gossipsub = _GossipSub(
         protocols=[PROTOCOL_ID_V11, PROTOCOL_ID],
         degree=config.gossip_degree,
@@ -169,7 +257,7 @@ def build_pubsub(host: Any, config: Libp2pConfig, on_message: GossipHandler) -> 
         # Keep the heartbeat where we set it.
         adaptive_gossip_enabled=False,
     )
-    pubsub = SinkPubsub(host, gossipsub, on_message)
+    pubsub = SinkPubsub(host, gossipsub, on_message, admit, max_rpc_bytes)
     return pubsub, gossipsub
 
 

@@ -21,6 +21,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError
 from p2pfl.identity import Identity
+from p2pfl.limits import MAX_INBOUND_STREAMS_PER_PEER, OUTBOUND_DIRECT_PEER_BYTES
 from p2pfl.net.base import (
     MAX_DIRECT_BYTES,
     MAX_FETCH_BYTES,
@@ -29,13 +30,16 @@ from p2pfl.net.base import (
     EventSink,
     FetchDone,
     FetchFailed,
+    MayServe,
     Message,
     NetEvent,
     NetStats,
     PeerConnected,
     PeerDisconnected,
     PeerInfo,
+    allow_all,
 )
+from p2pfl.net.inbound import InboundBudget
 from p2pfl.net.libp2p import _blob, _bulk, _fetch, _px
 from p2pfl.net.libp2p._config import Libp2pConfig
 from p2pfl.net.libp2p._framing import (
@@ -58,6 +62,9 @@ HANDSHAKE_TIMEOUT_S = 10.0
 WRITE_TIMEOUT_S = 30.0
 # First peer-exchange re-ask after a new connection; doubles up to px_interval_s.
 PX_FAST_S = 0.5
+# One gossip RPC read from a peer: one message at the cap plus its envelope (ids,
+# signature, topic, a sender record, control messages).
+MAX_GOSSIP_RPC_BYTES = MAX_GOSSIP_BYTES + 64 * 1024
 
 
 class Libp2pNetwork:
@@ -69,11 +76,20 @@ class Libp2pNetwork:
         config: Libp2pConfig,
         sink: EventSink,
         blob_reader: BlobReader | None = None,
+        may_serve: MayServe = allow_all,
+        inbound: InboundBudget | None = None,
     ) -> None:
+        """`inbound`, when given, is the budget the consumer charges received messages to
+        (io_trio.TrioIO.deliver): gossip from an originator over it is dropped before it
+        is verified, cached or relayed, and drops of oversized messages are counted in it."""
         self._identity = identity
         self._config = config
         self._sink = sink
         self._blob_reader: BlobReader = blob_reader or (lambda cid, off, n: None)
+        self._may_serve = may_serve  # asked before every range served (see net.base)
+        self._inbound = inbound
+        self._inbound_streams: dict[str, int] = {}  # peer -> direct streams open to us
+        self._send_bytes: dict[str, int] = {}  # peer -> bytes of direct messages queued
         self._cmd_send, self._cmd_recv = trio.open_memory_channel[tuple[Any, ...]](math.inf)
         self._book = PeerBook(
             identity.peer_id,
@@ -84,7 +100,14 @@ class Libp2pNetwork:
         for addr in config.bootstrap:
             self._book.add_bootstrap(addr.rsplit("/p2p/", 1)[1], addr)
         self._stats = NetStats(
-            extra={"fetch_done": 0, "fetch_failed": 0, "direct_dropped": 0, "blob_served": 0}
+            extra={
+                "fetch_done": 0,
+                "fetch_failed": 0,
+                "direct_dropped": 0,
+                "blob_served": 0,
+                "gossip_refused": 0,
+                "direct_streams_refused": 0,
+            }
         )
         self._host: Any = None
         self._pubsub: Any = None
@@ -161,7 +184,9 @@ class Libp2pNetwork:
         cancelled; cancellation closes the host."""
         route_libp2p_logs(self._config.libp2p_log_level)
         host = build_host(self._identity.libp2p_keypair(), self._config)
-        pubsub, gossipsub = build_pubsub(host, self._config, self._on_gossip)
+        pubsub, gossipsub = build_pubsub(
+            host, self._config, self._on_gossip, self._admit_gossip, MAX_GOSSIP_RPC_BYTES
+        )
         self._host, self._pubsub = host, pubsub
         self._reacher = _fetch.Reacher(host, self._book.addrs)
         host.set_stream_handler(TProtocol(MSG_PROTOCOL), self._handle_msg_stream)
@@ -253,13 +278,37 @@ class Libp2pNetwork:
             except Exception:
                 LOG.exception("network command %s failed", kind)
 
-    def _on_gossip(self, topic: str, from_id: bytes, data: bytes) -> None:
+    def _sender(self, from_id: bytes) -> str:
         sender = self._sender_ids.get(from_id)
         if sender is None:
-            sender = ID(from_id).to_base58()
+            try:
+                sender = ID(from_id).to_base58()
+            except Exception:
+                sender = "?"  # not a peer id: strict signing refuses the message anyway
             if len(self._sender_ids) > 10_000:
                 self._sender_ids.clear()
             self._sender_ids[from_id] = sender
+        return sender
+
+    def _admit_gossip(self, from_id: bytes, n: int) -> bool:
+        """Whether a received gossip message is worth verifying, caching and relaying:
+        within MAX_GOSSIP_BYTES, from an originator not over its inbound byte budget."""
+        sender = self._sender(from_id)
+        if sender == self.peer_id:
+            return True  # our own publish coming back (publish() already capped it)
+        too_big = n > MAX_GOSSIP_BYTES
+        if not too_big and (self._inbound is None or self._inbound.room(sender, n)):
+            return True
+        self._stats.extra["gossip_refused"] += 1
+        what = "oversized gossip message" if too_big else "gossip message"
+        if self._inbound is not None:
+            self._inbound.drop(sender, n, what)
+        else:
+            LOG.debug("dropped a %s of %d bytes from %s", what, n, sender)
+        return False
+
+    def _on_gossip(self, topic: str, from_id: bytes, data: bytes) -> None:
+        sender = self._sender(from_id)
         self._stats.bytes_received += len(data)
         self._stats.messages_received += 1
         self._emit(Message(topic, sender, data))
@@ -270,11 +319,18 @@ class Libp2pNetwork:
         if peer == self.peer_id:
             self._emit(Message(None, peer, data))
             return
+        queued = self._send_bytes.get(peer, 0)
+        if queued + len(data) > OUTBOUND_DIRECT_PEER_BYTES:
+            # The peer reads slower than we write to it: what is queued bounds our memory.
+            self._stats.extra["direct_dropped"] += 1
+            LOG.debug("dropping a direct message to %s: %d bytes queued for it", peer, queued)
+            return
         channel = self._senders.get(peer)
         if channel is None:
             channel, recv = trio.open_memory_channel[bytes](math.inf)
             self._senders[peer] = channel
             self._spawn(self._direct_sender, peer, channel, recv)
+        self._send_bytes[peer] = queued + len(data)
         channel.send_nowait(data)
 
     async def _direct_sender(
@@ -283,6 +339,7 @@ class Libp2pNetwork:
         stream = None
         try:
             async for data in recv:
+                self._unqueue(peer, len(data))
                 sent = False
                 for _attempt in range(2):  # a stale stream gets one fresh replacement
                     try:
@@ -311,7 +368,7 @@ class Libp2pNetwork:
             channel.close()
             while True:
                 try:
-                    recv.receive_nowait()
+                    self._unqueue(peer, len(recv.receive_nowait()))
                     self._stats.extra["direct_dropped"] += 1
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
@@ -319,8 +376,33 @@ class Libp2pNetwork:
                 with trio.CancelScope(shield=True), trio.move_on_after(1):
                     await _close(stream)
 
+    def _unqueue(self, peer: str, n: int) -> None:
+        left = self._send_bytes.get(peer, 0) - n
+        if left > 0:
+            self._send_bytes[peer] = left
+        else:
+            self._send_bytes.pop(peer, None)
+
     async def _handle_msg_stream(self, stream: Any) -> None:
         peer = str(stream.muxed_conn.peer_id)
+        # A sender uses one stream; each open stream can buffer a yamux window, so a peer
+        # opening many at once is refused past a few.
+        if self._inbound_streams.get(peer, 0) >= MAX_INBOUND_STREAMS_PER_PEER:
+            self._stats.extra["direct_streams_refused"] += 1
+            LOG.debug("refusing another direct stream from %s", peer)
+            await _reset(stream)
+            return
+        self._inbound_streams[peer] = self._inbound_streams.get(peer, 0) + 1
+        try:
+            await self._read_msg_stream(peer, stream)
+        finally:
+            left = self._inbound_streams.get(peer, 1) - 1
+            if left > 0:
+                self._inbound_streams[peer] = left
+            else:
+                self._inbound_streams.pop(peer, None)
+
+    async def _read_msg_stream(self, peer: str, stream: Any) -> None:
         try:
             while True:
                 data = await read_frame(stream, MAX_DIRECT_BYTES)
@@ -344,7 +426,12 @@ class Libp2pNetwork:
         peer = str(stream.muxed_conn.peer_id)
         self._alive(peer)
         await _blob.serve_blob_stream(
-            stream, peer, self._blob_reader, self._serve_limit(peer), self._count_serve
+            stream,
+            peer,
+            self._blob_reader,
+            self._serve_limit(peer),
+            self._count_serve,
+            self._may_serve,
         )
 
     async def _handle_bulk_stream(self, stream: Any) -> None:
@@ -354,7 +441,7 @@ class Libp2pNetwork:
         # The serve counts its own bytes: serves overlap, so the server's shared counter
         # would charge each serve with the others' bytes as well.
         got, sent = await _bulk.serve_bulk_stream(
-            stream, peer, self._bulk, self._blob_reader, self._serve_limit(peer)
+            stream, peer, self._bulk, self._blob_reader, self._serve_limit(peer), self._may_serve
         )
         self._count_serve(got, sent)
 

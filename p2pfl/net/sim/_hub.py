@@ -20,7 +20,14 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from p2pfl.errors import LocalProtocolError
-from p2pfl.net.base import BlobReader, EventSink, NetStats, PeerConnected, PeerDisconnected
+from p2pfl.net.base import (
+    BlobReader,
+    EventSink,
+    MayServe,
+    NetStats,
+    PeerConnected,
+    PeerDisconnected,
+)
 from p2pfl.net.sim._gossip import GossipPlanner
 from p2pfl.net.sim._loop import EventLoop, TimerHandle
 from p2pfl.net.sim._network import SimNetwork, _owned
@@ -49,7 +56,11 @@ class SimHub(EventLoop):
     # --- nodes -----------------------------------------------------------------------
 
     def add_node(
-        self, peer_id: str, sink: EventSink, blob_reader: BlobReader | None = None
+        self,
+        peer_id: str,
+        sink: EventSink,
+        blob_reader: BlobReader | None = None,
+        may_serve: MayServe | None = None,
     ) -> SimNetwork:
         if peer_id in self._index:
             raise LocalProtocolError(f"add_node: {peer_id} already exists")
@@ -58,15 +69,23 @@ class SimHub(EventLoop):
         self._nodes.append(node)
         self._adj.append(set())
         self._planner = self._edge_arr = None
-        return self._incarnate(node, sink, blob_reader)
+        return self._incarnate(node, sink, blob_reader, may_serve)
 
-    def _incarnate(self, node: Node, sink: EventSink, reader: BlobReader | None) -> SimNetwork:
+    def _incarnate(
+        self,
+        node: Node,
+        sink: EventSink,
+        reader: BlobReader | None,
+        may_serve: MayServe | None = None,
+    ) -> SimNetwork:
         self._serial += 1
         node.serial = self._serial
         node.alive = True
         node.sink = sink
         if reader is not None:
             node.reader = reader
+        if may_serve is not None:
+            node.may_serve = may_serve
         node.topics = set()
         node.known = {}
         node.up_busy = node.down_busy = self._now
@@ -194,15 +213,20 @@ class SimHub(EventLoop):
             self._push(self._now + self.detect_s, self._sync_link, node.idx, j)
 
     def restart(
-        self, peer_id: str, sink: EventSink, blob_reader: BlobReader | None = None
+        self,
+        peer_id: str,
+        sink: EventSink,
+        blob_reader: BlobReader | None = None,
+        may_serve: MayServe | None = None,
     ) -> SimNetwork:
         """Bring a crashed node back as a new incarnation (no subscriptions, fresh sink);
         its old links come back up after their latency. Returns its new SimNetwork.
-        `blob_reader=None` keeps the previous reader (the store survived on disk)."""
+        `blob_reader=None` keeps the previous reader (the store survived on disk), and
+        `may_serve=None` the previous serving rule."""
         node = self.node(peer_id)
         if node.alive:
             raise LocalProtocolError(f"restart: {peer_id} is running; crash it first")
-        net = self._incarnate(node, sink, blob_reader)
+        net = self._incarnate(node, sink, blob_reader, may_serve)
         self._planner = None
         for j in sorted(self._adj[node.idx]):
             self._push(self._now + self._edge_lat(node.idx, j), self._sync_link, node.idx, j)

@@ -34,6 +34,7 @@ from p2pfl.net.base import (
     MAX_DIRECT_BYTES,
     MAX_FETCH_BYTES,
     MAX_GOSSIP_BYTES,
+    NOT_ALLOWED,
     FetchDone,
     FetchFailed,
     Message,
@@ -54,6 +55,8 @@ FETCH_REQUEST_BYTES = 64
 FETCH_RESPONSE_BYTES = 16
 
 NOT_FOUND = "not found"
+# The serving node's may_serve hook refused this peer (same reason text as libp2p).
+FORBIDDEN = NOT_ALLOWED
 UNREACHABLE = "unreachable"
 LOST = "lost"
 
@@ -350,16 +353,34 @@ def _serve_fetch(hub: SimHub, req: _Fetch, req_size: int) -> None:
         return
     server.f_recv += req_size
     server.f_mrecv += 1
-    data = server.reader(req.cid, req.offset, req.length)
-    if data is not None:
-        data = bytes(data[: req.length])
+    refusal: str | None = None
+    data: bytes | None = None
+    if not _may_serve(server, req.client.peer, req.cid):
+        refusal = FORBIDDEN  # asked before any read, as on a real node
+    else:
+        data = server.reader(req.cid, req.offset, req.length)
+        if data is not None:
+            data = bytes(data[: req.length])
+        else:
+            refusal = NOT_FOUND
     size = FETCH_RESPONSE_BYTES + (len(data) if data is not None else 0)
     server.f_sent += size
     server.f_msent += 1
-    _transfer(hub, server, req.client, size, False, _fetch_answer, hub, req, data, size)
+    _transfer(hub, server, req.client, size, False, _fetch_answer, hub, req, data, size, refusal)
 
 
-def _fetch_answer(hub: SimHub, req: _Fetch, data: bytes | None, size: int) -> None:
+def _may_serve(server: Node, peer: str, cid: str) -> bool:
+    """The server's hook, failing closed: a hook that raises refuses (and says so)."""
+    try:
+        return bool(server.may_serve(peer, cid))
+    except Exception:
+        log.exception("%s: may_serve failed for %s / %s: refusing", server.peer, peer, cid[:80])
+        return False
+
+
+def _fetch_answer(
+    hub: SimHub, req: _Fetch, data: bytes | None, size: int, refusal: str | None = None
+) -> None:
     client = req.client
     if not client.alive or client.serial != req.client_serial:
         return
@@ -371,6 +392,6 @@ def _fetch_answer(hub: SimHub, req: _Fetch, data: bytes | None, size: int) -> No
     client.f_recv += size
     client.f_mrecv += 1
     if data is None:
-        _fetch_failed(req, NOT_FOUND)
+        _fetch_failed(req, refusal or NOT_FOUND)
     else:
         client.emit(req.client_serial, FetchDone(req.token, req.peer, req.cid, req.offset, data))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError
-from p2pfl.net.base import BlobReader, EventSink, NetEvent, NetStats
+from p2pfl.net.base import BlobReader, EventSink, MayServe, NetEvent, NetStats, allow_all
 
 if TYPE_CHECKING:
     from p2pfl.net.sim._network import SimNetwork
@@ -63,6 +63,7 @@ class Node:
         "net",
         "sink",
         "reader",
+        "may_serve",
         "topics",
         "known",
         "link",
@@ -98,6 +99,7 @@ class Node:
         self.net: SimNetwork | None = None
         self.sink: EventSink = _drop
         self.reader: BlobReader = _null_reader
+        self.may_serve: MayServe = allow_all
         self.topics: set[str] = set()
         # neighbour index -> the serial of that neighbour we were told about (PeerConnected)
         self.known: dict[int, int] = {}
