@@ -338,7 +338,7 @@ class Driver:
         ref = self.put_blob(archive)
         manifest_bytes = manifest.canonical_bytes()
         unpack_atomic(archive, self.taskpack_dir(ref.cid), unpack)
-        sig = sign_taskpack(self.core.identity, manifest_bytes, ref.cid)
+        sig = sign_taskpack(self.core.identity, manifest_bytes, ref)
         ann = TaskpackAnnounce(manifest_bytes, ref, self.me, sig)
         return {
             "announce": ann,

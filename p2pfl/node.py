@@ -40,7 +40,6 @@ from p2pfl.policy import (
     load_policy,
 )
 from p2pfl.store.blobs import BlobStore
-from p2pfl.taskpack.signing import reseal_announcement
 from p2pfl.wire import decode, encode
 
 log = logging.getLogger("p2pfl.node")
@@ -193,7 +192,7 @@ class Node:
     async def publish(self, path: str, run: bool, params: dict[str, str]) -> dict[str, Any]:
         info = await trio.to_thread.run_sync(self.driver.publish_taskpack, Path(path))
         # Signed over the whole BlobRef (see taskpack.signing; a no-op once the driver is).
-        ann: TaskpackAnnounce = reseal_announcement(self.core.identity, info.pop("announce"))
+        ann: TaskpackAnnounce = info.pop("announce")
         self.driver.announce_taskpack(ann)
         self._remember(ann)
         if run:
@@ -430,8 +429,6 @@ class Node:
             except RemoteProtocolError as exc:
                 log.warning("ignoring unreadable %s: %s", path, exc)
                 continue
-            # Stored by an older node with a version 1 signature: ours, so sign it again.
-            ann = reseal_announcement(self.core.identity, ann)
             # Through the normal checks: signature, trust, then the stored archive.
             self.driver.execute(self.core.book.on_announce(self.core.me, ann))
 

@@ -25,7 +25,6 @@ from p2pfl.sim.cluster_base import (
     RoundRecord,
 )
 from p2pfl.sim.io import sim_node
-from p2pfl.taskpack.signing import reseal_announcement
 
 __all__ = ["ClusterSpec", "RoundRecord", "SimCluster", "TRAIN_OVERHEAD_S", "TRAIN_PER_SAMPLE_S"]
 
@@ -150,7 +149,7 @@ class SimCluster(ClusterBase):
         self.hub.run(until=self.hub.now + 0.5)  # links come up
         info = publisher.publish_taskpack(self.spec.taskpack_dir)
         # Signed over the whole BlobRef (see taskpack.signing; a no-op once the driver is).
-        publisher.announce_taskpack(reseal_announcement(publisher.core.identity, info["announce"]))
+        publisher.announce_taskpack(info["announce"])
         # Waiting costs nothing in virtual time: a wide window lets every node volunteer.
         created = publisher.create_task(
             info["cid"], self._offer_overrides(), volunteer_window_s=10.0

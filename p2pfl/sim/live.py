@@ -43,7 +43,6 @@ from p2pfl.net.base import NetStats
 from p2pfl.runtime import InProcessRunner, JobOutput, TaskSpec
 from p2pfl.sim.cluster_base import CAPABILITIES, ClusterBase, ClusterNode, ClusterSpec, RoundRecord
 from p2pfl.store.blobs import BlobStore
-from p2pfl.taskpack.signing import reseal_announcement
 
 log = logging.getLogger("p2pfl.sim.live")
 
@@ -321,7 +320,7 @@ class LiveCluster(ClusterBase):
         publisher = self.nodes[0].driver
         info = await trio.to_thread.run_sync(publisher.publish_taskpack, self.spec.taskpack_dir)
         # Signed over the whole BlobRef (see taskpack.signing; a no-op once the driver is).
-        publisher.announce_taskpack(reseal_announcement(publisher.core.identity, info["announce"]))
+        publisher.announce_taskpack(info["announce"])
         created = publisher.create_task(
             info["cid"], self._offer_overrides(), volunteer_window_s=self.volunteer_window_s
         )

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from dataclasses import replace
 from typing import Any
 
 from p2pfl.identity import Identity, verify
@@ -26,7 +25,6 @@ from p2pfl.store.blobref import BlobRef
 __all__ = [
     "SIGNATURE_KIND",
     "ref_digest",
-    "reseal_announcement",
     "sign_taskpack",
     "signing_payload",
     "verify_taskpack",
@@ -34,7 +32,7 @@ __all__ = [
 
 SIGNATURE_KIND = "taskpack/2"
 _PAYLOAD_TAG = b"p2pfl-taskpack-v2\x00"
-_LEGACY_KIND = "taskpack"  # version 1: sha256(manifest) || cid; never accepted any more
+# Version 1 (record kind "taskpack") signed sha256(manifest) || cid only; never accepted.
 _U64 = struct.Struct(">Q")
 
 
@@ -54,30 +52,12 @@ def signing_payload(manifest_bytes: bytes, ref: BlobRef) -> bytes:
     return _PAYLOAD_TAG + hashlib.sha256(manifest_bytes).digest() + ref_digest(ref)
 
 
-def sign_taskpack(identity: Identity, manifest_bytes: bytes, ref: BlobRef | str) -> bytes:
-    """The publisher's 64-byte Ed25519 signature of (manifest_bytes, ref).
+def sign_taskpack(identity: Identity, manifest_bytes: bytes, ref: BlobRef) -> bytes:
+    """The publisher's 64-byte Ed25519 signature of (manifest_bytes, the whole BlobRef).
 
     Pass ``Manifest.canonical_bytes()`` as `manifest_bytes`: that is what nodes receive.
-    A bare CID (str) still gives a version 1 signature, which no node accepts: only
-    Driver.publish_taskpack passes one until it passes the BlobRef, and its callers
-    re-sign the announcement with ``reseal_announcement``.
     """
-    if isinstance(ref, str):
-        legacy = hashlib.sha256(manifest_bytes).digest() + ref.encode("ascii")
-        return identity.sign(_LEGACY_KIND, legacy)
     return identity.sign(SIGNATURE_KIND, signing_payload(manifest_bytes, ref))
-
-
-def reseal_announcement(identity: Identity, ann: Any) -> Any:
-    """`ann` (a TaskpackAnnounce published by `identity`) with a version 2 signature.
-
-    For our own announcements only: those made by a driver that still signs version 1,
-    and those stored on disk by an older node (DATA_DIR/announcements)."""
-    if ann.publisher != identity.peer_id:
-        return ann  # another publisher's: never ours to sign
-    if verify_taskpack(ann.publisher, ann.manifest, ann.ref, ann.sig):
-        return ann
-    return replace(ann, sig=sign_taskpack(identity, ann.manifest, ann.ref))
 
 
 def verify_taskpack(publisher: str, manifest_bytes: bytes, ref: Any, sig: bytes) -> bool:

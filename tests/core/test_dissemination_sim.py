@@ -12,7 +12,6 @@ from p2pfl.identity import Identity
 from p2pfl.net.sim import LinkModel, SimHub
 from p2pfl.runtime import InProcessRunner
 from p2pfl.sim.io import sim_node
-from p2pfl.taskpack.signing import reseal_announcement
 from p2pfl.taskpack.trust import TrustPolicy
 from tests.core.simhelp import STATS
 
@@ -55,7 +54,7 @@ def test_taskpack_reaches_exactly_the_nodes_that_trust_the_publisher(tmp_path):
     trusting = {1, 2, 3, 5, 8}
     hub, drivers = _network(10, tmp_path, trusting)
     info = drivers[0].publish_taskpack(_big_taskpack(tmp_path, 3 * 1024 * 1024))
-    drivers[0].announce_taskpack(reseal_announcement(drivers[0].core.identity, info["announce"]))
+    drivers[0].announce_taskpack(info["announce"])
     cid = info["cid"]
 
     def settled() -> bool:
@@ -82,7 +81,7 @@ def test_taskpack_reaches_exactly_the_nodes_that_trust_the_publisher(tmp_path):
 def test_tampered_announcement_is_refused_with_the_reason(tmp_path):
     hub, drivers = _network(3, tmp_path, {1, 2}, topology="full")
     info = drivers[0].publish_taskpack(STATS)
-    ann = reseal_announcement(drivers[0].core.identity, info["announce"])
+    ann = info["announce"]
     from dataclasses import replace
 
     forged = replace(ann, manifest=ann.manifest.replace(b"federated-stats", b"federated-stutz"))

@@ -21,7 +21,6 @@ from p2pfl.net.sim import LinkModel, SimHub
 from p2pfl.runtime import InProcessRunner
 from p2pfl.sim.cluster_base import CAPABILITIES
 from p2pfl.sim.io import sim_node
-from p2pfl.taskpack.signing import reseal_announcement
 from p2pfl.taskpack.trust import TrustPolicy
 from p2pfl.wire import decode, encode
 from tests.core.simhelp import STATS
@@ -70,7 +69,7 @@ def published(tmp_path_factory: pytest.TempPathFactory):
     haves: list[tuple[str, TaskpackHave]] = []
     for d in drivers[1:]:
         d.network.publish = _spy(d.network.publish, d.me, haves)  # type: ignore[method-assign]
-    drivers[0].announce_taskpack(reseal_announcement(drivers[0].core.identity, info["announce"]))
+    drivers[0].announce_taskpack(info["announce"])
     cid = info["cid"]
     state = hub.run(
         until=hub.now + 120, stop=lambda: all(d.core.book.verified(cid) for d in drivers)
@@ -132,7 +131,7 @@ def test_partial_haves_are_few_and_grow(published) -> None:
 def _book_with_fetch(tmp: Path) -> tuple[TaskpackBook, str, int]:
     hub, drivers = _network(2, tmp)
     info = drivers[0].publish_taskpack(_taskpack(tmp, 3_000_000))
-    ann = reseal_announcement(drivers[0].core.identity, info["announce"])
+    ann = info["announce"]
     me = Identity.from_seed(b"\x07" * 32).peer_id
     book = TaskpackBook(me, TrustPolicy(frozenset({ann.publisher}), False), dict(CAPS))
     out = book.on_announce(ann.publisher, ann)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,8 @@ def test_genuine_signature_with_forged_ref_is_bad_signature(tmp_path: Path) -> N
 
 def test_version_1_signature_is_refused(tmp_path: Path) -> None:
     s = publish(tmp_path)
-    v1 = sign_taskpack(PUBLISHER, s.manifest, s.cid)  # manifest + cid only
+    # Version 1 signed sha256(manifest) || cid only (the reference could be forged).
+    v1 = PUBLISHER.sign("taskpack", hashlib.sha256(s.manifest).digest() + s.cid.encode())
     assert announce(dataclasses.replace(s, sig=v1)).reason == "bad-signature"
 
 
