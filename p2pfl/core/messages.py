@@ -205,11 +205,17 @@ class Roster:
     epoch: int  # 0 for the best-ranked coordinator, k for the k-th takeover
     participants: tuple[str, ...]
     volunteers: tuple[bytes, ...]  # each an encoded Signed(Volunteer)
-    reveals: tuple[bytes, ...]  # each an encoded Signed(Reveal): the ranking beacon's inputs
+    # The revealed ranking nonce of each carried volunteer, in the same order: each is
+    # checked against the commitment in that volunteer's own signed record, so it needs no
+    # signature of its own (16 bytes instead of a signed envelope: rosters of 1,000 nodes
+    # stay well inside one gossip message).
+    nonces: tuple[bytes, ...]
 
     def __post_init__(self) -> None:
         _check_task(self.task_id, self.coordinator)
         check_peers(self.participants, "participant")
+        if len(self.nonces) != len(self.volunteers):
+            raise ValueError("one nonce per carried volunteer record")
 
 
 @message("task.update")

@@ -304,7 +304,7 @@ class NodeCore:
         snap, offer_env, offer, roster_env, roster = open_snapshot(data)
         if offer.task_id in self.tasks:
             return []
-        _nonces, samples = _roster_carried(offer.task_id, roster.volunteers, roster.reveals)
+        _nonces, samples = _roster_carried(offer.task_id, roster.volunteers, roster.nonces)
         machine = TaskMachine(offer, self.identity, self.local, now, self.rng)
         machine.offer_envelope, machine.roster_envelope = offer_env, roster_env
         machine.connected = set(self.connected)
@@ -462,7 +462,7 @@ class NodeCore:
         incoming = Incoming(msg, signer, envelope)
         if isinstance(msg, Roster):
             incoming.carried, incoming.samples = _roster_carried(
-                msg.task_id, msg.volunteers, msg.reveals
+                msg.task_id, msg.volunteers, msg.nonces
             )
         machine = self.tasks.get(msg.task_id)
         if machine is None:
@@ -532,36 +532,29 @@ def _decode_and_unseal(data: bytes) -> tuple[Any, Signed | None]:
 
 @functools.lru_cache(maxsize=64)
 def _roster_carried(
-    task_id: str, volunteers: tuple[bytes, ...], reveals: tuple[bytes, ...]
+    task_id: str, volunteers: tuple[bytes, ...], nonces: tuple[bytes, ...]
 ) -> tuple[dict[str, bytes], dict[str, int]]:
     """(peer -> revealed nonce, peer -> signed sample count) of every volunteer whose own
-    signed record and signed reveal a roster carries (each signature and commitment
-    checked).
+    signed record a roster carries, each signature checked and each nonce checked against
+    the commitment in its record.
 
     Memoised like `_decode_and_unseal`: every node checks the same roster."""
-    commits: dict[str, bytes] = {}
+    carried: dict[str, bytes] = {}
     samples: dict[str, int] = {}
-    for raw in volunteers:
+    for raw, nonce in zip(volunteers, nonces, strict=True):
         signed = decode(raw, expected=Signed)
         vol = unseal(signed, expected=Volunteer)
         if vol.peer != signed.signer or vol.task_id != task_id:
             raise RemoteProtocolError("roster carries a volunteer record for someone else")
-        commits[vol.peer] = vol.commit
-        samples[vol.peer] = vol.num_samples
-    nonces: dict[str, bytes] = {}
-    for raw in reveals:
-        signed = decode(raw, expected=Signed)
-        reveal = unseal(signed, expected=Reveal)
-        if reveal.peer != signed.signer or reveal.task_id != task_id:
-            raise RemoteProtocolError("roster carries a reveal for someone else")
-        if commits.get(reveal.peer) != commitment(reveal.nonce):
+        if vol.peer in carried:
+            raise RemoteProtocolError(f"roster carries {vol.peer} twice")
+        if commitment(nonce) != vol.commit:
             raise RemoteProtocolError(
-                f"roster carries a reveal of {reveal.peer} that matches no record"
+                f"roster carries a nonce of {vol.peer} that its record does not commit to"
             )
-        nonces[reveal.peer] = reveal.nonce
-    if set(nonces) != set(commits):
-        raise RemoteProtocolError("roster carries volunteer records without reveals")
-    return nonces, samples
+        carried[vol.peer] = nonce
+        samples[vol.peer] = vol.num_samples
+    return carried, samples
 
 
 def _cap_dict(cap: Capability) -> dict[str, Any]:

@@ -137,7 +137,6 @@ class TaskMachine:
         self.volunteers: dict[str, Signed] = {}
         self.samples: dict[str, int] = {}  # the signed sample counts (cap every update)
         self.commits: dict[str, bytes] = {}
-        self.reveals: dict[str, Signed] = {}
         self.nonces: dict[str, bytes] = {}
         self.declines: dict[str, str] = {}
         self.my_nonce = b""
@@ -423,7 +422,7 @@ class TaskMachine:
             self.reveal_publish = Publish(TOPIC_TASKS, signed)
             out.append(self.reveal_publish)
             out.append(SetTimer(self.timer(TimerKind.REPUBLISH_REVEAL), now + GRACE_S / 2))
-            out += self._take_reveal(now, self.my_id, self.my_nonce, signed)
+            out += self._take_reveal(now, self.my_id, self.my_nonce)
         return out
 
     def on_reveal(self, now: float, event: Incoming) -> list[Command]:
@@ -432,11 +431,10 @@ class TaskMachine:
             return []  # a duplicate (we republish reveals once) or too late to matter
         if self.commits.get(reveal.peer) != commitment(reveal.nonce):
             return self._refuse(Reveal, f"{reveal.peer[-8:]}: reveal without a matching record")
-        return self._take_reveal(now, reveal.peer, reveal.nonce, event.envelope)
+        return self._take_reveal(now, reveal.peer, reveal.nonce)
 
-    def _take_reveal(self, now: float, peer: str, nonce: bytes, signed: Signed) -> list[Command]:
+    def _take_reveal(self, now: float, peer: str, nonce: bytes) -> list[Command]:
         self.nonces[peer] = nonce
-        self.reveals[peer] = signed
         return self._maybe_roster(now)
 
     def _eligible(self) -> dict[str, bytes]:
@@ -463,7 +461,7 @@ class TaskMachine:
             epoch=everyone.index(self.my_id),
             participants=chosen,
             volunteers=tuple(encode(self.volunteers[p]) for p in everyone),
-            reveals=tuple(encode(self.reveals[p]) for p in everyone),
+            nonces=tuple(self.nonces[p] for p in everyone),
         )
         self.roster_envelope = seal(self.me, roster)
         self.roster_publish = Publish(TOPIC_TASKS, self.roster_envelope)

@@ -125,7 +125,7 @@ def test_a_roster_leaving_out_a_better_ranked_volunteer_is_rejected():
                     0,
                     (attacker.peer,),
                     (encode(machine.volunteers[attacker.peer]),),
-                    (encode(machine.reveals[attacker.peer]),),
+                    (machine.nonces[attacker.peer],),
                 )
                 h.inject(attacker, TOPIC_TASKS, seal(attacker.identity, roster))
 
@@ -173,7 +173,7 @@ def test_a_takeover_roster_leaving_out_the_best_ranked_is_rejected_by_it():
                     epoch,
                     tuple(rest),
                     tuple(encode(machine.volunteers[p]) for p in rest),
-                    tuple(encode(machine.reveals[p]) for p in rest),
+                    tuple(machine.nonces[p] for p in rest),
                 )
                 h.inject(attacker, TOPIC_TASKS, seal(attacker.identity, roster))
 
