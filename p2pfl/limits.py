@@ -61,3 +61,15 @@ def blob_too_big(kind: str, size: int) -> str | None:
     if size > cap:
         return f"announced {kind} of {size} bytes exceeds the cap of {cap} bytes"
     return None
+
+
+# --- what the protocol core holds on a peer's behalf ------------------------------------
+
+# A task offer larger than this is refused (real offers carry a few KiB of parameters).
+MAX_OFFER_BYTES = 64 * KiB
+# Messages held for tasks whose offer has not arrived yet, all tasks together.
+PENDING_BYTES = 8 * MiB
+# Round messages one task holds until its roster arrives.
+EARLY_BYTES_PER_TASK = 4 * MiB
+# Decoded messages shared between simulated nodes are memoised only up to this size.
+DECODE_CACHE_MAX_MESSAGE = 64 * KiB

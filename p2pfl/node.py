@@ -448,7 +448,6 @@ async def run_node(config: NodeConfig) -> None:
     from p2pfl.control import ControlServer
     from p2pfl.control.framing import socket_is_live
     from p2pfl.io_trio import TrioIO
-    from p2pfl.net.base import allow_all
     from p2pfl.net.inbound import InboundBudget
     from p2pfl.net.libp2p import Libp2pConfig, Libp2pNetwork
     from p2pfl.runtime import ChildProcessRunner
@@ -513,7 +512,8 @@ async def run_node(config: NodeConfig) -> None:
                 blob_reader=store.read,
                 # Who may fetch which blob (issue 9 item 6): everyone, until the core's rule
                 # (a task's updates and partials only to its roster) is wired in here.
-                may_serve=allow_all,
+                # A task's updates and partials go only to its roster (issue 9, item 6).
+                may_serve=core.may_serve,
                 inbound=inbound,
             )
             driver = Driver(

@@ -28,9 +28,10 @@ from p2pfl.core.commands import (
 from p2pfl.core.gather import Gather
 from p2pfl.core.messages import TOPIC_TASKS, FinalPartial, Progress, TaskResult
 from p2pfl.core.phase import BlobOutcome, Phase
-from p2pfl.core.rounds_base import MAX_UPDATE_BYTES, RoundsBase
+from p2pfl.core.rounds_base import RoundsBase
 from p2pfl.core.tokens import AggToken, JobStep, TimerKind
 from p2pfl.core.view import NodeState, jsonable
+from p2pfl.limits import blob_too_big
 from p2pfl.wire import seal
 
 if TYPE_CHECKING:
@@ -147,7 +148,7 @@ class FinalStep:
         task = self.task
         if partial.peer not in task.participants or partial.peer in self.partials:
             return []
-        if partial.model is not None and partial.model.size > MAX_UPDATE_BYTES:
+        if partial.model is not None and blob_too_big("update", partial.model.size):
             return [
                 Log(
                     "warning",
@@ -317,6 +318,8 @@ class FinalStep:
             if signer == task.offer.publisher and result.status == "failed":
                 return self.take_result(now, result, signer)
             return task._refuse(TaskResult, f"result from {signer[-8:]} before any roster")
+        if result.model is not None and blob_too_big("result", result.model.size):
+            return task._refuse(TaskResult, f"result model of {result.model.size} bytes")
         if signer not in task.participants or not set(result.participants) <= set(
             task.participants
         ):

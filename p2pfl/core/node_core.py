@@ -59,6 +59,12 @@ from p2pfl.core.taskpacks import TaskpackBook
 from p2pfl.core.tokens import NodeTimer, NodeTimerKind, TaskTimer
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError
 from p2pfl.identity import Identity
+from p2pfl.limits import (
+    DECODE_CACHE_MAX_MESSAGE,
+    LOG_EVERY_S,
+    MAX_OFFER_BYTES,
+    PENDING_BYTES,
+)
 from p2pfl.net.base import FetchDone, FetchFailed, Message, PeerConnected, PeerDisconnected
 from p2pfl.wire import Signed, decode, seal, unseal
 
@@ -83,7 +89,6 @@ _ON_TOPIC: dict[str | None, tuple[type, ...]] = {
     ),
     None: (TaskpackSync, GossipPush, Progress, FinalPartial),
 }
-_PENDING_PER_TASK = 4096  # messages held for a task whose offer is not here yet
 _PENDING_TASKS = 256
 MAX_TASKS_PER_PUBLISHER = 16  # unfinished tasks one publisher may have on this node
 # Phases in which a task holds a dataset (the policy's concurrent_tasks limit).
@@ -143,6 +148,9 @@ class NodeCore:
         self.peer_caps: dict[str, Capability] = {}
         self._pending: dict[str, list[tuple[str, Incoming]]] = defaultdict(list)
         self.bad_messages = 0
+        self.bad_by_peer: dict[str, int] = {}
+        self._logged_at: dict[str, float] = {}  # peer -> when we last logged its bad input
+        self._pending_bytes = 0
         self.full_mesh = False  # set by the driver: connected to the whole network
         self._republish: dict[str, Publish] = {}  # records to publish once more (see _again_soon)
         # The site's policy (None: a simulation, where the researcher chose every node's
@@ -311,6 +319,18 @@ class NodeCore:
         self.tasks[offer.task_id] = machine
         return machine.resume(now, roster, samples, snap.round, snap.model, snap.mass)
 
+    def may_serve(self, peer: str, cid: str) -> bool:
+        """Whether a blob we hold may go to `peer` (asked by the network before it serves
+        any byte). Taskpack archives go to anyone: they are signed, public code. A task's
+        updates, shares, models and partials go only to that task's roster members (its
+        result's model also to the task's publisher). A blob no task claims goes to nobody."""
+        if cid in self.book.entries:
+            return True
+        for machine in self.tasks.values():
+            if machine.holds_blob(cid):
+                return machine.may_fetch(peer, cid)
+        return False
+
     def policy_decision(self, task_id: str) -> dict[str, Any] | None:
         """The site policy's decision for a task this node has seen (None: not seen, or
         not decided yet: its taskpack is not verified here)."""
@@ -410,17 +430,35 @@ class NodeCore:
         try:
             msg, signer, envelope = self._open(event)
         except RemoteProtocolError as exc:
-            self.bad_messages += 1
-            return [Log("warning", f"dropped message from {event.sender}: {exc}")]
+            return self._dropped(event.sender, f"dropped message from {event.sender}: {exc}", now)
         try:
-            return self._dispatch(event.sender, msg, signer, envelope, now)
+            return self._dispatch(event.sender, msg, signer, envelope, now, len(event.data))
         except RemoteProtocolError as exc:
-            self.bad_messages += 1
-            return [Log("warning", f"dropped {type(msg).__name__} from {event.sender}: {exc}")]
+            what = f"dropped {type(msg).__name__} from {event.sender}: {exc}"
+            return self._dropped(event.sender, what, now)
+
+    def _dropped(self, peer: str, text: str, now: float) -> list[Command]:
+        """Count a peer's bad message; log at most one line per peer every LOG_EVERY_S (a
+        flood of junk must not become a flood of log lines)."""
+        self.bad_messages += 1
+        self.bad_by_peer[peer] = self.bad_by_peer.get(peer, 0) + 1
+        last = self._logged_at.get(peer)
+        if last is not None and now - last < LOG_EVERY_S:
+            return []
+        self._logged_at[peer] = now
+        while len(self._logged_at) > _FORGOTTEN_MAX:
+            self._logged_at.pop(next(iter(self._logged_at)))
+        return [Log("warning", f"{text} ({self.bad_by_peer[peer]} bad from this peer so far)")]
 
     def _open(self, event: Message) -> tuple[Any, str, Signed | None]:
         """Decode, check the envelope's signature and the message's place."""
-        msg, envelope = _decode_and_unseal(event.data)
+        data = event.data
+        if len(data) <= DECODE_CACHE_MAX_MESSAGE:
+            msg, envelope = _decode_and_unseal(data)
+        else:  # large messages are decoded every time: the cache must stay small
+            msg, envelope = _decode_and_unseal.__wrapped__(data)
+        if isinstance(msg, TaskOffer) and len(data) > MAX_OFFER_BYTES:
+            raise RemoteProtocolError(f"offer of {len(data)} bytes, over {MAX_OFFER_BYTES}")
         signer = envelope.signer if envelope is not None else event.sender
         if envelope is None and isinstance(msg, _SIGNED):
             raise RemoteProtocolError(f"{type(msg).__name__} must be signed")
@@ -444,7 +482,13 @@ class NodeCore:
         return msg, signer, envelope
 
     def _dispatch(
-        self, sender: str, msg: Any, signer: str, envelope: Signed | None, now: float
+        self,
+        sender: str,
+        msg: Any,
+        signer: str,
+        envelope: Signed | None,
+        now: float,
+        size: int = 0,
     ) -> list[Command]:
         if isinstance(msg, TaskpackAnnounce):
             return self.book.on_announce(sender, msg)
@@ -459,7 +503,7 @@ class NodeCore:
         if isinstance(msg, TaskOffer):
             return self._on_offer(msg, now, envelope)
         check_task_id(msg.task_id)
-        incoming = Incoming(msg, signer, envelope)
+        incoming = Incoming(msg, signer, envelope, size=size)
         if isinstance(msg, Roster):
             incoming.carried, incoming.samples = _roster_carried(
                 msg.task_id, msg.volunteers, msg.nonces
@@ -468,11 +512,15 @@ class NodeCore:
         if machine is None:
             if msg.task_id in self._forgotten:
                 return []
-            pending = self._pending[msg.task_id]
-            if len(self._pending) <= _PENDING_TASKS and len(pending) < _PENDING_PER_TASK:
-                pending.append((sender, incoming))
-            else:
-                self._pending.pop(msg.task_id, None)
+            # Held (bounded in bytes) until the offer arrives: gossip may reorder them.
+            if self._pending_bytes + size > PENDING_BYTES or (
+                msg.task_id not in self._pending and len(self._pending) >= _PENDING_TASKS
+            ):
+                return self._dropped(
+                    sender, f"no room to hold a message for unknown task {msg.task_id[:12]}", now
+                )
+            self._pending[msg.task_id].append((sender, incoming))
+            self._pending_bytes += size
             return []
         return self._run(machine, incoming, now)
 
@@ -498,6 +546,7 @@ class NodeCore:
         self.tasks[offer.task_id] = machine
         out = machine.start(now, self._state_of(machine, self.book.entries.get(offer.cid)))
         for _sender, incoming in self._pending.pop(offer.task_id, []):
+            self._pending_bytes -= incoming.size
             out += self._run(machine, incoming, now)
         return out
 

@@ -25,6 +25,7 @@ from p2pfl.core.gather import Gather
 from p2pfl.core.messages import Progress
 from p2pfl.core.phase import BlobOutcome, Phase
 from p2pfl.core.tokens import AggToken, JobStep, TaskTimer, TimerKind
+from p2pfl.limits import blob_too_big
 from p2pfl.store.blobref import BlobRef
 
 if TYPE_CHECKING:
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 KEEP_ROUNDS = 2  # rounds of updates kept for stragglers before their blobs are forgotten
 FETCH_RETRIES = 3  # a failed fetch from a live author is retried this often,
 RETRY_BACKOFF_S = 1.0  # after 1, 2, then 4 s
-MAX_UPDATE_BYTES = 1 << 30  # an announced update or model blob larger than this is refused
 
 
 class RoundsBase:
@@ -246,8 +246,9 @@ class RoundsBase:
     def check_blob(self, peer: str, ref: BlobRef) -> str | None:
         """Why `peer` may not announce blob `ref`, or None (size cap, no re-announcing
         another participant's blob)."""
-        if ref.size > MAX_UPDATE_BYTES:
-            return f"announced {ref.size} bytes, over {MAX_UPDATE_BYTES}"
+        too_big = blob_too_big("update", ref.size)
+        if too_big is not None:
+            return too_big
         owner = self.owner.setdefault(ref.cid, peer)
         if owner != peer:
             return f"blob {ref.cid[:16]} was announced by {owner[-8:]} first"

@@ -81,6 +81,7 @@ from p2pfl.core.snapshot import make_snapshot
 from p2pfl.core.tokens import JobStep, JobToken, TaskTimer, TimerKind
 from p2pfl.core.view import NodeState, result_dict
 from p2pfl.identity import Identity
+from p2pfl.limits import EARLY_BYTES_PER_TASK
 from p2pfl.store.blobref import BlobRef
 from p2pfl.wire import Signed, encode, seal
 
@@ -92,7 +93,7 @@ MAX_HELD = 64  # messages held for later per task (early round messages, prematu
 class Incoming:
     """A wire message for this task, with who signed (or sent) it."""
 
-    __slots__ = ("carried", "envelope", "msg", "samples", "signer")
+    __slots__ = ("carried", "envelope", "msg", "samples", "signer", "size")
 
     def __init__(
         self,
@@ -101,8 +102,10 @@ class Incoming:
         envelope: Signed | None = None,
         carried: dict[str, bytes] | None = None,
         samples: dict[str, int] | None = None,
+        size: int = 0,
     ) -> None:
         self.msg, self.signer, self.envelope = msg, signer, envelope
+        self.size = size  # bytes on the wire (what holding it costs)
         # Rosters: peer -> revealed nonce, and peer -> signed sample count, of each
         # volunteer record + reveal the roster carries.
         self.carried = carried or {}
@@ -158,6 +161,7 @@ class TaskMachine:
         self.result: TaskResult | None = None
         self.result_signer = ""
         self.early: list[Incoming] = []  # round messages that came before the roster
+        self.early_bytes = 0
         self.held_rosters: dict[int, Incoming] = {}  # takeover rosters before their time
         self.takeover_epoch = 0  # how many rank positions this node has skipped so far
         self.refused: Counter[str] = Counter()  # events a phase could not take, per kind
@@ -560,7 +564,7 @@ class TaskMachine:
             self.phase = Phase.OBSERVING
             out += [TaskEnded(self.task_id, "observing", "not on the roster")]
         if first and self.early:
-            held, self.early = self.early, []
+            held, self.early, self.early_bytes = self.early, [], 0
             for incoming in held:
                 out += self.handle(incoming, now)
         return out
@@ -812,8 +816,12 @@ class TaskMachine:
         """Round messages can arrive before the roster (a fast peer): hold them."""
         if self.roster is not None:
             return None
-        if len(self.early) < MAX_HELD * 16:
+        if (
+            self.early_bytes + event.size <= EARLY_BYTES_PER_TASK
+            and len(self.early) < MAX_HELD * 16
+        ):
             self.early.append(event)
+            self.early_bytes += event.size
         return []
 
     def on_round_message(self, now: float, event: Incoming) -> list[Command]:
@@ -902,6 +910,29 @@ class TaskMachine:
         if self.rounds is None:
             return []
         return self.rounds.on_aggregated(now, event)
+
+    # --- blob access ----------------------------------------------------------------------
+
+    def holds_blob(self, cid: str) -> bool:
+        """`cid` is one of this task's blobs (an update, share, model or the result's)."""
+        if self.global_ref is not None and self.global_ref.cid == cid:
+            return True
+        if self.result is not None and self.result.model is not None:
+            if self.result.model.cid == cid:
+                return True
+        rounds = self.rounds
+        if rounds is not None and (
+            cid in rounds.owner or any(cid in blobs for blobs in rounds.round_blobs.values())
+        ):
+            return True
+        return any(p.model is not None and p.model.cid == cid for p in self.final.partials.values())
+
+    def may_fetch(self, peer: str, cid: str) -> bool:
+        """Roster members may fetch the task's blobs; the publisher also its result model."""
+        if peer in self.participants:
+            return True
+        model = self.result.model if self.result is not None else None
+        return model is not None and model.cid == cid and peer == self.offer.publisher
 
     # --- views ---------------------------------------------------------------------------
 

@@ -96,9 +96,9 @@ def sim_node(
         ref[0].on_event(event)
 
     if restart:
-        net = hub.restart(core.me, sink, store.read)
+        net = hub.restart(core.me, sink, store.read, may_serve=core.may_serve)
     else:
-        net = hub.add_node(core.me, sink=sink, blob_reader=store.read)
+        net = hub.add_node(core.me, sink=sink, blob_reader=store.read, may_serve=core.may_serve)
     driver = Driver(
         core,
         net,

@@ -202,7 +202,9 @@ class LiveCluster(ClusterBase):
 
                     io.call_soon(deliver)
 
-                network = Libp2pNetwork(identity, config, sink=sink, blob_reader=store.read)
+                network = Libp2pNetwork(
+                    identity, config, sink=sink, blob_reader=store.read, may_serve=core.may_serve
+                )
                 driver = Driver(
                     core,
                     network,

@@ -281,3 +281,53 @@ def test_re_announcing_another_participants_update_is_refused():
     h.run()
     done(h, task_id)
     assert any("was announced by" in line for line in h.logs("warning"))
+
+
+def test_updates_are_served_only_to_the_roster():
+    h = Harness(4)
+    task_id = h.offer(rounds=1, max_nodes=3)
+    h.run()
+    machines = [m for m in h.machines(task_id) if m.participating]
+    member = machines[0]
+    outsider = next(n for n in h.nodes if n.peer not in member.participants)
+    core = next(n.core for n in h.nodes if n.peer == member.my_id)
+    update = next(iter(member.rounds.owner))  # a round-1 update this node holds
+    assert core.may_serve(member.participants[1], update)
+    assert outsider.peer not in member.participants
+    assert not core.may_serve(outsider.peer, update)
+    assert core.may_serve(outsider.peer, h.cid)  # the taskpack itself is public code
+    assert not core.may_serve(outsider.peer, "bafkreiunknown")  # nothing unclaimed leaves
+
+
+def test_a_flood_of_junk_logs_one_line_per_peer():
+    from p2pfl.net.base import Message
+
+    h = Harness(2)
+    attacker, victim = h.nodes[1], h.nodes[0]
+    lines = []
+    for i in range(500):
+        lines += victim.core.handle(Message(TOPIC_TASKS, attacker.peer, b"junk%d" % i), h.now)
+    assert len(lines) == 1 and "(1 bad from this peer so far)" in lines[0].text
+    assert victim.core.bad_by_peer[attacker.peer] == 500
+
+
+def test_large_offers_and_unknown_task_messages_are_bounded():
+    from p2pfl.limits import MAX_OFFER_BYTES, PENDING_BYTES
+    from p2pfl.net.base import Message
+
+    h = Harness(2)
+    attacker, victim = h.nodes[1], h.nodes[0]
+    task_id = h.offer(rounds=1)
+    offer = victim.core.tasks[task_id].offer
+    big = replace(offer, params={"pad": "x" * MAX_OFFER_BYTES}, publisher=attacker.peer)
+    big = replace(big, task_id=derive_task_id(big))
+    victim.core.handle(
+        Message(TOPIC_TASKS, attacker.peer, encode(seal(attacker.identity, big))), 0.0
+    )
+    assert big.task_id not in victim.core.tasks
+    # Round messages for tasks nobody offered are held only up to PENDING_BYTES.
+    update = RoundUpdate("a" * 32, 1, attacker.peer, None, 0, {"pad": "y" * 200_000})
+    for i in range(200):
+        msg = replace(update, task_id=f"{i:032x}")
+        victim.core.handle(Message(TOPIC_TASKS, attacker.peer, encode(msg)), 0.0)
+    assert victim.core._pending_bytes <= PENDING_BYTES

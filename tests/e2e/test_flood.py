@@ -239,10 +239,6 @@ async def test_flood_junk_keeps_rss_bounded(
     assert (result["after_mb"] - result["base_mb"]) * MB < RSS_SLACK, result
 
 
-@pytest.mark.xfail(
-    reason="needs core offer caps (lead): valid offers are kept (decode cache, task machines)",
-    strict=False,
-)
 async def test_flood_valid_large_offers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     result = await _run_case(tmp_path, "offers", monkeypatch)
     assert result["answers"] >= 1
