@@ -50,9 +50,19 @@ def peer_id_from_public_bytes(public: bytes) -> str:
     return base58btc.encode(_MULTIHASH_PREFIX + _PROTO_PREFIX + public)
 
 
-@functools.lru_cache(maxsize=65536)
 def public_bytes_from_peer_id(peer_id: str) -> bytes | None:
     """The raw Ed25519 public key inside an Ed25519 peer id, or None if it is not one."""
+    if len(peer_id) > _MAX_PEER_ID:  # a peer's string: never a cache key of any size
+        return None
+    return _public_bytes(peer_id)
+
+
+_MAX_PEER_ID = 64
+_VERIFY_CACHE_MAX_PAYLOAD = 16 * 1024
+
+
+@functools.lru_cache(maxsize=65536)
+def _public_bytes(peer_id: str) -> bytes | None:
     try:
         raw = base58btc.decode(peer_id)
     except Exception:
@@ -63,13 +73,23 @@ def public_bytes_from_peer_id(peer_id: str) -> bytes | None:
     return bytes(raw[len(prefix) :])
 
 
-@functools.lru_cache(maxsize=65536)
 def verify(peer_id: str, kind: str, payload: bytes, signature: bytes) -> bool:
     """True when `signature` is `peer_id`'s signature of `payload` as a record of `kind`.
 
-    Memoised: verification is a pure function, and in a simulation a thousand nodes check
-    the same gossiped record.
-    """
+    Memoised for small records: verification is a pure function, and in a simulation a
+    thousand nodes check the same gossiped record. Large payloads are checked each time,
+    so a flood of big signed messages cannot pin them in memory as cache keys."""
+    if len(payload) > _VERIFY_CACHE_MAX_PAYLOAD or len(kind) > 64:
+        return _verify(peer_id, kind, payload, signature)
+    return _verify_cached(peer_id, kind, payload, signature)
+
+
+@functools.lru_cache(maxsize=65536)
+def _verify_cached(peer_id: str, kind: str, payload: bytes, signature: bytes) -> bool:
+    return _verify(peer_id, kind, payload, signature)
+
+
+def _verify(peer_id: str, kind: str, payload: bytes, signature: bytes) -> bool:
     public = public_bytes_from_peer_id(peer_id)
     if public is None or len(signature) != 64:
         return False
