@@ -145,7 +145,8 @@ _PARTICIPATE: frozenset[EventKey] = _FOLLOW | {
 ACCEPTS: dict[Phase, frozenset[EventKey]] = {
     Phase.PENDING: _FOLLOW,
     Phase.VALIDATING: _FOLLOW | {JobStep.VALIDATE},
-    Phase.VOLUNTEERED: _FOLLOW | {TimerKind.REPUBLISH_ROSTER},
+    # A fast peer's direct round messages can come before the roster: held until it does.
+    Phase.VOLUNTEERED: _FOLLOW | {TimerKind.REPUBLISH_ROSTER, GossipPush, FinalPartial},
     Phase.DECLINED: _FOLLOW,
     Phase.OBSERVING: _FOLLOW,
     Phase.INIT: _PARTICIPATE,

@@ -395,8 +395,11 @@ class TaskMachine:
         return out + self._maybe_all_declined(now) + self._maybe_roster(now)
 
     def _everyone_answered(self) -> bool:
-        """True when every peer we are connected to has answered and nobody we do not know
-        answered: then no volunteer can still come, and waiting for the deadline is moot."""
+        """True when waiting for the deadline is moot: the roster is full already (max_nodes
+        volunteers), or every peer we are connected to has answered and nobody we do not
+        know answered (then no volunteer can still come)."""
+        if len(self.volunteers) >= self.offer.max_nodes:
+            return True
         if not self.full_mesh:
             return False
         answered = set(self.volunteers) | set(self.declines)

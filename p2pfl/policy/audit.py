@@ -27,6 +27,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "offer": ("task", "requester", "decision", "rule", "reason"),
     "release": ("task", "round", "what", "bytes", "dp_spend"),
     "policy": ("action", "digest"),
+    "privacy": ("task", "dataset", "epsilon"),  # a DP spend charged to a dataset's budget
 }
 
 

@@ -289,7 +289,8 @@ class Harness:
         if step is JobStep.VALIDATE:
             return JobDone(cmd.token, None)
         if step is JobStep.INIT:
-            return JobDone(cmd.token, self.put({"w": np.zeros(4, np.float32)}))
+            zeros = {"w": np.zeros(4, np.float32), "id": np.zeros(2, np.float32)}
+            return JobDone(cmd.token, self.put(zeros))
         if step is JobStep.TRAIN:
             if job.get("weights") is None:  # analysis: one execution
                 aggregates = {"sum": float(rows), "n": rows}
@@ -297,7 +298,10 @@ class Harness:
                     cmd.token, {"num_samples": rows, "metrics": {}, "aggregates": aggregates}
                 )
             base = self.model(job["weights"].cid)["w"]
-            update = {"w": (base + (node.index + 1)).astype(np.float32)}
+            # "id" makes every node's update its own blob (two equal updates would share
+            # a cid, and a cid is owned by its first announcer).
+            tag = np.array([node.index + 1, job["round"]], np.float32)
+            update = {"w": (base + (node.index + 1)).astype(np.float32), "id": tag}
             return JobDone(
                 cmd.token,
                 {"ref": self.put(update), "num_samples": rows, "metrics": {"loss": 1.0}},

@@ -224,10 +224,10 @@ def test_a_path_as_task_id_is_refused_at_decode_time():
 @pytest.mark.parametrize(
     "bad, why",
     [
-        ({"w": np.full(4, np.nan, np.float32)}, "NaN"),
-        ({"w": np.zeros(5, np.float32)}, "shape"),
-        ({"v": np.zeros(4, np.float32)}, "tensors"),
-        ({"w": np.full(4, 1000.0, np.float32)}, "norm"),
+        ({"w": np.full(4, np.nan, np.float32), "id": np.zeros(2, np.float32)}, "NaN"),
+        ({"w": np.zeros(5, np.float32), "id": np.zeros(2, np.float32)}, "float32[5]"),
+        ({"v": np.zeros(4, np.float32), "id": np.zeros(2, np.float32)}, "tensors"),
+        ({"w": np.full(4, 1000.0, np.float32), "id": np.zeros(2, np.float32)}, "norm"),
     ],
 )
 def test_a_bad_update_is_left_out_and_the_round_goes_on(bad, why):
@@ -241,9 +241,9 @@ def test_a_bad_update_is_left_out_and_the_round_goes_on(bad, why):
             from p2pfl.wire import encode_tensors
 
             if why == "NaN":  # our encoder refuses NaN: write it into a valid blob's data
-                data = bytearray(encode_tensors({"w": np.zeros(4, np.float32)}))
-                data[-16:] = bad["w"].tobytes()
-                data = bytes(data)
+                marker = np.full(4, 7.25, np.float32)
+                good = bytes(encode_tensors({"w": marker, "id": bad["id"]}))
+                data = good.replace(marker.tobytes(), bad["w"].tobytes())
             else:
                 data = bytes(encode_tensors(bad))
             ref = make_blob_ref(data)
@@ -259,7 +259,8 @@ def test_a_bad_update_is_left_out_and_the_round_goes_on(bad, why):
     assert result.status == "succeeded"
     honest = [n.index + 1 for n in h.nodes if n is not attacker]
     assert np.allclose(h.model(result.model.cid)["w"], 2 * np.mean(honest))
-    assert any("left out update" in line for line in h.logs("warning"))
+    dropped = [line for line in h.logs("warning") if "left out update" in line]
+    assert dropped and all(why in line for line in dropped), dropped
 
 
 def test_re_announcing_another_participants_update_is_refused():

@@ -247,3 +247,30 @@ def test_an_operator_withdraws_its_node_and_the_others_go_on():
     machines = done(h, task_id)
     assert machines[0].result.status == "succeeded"
     assert leaver.peer not in machines[0].result.participants
+
+
+def test_gossip_push_sum_conserves_mass_and_ends_in_one_result():
+    h = Harness(6, rows=[100, 50, 80, 120, 60, 90])
+    task_id = h.offer(rounds=3, protocol="gossip", fanout=2)
+    h.run()
+    machines = done(h, task_id)
+    assert machines[0].result.status == "succeeded"
+    # Push-sum only moves mass: the masses held at the end add up to the signed counts.
+    assert abs(sum(m.rounds.mass for m in machines) - 500.0) < 1e-9
+    assert all(isinstance(m.rounds.mass, float) for m in machines)
+
+
+def test_a_push_before_the_roster_is_held_not_refused():
+    from p2pfl.core.messages import GossipPush
+
+    h = Harness(3, full_mesh=False)  # the roster waits for the volunteer deadline (3 s)
+    task_id = h.offer(rounds=1, protocol="gossip")
+    h.run(until=1.0)  # volunteered, no roster yet
+    machine = h.nodes[1].core.tasks[task_id]
+    assert machine.roster is None
+    push = GossipPush(task_id, 1, h.nodes[2].peer, None, 1.0)
+    h.inject(h.nodes[2], None, push, to=[1])
+    h.run(until=1.05)
+    assert machine.refused.get("GossipPush", 0) == 0 and len(machine.early) == 1
+    h.run()
+    done(h, task_id)
