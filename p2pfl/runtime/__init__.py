@@ -34,6 +34,7 @@ from p2pfl.runtime.jobs import (
     KIND_LOAD,
     KIND_MEMORY,
     KIND_PROTOCOL,
+    KIND_SANDBOX,
     KIND_TIMEOUT,
     Evaluate,
     Finalize,
@@ -48,6 +49,7 @@ from p2pfl.runtime.jobs import (
     TrainResult,
     Validate,
 )
+from p2pfl.runtime.policy import ResourcePolicy
 from p2pfl.taskpack.sdk import DPConfig, Partial
 
 if TYPE_CHECKING:
@@ -72,6 +74,7 @@ __all__ = [
     "KIND_LOAD",
     "KIND_MEMORY",
     "KIND_PROTOCOL",
+    "KIND_SANDBOX",
     "KIND_TIMEOUT",
     "ChildProcessRunner",
     "DPConfig",
@@ -85,6 +88,7 @@ __all__ = [
     "Limits",
     "Partial",
     "Reduce",
+    "ResourcePolicy",
     "TaskSpec",
     "Train",
     "TrainResult",

@@ -71,7 +71,8 @@ def serve(proto_in: BinaryIO, proto_out: BinaryIO) -> int:
     workdir = Path(hello["workdir"])
     report: dict[str, Any] = {"rlimits": apply_rlimits(spec.limits)}
     if hello.get("sandbox", True):
-        report["sandbox"] = apply_landlock(workdir)
+        extra = [Path(p) for p in hello.get("writable", ["/dev/shm"])]
+        report["sandbox"] = apply_landlock(workdir, extra)
     try:
         task_cls = load_task_class(spec.taskpack_dir)
         session = TaskSession(task_cls, spec, workdir, hello["state"])

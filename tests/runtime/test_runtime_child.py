@@ -94,7 +94,7 @@ async def test_environment_is_scrubbed(
     assert "P2PFL_TEST_SECRET" not in env
     assert env["HOME"] == env["TMPDIR"] == workdir == agg["cwd"]
     assert env["OMP_NUM_THREADS"] == "1"
-    allowed = {"PATH", "LANG", "HOME", "TMPDIR", "PYTHONPATH", "LC_CTYPE"}
+    allowed = {"PATH", "LANG", "HOME", "TMPDIR", "PYTHONPATH", "LC_CTYPE", "PWD"}  # bwrap: PWD
     assert {k for k in env if not k.startswith(("PYTHON", "OMP_", "MKL_", "OPENBLAS_"))} <= allowed
 
 
@@ -110,7 +110,9 @@ async def test_writes_outside_workdir_denied(
         inputs={"data": data_csv},
     )
     agg = (await child.run(spec, NONE)).result.aggregates
-    assert agg == {"input": "PermissionError", "outside": "PermissionError", "workdir": "written"}
+    # The input is a read-only bind (EROFS, an OSError); `outside` lies under /tmp, which in
+    # the sandbox is a private tmpfs: the write may succeed there but never reaches the host.
+    assert agg["input"] in ("OSError", "PermissionError") and agg["workdir"] == "written"
     assert data_csv.read_bytes() == before and not outside.exists()
     report = child.sandbox_report("task-1", "node-a")
     assert report["sandbox"]["fs_writes"] == "workdir only"
