@@ -61,10 +61,15 @@ STDERR_TAIL_LINES = 40
 READ_CHUNK = 1 << 20
 
 Key = tuple[str, str]
-# Moves itself into the pids cgroup named by $0, then becomes bwrap: the worker and all it
-# ever forks are born inside the cgroup (moving bwrap after its start would race its fork).
-CGROUP_EXEC = 'echo $$ > "$0" && exec "$@"'
+# bwrap starts under a small shell that stays its parent. Why: --die-with-parent is
+# PR_SET_PDEATHSIG, which fires when the *thread* that forked bwrap ends, and trio forks
+# from a cached worker thread that ends when idle: bwrap would be SIGKILLed mid-job. The
+# shell first moves itself into the worker's pids cgroup ($0, if any), so bwrap and all the
+# task ever forks are born inside it (moving bwrap after its start would race its forks).
+# `; exit $?` keeps sh from exec'ing bwrap in its place.
+SHELL_WRAP = 'if [ -n "$0" ]; then echo $$ > "$0" || exit 125; fi; "$@"; exit $?'
 SIGNAL_EXIT_BASE = 128  # bwrap exits 128 + N when the worker died of signal N
+EXIT_GRACE_S = 2.0  # for a worker that closed its pipes to report its exit status
 
 
 class _Worker:
@@ -300,7 +305,9 @@ class ChildProcessRunner:
             argv, env = self._command(spec, workdir)
             if self._pids_root is not None:
                 cgroup = PidsCgroup(self._pids_root, self.policy.effective(spec.limits).nproc or 1)
-                argv = ["/bin/sh", "-c", CGROUP_EXEC, str(cgroup.procs), *argv]
+            if self.bwrap is not None:
+                procs = str(cgroup.procs) if cgroup else ""
+                argv = ["/bin/sh", "-c", SHELL_WRAP, procs, *argv]
             process = await trio.lowlevel.open_process(
                 argv,
                 stdin=subprocess.PIPE,
@@ -426,6 +433,11 @@ class ChildProcessRunner:
             raise JobError(f"worker protocol error: {bad}", KIND_PROTOCOL)
         if reply is None:
             timed_out = scope.cancelled_caught and not worker.closing
+            if not timed_out and not worker.closing:
+                # EOF: the worker is dying. bwrap reports how only once its namespace is
+                # down; killing it first would turn every crash into "SIGKILL".
+                with trio.move_on_after(EXIT_GRACE_S):
+                    await worker.process.wait()
             await self._discard(worker)
             tail = [f"stderr: {line}" for line in worker.err_tail]
             if worker.closing:
