@@ -204,7 +204,7 @@ def probe(python: str | None = None) -> Bwrap:
     if key in _probed:
         return _probed[key]
     version = _version(path)
-    failures = []
+    failures: list[str] = []
     for userns in (True, False):  # a host may forbid user namespaces: then without
         bw = Bwrap(path, version, source, userns)
         err = _self_test(bw, python)

@@ -82,8 +82,12 @@ class _Worker:
         confined: bool,
         cgroup: PidsCgroup | None,
     ) -> None:
+        assert process.stdin and process.stdout and process.stderr  # opened with PIPE
         self.key = key
         self.process = process
+        self.stdin: trio.abc.SendStream = process.stdin
+        self.stdout: trio.abc.ReceiveStream = process.stdout
+        self.stderr: trio.abc.ReceiveStream = process.stderr
         self.workdir = workdir
         self.limits = limits  # effective: the spec's request under the node's policy
         self.confined = confined  # under bwrap: exit codes > 128 are signals
@@ -364,7 +368,7 @@ class ChildProcessRunner:
         # EOF on its stdin lets the worker leave its loop; it is killed if it lingers.
         with trio.CancelScope(shield=True):
             try:
-                await worker.process.stdin.aclose()
+                await worker.stdin.aclose()
             except trio.BrokenResourceError:
                 pass
             with trio.move_on_after(self._grace):
@@ -384,7 +388,7 @@ class ChildProcessRunner:
             with trio.move_on_after(1.0):  # e.g. faulthandler's traceback of a segfault
                 await self._pump_stderr(worker)
             self._flush_stderr(worker)
-            for stream in (worker.process.stdin, worker.process.stdout, worker.process.stderr):
+            for stream in (worker.stdin, worker.stdout, worker.stderr):
                 if stream is not None:
                     await stream.aclose()
             await self._empty_cgroup(worker)
@@ -417,7 +421,7 @@ class ChildProcessRunner:
                     nursery.start_soon(self._pump_stderr, worker)
                     # Caught here, not around the nursery, which would wrap them in a group.
                     try:
-                        await worker.process.stdin.send_all(frame)
+                        await worker.stdin.send_all(frame)
                         reply = await self._read_frame(worker)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         reply = None
@@ -464,7 +468,7 @@ class ChildProcessRunner:
         return reply
 
     async def _fill(self, worker: _Worker, n: int) -> bool:
-        stdout = worker.process.stdout
+        stdout = worker.stdout
         while len(worker.buf) < n:
             chunk = await stdout.receive_some(max(READ_CHUNK, n - len(worker.buf)))
             if not chunk:
@@ -473,7 +477,7 @@ class ChildProcessRunner:
         return True
 
     async def _pump_stderr(self, worker: _Worker) -> None:
-        stderr = worker.process.stderr
+        stderr = worker.stderr
         while True:
             try:
                 chunk = await stderr.receive_some(65536)
