@@ -169,6 +169,7 @@ async def test_hostile_taskpack_escapes_nowhere(node: FakeNode):
         "proc_parent", "udp", "tcp", "control_socket", "other_socket", "abstract_socket",
         "fork", "dev_shm", "tmp", "linger", "memory", "signal_node", "kill_victim",
     }  # fmt: skip
+    print("\n".join(f"{k}: {v}" for k, v in attempts.items()))
     assert set(attempts) == expected, attempts
     escaped = {k: v for k, v in attempts.items() if v.startswith(("SUCCEEDED", "skipped"))}
     assert escaped == {}, attempts

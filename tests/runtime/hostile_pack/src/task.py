@@ -165,7 +165,10 @@ ATTEMPTS: dict[str, Callable[[dict[str, Any]], str]] = {
 
 class Hostile(Task):
     def preprocess(self, ctx, inputs):
-        return None
+        # Rows of its own input: the sample count it reports (so a node's k-rule lets the
+        # report out when this runs on a real node).
+        with open(next(iter(inputs.values()))) as f:
+            return max(sum(1 for _ in f) - 1, 1)
 
     def execute(self, ctx, data, weights):
         report = {}
@@ -177,4 +180,7 @@ class Hostile(Task):
             except BaseException as e:  # noqa: BLE001 - every failure is an outcome
                 report[name] = f"blocked: {type(e).__name__}: {e}"[:300]
         ctx.log(repr(report))
-        return Update(num_samples=1, aggregates={"attempts": report})
+        return Update(num_samples=data, aggregates={"attempts": report})
+
+    def reduce(self, ctx, partials):
+        return {p.node: p.aggregates["attempts"] for p in partials}
