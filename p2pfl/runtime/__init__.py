@@ -13,11 +13,14 @@ preprocessed data live per (task_id, node) until close_task; the spec of the fir
 that session stays in force. ctx.state persists in spec.state_path (atomic JSON writes),
 also after a failed job that the worker survived.
 
-Enforced for ChildProcessRunner only: scrubbed environment, private temp dir as cwd/HOME/
-TMPDIR (wiped on close or death), per-job timeout, RLIMIT_AS/CPU/CORE/NOFILE and, where
-the kernel has Landlock, writes only beneath the temp dir (inputs read-only), no TCP, no
-signals out of the sandbox. Not enforced: reading files (the task can read whatever the
-node's user can), UDP/unix sockets. See p2pfl.runtime.sandbox.
+Enforced for ChildProcessRunner only: a bubblewrap jail (p2pfl.runtime.bwrap: only the
+runtime, the taskpack's code, its input files and a scratch dir are visible; no network;
+own PID namespace; cleared environment), a pids cgroup where possible, per-job timeout,
+RLIMIT_AS/CPU/NPROC/CORE/NOFILE from the node's ResourcePolicy (p2pfl.runtime.policy) and,
+where the kernel has Landlock, writes only beneath the scratch dir and private tmpfs, no
+TCP, no signals out (p2pfl.runtime.sandbox). No usable bwrap: JobError(KIND_SANDBOX),
+unless the runner was built with unsafe_no_sandbox=True. InProcessRunner (simulations)
+confines nothing.
 """
 
 from __future__ import annotations
