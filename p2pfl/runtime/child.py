@@ -179,7 +179,12 @@ class ChildProcessRunner:
             return f"NONE (--unsafe-no-sandbox): only {second}"
         if self.bwrap is None:
             return f"unavailable ({self.sandbox_error}): taskpack code is refused"
-        pids = " + pids cgroup" if self._pids_root else ""
+        if self._pids_root:
+            pids = " + pids cgroup"
+        elif os.geteuid() == 0:  # the kernel exempts host root from RLIMIT_NPROC
+            pids = " (NO process limit: root without a writable pids cgroup)"
+        else:
+            pids = ""
         return f"{self.bwrap.describe()} + {second}{pids}"
 
     # --- public ----------------------------------------------------------------------
