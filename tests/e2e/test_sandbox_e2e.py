@@ -73,8 +73,14 @@ def test_real_node_confines_a_hostile_taskpack(
             f"leftover=p2pfl-hostile-{secret[:8]}",
         )
         wait_ok(cluster, node, task_id)
-        result = cluster.cli_json("result", task_id, node=node)
-        (attempts,) = result["metrics"].values()
+        # The node's release filter keeps free-form aggregates home (as it should); the
+        # task's log lines, one per attempt, come through its trace.
+        code, events = cluster.cli_json_lines("trace", task_id, node=node, timeout=120)
+        assert code == 0, events[-3:]
+        lines = [e["message"] for e in events if e["kind"] == "log"]
+        attempts = dict(
+            line.split("attempt ", 1)[1].split(": ", 1) for line in lines if "attempt " in line
+        )
         escaped = {k: v for k, v in attempts.items() if v.startswith(("SUCCEEDED", "skipped"))}
         assert escaped == {} and len(attempts) == 18, attempts
         assert attempts["memory"].startswith("blocked: MemoryError"), attempts
