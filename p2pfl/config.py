@@ -20,6 +20,7 @@ class NodeConfig:
     # Development only: datasets the site policy does not name may be used by ANY requester
     # (the safe default: only by this node's own operator). Loud warning.
     allow_any_requester: bool = False
+    unsafe_no_sandbox: bool = False  # run taskpack code without bubblewrap (loud warning)
     min_records: int = 10  # k: never release an aggregate over fewer records
     log_level: str = "info"
 

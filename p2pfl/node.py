@@ -15,6 +15,7 @@ import platform
 import random
 import shutil
 import signal
+import sys
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -492,7 +493,14 @@ async def run_node(config: NodeConfig) -> None:
         privacy_spent=site.ledger.spent_all(),
     )
     (data_dir / "tmp").mkdir(exist_ok=True)
-    runner = ChildProcessRunner(tmp_root=data_dir / "tmp")
+    runner = ChildProcessRunner(
+        tmp_root=data_dir / "tmp",
+        unsafe_no_sandbox=config.unsafe_no_sandbox,
+        private_paths=[data_dir, *(Path(p).parent for p in config.datasets.values())],
+    )
+    print(f"sandbox: {runner.sandbox}", file=sys.stderr, flush=True)
+    if runner.bwrap is None:
+        log.warning("!!! sandbox: %s !!!", runner.sandbox)
     try:
         async with trio.open_nursery() as nursery:
             # Bytes of peers' messages waiting for the core, bounded per peer and in all:

@@ -127,6 +127,11 @@ def check_peer_id(text: str) -> str:
     help="Let ANY peer use datasets the site policy does not name (development only!).",
 )
 @click.option(
+    "--unsafe-no-sandbox",
+    is_flag=True,
+    help="Run taskpack code WITHOUT the bubblewrap sandbox (it can read the node's key).",
+)
+@click.option(
     "--min-records",
     type=click.IntRange(min=1),
     default=None,
@@ -146,6 +151,7 @@ def node_cmd(
     trust: tuple[str, ...],
     trust_any: bool,
     allow_any_requester: bool,
+    unsafe_no_sandbox: bool,
     min_records: int | None,
     log_level: str,
 ) -> None:
@@ -169,6 +175,7 @@ def node_cmd(
         trusted=frozenset(check_peer_id(p) for p in trust),
         trust_any=trust_any,
         allow_any_requester=allow_any_requester,
+        unsafe_no_sandbox=unsafe_no_sandbox,
         log_level=log_level.lower(),
     )
     if min_records is not None:
@@ -185,6 +192,15 @@ def node_cmd(
         click.secho(
             "WARNING: --allow-any-requester: ANY peer may run tasks on datasets that\n"
             "WARNING: DATA_DIR/policy.yaml does not name. Never use it with real data.",
+            fg="red",
+            bold=True,
+            err=True,
+        )
+    if unsafe_no_sandbox:
+        click.secho(
+            "WARNING: --unsafe-no-sandbox: taskpack code runs WITHOUT bubblewrap: it can read "
+            "this node's key,\nWARNING: its datasets and $HOME, and reach the network. "
+            "Never beside real data.",
             fg="red",
             bold=True,
             err=True,

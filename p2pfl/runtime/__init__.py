@@ -13,11 +13,14 @@ preprocessed data live per (task_id, node) until close_task; the spec of the fir
 that session stays in force. ctx.state persists in spec.state_path (atomic JSON writes),
 also after a failed job that the worker survived.
 
-Enforced for ChildProcessRunner only: scrubbed environment, private temp dir as cwd/HOME/
-TMPDIR (wiped on close or death), per-job timeout, RLIMIT_AS/CPU/CORE/NOFILE and, where
-the kernel has Landlock, writes only beneath the temp dir (inputs read-only), no TCP, no
-signals out of the sandbox. Not enforced: reading files (the task can read whatever the
-node's user can), UDP/unix sockets. See p2pfl.runtime.sandbox.
+Enforced for ChildProcessRunner only: a bubblewrap jail (p2pfl.runtime.bwrap: only the
+runtime, the taskpack's code, its input files and a scratch dir are visible; no network;
+own PID namespace; cleared environment), a pids cgroup where possible, per-job timeout,
+RLIMIT_AS/CPU/NPROC/CORE/NOFILE from the node's ResourcePolicy (p2pfl.runtime.policy) and,
+where the kernel has Landlock, writes only beneath the scratch dir and private tmpfs, no
+TCP, no signals out (p2pfl.runtime.sandbox). No usable bwrap: JobError(KIND_SANDBOX),
+unless the runner was built with unsafe_no_sandbox=True. InProcessRunner (simulations)
+confines nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from p2pfl.runtime.jobs import (
     KIND_LOAD,
     KIND_MEMORY,
     KIND_PROTOCOL,
+    KIND_SANDBOX,
     KIND_TIMEOUT,
     Evaluate,
     Finalize,
@@ -48,6 +52,7 @@ from p2pfl.runtime.jobs import (
     TrainResult,
     Validate,
 )
+from p2pfl.runtime.policy import ResourcePolicy
 from p2pfl.taskpack.sdk import DPConfig, Partial
 
 if TYPE_CHECKING:
@@ -72,6 +77,7 @@ __all__ = [
     "KIND_LOAD",
     "KIND_MEMORY",
     "KIND_PROTOCOL",
+    "KIND_SANDBOX",
     "KIND_TIMEOUT",
     "ChildProcessRunner",
     "DPConfig",
@@ -85,6 +91,7 @@ __all__ = [
     "Limits",
     "Partial",
     "Reduce",
+    "ResourcePolicy",
     "TaskSpec",
     "Train",
     "TrainResult",

@@ -30,6 +30,7 @@ class Limits:
     timeout_s: float = 300.0  # per job, including (re)starting the worker
     memory_bytes: int | None = None  # RLIMIT_AS: address space, so leave room for imports
     cpu_seconds: int | None = None  # RLIMIT_CPU over the worker's whole life
+    nproc: int | None = None  # processes and threads (RLIMIT_NPROC / pids cgroup)
 
 
 @dataclass
@@ -123,6 +124,7 @@ KIND_CRASHED = "crashed"  # the worker died (signal or exit code)
 KIND_BUDGET = "budget-exhausted"  # the DP epsilon reported exceeds the task's budget
 KIND_CLOSED = "closed"  # close_task/aclose ended the worker while the job ran
 KIND_PROTOCOL = "protocol"  # the worker sent something that is not a valid reply
+KIND_SANDBOX = "sandbox"  # no usable sandbox: the node refuses to run taskpack code
 
 
 class JobError(Exception):

@@ -83,6 +83,7 @@ def encode_spec(spec: TaskSpec) -> dict[str, Any]:
             "timeout_s": spec.limits.timeout_s,
             "memory_bytes": spec.limits.memory_bytes,
             "cpu_seconds": spec.limits.cpu_seconds,
+            "nproc": spec.limits.nproc,
         },
     }
 

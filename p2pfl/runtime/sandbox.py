@@ -1,15 +1,17 @@
 """Confinement the worker applies to itself before any task code runs.
 
+This is the second layer: the first is bubblewrap (p2pfl.runtime.bwrap), which already
+hides everything but the runtime, the task's code, inputs and scratch dir, and the network.
 - Resource limits (setrlimit, soft = hard so task code cannot raise them again):
   RLIMIT_AS from memory_bytes, RLIMIT_CPU from cpu_seconds (SIGXCPU at the limit, SIGKILL
-  5 s later), RLIMIT_CORE 0, RLIMIT_NOFILE 1024.
+  5 s later), RLIMIT_NPROC from nproc (counted per user namespace, so per worker under
+  bwrap; never applied by the kernel to host root, hence also the pids cgroup),
+  RLIMIT_CORE 0, RLIMIT_NOFILE 1024. The node's ResourcePolicy fills in the values.
 - Landlock (Linux >= 5.13, unprivileged, no root tricks), when the kernel has it:
-  writes are allowed only beneath the worker's temp dir (and /dev/null, /dev/shm), so the
-  input data and everything else the node owns are read-only to the task; with ABI >= 4
-  TCP bind/connect are denied (no exfiltration over TCP); with ABI >= 6 the task cannot
-  signal processes outside its sandbox (the node). Reads are NOT restricted: the task
-  can read any file the node's user can (including the node's key): taskpacks must still
-  come from trusted publishers. UDP and unix sockets are not restricted.
+  writes are allowed only beneath the worker's temp dir and the given dirs (the private
+  /tmp and /dev/shm; /dev/null), so the input data are read-only to the task; with
+  ABI >= 4 TCP bind/connect are denied; with ABI >= 6 the task cannot signal processes
+  outside its sandbox. Reads are not restricted here (bwrap's mount namespace does that).
 Everything is best effort and reported back, so the node can log what was enforced.
 """
 
@@ -19,6 +21,7 @@ import ctypes
 import os
 import resource
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +88,8 @@ def apply_rlimits(limits: Limits) -> dict[str, Any]:
         setlimit("as", resource.RLIMIT_AS, limits.memory_bytes, limits.memory_bytes)
     if limits.cpu_seconds is not None:
         setlimit("cpu", resource.RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 5)
+    if limits.nproc is not None:
+        setlimit("nproc", resource.RLIMIT_NPROC, limits.nproc, limits.nproc)
     return done
 
 
@@ -102,8 +107,8 @@ def landlock_abi() -> int:
     return max(int(abi), 0)
 
 
-def apply_landlock(writable_dir: Path) -> dict[str, Any]:
-    """Restrict writes to `writable_dir` (and deny TCP, signals out) for this process."""
+def apply_landlock(writable_dir: Path, extra: Sequence[Path] = ()) -> dict[str, Any]:
+    """Restrict writes to `writable_dir` and `extra` (deny TCP, signals out) for this process."""
     abi = landlock_abi()
     if abi < 1:
         return {"landlock": 0}
@@ -139,7 +144,7 @@ def apply_landlock(writable_dir: Path) -> dict[str, Any]:
         return {"landlock": abi, "error": os.strerror(ctypes.get_errno())}
     try:
         allowed = [(writable_dir, fs)]
-        allowed += [(Path(p), fs) for p in ("/dev/shm",) if os.path.isdir(p)]
+        allowed += [(p, fs) for p in extra if p.is_dir()]
         allowed += [(Path(os.devnull), _FILE_RIGHTS & fs)]
         for path, rights in allowed:
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC)

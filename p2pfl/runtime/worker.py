@@ -9,6 +9,7 @@ is captured into the job's logs by the loader; the rest reaches the node's log v
 from __future__ import annotations
 
 import faulthandler
+import io
 import os
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from p2pfl.runtime.loader import TaskSession, describe, load_task_class
 from p2pfl.runtime.sandbox import apply_landlock, apply_rlimits
 
 
-def _read_exact(f: BinaryIO, n: int) -> bytearray | None:
+def _read_exact(f: io.RawIOBase, n: int) -> bytearray | None:
     buf = bytearray(n)
     view, got = memoryview(buf), 0
     while got < n:
@@ -42,7 +43,7 @@ def _widen_pipes() -> None:
         pass
 
 
-def read_frame(f: BinaryIO) -> dict[str, Any] | None:
+def read_frame(f: io.RawIOBase) -> dict[str, Any] | None:
     """The next frame, or None at EOF (the parent closed our stdin: time to exit)."""
     head = _read_exact(f, protocol.LENGTH.size)
     if head is None:
@@ -63,7 +64,7 @@ def _error(e: JobError, state: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"ok": False, "reason": e.reason, "kind": e.kind, "logs": e.logs, "state": state}
 
 
-def serve(proto_in: BinaryIO, proto_out: BinaryIO) -> int:
+def serve(proto_in: io.RawIOBase, proto_out: BinaryIO) -> int:
     hello = read_frame(proto_in)
     if hello is None:
         return 0
@@ -71,7 +72,8 @@ def serve(proto_in: BinaryIO, proto_out: BinaryIO) -> int:
     workdir = Path(hello["workdir"])
     report: dict[str, Any] = {"rlimits": apply_rlimits(spec.limits)}
     if hello.get("sandbox", True):
-        report["sandbox"] = apply_landlock(workdir)
+        extra = [Path(p) for p in hello.get("writable", ["/dev/shm"])]
+        report["sandbox"] = apply_landlock(workdir, extra)
     try:
         task_cls = load_task_class(spec.taskpack_dir)
         session = TaskSession(task_cls, spec, workdir, hello["state"])

@@ -64,14 +64,15 @@ async def test_crash_is_a_job_error_and_next_job_restarts(
 
 
 async def test_timeout_kills_worker(child: ChildProcessRunner, packs: dict):
+    # 3 s: the limit also covers the worker's start (imports, bwrap), slow on a busy machine.
     spec = spec_for(
-        packs["misc"], params={"mode": "sleep", "seconds": 60}, limits=Limits(timeout_s=0.5)
+        packs["misc"], params={"mode": "sleep", "seconds": 60}, limits=Limits(timeout_s=3)
     )
     await child.run(spec, Evaluate(round=1, weights=None))  # worker up
     pid = child.workers()[("task-1", "node-a")]
     with pytest.raises(JobError) as info:
         await child.run(spec, NONE)
-    assert info.value.reason == "timeout after 0.5 s" and info.value.kind == KIND_TIMEOUT
+    assert info.value.reason == "timeout after 3 s" and info.value.kind == KIND_TIMEOUT
     assert not _alive(pid)
     assert list(child._tmp_root.iterdir()) == []
 
@@ -94,7 +95,7 @@ async def test_environment_is_scrubbed(
     assert "P2PFL_TEST_SECRET" not in env
     assert env["HOME"] == env["TMPDIR"] == workdir == agg["cwd"]
     assert env["OMP_NUM_THREADS"] == "1"
-    allowed = {"PATH", "LANG", "HOME", "TMPDIR", "PYTHONPATH", "LC_CTYPE"}
+    allowed = {"PATH", "LANG", "HOME", "TMPDIR", "PYTHONPATH", "LC_CTYPE", "PWD"}  # bwrap: PWD
     assert {k for k in env if not k.startswith(("PYTHON", "OMP_", "MKL_", "OPENBLAS_"))} <= allowed
 
 
@@ -110,7 +111,9 @@ async def test_writes_outside_workdir_denied(
         inputs={"data": data_csv},
     )
     agg = (await child.run(spec, NONE)).result.aggregates
-    assert agg == {"input": "PermissionError", "outside": "PermissionError", "workdir": "written"}
+    # The input is a read-only bind (EROFS, an OSError); `outside` lies under /tmp, which in
+    # the sandbox is a private tmpfs: the write may succeed there but never reaches the host.
+    assert agg["input"] in ("OSError", "PermissionError") and agg["workdir"] == "written"
     assert data_csv.read_bytes() == before and not outside.exists()
     report = child.sandbox_report("task-1", "node-a")
     assert report["sandbox"]["fs_writes"] == "workdir only"
