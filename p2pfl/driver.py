@@ -14,6 +14,7 @@ never sees concurrency.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -414,6 +415,15 @@ class Driver:
                 memory_bytes=declared.memory_bytes,
                 cpu_seconds=declared.cpu_seconds,
             )
+        decision = machine.decision
+        if decision is not None:
+            # The site's policy for these datasets caps what the manifest asks (the
+            # runner's ResourcePolicy caps both again, and fills in what neither names).
+            limits = dataclasses.replace(
+                limits,
+                memory_bytes=_least(limits.memory_bytes, decision.memory_bytes),
+                timeout_s=_least(limits.timeout_s, decision.max_wall_s) or limits.timeout_s,
+            )
         dp = offer.dp if isinstance(offer.dp, dict) else None
         spec = TaskSpec(
             task_id=task_id,
@@ -575,6 +585,12 @@ class Driver:
 
     def fetch_progress(self) -> dict[str, tuple[int, int]]:
         return {cid: f.progress() for cid, f in self._fetches.items()}
+
+
+def _least(a: Any, b: Any) -> Any:
+    """The smaller of two optional limits (None: no limit from that side)."""
+    present = [v for v in (a, b) if v is not None]
+    return min(present) if present else None
 
 
 def encode_json(value: Any) -> bytes:
