@@ -384,11 +384,12 @@ class NodeCore:
 
     def _run(self, machine: TaskMachine, event: Any, now: float) -> list[Command]:
         """One event into one machine; a machine whose offer expired is forgotten."""
-        machine.connected = set(self.connected)
         machine.full_mesh = self.full_mesh
+        if isinstance(event, PeerBack | PeerLost):
+            machine.connected = set(self.connected)  # only connections change it
         out = machine.handle(event, now)
         for cmd in out:
-            if isinstance(cmd, ChargePrivacy):
+            if type(cmd) is ChargePrivacy:
                 for name in cmd.datasets:
                     self.privacy_spent[name] = self.privacy_spent.get(name, 0.0) + cmd.epsilon
         if machine.phase is Phase.EXPIRED:

@@ -141,6 +141,8 @@ class TaskMachine:
         self.samples: dict[str, int] = {}  # the signed sample counts (cap every update)
         self.commits: dict[str, bytes] = {}
         self.nonces: dict[str, bytes] = {}
+        self._ranked: list[str] = []
+        self._ranked_for = -1  # len(self.nonces) the ranking was computed for
         self.declines: dict[str, str] = {}
         self.my_nonce = b""
         self.revealed = False  # volunteering is over for us: nonces may be published
@@ -387,6 +389,8 @@ class TaskMachine:
             return []
         self.declines[decline.peer] = decline.reason
         self.volunteers.pop(decline.peer, None)
+        self.nonces.pop(decline.peer, None)  # nonces stay a subset of the volunteers
+        self.commits.pop(decline.peer, None)
         out: list[Command] = [
             self.event(EventKind.NODE, now, f"declined: {decline.reason}", peer=decline.peer)
         ]
@@ -445,19 +449,27 @@ class TaskMachine:
         return self._maybe_roster(now)
 
     def _eligible(self) -> dict[str, bytes]:
-        """Volunteers with a record and a matching reveal: peer -> nonce."""
-        return {p: n for p, n in self.nonces.items() if p in self.volunteers}
+        """Volunteers with a record and a matching reveal: peer -> nonce (a reveal is only
+        taken for a record we hold, and a decline drops both)."""
+        return self.nonces
+
+    def _ranking(self) -> list[str]:
+        """Every eligible volunteer, best-ranked first under the beacon of their nonces.
+        Memoised per set of reveals: at scale it is asked once per message."""
+        key = len(self.nonces)
+        if self._ranked_for != key:
+            self._ranked = ranked(self.task_id, self.nonces, make_beacon(self.nonces))
+            self._ranked_for = key
+        return self._ranked
 
     def _maybe_roster(self, now: float, deadline_passed: bool = False) -> list[Command]:
         """Publish the roster if we are the best-ranked live volunteer and the time is right:
         every volunteer we know has revealed (or the reveal deadline passed)."""
         if self.roster is not None or self.phase != Phase.VOLUNTEERED or not self.revealed:
             return []
-        eligible = self._eligible()
-        if not deadline_passed and len(eligible) < len(self.volunteers):
-            return []  # reveals still to come
-        seed = make_beacon(eligible)
-        everyone = ranked(self.task_id, eligible, seed)
+        if not deadline_passed and len(self.nonces) < len(self.volunteers):
+            return []  # reveals still to come (O(1): this runs on every record at scale)
+        everyone = self._ranking()
         order = [p for p in everyone if p not in self.dead]
         if not order or order[0] != self.my_id or len(order) < self.offer.min_nodes:
             return []
@@ -534,8 +546,7 @@ class TaskMachine:
 
     def _better_ranked_gone(self, roster: Roster) -> bool:
         """Every volunteer ranked above the roster's coordinator is gone in our view."""
-        seed = make_beacon(self._eligible())
-        order = ranked(self.task_id, self._eligible(), seed)
+        order = self._ranking()
         if roster.coordinator not in order:
             return False
         return all(p in self.dead for p in order[: order.index(roster.coordinator)])
@@ -666,8 +677,7 @@ class TaskMachine:
         (perhaps us) publishes the roster. Every node does this in step."""
         if self.roster is not None:
             return []
-        eligible = self._eligible()
-        order = [p for p in ranked(self.task_id, eligible, make_beacon(eligible))]
+        order = self._ranking()
         live = [p for p in order if p not in self.dead]
         if live and live[0] != self.my_id:
             self.dead.add(live[0])
