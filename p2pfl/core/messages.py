@@ -54,6 +54,14 @@ def _check_task(task_id: str, peer: str) -> None:
     check_peer_id(peer)
 
 
+MAX_REASON = 2000  # characters of a decline's, withdrawal's or cancel's reason
+
+
+def _check_reason(reason: str) -> None:
+    if len(reason) > MAX_REASON:
+        raise ValueError(f"reason longer than {MAX_REASON} characters")
+
+
 def _check_nonce(nonce: bytes, what: str) -> None:
     if len(nonce) != NONCE_BYTES:
         raise ValueError(f"{what} must be {NONCE_BYTES} bytes")
@@ -190,8 +198,7 @@ class Decline:
 
     def __post_init__(self) -> None:
         _check_task(self.task_id, self.peer)
-        if len(self.reason) > 2000:
-            raise ValueError("reason longer than 2000 characters")
+        _check_reason(self.reason)
 
 
 @message("task.roster")
@@ -340,5 +347,4 @@ class Cancel:
 
     def __post_init__(self) -> None:
         _check_task(self.task_id, self.publisher)
-        if len(self.reason) > 2000:
-            raise ValueError("reason longer than 2000 characters")
+        _check_reason(self.reason)
