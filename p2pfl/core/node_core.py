@@ -7,6 +7,7 @@ line (RemoteProtocolError); they never raise out of `handle`.
 
 from __future__ import annotations
 
+import collections
 import functools
 import random
 from collections import defaultdict
@@ -456,8 +457,8 @@ class NodeCore:
         data = event.data
         if len(data) <= DECODE_CACHE_MAX_MESSAGE:
             msg, envelope = _decode_and_unseal(data)
-        else:  # large messages are decoded every time: the cache must stay small
-            msg, envelope = _decode_and_unseal.__wrapped__(data)
+        else:
+            msg, envelope = _decode_large(data)
         if isinstance(msg, TaskOffer) and len(data) > MAX_OFFER_BYTES:
             raise RemoteProtocolError(f"offer of {len(data)} bytes, over {MAX_OFFER_BYTES}")
         signer = envelope.signer if envelope is not None else event.sender
@@ -578,6 +579,26 @@ def _decode_and_unseal(data: bytes) -> tuple[Any, Signed | None]:
     if isinstance(msg, Signed):
         return unseal(msg), msg
     return msg, None
+
+
+_LARGE_KEEP = 8  # large rosters memoised (a 1,000-node roster is ~300 KB, held by every node)
+_large: collections.OrderedDict[bytes, tuple[Any, Signed | None]] = collections.OrderedDict()
+
+
+def _decode_large(data: bytes) -> tuple[Any, Signed | None]:
+    """A large message is decoded every time (a flood of big messages must not pin them
+    in a cache), except rosters: every node of a big task holds the same one, so the last
+    few are shared (bounded: at most _LARGE_KEEP of them)."""
+    hit = _large.get(data)
+    if hit is not None:
+        _large.move_to_end(data)
+        return hit
+    decoded = _decode_and_unseal.__wrapped__(data)
+    if isinstance(decoded[0], Roster):
+        _large[data] = decoded
+        while len(_large) > _LARGE_KEEP:
+            _large.popitem(last=False)
+    return decoded
 
 
 @functools.lru_cache(maxsize=64)
