@@ -332,3 +332,27 @@ def test_large_offers_and_unknown_task_messages_are_bounded():
         msg = replace(update, task_id=f"{i:032x}")
         victim.core.handle(Message(TOPIC_TASKS, attacker.peer, encode(msg)), 0.0)
     assert victim.core._pending_bytes <= PENDING_BYTES
+
+
+def test_a_reveal_or_roster_nonce_that_its_record_does_not_commit_to_is_refused():
+    from p2pfl.core.messages import Reveal
+    from p2pfl.net.base import Message
+
+    h = Harness(3, full_mesh=False)  # reveals wait for the 3 s volunteer deadline
+    task_id = h.offer(rounds=1)
+    h.run(until=1.0)
+    attacker, victim = h.nodes[2], h.nodes[0]
+    machine = victim.core.tasks[task_id]
+    forged = seal(attacker.identity, Reveal(task_id, attacker.peer, b"\1" * 16))
+    victim.core.handle(Message(TOPIC_TASKS, attacker.peer, encode(forged)), h.now)
+    assert attacker.peer not in machine.nonces
+    assert machine.refused["Reveal"] == 1
+    # A roster carrying a nonce the record does not commit to is dropped at decode.
+    h.run()
+    roster = machine.roster
+    bad = replace(roster, nonces=(b"\2" * 16,) + roster.nonces[1:])
+    signer = next(n for n in h.nodes if n.peer == roster.coordinator)
+    lines = victim.core.handle(
+        Message(TOPIC_TASKS, signer.peer, encode(seal(signer.identity, bad))), h.now
+    )
+    assert any("does not commit to" in line.text for line in lines), lines
