@@ -338,7 +338,8 @@ class Node:
             raise
         changed = new.digest != self.policy.digest
         self.policy = new
-        self.core.site = new  # decisions from now on follow the new policy
+        # Decisions from now on follow the new policy, and running tasks are checked again.
+        self.driver.execute(self.core.set_site(new, self.driver.io.now()))
         self.audit_log.record("policy", action="reload", digest=new.digest, changed=changed)
         log.info("site policy reloaded (%s)", "changed" if changed else "unchanged")
         return {"digest": new.digest, "changed": changed, "source": new.source}

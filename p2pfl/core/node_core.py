@@ -53,7 +53,15 @@ from p2pfl.core.messages import (
     check_task_id,
 )
 from p2pfl.core.offer import build_offer, offer_problem
-from p2pfl.core.phase import ACCEPTS, BlobOutcome, PeerBack, PeerLost, Phase, TaskpackState
+from p2pfl.core.phase import (
+    ACCEPTS,
+    BlobOutcome,
+    PeerBack,
+    PeerLost,
+    Phase,
+    PolicyRevoked,
+    TaskpackState,
+)
 from p2pfl.core.snapshot import open_snapshot
 from p2pfl.core.task import Incoming, LocalContext, TaskMachine
 from p2pfl.core.taskpacks import TaskpackBook
@@ -193,6 +201,30 @@ class NodeCore:
             out["rows"] = self.site.advertised_rows(info.name, info.rows)
         return out
 
+    def set_site(self, site: SitePolicy, now: float) -> list[Command]:
+        """A new site policy: decisions from now on follow it, and every task this node
+        takes part in is checked again; one the new policy refuses is left (withdrawn,
+        with the rule), so nothing more of its data leaves."""
+        self.site = site
+        out: list[Command] = []
+        for machine in list(self.tasks.values()):
+            entry = self.book.entries.get(machine.offer.cid)
+            if machine.decision is None or entry is None or entry.manifest is None:
+                continue
+            if machine.result is not None or machine.phase not in _BUSY:
+                continue
+            # This task's own charge is not "spent elsewhere": take it out before deciding.
+            spent = dict(self.privacy_spent)
+            dp = machine.offer.dp
+            if isinstance(dp, dict) and machine.phase is not Phase.VALIDATING:
+                for name in machine.offer.inputs:
+                    spent[name] = max(0.0, spent.get(name, 0.0) - float(dp["epsilon"]))
+            decision = self._decide(machine.offer, entry, spent)
+            if not decision.allowed:
+                why = f"the site policy changed: {decision.reason}"
+                out += self._run(machine, PolicyRevoked(why), now)
+        return out
+
     def _state_of(self, machine: TaskMachine, entry: Any) -> TaskpackState:
         """The taskpack's status for a task, with the site policy's decision once it is
         verified here (made before any of its code runs)."""
@@ -203,7 +235,7 @@ class NodeCore:
             decision = self._decide(machine.offer, entry)
         return TaskpackState(entry.status, entry.reason, decision)
 
-    def _decide(self, offer: TaskOffer, entry: Any) -> Any:
+    def _decide(self, offer: TaskOffer, entry: Any, spent: dict[str, float] | None = None) -> Any:
         from p2pfl.policy import OfferFacts
 
         assert self.site is not None
@@ -232,7 +264,8 @@ class NodeCore:
             if other.offer.task_id != offer.task_id and other.phase in _BUSY:
                 for name in other.offer.inputs:
                     running[name] += 1
-        return self.site.decide(facts, spent=self.privacy_spent, running=running)
+        spent = self.privacy_spent if spent is None else spent
+        return self.site.decide(facts, spent=spent, running=running)
 
     # --- local requests ------------------------------------------------------------------
 

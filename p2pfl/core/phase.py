@@ -96,6 +96,15 @@ class BlobOutcome:
         self.cid, self.ok, self.reason = cid, ok, reason
 
 
+class PolicyRevoked:
+    """The site's policy no longer allows this task (it was reloaded): leave it."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
 class AggregatedKey:
     """Table key for aggregation outcomes."""
 
@@ -124,6 +133,7 @@ _FOLLOW: frozenset[EventKey] = frozenset(
         TimerKind.EXPIRE,
         TimerKind.REDUCE,  # observers escalate a held result too
         TimerKind.REPUBLISH_REVEAL,
+        PolicyRevoked,
     }
 )
 _PARTICIPATE: frozenset[EventKey] = _FOLLOW | {

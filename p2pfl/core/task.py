@@ -74,6 +74,7 @@ from p2pfl.core.phase import (
     PeerBack,
     PeerLost,
     Phase,
+    PolicyRevoked,
     TaskpackState,
 )
 from p2pfl.core.pushsum_rounds import PushSumRounds
@@ -802,6 +803,13 @@ class TaskMachine:
         ]
         return out + self.final.take_result(now, result, self.my_id)
 
+    def on_policy_revoked(self, now: float, event: PolicyRevoked) -> list[Command]:
+        if self.participating:
+            return self.withdraw(now, event.reason)
+        if self.phase in (Phase.VALIDATING, Phase.VOLUNTEERED):
+            return self.decline(now, event.reason)
+        return []
+
     def on_result(self, now: float, event: Incoming) -> list[Command]:
         return self.final.on_result(now, event.msg, event.signer)
 
@@ -1039,6 +1047,7 @@ HANDLERS: dict[EventKey, Handler] = {
     PeerLost: TaskMachine.on_peer_lost,
     PeerBack: TaskMachine.on_peer_back,
     TaskpackState: TaskMachine.on_taskpack,
+    PolicyRevoked: TaskMachine.on_policy_revoked,
     BlobOutcome: TaskMachine.on_blob,
     AggregatedKey: TaskMachine.on_aggregated,
     **{kind: TaskMachine.on_timer for kind in TimerKind},

@@ -123,3 +123,20 @@ def test_withheld_metrics_do_not_leave():
     publisher_view = h.nodes[0].core.tasks[task_id]
     assert publisher_view.nodes[h.nodes[1].peer].loss is None
     assert publisher_view.nodes[h.nodes[0].peer].loss == 1.0
+
+
+def test_a_reloaded_policy_that_refuses_a_running_task_makes_the_node_leave_it():
+    sites = {2: _policy(2, {"data": {"allow": ["lab"]}}, {"lab": [0]})}
+    h = Harness(3, sites=sites)
+    task_id = h.offer(node=0, rounds=4)
+    h.run(until=2.3)  # round 2 is training everywhere
+    machine = h.nodes[2].core.tasks[task_id]
+    assert machine.participating
+    stricter = _policy(2, {"data": {"allow": ["lab"], "limits": {"max_rounds": 2}}}, {"lab": [0]})
+    h._execute(h.nodes[2], h.nodes[2].core.set_site(stricter(h.peer_ids), h.now))
+    h.run()
+    result = done(h, task_id)[0].result
+    assert result.status == "succeeded" and h.nodes[2].peer not in result.participants
+    assert machine.withdrawn[machine.my_id] == (
+        "the site policy changed: dataset data: 4 rounds > max_rounds 2"
+    )
