@@ -26,10 +26,19 @@ class FakeCore:
     def policy_decision(self, task_id: str) -> dict[str, Any] | None:
         return self.decisions.get(task_id)
 
+    def set_site(self, site: Any, now: float) -> list[Any]:
+        self.site = site
+        return []
+
 
 def make_node(data_dir: Path, **config: Any) -> Node:
     core = FakeCore()
-    driver = types.SimpleNamespace(core=core, listeners=[])
+    driver = types.SimpleNamespace(
+        core=core,
+        listeners=[],
+        execute=lambda cmds: None,
+        io=types.SimpleNamespace(now=lambda: 0.0),
+    )
     return Node(NodeConfig(data_dir=data_dir, **config), driver, None, "test")  # type: ignore[arg-type]
 
 
