@@ -128,7 +128,9 @@ class Fault:
 class Byzantine:
     nodes: tuple[int, ...]
     attack: str
-    scale: float | None = None  # `scaled`, `sign-flip`: the update's multiplier (attacks.DEFAULT_SCALE)
+    scale: float | None = (
+        None  # `scaled`, `sign-flip`: the update's multiplier (attacks.DEFAULT_SCALE)
+    )
     std: float | None = None  # `gaussian-noise`: noise standard deviation
 
     def as_dict(self) -> dict[str, Any]:
