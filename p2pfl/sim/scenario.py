@@ -568,7 +568,7 @@ def _parse_params(c: _Checker, value: Any, nodes: int | None) -> Params | None:
         if protocol != implied:
             c.err("params.protocol", f"{protocol!r} contradicts aggregator {aggregator!r}")
         aggregator = "fedavg"
-    mu = value.get("mu")
+    mu: Any = value.get("mu")
     consistent = implied in ("fedavg", protocol)
     if protocol == "fedprox" and consistent and not (is_finite_number(mu) and mu > 0):
         # FedProx with mu 0 is plain FedAvg: never run one under the other's name.

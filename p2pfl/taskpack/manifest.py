@@ -104,6 +104,9 @@ class Federated:
     aggregator: str = "fedavg"  # fedavg | median | trimmed_mean | krum
     fanout: int = 2  # gossip peers per round
     deadline_s: float | None = None  # per-round deadline; None: the node's default
+    # Versions with equal model schemas may be averaged together (core/versions.py);
+    # None: the name and the semver-compatible part of the version (1.x, 0.3.x).
+    model_schema: str | None = None
     differential_privacy: DifferentialPrivacy = field(default_factory=DifferentialPrivacy)
 
 
