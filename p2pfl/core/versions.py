@@ -71,13 +71,23 @@ def is_version(text: str) -> bool:
 
 
 def satisfies(version: str, range_text: str) -> bool:
-    """`version` is in the npm-style range (`^1.2`, `~1.2`, `>=1.0,<2`, `1.2.3`, `*`)."""
+    """`version` is in the npm-style range (`^1.2`, `~1.2`, `>=1.0,<2`, `1.2.3`, `*`).
+
+    As in npm, a prerelease (1.3.0-rc.1) satisfies a range only if the range names a
+    prerelease of the same major.minor.patch: `~1.2` never picks up a release candidate."""
     from p2pfl.policy.ranges import parse_range, version_in
 
     try:
-        return version_in(version, parse_range(range_text))
+        comparators = parse_range(range_text)
     except ValueError:
         return False
+    if not version_in(version, comparators):
+        return False
+    v = _semver(version)
+    if v.prerelease is None:
+        return True
+    named = [_semver(c.lstrip("<>=!")) for c in comparators]
+    return any(n.prerelease and n.finalize_version() == v.finalize_version() for n in named)
 
 
 def resolve(range_text: str, versions: Iterable[str]) -> str | None:
