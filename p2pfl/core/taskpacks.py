@@ -73,9 +73,12 @@ class TaskpackEntry:
     have_announced: int = 0  # chunks held when we last announced a partial TaskpackHave
 
     def summary(self) -> dict[str, Any]:
+        from p2pfl.core.versions import model_schema
+
         return {
             "name": self.name,
             "version": self.version,
+            "model_schema": model_schema(self.manifest) if self.manifest is not None else None,
             "cid": self.cid,
             "publisher": self.announce.publisher,
             "status": self.status,

@@ -97,6 +97,25 @@ def resolve(range_text: str, versions: Iterable[str]) -> str | None:
     return max(ok, key=_semver) if ok else None
 
 
+def versions_by_name(listing: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """`p2pfl taskpacks --versions`: the book's listing grouped by name (sorted), each
+    name's versions newest first (semver order; unparsable versions last)."""
+    names: dict[str, list[dict[str, Any]]] = {}
+    for item in listing:
+        names.setdefault(str(item.get("name", "?")), []).append(dict(item))
+
+    out = []
+    for name in sorted(names):
+        good = sorted(
+            (i for i in names[name] if is_version(str(i.get("version")))),
+            key=lambda i: _semver(str(i["version"])),
+            reverse=True,
+        )
+        rest = [i for i in names[name] if not is_version(str(i.get("version")))]
+        out.append({"name": name, "versions": good + rest})
+    return out
+
+
 def compat_line(version: str) -> str:
     """The semver-compatible part: 1.4.2 -> "1", 0.3.1 -> "0.3", 0.0.7 -> "0.0.7"."""
     v = _semver(version)
