@@ -62,6 +62,10 @@ class ClusterSpec:
     network: str = "sim"
     detect_s: float = 1.0
     min_records: int = 1
+    # A partial rollout: other versions of the taskpack, published beside it, and the
+    # shares (`1.0.0=0.8,1.1.0=0.2`, core/versions.py).
+    extra_taskpacks: list[Path] = field(default_factory=list)
+    rollout: str = ""
 
 
 @dataclass(frozen=True)
