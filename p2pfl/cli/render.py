@@ -110,20 +110,20 @@ def taskpacks_table(packs: list[dict[str, Any]]) -> RenderableType:
 
 
 def versions_table(names: list[dict[str, Any]]) -> RenderableType:
-    """`p2pfl taskpacks --versions`: each name's versions side by side, newest first."""
+    """`p2pfl taskpacks --versions`: each name's versions side by side, newest first (the
+    publishers are in `p2pfl taskpacks` and in --json)."""
     from rich.table import Table
 
     table = Table()
-    for col in ("name", "version", "model schema", "cid", "publisher", "status"):
-        table.add_column(col, no_wrap=col in ("cid", "publisher"), overflow="fold")
+    for col in ("name", "version", "model schema", "cid", "status"):
+        table.add_column(col, no_wrap=col == "cid", overflow="fold")
     for entry in names:
         for i, v in enumerate(entry["versions"]):
             table.add_row(
                 str(entry["name"]) if i == 0 else "",
                 str(v.get("version", "?")),
                 str(v.get("model_schema") or "-"),
-                str(v.get("cid", "?"))[-12:],
-                short_id(str(v.get("publisher", "?"))),
+                "…" + str(v.get("cid", "?"))[-10:],
                 styled(v.get("status")),
             )
     return table
