@@ -977,6 +977,8 @@ class TaskMachine:
             "cid": self.offer.cid,
             "name": self.offer.name,
             "version": self.offer.version,
+            "range": self.offer.range,
+            "rollout": self.offer.rollout,  # [[version, cid, model schema, share]] or None
             "type": self.offer.type,
             "status": self.status(),
             "reason": result.reason if result else self.reason,

@@ -116,6 +116,12 @@ def versions_by_name(listing: Iterable[Mapping[str, Any]]) -> list[dict[str, Any
     return out
 
 
+def newest(versions: Iterable[str]) -> str | None:
+    """The highest valid version, prereleases included (semver order); None if none."""
+    valid = {v for v in versions if is_version(v)}
+    return max(valid, key=_semver) if valid else None
+
+
 def compat_line(version: str) -> str:
     """The semver-compatible part: 1.4.2 -> "1", 0.3.1 -> "0.3", 0.0.7 -> "0.0.7"."""
     v = _semver(version)

@@ -158,10 +158,20 @@ def test_rollout_buckets_hold_the_fractions_and_are_a_pure_function():
 
 def test_a_node_keeps_every_version_and_an_offer_names_a_range_checked_by_all():
     h = Harness(4)
-    cids = publish_versions(h, {"1.2.0": None, "1.3.0": None, "2.0.0": None})
+    cids = publish_versions(h, {"1.2.0": None, "1.3.0": None, "1.4.0-rc.1": None, "2.0.0": None})
     listing = [e for e in h.nodes[2].core.book.listing() if e["name"] == NAME]
-    assert sorted(e["version"] for e in listing) == ["1.0.0", "1.2.0", "1.3.0", "2.0.0"]
+    assert sorted(e["version"] for e in listing) == [
+        "1.0.0",
+        "1.2.0",
+        "1.3.0",
+        "1.4.0-rc.1",
+        "2.0.0",
+    ]
     core = h.nodes[0].core
+    book = core.book
+    assert book.find(NAME).version == "2.0.0"  # the newest release
+    assert book.find(f"{NAME}@1.4.0-rc.1").version == "1.4.0-rc.1"  # only when named
+    assert book.find(f"{NAME}@^3") is None
     entry = core.book.find(f"{NAME}@^1.2")
     assert entry is not None and entry.version == "1.3.0"
     task_id, cmds = core.create_task(
