@@ -17,6 +17,7 @@ import pytest
 from p2pfl.core.commands import Publish
 from p2pfl.core.messages import NONCE_BYTES, TOPIC_TASKS, TaskOffer, TaskpackAnnounce, Volunteer
 from p2pfl.core.offer import build_offer
+from p2pfl.core.phase import TaskpackState
 from p2pfl.core.versions import (
     SHARE_UNITS,
     Arm,
@@ -339,3 +340,33 @@ def raw_offer_template() -> TaskOffer:
         nonce=b"\1" * NONCE_BYTES,
         volunteer_window_s=3.0,
     )
+
+
+def test_nodes_that_volunteer_with_another_model_schema_anyway_are_kept_out():
+    """Canary nodes that skip their own schema check volunteer regardless: every honest node
+    refuses their records, a roster one of them publishes with itself in it is refused with
+    the reason, and the honest nodes train without them."""
+    h = Harness(10, seed=3)  # a seed where a rogue ranks first in its own view
+    cids = publish_versions(h, {"1.1.0": "mlp-64", "1.2.0": "mlp-128"})
+    arms = (
+        Arm("1.1.0", cids["1.1.0"], "mlp-64", 5000),
+        Arm("1.2.0", cids["1.2.0"], "mlp-128", 5000),
+    )
+    offer = raw_offer(h, cids["1.1.0"], "1.1.0", rollout=arms)
+    rogues = {n.peer for n in h.nodes if assign(offer.task_id, n.peer, arms).version == "1.2.0"}
+    for node in h.nodes:
+        if node.peer in rogues:
+            node.core._state_of = lambda machine, entry: TaskpackState(entry.status)
+    inject_offer(h, h.nodes[0], offer)
+    h.run()
+    honest = [m for m in h.machines(offer.task_id) if m.my_id not in rogues]
+    assert {m.result.status for m in honest} == {"succeeded"}
+    assert len({encode(m.result) for m in honest}) == 1
+    assert not rogues & set(honest[0].participants)
+    assert all(m.refused["Volunteer"] >= len(rogues) for m in honest)
+    reason = (
+        "has model schema 'mlp-128', the task trains 1.1.0's 'mlp-64': versions whose "
+        "model schemas differ are never averaged together"
+    )
+    refused = [t for t in h.logs("warning") if "invalid roster from" in t and reason in t]
+    assert refused and all(any(r in t for r in rogues) for t in refused)
