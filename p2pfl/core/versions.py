@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -37,6 +38,7 @@ SHARE_UNITS = 10_000  # rollout shares are integers out of this (exact on every 
 MAX_ARMS = 8
 MAX_SCHEMA = 128  # characters of a model schema name
 MAX_RANGE = 128  # characters of a version range in an offer
+MAX_METRICS = 64  # metrics reported per version in a rollout's result
 _ROLLOUT_DOMAIN = b"p2pfl/rollout/v1|"
 
 
@@ -371,17 +373,21 @@ def by_version(offer: Any, partials: Iterable[Any]) -> dict[str, Any]:
                 for p in group
                 if isinstance(p.metrics, dict)
                 for k, v in p.metrics.items()
-                if isinstance(v, int | float) and not isinstance(v, bool) and k != "num_samples"
+                if _number(v) and k != "num_samples"
             }
-        )
+        )[:MAX_METRICS]  # peers choose the names: a bounded amount of work per result
         for name in names:
             pairs = [
                 (float(p.metrics[name]), int(p.num_samples))
                 for p in group
-                if isinstance(p.metrics, dict) and isinstance(p.metrics.get(name), int | float)
+                if isinstance(p.metrics, dict) and _number(p.metrics.get(name))
             ]
             weight = sum(n for _, n in pairs)
             if weight > 0:
                 row[name] = sum(v * n for v, n in pairs) / weight
         out[version] = row
     return out
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -370,3 +370,28 @@ def test_nodes_that_volunteer_with_another_model_schema_anyway_are_kept_out():
     )
     refused = [t for t in h.logs("warning") if "invalid roster from" in t and reason in t]
     assert refused and all(any(r in t for r in rogues) for t in refused)
+
+
+def test_per_version_metrics_are_sample_weighted_means_of_finite_numbers():
+    from types import SimpleNamespace
+
+    from p2pfl.core.versions import by_version
+
+    arms = (Arm("1.0.0", "cid-a", "s", 5000), Arm("1.1.0", "cid-b", "s", 5000))
+    offer = replace(raw_offer_template(), rollout=[a.wire() for a in arms])
+    peers = [Identity.from_seed(bytes([i]) * 32).peer_id for i in range(40)]
+    a = [p for p in peers if assign(offer.task_id, p, arms).version == "1.0.0"][:2]
+    b = [p for p in peers if assign(offer.task_id, p, arms).version == "1.1.0"][:1]
+    partials = [
+        SimpleNamespace(peer=a[0], num_samples=100, metrics={"accuracy": 0.9, "loss": 0.2}),
+        SimpleNamespace(peer=a[1], num_samples=300, metrics={"accuracy": 0.5, "flag": True}),
+        SimpleNamespace(peer=b[0], num_samples=50, metrics={"accuracy": float("nan"), "loss": 1}),
+    ]
+    out = by_version(offer, partials)
+    assert out["1.0.0"] == {
+        "nodes": 2,
+        "num_samples": 400,
+        "accuracy": pytest.approx(0.6),  # (0.9 * 100 + 0.5 * 300) / 400
+        "loss": pytest.approx(0.2),
+    }
+    assert out["1.1.0"] == {"nodes": 1, "num_samples": 50, "loss": 1.0}  # NaN left out
