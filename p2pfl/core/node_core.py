@@ -321,9 +321,10 @@ class NodeCore:
             range=range,
             rollout=rollout,
         )
-        problem = offer_problem(offer) or next(
-            (p for p in map(lambda a: schema_problem(offer, a), rollout) if p), None
-        )
+        # Refused here with the reason receivers would give (a training rollout that
+        # mixes model schemas is refused by the nodes of the other schema).
+        schemas = (schema_problem(offer, arm) for arm in rollout)
+        problem = offer_problem(offer) or next((p for p in schemas if p), None)
         if problem is not None:
             raise LocalProtocolError(f"cannot offer {entry.name}: {problem}")
         # Our own machine starts now; the offer's echo from gossip is then a duplicate.
