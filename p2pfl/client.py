@@ -235,50 +235,65 @@ class Client:
         return self.call("withdraw_task", task_id=task_id)
 
     def publish(
-        self, path: str | os.PathLike[str], run: bool = False, params: dict[str, Any] | None = None
+        self,
+        path: str | os.PathLike[str],
+        run: bool = False,
+        params: dict[str, Any] | None = None,
+        rollout: str = "",
     ) -> dict[str, Any]:
         """Pack, sign, store and announce the taskpack directory at `path` (on this machine).
 
         Returns {"cid", "name", "version", "publisher"}, plus "task_id" when `run`.
+        `rollout` (with `run`): run several versions of its name side by side, e.g.
+        ``"1.0.0=0.8,1.1.0=0.2"`` (the other versions must be verified on the node).
         """
         p = Path(path).expanduser()
         if not p.is_dir():
             raise FileNotFoundError(f"no taskpack directory at {path}")
+        if rollout and not run:
+            raise ValueError("rollout only makes sense with run=True")
         return self.call(
             "publish",
             timeout=max(self.timeout, SLOW_TIMEOUT),
             path=str(p.resolve()),
             run=bool(run),
             params=_params(params),
+            **({"rollout": rollout} if rollout else {}),
         )
 
     def create_task(
-        self, taskpack: str | os.PathLike[str], params: dict[str, Any] | None = None
+        self,
+        taskpack: str | os.PathLike[str],
+        params: dict[str, Any] | None = None,
+        rollout: str = "",
     ) -> str:
         """Offer a task and return its id.
 
         `taskpack` is a directory (published first, then run), or the cid, name or
         name@range (``federated-stats@^1``) of a taskpack the node already verified, signed
         by any publisher it trusts (the offer is signed by this node, the requester).
+        `rollout` runs several verified versions of that name side by side, each on its
+        fraction of the participants: ``"1.0.0=0.8,1.1.0=0.2"`` (docs/taskpacks.md).
         """
         if _is_path(taskpack):
-            return str(self.publish(taskpack, run=True, params=params)["task_id"])
+            return str(self.publish(taskpack, run=True, params=params, rollout=rollout)["task_id"])
         reply = self.call(
             "create_task",
             timeout=max(self.timeout, SLOW_TIMEOUT),
             ref=str(taskpack),
             params=_params(params),
+            **({"rollout": rollout} if rollout else {}),
         )
         return str(reply["task_id"])
 
-    def run(self, ref: str, params: dict[str, Any] | None = None) -> str:
+    def run(self, ref: str, params: dict[str, Any] | None = None, rollout: str = "") -> str:
         """Offer a task on a taskpack the node already verified, by cid, name or
         name@range (e.g. ``federated-stats@^1``), whoever published it; its id.
 
         The offer is signed by this node: site policies judge it as this node's request."""
         if _is_path(ref):
             raise ValueError(f"{ref} is a directory: publish it (Client.publish(..., run=True))")
-        return self.create_task(ref, params)
+        return self.create_task(ref, params, rollout)
 
     # -- site policy and audit -------------------------------------------------------------
 

@@ -353,16 +353,36 @@ class Driver:
         self.execute(self.core.publish_taskpack(ann, self.io.now()))
 
     def create_task(
-        self, ref: str, overrides: dict[str, str], *, volunteer_window_s: float = 3.0
+        self,
+        ref: str,
+        overrides: dict[str, str],
+        *,
+        volunteer_window_s: float = 3.0,
+        rollout: str = "",
     ) -> dict[str, Any]:
         """Offer a task on a verified taskpack (a cid, or a name with an optional @range):
-        parameters are the taskpack's defaults with `overrides` applied and checked."""
+        parameters are the taskpack's defaults with `overrides` applied and checked.
+        `rollout` (`1.0.0=0.8,1.1.0=0.2`) runs several versions of the name side by side;
+        the parameters are the first version's (core/versions.py)."""
+        from p2pfl.core.versions import parse_rollout, rollout_arms
         from p2pfl.taskpack.params import effective_federated, load_params
 
         entry = self.core.book.find(ref)
         if entry is None or entry.status != "verified":
             state = f"is {entry.status} ({entry.reason})" if entry else "is unknown here"
             raise LocalProtocolError(f"taskpack {ref} {state}")
+        # The range asked for travels in the offer: every node checks the resolution.
+        wanted = "" if ref in self.core.book.entries else ref.partition("@")[2]
+        arms: tuple[Any, ...] = ()
+        if rollout:
+            try:
+                shares = parse_rollout(rollout)
+                arms = rollout_arms(
+                    self.core.book.by_key.values(), entry.name, shares, entry.announce.publisher
+                )
+            except ValueError as exc:
+                raise LocalProtocolError(str(exc)) from None
+            entry = self.core.book.entries[arms[0].cid]
         # `inputs.NAME=DATASET` binds a manifest input to the name sites registered their
         # data under (`--dataset DATASET=PATH`); it is not a task parameter.
         bindings = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("inputs.")}
@@ -384,9 +404,19 @@ class Driver:
             tuple(bindings.get(n, n) for n in names),
             self.io.now(),
             volunteer_window_s=volunteer_window_s,
+            range=wanted,
+            rollout=arms,
         )
         self.execute(cmds)
-        return {"task_id": task_id, "cid": entry.cid, "name": entry.name, "version": entry.version}
+        out: dict[str, Any] = {
+            "task_id": task_id,
+            "cid": entry.cid,
+            "name": entry.name,
+            "version": entry.version,
+        }
+        if arms:
+            out["rollout"] = [{"version": a.version, "cid": a.cid, "share": a.share} for a in arms]
+        return out
 
     # --- jobs -----------------------------------------------------------------------------
 
@@ -399,14 +429,15 @@ class Driver:
 
         machine = self.core.tasks[task_id]
         offer = machine.offer
-        entry = self.core.book.entries.get(offer.cid)
+        cid = machine.cid  # the archive this node runs (a rollout's: its arm's)
+        entry = self.core.book.entries.get(cid)
         manifest = entry.manifest if entry is not None else None
-        if manifest is None and self.taskpack_dir(offer.cid).is_dir():
+        if manifest is None and self.taskpack_dir(cid).is_dir():
             # A task resumed after a restart, before peers re-announced its taskpack: the
             # copy we verified and unpacked earlier is on disk.
             from p2pfl.taskpack.manifest import load_manifest
 
-            manifest = load_manifest(self.taskpack_dir(offer.cid))
+            manifest = load_manifest(self.taskpack_dir(cid))
         limits = Limits()
         declared = manifest.limits if manifest is not None else None
         if declared is not None:
@@ -428,7 +459,7 @@ class Driver:
         spec = TaskSpec(
             task_id=task_id,
             node=self.me,
-            taskpack_dir=self.taskpack_dir(offer.cid),
+            taskpack_dir=self.taskpack_dir(cid),
             params=dict(offer.params) if isinstance(offer.params, dict) else {},
             # Offer inputs are dataset names, in the manifest's input order.
             inputs={

@@ -190,15 +190,19 @@ class Node:
         inbound = getattr(self.driver.io, "inbound", None)
         return inbound.dropped(peer) if inbound is not None else 0
 
-    async def publish(self, path: str, run: bool, params: dict[str, str]) -> dict[str, Any]:
+    async def publish(
+        self, path: str, run: bool, params: dict[str, str], rollout: str = ""
+    ) -> dict[str, Any]:
         info = await trio.to_thread.run_sync(self.driver.publish_taskpack, Path(path))
         # Signed over the whole BlobRef (see taskpack.signing; a no-op once the driver is).
         ann: TaskpackAnnounce = info.pop("announce")
         self.driver.announce_taskpack(ann)
         self._remember(ann)
         if run:
-            created = self.driver.create_task(info["cid"], dict(params))
+            created = self.driver.create_task(info["cid"], dict(params), rollout=rollout)
             info["task_id"] = created["task_id"]
+            if "rollout" in created:
+                info["rollout"] = created["rollout"]
         return info
 
     def taskpacks(self) -> list[dict[str, Any]]:
@@ -211,8 +215,10 @@ class Node:
             out.append(item)
         return out
 
-    async def create_task(self, ref: str, params: dict[str, str]) -> dict[str, Any]:
-        return self.driver.create_task(ref, dict(params))
+    async def create_task(
+        self, ref: str, params: dict[str, str], rollout: str = ""
+    ) -> dict[str, Any]:
+        return self.driver.create_task(ref, dict(params), rollout=rollout)
 
     def tasks(self) -> list[dict[str, Any]]:
         live = {tid: m.summary() for tid, m in self.core.tasks.items()}

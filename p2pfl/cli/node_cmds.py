@@ -35,6 +35,29 @@ def json_option(f: Any) -> Any:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")(f)
 
 
+def rollout_option(f: Any) -> Any:
+    return click.option(
+        "--rollout",
+        default="",
+        metavar="V1=F1,V2=F2",
+        help="Run versions of the taskpack side by side, each on that fraction of the "
+        "participants (e.g. 1.0.0=0.8,1.1.0=0.2; fractions sum to 1).",
+    )(f)
+
+
+def check_rollout(text: str) -> None:
+    """A malformed --rollout is refused here, before the node is asked."""
+    if not text:
+        return
+    from p2pfl.core.versions import parse_rollout
+
+    try:
+        parse_rollout(text)
+    except ValueError as exc:
+        why = str(exc).removeprefix("--rollout: ")
+        raise click.BadParameter(why, param_hint="--rollout") from None
+
+
 def emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=None, sort_keys=False, default=str))
 
@@ -255,17 +278,27 @@ def peers_cmd(data_dir: Path, as_json: bool) -> None:
     metavar="KEY=VALUE",
     help="A task parameter (repeatable; with --run).",
 )
+@rollout_option
 @json_option
 def publish_cmd(
-    taskpack_dir: Path, data_dir: Path, run: bool, params: tuple[str, ...], as_json: bool
+    taskpack_dir: Path,
+    data_dir: Path,
+    run: bool,
+    params: tuple[str, ...],
+    rollout: str,
+    as_json: bool,
 ) -> None:
     """Pack, sign and announce the taskpack in DIR; with --run, also run it."""
     parsed = dict(parse_param(p) for p in params)
     if parsed and not run:
         raise click.BadParameter("parameters only make sense with --run", param_hint="--param")
-    out = client(data_dir).publish(taskpack_dir, run=run, params=parsed)
+    if rollout and not run:
+        raise click.BadParameter("a rollout only makes sense with --run", param_hint="--rollout")
+    check_rollout(rollout)
+    out = client(data_dir).publish(taskpack_dir, run=run, params=parsed, rollout=rollout)
     if as_json:
         keys = ["cid", "name", "version", "publisher"] + (["task_id"] if run else [])
+        keys += ["rollout"] if rollout else []
         emit_json({k: out.get(k) for k in keys})
         return
     click.echo(f"published {out.get('name')}@{out.get('version')}")
@@ -273,16 +306,31 @@ def publish_cmd(
     click.echo(f"  publisher  {out.get('publisher')}")
     if run:
         click.echo(f"  task       {out.get('task_id')}")
+        for arm in out.get("rollout") or []:
+            click.echo(f"  version    {arm['version']} on {arm['share'] / 100:g}% of nodes")
         click.echo(f"follow it with: p2pfl trace {out.get('task_id')} --data-dir {data_dir}")
 
 
 @click.command("taskpacks")
 @data_dir_option
+@click.option(
+    "--versions",
+    "by_name",
+    is_flag=True,
+    help="One entry per name with its versions side by side (newest first, model schemas).",
+)
 @json_option
-def taskpacks_cmd(data_dir: Path, as_json: bool) -> None:
+def taskpacks_cmd(data_dir: Path, by_name: bool, as_json: bool) -> None:
     """List the taskpacks this node knows, and whether it verified or rejected them."""
+    from p2pfl.core.versions import versions_by_name
+
     packs = client(data_dir).taskpacks()
-    if as_json:
+    if by_name:
+        grouped = versions_by_name(packs)
+        if as_json:
+            emit_json(grouped)
+            return
+    elif as_json:
         emit_json(packs)
         return
     if not packs:
@@ -290,6 +338,9 @@ def taskpacks_cmd(data_dir: Path, as_json: bool) -> None:
         return
     from p2pfl.cli import render
 
+    if by_name:
+        render.console().print(render.versions_table(grouped))
+        return
     render.console().print(render.taskpacks_table(packs))
 
 

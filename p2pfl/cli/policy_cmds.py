@@ -11,7 +11,15 @@ from typing import Any
 
 import click
 
-from p2pfl.cli.node_cmds import client, data_dir_option, emit_json, json_option, parse_param
+from p2pfl.cli.node_cmds import (
+    check_rollout,
+    client,
+    data_dir_option,
+    emit_json,
+    json_option,
+    parse_param,
+    rollout_option,
+)
 from p2pfl.client import short_id
 
 # ---------------------------------------------------------------------------------------------
@@ -24,16 +32,19 @@ from p2pfl.client import short_id
 @click.option(
     "--param", "params", multiple=True, metavar="KEY=VALUE", help="A task parameter (repeatable)."
 )
+@rollout_option
 @json_option
-def run_cmd(ref: str, data_dir: Path, params: tuple[str, ...], as_json: bool) -> None:
+def run_cmd(ref: str, data_dir: Path, params: tuple[str, ...], rollout: str, as_json: bool) -> None:
     """Offer a task on a taskpack this node already verified (by name, name@range such
-    as federated-stats@^1, or cid), whoever published it.
+    as federated-stats@^1, or cid), whoever published it. With --rollout, several
+    verified versions of that name run side by side.
 
     The offer is signed by this node: other sites' policies judge it as this node's request.
     To publish a taskpack directory and run it, use `p2pfl publish DIR --run`.
     """
     parsed = dict(parse_param(p) for p in params)
-    task_id = client(data_dir).run(ref, parsed)
+    check_rollout(rollout)
+    task_id = client(data_dir).run(ref, parsed, rollout)
     if as_json:
         emit_json({"task_id": task_id, "ref": ref})
         return

@@ -109,6 +109,26 @@ def taskpacks_table(packs: list[dict[str, Any]]) -> RenderableType:
     return table
 
 
+def versions_table(names: list[dict[str, Any]]) -> RenderableType:
+    """`p2pfl taskpacks --versions`: each name's versions side by side, newest first (the
+    publishers are in `p2pfl taskpacks` and in --json)."""
+    from rich.table import Table
+
+    table = Table()
+    for col in ("name", "version", "model schema", "cid", "status"):
+        table.add_column(col, no_wrap=col == "cid", overflow="fold")
+    for entry in names:
+        for i, v in enumerate(entry["versions"]):
+            table.add_row(
+                str(entry["name"]) if i == 0 else "",
+                str(v.get("version", "?")),
+                str(v.get("model_schema") or "-"),
+                "…" + str(v.get("cid", "?"))[-10:],
+                styled(v.get("status")),
+            )
+    return table
+
+
 def tasks_table(tasks: list[dict[str, Any]]) -> RenderableType:
     from rich.table import Table
 

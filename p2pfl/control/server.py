@@ -35,9 +35,13 @@ class NodeAPI(Protocol):
 
     def info(self) -> dict[str, Any]: ...
     def peers(self) -> list[dict[str, Any]]: ...
-    async def publish(self, path: str, run: bool, params: dict[str, str]) -> dict[str, Any]: ...
+    async def publish(
+        self, path: str, run: bool, params: dict[str, str], rollout: str = ""
+    ) -> dict[str, Any]: ...
     def taskpacks(self) -> list[dict[str, Any]]: ...
-    async def create_task(self, ref: str, params: dict[str, str]) -> dict[str, Any]: ...
+    async def create_task(
+        self, ref: str, params: dict[str, str], rollout: str = ""
+    ) -> dict[str, Any]: ...
     def tasks(self) -> list[dict[str, Any]]: ...
     def task(self, task_id: str) -> dict[str, Any]: ...
     def watch_task(self, task_id: str) -> AsyncIterator[dict[str, Any]]: ...
@@ -75,11 +79,17 @@ class ControlServer:
             "info": _Op(api.info, {}),
             "peers": _Op(api.peers, {}),
             "publish": _Op(
-                self._publish, {"path": str, "run": bool, "params": dict}, "async", "taskpack"
+                self._publish,
+                {"path": str, "run": bool, "params": dict, "rollout": str},
+                "async",
+                "taskpack",
             ),
             "taskpacks": _Op(api.taskpacks, {}),
             "create_task": _Op(
-                self._create_task, {"ref": str, "params": dict}, "async", "taskpack"
+                self._create_task,
+                {"ref": str, "params": dict, "rollout": str},
+                "async",
+                "taskpack",
             ),
             "tasks": _Op(api.tasks, {}),
             "task": _Op(api.task, {"task_id": str}, subject="task"),
@@ -99,11 +109,15 @@ class ControlServer:
 
     # -- ops that adapt the api ------------------------------------------------------------
 
-    async def _publish(self, path: str, run: bool, params: dict[str, str]) -> dict[str, Any]:
-        return await self.api.publish(path, run, _str_params(params))
+    async def _publish(
+        self, path: str, run: bool, params: dict[str, str], rollout: str = ""
+    ) -> dict[str, Any]:
+        return await self.api.publish(path, run, _str_params(params), rollout[:1000])
 
-    async def _create_task(self, ref: str, params: dict[str, str]) -> dict[str, Any]:
-        return await self.api.create_task(ref, _str_params(params))
+    async def _create_task(
+        self, ref: str, params: dict[str, str], rollout: str = ""
+    ) -> dict[str, Any]:
+        return await self.api.create_task(ref, _str_params(params), rollout[:1000])
 
     def _read_blob(self, cid: str, offset: int = 0, length: int = BLOB_CHUNK) -> dict[str, Any]:
         data = self.api.read_blob(cid)

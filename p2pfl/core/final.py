@@ -30,6 +30,7 @@ from p2pfl.core.messages import TOPIC_TASKS, FinalPartial, Progress, TaskResult
 from p2pfl.core.phase import BlobOutcome, Phase
 from p2pfl.core.rounds_base import RoundsBase
 from p2pfl.core.tokens import AggToken, JobStep, TimerKind
+from p2pfl.core.versions import by_version
 from p2pfl.core.view import NodeState, jsonable
 from p2pfl.limits import blob_too_big
 from p2pfl.wire import seal
@@ -257,6 +258,10 @@ class FinalStep:
         if task.result is not None:
             return []
         contributors = tuple(sorted(p.peer for p in self.partials.values() if not p.refused))
+        if task.offer.rollout and isinstance(metrics, dict):
+            # A partial rollout: the metrics of each version's participants, side by side.
+            usable = [p for p in self.partials.values() if not p.refused]
+            metrics = {**metrics, "by_version": by_version(task.offer, usable)}
         result = TaskResult(
             task_id=task.task_id,
             status="succeeded",

@@ -147,6 +147,10 @@ class TaskOffer:
     round_timeout_s: float
     nonce: bytes  # the publisher's fresh randomness (NONCE_BYTES), part of the task id
     max_update_norm: float = 0.0  # > 0: an update farther than this from the model is dropped
+    # Versions (core/versions.py): the range the requester asked for ("" = exactly
+    # `version`), and for a partial rollout its arms [[version, cid, model schema, share]].
+    range: str = ""
+    rollout: Json = None
 
     def __post_init__(self) -> None:
         _check_task(self.task_id, self.publisher)
@@ -164,6 +168,7 @@ class Volunteer:
     peer: str
     num_samples: int
     commit: bytes
+    cid: str = ""  # a rollout's volunteer: the archive (version) it runs, by the rule
 
     def __post_init__(self) -> None:
         _check_task(self.task_id, self.peer)
@@ -171,6 +176,8 @@ class Volunteer:
             raise ValueError("num_samples must be >= 0")
         if len(self.commit) != 32:
             raise ValueError("commit must be 32 bytes")
+        if len(self.cid) > 128:
+            raise ValueError("cid longer than 128 characters")
 
 
 @message("task.reveal")

@@ -66,6 +66,7 @@ from p2pfl.core.snapshot import open_snapshot
 from p2pfl.core.task import Incoming, LocalContext, TaskMachine
 from p2pfl.core.taskpacks import TaskpackBook
 from p2pfl.core.tokens import NodeTimer, NodeTimerKind, TaskTimer
+from p2pfl.core.versions import Arm, manifest_problem, schema_problem
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError
 from p2pfl.identity import Identity
 from p2pfl.limits import (
@@ -208,7 +209,7 @@ class NodeCore:
         self.site = site
         out: list[Command] = []
         for machine in list(self.tasks.values()):
-            entry = self.book.entries.get(machine.offer.cid)
+            entry = self.book.entries.get(machine.cid)
             if machine.decision is None or entry is None or entry.manifest is None:
                 continue
             if machine.result is not None or machine.phase not in _BUSY:
@@ -230,6 +231,12 @@ class NodeCore:
         verified here (made before any of its code runs)."""
         if entry is None:
             return TaskpackState(None)
+        if entry.status == "verified" and entry.manifest is not None:
+            # What the offer says of the archive we would run (name, version, model schema)
+            # is checked against its signed manifest before anything else.
+            wrong = manifest_problem(machine.offer, self.me, entry.manifest)
+            if wrong is not None:
+                return TaskpackState("mismatch", f"does not match the offer: {wrong}")
         decision = None
         if entry.status == "verified" and self.site is not None and entry.manifest is not None:
             decision = self._decide(machine.offer, entry)
@@ -289,9 +296,13 @@ class NodeCore:
         inputs: tuple[str, ...],
         now: float,
         volunteer_window_s: float = 3.0,
+        range: str = "",
+        rollout: tuple[Arm, ...] = (),
     ) -> tuple[str, list[Command]]:
         """Offer a task on a taskpack verified here (ours or another publisher's): the
-        offer is signed by us, the requester."""
+        offer is signed by us, the requester. `range`: the version range asked for (the
+        cid is its resolution); `rollout`: the arms of a partial rollout, the first being
+        `cid` (core/versions.py; build them with `rollout_arms`)."""
         entry = self.book.verified(cid)
         if entry is None:
             raise LocalProtocolError(f"taskpack {cid} is not verified on this node")
@@ -307,7 +318,15 @@ class NodeCore:
             now=now,
             nonce=self.rng.randbytes(NONCE_BYTES),
             volunteer_window_s=volunteer_window_s,
+            range=range,
+            rollout=rollout,
         )
+        # Refused here with the reason receivers would give (a training rollout that
+        # mixes model schemas is refused by the nodes of the other schema).
+        schemas = (schema_problem(offer, arm) for arm in rollout)
+        problem = offer_problem(offer) or next((p for p in schemas if p), None)
+        if problem is not None:
+            raise LocalProtocolError(f"cannot offer {entry.name}: {problem}")
         # Our own machine starts now; the offer's echo from gossip is then a duplicate.
         envelope = seal(self.identity, offer)
         publish = Publish(TOPIC_TASKS, envelope)
@@ -406,7 +425,7 @@ class NodeCore:
             entry = self.book.entries.get(event.cid)
             if entry is not None:
                 for machine in list(self.tasks.values()):
-                    if machine.offer.cid == event.cid and machine.phase is Phase.PENDING:
+                    if machine.cid == event.cid and machine.phase is Phase.PENDING:
                         out += self._run(machine, self._state_of(machine, entry), now)
             return out
         if isinstance(event, JobDone | JobFailed | Aggregated):
@@ -579,7 +598,7 @@ class NodeCore:
         machine.connected = set(self.connected)
         machine.full_mesh = self.full_mesh
         self.tasks[offer.task_id] = machine
-        out = machine.start(now, self._state_of(machine, self.book.entries.get(offer.cid)))
+        out = machine.start(now, self._state_of(machine, self.book.entries.get(machine.cid)))
         for _sender, incoming in self._pending.pop(offer.task_id, []):
             self._pending_bytes -= incoming.size
             out += self._run(machine, incoming, now)

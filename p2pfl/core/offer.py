@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from p2pfl.core.messages import NONCE_BYTES, TASK_ID_HEX, TaskOffer
+from p2pfl.core.versions import Arm, arms_problem
 from p2pfl.wire import encode
 
 PROTOCOLS = ("fedavg", "fedprox", "gossip")
@@ -53,7 +54,7 @@ def offer_problem(offer: TaskOffer) -> str | None:
             return "dp must be {epsilon, delta, max_grad_norm}"
         if not all(isinstance(v, int | float) and v > 0 for v in dp.values()):
             return "dp values must be positive numbers"
-    return None
+    return arms_problem(offer)
 
 
 def build_offer(
@@ -69,6 +70,8 @@ def build_offer(
     now: float,
     nonce: bytes,
     volunteer_window_s: float,
+    range: str = "",
+    rollout: tuple[Arm, ...] = (),
 ) -> TaskOffer:
     """The offer for a verified taskpack. `federated` is the manifest's federated section
     with the task's parameters applied (taskpack.params.effective_federated): the one set
@@ -106,5 +109,7 @@ def build_offer(
         round_timeout_s=float(federated["deadline_s"]),
         nonce=nonce,
         max_update_norm=float(params.get("max_update_norm", 0.0) or 0.0),
+        range=range,
+        rollout=[arm.wire() for arm in rollout] if rollout else None,
     )
     return replace(offer, task_id=derive_task_id(offer))

@@ -80,6 +80,7 @@ from p2pfl.core.phase import (
 from p2pfl.core.pushsum_rounds import PushSumRounds
 from p2pfl.core.snapshot import make_snapshot
 from p2pfl.core.tokens import JobStep, JobToken, TaskTimer, TimerKind
+from p2pfl.core.versions import my_cid, roster_rollout_problem, volunteer_problem
 from p2pfl.core.view import NodeState, result_dict
 from p2pfl.identity import Identity
 from p2pfl.limits import EARLY_BYTES_PER_TASK
@@ -132,6 +133,7 @@ class TaskMachine:
     ) -> None:
         self.offer = offer
         self.me = me
+        self.cid = my_cid(offer, me.peer_id)  # the archive we run (a rollout's: our arm's)
         self.local = local
         self.created_at = created_at
         self.rng = rng
@@ -347,7 +349,8 @@ class TaskMachine:
             return self.decline(now, f"fewer than {self.k} records (k policy)")
         self.phase = Phase.VOLUNTEERED
         self.my_nonce = self.rng.randbytes(NONCE_BYTES)
-        record = Volunteer(self.task_id, self.my_id, samples, commitment(self.my_nonce))
+        named = self.cid if self.offer.rollout else ""
+        record = Volunteer(self.task_id, self.my_id, samples, commitment(self.my_nonce), named)
         signed = seal(self.me, record)
         out: list[Command] = [
             Publish(TOPIC_TASKS, signed),
@@ -370,6 +373,9 @@ class TaskMachine:
         if self.revealed and vol.peer != self.my_id:
             # Too late: nonces are out, and a record made after seeing them could grind.
             return self._refuse(Volunteer, f"{vol.peer[-8:]} volunteered after the reveals")
+        wrong = volunteer_problem(self.offer, vol.peer, vol.cid)
+        if wrong is not None:  # another version than the rollout rule gives it
+            return self._refuse(Volunteer, wrong)
         return self._take_volunteer(now, vol, event.envelope)
 
     def _take_volunteer(self, now: float, vol: Volunteer, signed: Signed) -> list[Command]:
@@ -512,7 +518,7 @@ class TaskMachine:
             held,
             self.offer.min_nodes,
             self.offer.max_nodes,
-        )
+        ) or roster_rollout_problem(self.offer, roster.participants, roster.volunteers)
         if problem is not None:
             out: list[Command] = [
                 Log(
@@ -971,6 +977,8 @@ class TaskMachine:
             "cid": self.offer.cid,
             "name": self.offer.name,
             "version": self.offer.version,
+            "range": self.offer.range,
+            "rollout": self.offer.rollout,  # [[version, cid, model schema, share]] or None
             "type": self.offer.type,
             "status": self.status(),
             "reason": result.reason if result else self.reason,

@@ -73,9 +73,12 @@ class TaskpackEntry:
     have_announced: int = 0  # chunks held when we last announced a partial TaskpackHave
 
     def summary(self) -> dict[str, Any]:
+        from p2pfl.core.versions import model_schema
+
         return {
             "name": self.name,
             "version": self.version,
+            "model_schema": model_schema(self.manifest) if self.manifest is not None else None,
             "cid": self.cid,
             "publisher": self.announce.publisher,
             "status": self.status,
@@ -108,17 +111,19 @@ class TaskpackBook:
 
     def find(self, ref: str) -> TaskpackEntry | None:
         """By cid, or by name / name@version / name@range like ^1 (the newest verified)."""
+        from p2pfl.core.versions import newest, resolve
+
         if ref in self.entries:
             return self.entries[ref]
-        name, _, version = ref.partition("@")
-        matches = [
-            e
-            for e in self.entries.values()
-            if e.name == name and e.status == VERIFIED and _version_matches(e.version, version)
-        ]
-        if not matches:
-            return None
-        return max(matches, key=lambda e: _version_key(e.version))
+        name, _, wanted = ref.partition("@")
+        held = [e for e in self.entries.values() if e.name == name and e.status == VERIFIED]
+        # One rule (core/versions.py resolve: semver order, npm ranges). A bare name takes
+        # the newest release, or the newest prerelease when there is no release.
+        best = resolve(wanted or "*", [e.version for e in held])
+        if best is None and not wanted:
+            best = newest(e.version for e in held)
+        matches = sorted((e for e in held if e.version == best), key=lambda e: e.cid)
+        return matches[0] if matches else None
 
     def listing(self) -> list[dict[str, Any]]:
         return [
@@ -392,23 +397,8 @@ def _check_bitmap(bitmap: bytes, n: int) -> None:
         raise RemoteProtocolError("chunk bitmap has bits set past the last chunk")
 
 
-def _version_key(version: str) -> tuple:
-    try:
-        import semver
-
-        v = semver.Version.parse(version)
-        return (1, v.major, v.minor, v.patch, v.prerelease is None, str(v.prerelease or ""))
-    except Exception:
-        return (0, version)
-
-
 def _version_matches(version: str, wanted: str) -> bool:
-    """No version: any; an exact version; or a semver range (^1, ~1.2, >=1.0,<2)."""
-    if not wanted or version == wanted:
-        return True
-    from p2pfl.policy.ranges import parse_range, version_in
+    """No range: any; an exact version; or a semver range (^1, ~1.2, >=1.0,<2)."""
+    from p2pfl.core.versions import satisfies
 
-    try:
-        return version_in(version, parse_range(wanted))
-    except ValueError:
-        return False
+    return not wanted or version == wanted or satisfies(version, wanted)

@@ -147,12 +147,17 @@ class SimCluster(ClusterBase):
     def _run(self) -> Iterator[RoundRecord]:
         publisher = self.nodes[0].driver
         self.hub.run(until=self.hub.now + 0.5)  # links come up
+        for extra in self.spec.extra_taskpacks:  # other versions, for a rollout
+            publisher.announce_taskpack(publisher.publish_taskpack(extra)["announce"])
         info = publisher.publish_taskpack(self.spec.taskpack_dir)
         # Signed over the whole BlobRef (see taskpack.signing; a no-op once the driver is).
         publisher.announce_taskpack(info["announce"])
         # Waiting costs nothing in virtual time: a wide window lets every node volunteer.
         created = publisher.create_task(
-            info["cid"], self._offer_overrides(), volunteer_window_s=10.0
+            info["cid"],
+            self._offer_overrides(),
+            volunteer_window_s=10.0,
+            rollout=self.spec.rollout,
         )
         self.task_id = created["task_id"]
         offer = self.nodes[0].core.tasks[self.task_id].offer

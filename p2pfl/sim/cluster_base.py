@@ -62,6 +62,10 @@ class ClusterSpec:
     network: str = "sim"
     detect_s: float = 1.0
     min_records: int = 1
+    # A partial rollout: other versions of the taskpack, published beside it, and the
+    # shares (`1.0.0=0.8,1.1.0=0.2`, core/versions.py).
+    extra_taskpacks: list[Path] = field(default_factory=list)
+    rollout: str = ""
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,7 @@ class ClusterBase:
         from p2pfl.fl.attacks import attack
         from p2pfl.wire import decode_tensors, encode_tensors
 
-        name = str((self.spec.byzantine or {}).get("attack", "sign-flip"))
+        name, strength = attack_strength(self.spec.byzantine or {})
         rng = np.random.default_rng(self.spec.seed * 7919 + index)
 
         def hook(task_id: str, update: bytes) -> bytes:
@@ -190,7 +194,7 @@ class ClusterBase:
             ref = machine.global_ref if machine else None
             honest = decode_tensors(update)
             global_ = decode_tensors(node.store.get(ref.cid)) if ref is not None else honest
-            return bytes(encode_tensors(attack(name, honest, global_, rng)))
+            return bytes(encode_tensors(attack(name, honest, global_, rng, strength)))
 
         return hook
 
@@ -357,3 +361,13 @@ def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _param_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
+
+
+def attack_strength(byzantine: dict[str, Any]) -> tuple[str, float | None]:
+    """(attack name, its strength) from a scenario's `byzantine` section: `scale` drives
+    sign-flip and scaled, `std` the gaussian-noise attack; None: the attack's default
+    (p2pfl.fl.attacks.DEFAULT_SCALE)."""
+    name = str(byzantine.get("attack", "sign-flip"))
+    key = "std" if name == "gaussian-noise" else "scale"
+    value = byzantine.get(key)
+    return name, None if value is None else float(value)

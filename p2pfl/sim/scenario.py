@@ -128,7 +128,9 @@ class Fault:
 class Byzantine:
     nodes: tuple[int, ...]
     attack: str
-    scale: float | None = None  # `scaled`: multiply the update by this (default: task's)
+    scale: float | None = (
+        None  # `scaled`, `sign-flip`: the update's multiplier (attacks.DEFAULT_SCALE)
+    )
     std: float | None = None  # `gaussian-noise`: noise standard deviation
 
     def as_dict(self) -> dict[str, Any]:
@@ -566,6 +568,11 @@ def _parse_params(c: _Checker, value: Any, nodes: int | None) -> Params | None:
         if protocol != implied:
             c.err("params.protocol", f"{protocol!r} contradicts aggregator {aggregator!r}")
         aggregator = "fedavg"
+    mu: Any = value.get("mu")
+    consistent = implied in ("fedavg", protocol)
+    if protocol == "fedprox" and consistent and not (is_finite_number(mu) and mu > 0):
+        # FedProx with mu 0 is plain FedAvg: never run one under the other's name.
+        c.err("params.mu", "required (> 0) with fedprox; mu 0 would silently run plain FedAvg")
     extra: list[tuple[str, Any]] = []
     for key, v in value.items():
         if key in _PARAM_KEYS:
@@ -705,8 +712,8 @@ def _parse_byzantine(c: _Checker, value: Any, nodes: int | None) -> Byzantine | 
     attack = c.choice(m, "attack", "byzantine.attack", ATTACKS)
     scale = c.number(m, "scale", "byzantine.scale", default=None)
     std = c.number(m, "std", "byzantine.std", default=None, lo=0.0, lo_open=True)
-    if "scale" in m and attack != "scaled":
-        c.err("byzantine.scale", "only for the scaled attack")
+    if "scale" in m and attack not in ("scaled", "sign-flip"):
+        c.err("byzantine.scale", "only for the scaled and sign-flip attacks")
     if "std" in m and attack != "gaussian-noise":
         c.err("byzantine.std", "only for the gaussian-noise attack")
     if ns is None or attack is None:

@@ -104,6 +104,9 @@ class Federated:
     aggregator: str = "fedavg"  # fedavg | median | trimmed_mean | krum
     fanout: int = 2  # gossip peers per round
     deadline_s: float | None = None  # per-round deadline; None: the node's default
+    # Versions with equal model schemas may be averaged together (core/versions.py);
+    # None: the name and the semver-compatible part of the version (1.x, 0.3.x).
+    model_schema: str | None = None
     differential_privacy: DifferentialPrivacy = field(default_factory=DifferentialPrivacy)
 
 
@@ -162,6 +165,9 @@ def federated_problems(fed: Any, prefix: str) -> list[str]:
     protocol = fed.get("protocol", "fedavg")
     if _is_num(mu) and mu > 0 and protocol != "fedprox":
         problems.append(f"{pre}mu: only protocol fedprox uses mu (protocol is {protocol!r})")
+    if protocol == "fedprox" and not (_is_num(mu) and mu > 0):
+        # FedProx with mu 0 is plain FedAvg: refuse rather than run one under the other's name.
+        problems.append(f"{pre}mu: protocol fedprox needs mu > 0 (mu 0 would be plain FedAvg)")
     dp = fed.get("differential_privacy")
     if isinstance(dp, dict) and dp.get("enabled") is True and "epsilon" not in dp:
         problems.append(f"{pre}differential_privacy.epsilon: is required when enabled")

@@ -103,6 +103,7 @@ class FakeNodeAPI:
             "slow1": script("slow1", True)[:3],
         }
         self.published: list[tuple[str, bool, dict[str, str]]] = []
+        self.rollouts: list[str] = []  # the --rollout of each publish / create_task
         self.watchers_closed = 0
 
     def info(self) -> dict[str, Any]:
@@ -125,11 +126,14 @@ class FakeNodeAPI:
             {"peer_id": PEER_B, "addrs": ["/ip4/127.0.0.1/tcp/4003"], "capabilities": None},
         ]
 
-    async def publish(self, path: str, run: bool, params: dict[str, str]) -> dict[str, Any]:
+    async def publish(
+        self, path: str, run: bool, params: dict[str, str], rollout: str = ""
+    ) -> dict[str, Any]:
         await trio.sleep(0)
         if not (Path(path) / "manifest.yaml").exists():
             raise ValidationError([f"{path}/manifest.yaml: missing"], "taskpack")
         self.published.append((path, run, params))
+        self.rollouts.append(rollout)
         out = {"cid": "bafycidgood1", "name": "wages", "version": "1.0.0", "publisher": SELF_ID}
         if run:
             out["task_id"] = "good1"
@@ -146,6 +150,15 @@ class FakeNodeAPI:
                 "reason": "",
             },
             {
+                "name": "wages",
+                "version": "1.1.0",
+                "model_schema": "wages@1",
+                "cid": "bafycidgood2",
+                "publisher": SELF_ID,
+                "status": "verified",
+                "reason": "",
+            },
+            {
                 "name": "evil",
                 "version": "0.1.0",
                 "cid": "bafyevil",
@@ -155,9 +168,12 @@ class FakeNodeAPI:
             },
         ]
 
-    async def create_task(self, ref: str, params: dict[str, str]) -> dict[str, Any]:
+    async def create_task(
+        self, ref: str, params: dict[str, str], rollout: str = ""
+    ) -> dict[str, Any]:
         if ref not in ("wages", "wages@1.0.0", "wages@^1", "bafycidgood1"):
             raise KeyError(ref)
+        self.rollouts.append(rollout)
         return {"task_id": "good1", "cid": "bafycidgood1"}
 
     def _id(self, task_id: str) -> str:

@@ -161,13 +161,36 @@ def test_publish_errors(node_dir: Path, tmp_path: Path) -> None:
 
 def test_lists(node_dir: Path) -> None:
     r = run("taskpacks", "--data-dir", str(node_dir), "--json")
-    assert [p["status"] for p in json.loads(r.stdout)] == ["verified", "rejected"]
+    assert [p["status"] for p in json.loads(r.stdout)] == ["verified", "verified", "rejected"]
     r = run("taskpacks", "--data-dir", str(node_dir))
     assert r.exit_code == 0 and "rejected" in r.output and "trusted" in r.output
     r = run("tasks", "--data-dir", str(node_dir), "--json")
     assert {t["task_id"] for t in json.loads(r.stdout)} == {"good1", "bad1", "slow1"}
     r = run("tasks", "--data-dir", str(node_dir))
     assert r.exit_code == 0 and "good1" in r.output and "succeeded" in r.output
+
+
+def test_taskpacks_versions_side_by_side(node_dir: Path, tmp_path: Path) -> None:
+    r = run("taskpacks", "--versions", "--data-dir", str(node_dir), "--json")
+    assert r.exit_code == 0
+    names = json.loads(r.stdout)
+    assert [n["name"] for n in names] == ["evil", "wages"]
+    wages = names[1]["versions"]
+    assert [(v["version"], v["cid"]) for v in wages] == [
+        ("1.1.0", "bafycidgood2"),
+        ("1.0.0", "bafycidgood1"),
+    ]  # newest first
+    r = run("taskpacks", "--versions", "--data-dir", str(node_dir))
+    assert r.exit_code == 0 and "1.1.0" in r.output and "wages@1" in r.output
+    assert all(len(line) <= 80 for line in r.output.splitlines()), r.output
+    # --rollout goes with --run, and is checked before the node is asked.
+    tp = tmp_path / "tp"
+    tp.mkdir()
+    (tp / "manifest.yaml").write_text("kind: TaskPackage\n")
+    r = run("publish", str(tp), "--data-dir", str(node_dir), "--rollout", "1.0.0=0.5,1.1.0=0.5")
+    assert r.exit_code == 2 and "only makes sense with --run" in r.output
+    r = run("publish", str(tp), "--data-dir", str(node_dir), "--run", "--rollout", "1.0.0=2")
+    assert r.exit_code == 2 and "--rollout" in r.output
 
 
 def test_trace(node_dir: Path) -> None:

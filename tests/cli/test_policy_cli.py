@@ -120,6 +120,23 @@ def test_run_by_name_range_and_cid(node: tuple[Path, FakeNodeAPI], tmp_path: Pat
     assert r.exit_code == 2
 
 
+def test_run_a_rollout_of_two_versions(node: tuple[Path, FakeNodeAPI]) -> None:
+    d, api = node
+    r = run("run", "wages", "--data-dir", str(d), "--rollout", "1.0.0=0.8,1.1.0=0.2", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["task_id"] == "good1"
+    assert api.rollouts[-1] == "1.0.0=0.8,1.1.0=0.2"
+    assert Client(d).run("wages", rollout="1.0.0=0.5,1.1.0=0.5") == "good1"
+    assert api.rollouts[-1] == "1.0.0=0.5,1.1.0=0.5"
+    bad = {
+        "1.0.0=0.8,1.1.0=0.3": "fractions sum to 1.1, not 1",
+        "1.0.0=1": "give 2 to 8 VERSION=FRACTION pairs",
+        "1.0.0=0.8,one=0.2": "'one=0.2' is not VERSION=FRACTION",
+    }
+    for text, why in bad.items():
+        r = run("run", "wages", "--data-dir", str(d), "--rollout", text)
+        assert r.exit_code == 2 and why in r.output, r.output
+
+
 def test_client_api(node: tuple[Path, FakeNodeAPI]) -> None:
     d, _ = node
     c = Client(d)

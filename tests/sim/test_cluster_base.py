@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+import numpy as np
 
 from p2pfl.net.base import NetStats
 from p2pfl.sim.cluster import ClusterSpec, RoundRecord
@@ -104,3 +107,46 @@ def test_records_count_bytes_since_the_last_and_fill_missing_rows() -> None:
         (2, 2, False),
     ]
     assert len(world.records) == 6 and world.warnings == []
+
+
+def _attacked(byzantine: dict[str, Any]) -> np.ndarray:
+    """What byzantine node 0 sends instead of an honest update 2.0 away from the global
+    model, through the scenario parser and the cluster's update hook."""
+    from p2pfl.sim.runner import cluster_spec_kwargs
+    from p2pfl.sim.scenario import parse
+    from p2pfl.wire import decode_tensors, encode_tensors
+
+    raw = {
+        "name": "byz",
+        "nodes": 3,
+        "dataset": {"name": "digits"},
+        "taskpack": "taskpacks/fedavg-mlp-digits",
+        "params": {"rounds": 1},
+        "byzantine": {"nodes": [0], **byzantine},
+    }
+    scenario = parse(raw, check_files=False)
+    kwargs = cluster_spec_kwargs(
+        scenario, seed=1, network="sim", node_data=[Path("d")] * 3, test_path=Path("t")
+    )
+    world = World(ClusterSpec(**{**kwargs, "taskpack_dir": Path("pack")}))
+    global_ = bytes(encode_tensors({"w": np.zeros(4, np.float32)}))
+    machine = SimpleNamespace(global_ref=SimpleNamespace(cid="g"))
+    world.nodes = [  # type: ignore[list-item]
+        SimpleNamespace(core=SimpleNamespace(tasks={"t": machine}), store={"g": global_})
+    ]
+    hook = world._update_hook(0)
+    assert hook is not None and world._update_hook(1) is None
+    honest = bytes(encode_tensors({"w": np.full(4, 2.0, np.float32)}))
+    return decode_tensors(hook("t", honest))["w"]
+
+
+def test_byzantine_scale_and_std_reach_the_attack() -> None:
+    """A scenario's `scale` and `std` are the attack's strength: scale 1 and 50 send
+    different updates (50x as far from the global model), as do std 0.01 and 5."""
+    np.testing.assert_array_equal(_attacked({"attack": "scaled", "scale": 1}), [2.0] * 4)
+    np.testing.assert_array_equal(_attacked({"attack": "scaled", "scale": 50}), [100.0] * 4)
+    np.testing.assert_array_equal(_attacked({"attack": "sign-flip", "scale": 50}), [-100.0] * 4)
+    np.testing.assert_array_equal(_attacked({"attack": "sign-flip"}), [-2.0] * 4)  # default 1
+    quiet = _attacked({"attack": "gaussian-noise", "std": 0.01}) - 2.0
+    loud = _attacked({"attack": "gaussian-noise", "std": 5.0}) - 2.0
+    assert float(np.abs(quiet).max()) < 0.1 < 1.0 < float(np.abs(loud).max())

@@ -7,7 +7,14 @@ import pytest
 import yaml
 
 from p2pfl.errors import ValidationError
-from p2pfl.sim.experiment import expand_grid, parse_vary, run_experiment
+from p2pfl.sim.experiment import (
+    METRICS,
+    ConfigRow,
+    expand_grid,
+    parse_vary,
+    results_md_text,
+    run_experiment,
+)
 
 from .fakes import FakeCluster
 
@@ -56,6 +63,23 @@ def test_grid_expansion(tmp_path: Path) -> None:
     assert len({p.out_dir for p in points}) == len(points)
 
 
+def test_without_a_seed_axis_each_configuration_runs_five_seeds(tmp_path: Path) -> None:
+    """One seed cannot separate an effect from seed noise: the default is five, from the
+    scenario's own seed."""
+    raw = yaml.safe_load(write_scenario(tmp_path).read_text())
+    points = expand_grid(raw, [parse_vary("params.aggregator=fedavg,gossip")], tmp_path / "o",
+                         base_dir=tmp_path)  # fmt: skip
+    first = raw["seed"]
+    assert [p.seed for p in points] == [first + i for i in range(5)] * 2
+
+
+def test_a_table_over_too_few_seeds_says_so() -> None:
+    rows = [ConfigRow((("params.lr", 0.1),), 1, {m: (0.5, 0.0) for m in METRICS}, 0)]
+    md = results_md_text(rows, ["params.lr"])
+    assert "(1 seed each)" in md
+    assert "Warning: a configuration has fewer than 3 seeds" in md
+
+
 def test_invalid_vary_is_reported_before_running(tmp_path: Path) -> None:
     raw = yaml.safe_load(write_scenario(tmp_path).read_text())
     axes = [parse_vary("params.aggregator=fedavg,mean"), parse_vary("topology.foo=1"),
@@ -100,7 +124,10 @@ def test_run_experiment_tables(tmp_path: Path) -> None:
     assert float(rows[0]["accuracy_mean"]) == pytest.approx(fedavg.stats["accuracy"][0], abs=1e-6)
     md = (tmp_path / "out/results.md").read_text()
     assert md.splitlines()[0].startswith("| params.aggregator | accuracy |") and "± " in md
-    assert len(md.splitlines()) == 2 + 2
+    assert len(md.splitlines()) == 2 + 2 + 2
+    assert (
+        md.splitlines()[-1] == "Mean ± sample std over each configuration's seeds (3 seeds each)."
+    )
     for name in ("comparison.png", "curves.png", "aggregator=gossip/seed-3/rounds.csv"):
         assert (tmp_path / "out" / name).is_file()
     assert {c[0] for c in calls} == set(range(6)) and {c[1] for c in calls} == {6}

@@ -154,6 +154,12 @@ def test_fault_order_is_checked() -> None:
         ({"byzantine": {"nodes": list(range(8)), "attack": "sign-flip"}},
          "byzantine.nodes: at least one node must stay honest"),
         ({"taskpack": 3}, "taskpack: must be a directory path (string)"),
+        ({"params": {"rounds": 2, "aggregator": "fedprox"}},
+         "params.mu: required (> 0) with fedprox; mu 0 would silently run plain FedAvg"),
+        ({"params": {"rounds": 2, "protocol": "fedprox", "mu": 0}},
+         "params.mu: required (> 0) with fedprox; mu 0 would silently run plain FedAvg"),
+        ({"byzantine": {"nodes": [1], "attack": "gaussian-noise", "scale": 2}},
+         "byzantine.scale: only for the scaled and sign-flip attacks"),
     ],
 )  # fmt: skip
 def test_single_problems(patch: dict, problem: str) -> None:

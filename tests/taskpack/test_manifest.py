@@ -155,3 +155,10 @@ def test_parse_size(text: str, expected: int) -> None:
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="not a valid size"):
         parse_size(text)
+
+
+def test_fedprox_without_mu_is_refused_not_run_as_fedavg() -> None:
+    """FedProx with mu 0 is plain FedAvg: a manifest that asks for it gets an error."""
+    expected = "spec.federated.mu: protocol fedprox needs mu > 0 (mu 0 would be plain FedAvg)"
+    assert expected in problems_of(manifest_doc(spec__federated__mu=0))
+    assert load_manifest(manifest_yaml(manifest_doc(spec__federated__mu=0.01))).spec.federated.mu
