@@ -35,6 +35,12 @@ def json_option(f: Any) -> Any:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")(f)
 
 
+def wide_option(f: Any) -> Any:
+    return click.option(
+        "--wide", is_flag=True, help="Show every value in full (ids, cids), however wide."
+    )(f)
+
+
 def emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=None, sort_keys=False, default=str))
 
@@ -221,23 +227,34 @@ def node_cmd(
 @click.command("peers")
 @data_dir_option
 @json_option
-def peers_cmd(data_dir: Path, as_json: bool) -> None:
-    """List this node and the peers it knows."""
+@wide_option
+def peers_cmd(data_dir: Path, as_json: bool, wide: bool) -> None:
+    """List this node and the peers it knows, with their capabilities."""
     c = client(data_dir)
     info, peers = c.info(), c.peers()
     if as_json:
         emit_json(
             {
-                "self": {"peer_id": info["peer_id"], "addrs": list(info.get("addrs") or [])},
+                "self": {
+                    "peer_id": info["peer_id"],
+                    "addrs": list(info.get("addrs") or []),
+                    "datasets": list(info.get("datasets") or []),
+                },
                 "peers": [
-                    {"peer_id": p["peer_id"], "addrs": list(p.get("addrs") or [])} for p in peers
+                    {
+                        "peer_id": p["peer_id"],
+                        "addrs": list(p.get("addrs") or []),
+                        # the peer's signed capability record; null until one arrived
+                        "capabilities": p.get("capabilities"),
+                    }
+                    for p in peers
                 ],
             }
         )
         return
     from p2pfl.cli import render
 
-    render.console().print(render.peers_table(info, peers))
+    render.print_table(render.peers_table(info, peers, wide=wide), wide=wide)
     if not peers:
         click.echo("no peers yet (is --bootstrap set, and is the other node up?)")
 
@@ -279,7 +296,8 @@ def publish_cmd(
 @click.command("taskpacks")
 @data_dir_option
 @json_option
-def taskpacks_cmd(data_dir: Path, as_json: bool) -> None:
+@wide_option
+def taskpacks_cmd(data_dir: Path, as_json: bool, wide: bool) -> None:
     """List the taskpacks this node knows, and whether it verified or rejected them."""
     packs = client(data_dir).taskpacks()
     if as_json:
@@ -290,13 +308,14 @@ def taskpacks_cmd(data_dir: Path, as_json: bool) -> None:
         return
     from p2pfl.cli import render
 
-    render.console().print(render.taskpacks_table(packs))
+    render.print_table(render.taskpacks_table(packs, wide=wide), wide=wide)
 
 
 @click.command("tasks")
 @data_dir_option
 @json_option
-def tasks_cmd(data_dir: Path, as_json: bool) -> None:
+@wide_option
+def tasks_cmd(data_dir: Path, as_json: bool, wide: bool) -> None:
     """List the tasks this node knows."""
     tasks = client(data_dir).tasks()
     if as_json:
@@ -307,7 +326,7 @@ def tasks_cmd(data_dir: Path, as_json: bool) -> None:
         return
     from p2pfl.cli import render
 
-    render.console().print(render.tasks_table(tasks))
+    render.print_table(render.tasks_table(tasks, wide=wide), wide=wide)
 
 
 @click.command("cancel")
