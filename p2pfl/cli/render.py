@@ -60,7 +60,7 @@ class Column:
 
     - "key": what a person reads the row by (name, status): wraps, is never squeezed out;
     - "peer": a peer id, shortened to 12D3KooW…ab12cd;
-    - "cid": a content id, shortened to bafk…4yegnrjh;
+    - "cid": a content id, shortened to …4yegnrjh;
     - "task": a task id, shortened to its first 12 hex digits (a prefix commands accept);
     - "text": free text (reasons, addresses): takes the room that is left and wraps;
     - "short": short values (numbers, rounds, times): one line.
@@ -79,8 +79,8 @@ TASK_ID_CHARS = 12
 
 
 def short_cid(cid: str) -> str:
-    """bafkrei...: every CIDv1 of a raw sha2-256 starts alike, so keep its tail."""
-    return cid if len(cid) <= 16 else f"{cid[:4]}…{cid[-8:]}"
+    """…4yegnrjh: every CIDv1 of a raw sha2-256 starts with bafkrei, so keep the tail."""
+    return cid if len(cid) <= 12 else f"…{cid[-8:]}"
 
 
 def short_task(task_id: str) -> str:
@@ -171,9 +171,9 @@ def _addrs(addrs: Any, peer: str, wide: bool) -> str:
 def peers_table(
     info: dict[str, Any], peers: list[dict[str, Any]], *, wide: bool = False
 ) -> RenderableType:
-    """This node on the title line (id, addresses, datasets), then one row per peer."""
+    """This node on a first line (id, addresses, datasets), then one row per peer."""
     me = str(info.get("peer_id", "?"))
-    title = (
+    head = (
         f"node {me if wide else short_id(me)}  "
         + _addrs(info.get("addrs"), me, wide).replace("\n", " ")
         + f"  {_datasets_of(info.get('datasets'))}"
@@ -191,7 +191,10 @@ def peers_table(
         Column("addresses", "text"),
         Column("capabilities", "text"),
     ]
-    return table(columns, rows, wide=wide, title=title)
+    from rich.console import Group
+    from rich.text import Text
+
+    return Group(Text.from_markup(head), table(columns, rows, wide=wide))
 
 
 def _datasets_of(datasets: Any) -> str:
@@ -259,9 +262,9 @@ def tasks_table(tasks: list[dict[str, Any]], *, wide: bool = False) -> Renderabl
         Column("status", "key"),
         Column("round"),
         Column("nodes"),
-        Column("created"),
+        Column("created", wide_only=True),  # the rows are in creation order anyway
     ]
-    stamp = "%Y-%m-%d %H:%M:%S" if wide else "%m-%d %H:%M"
+    stamp = "%Y-%m-%d %H:%M:%S"
     rows = []
     for t in sorted(tasks, key=lambda t: t.get("created") or 0):
         created = t.get("created")
