@@ -255,8 +255,6 @@ def peers_cmd(data_dir: Path, as_json: bool, wide: bool) -> None:
     from p2pfl.cli import render
 
     render.print_table(render.peers_table(info, peers, wide=wide), wide=wide)
-    if not peers:
-        click.echo("no peers yet (is --bootstrap set, and is the other node up?)")
 
 
 @click.command("publish")

@@ -194,6 +194,10 @@ def peers_table(
     from rich.console import Group
     from rich.text import Text
 
+    if not rows:
+        return Group(
+            Text.from_markup(head), Text("no peers yet (is --bootstrap set, is the other node up?)")
+        )
     return Group(Text.from_markup(head), table(columns, rows, wide=wide))
 
 

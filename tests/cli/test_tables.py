@@ -127,3 +127,14 @@ def test_markup_from_a_peer_is_shown_as_text() -> None:
     con.print(taskpacks_table([pack]))
     text = con.export_text()
     assert "[red]x[/red]" in text and "[bold]bad[/bold]" in text
+
+
+def test_a_node_without_peers_says_so_instead_of_an_empty_table() -> None:
+    from rich.console import Console
+
+    from p2pfl.cli.render import peers_table
+
+    con = Console(width=80, record=True)
+    con.print(peers_table({"peer_id": ME, "addrs": ["/ip4/127.0.0.1/tcp/4101"]}, []))
+    text = con.export_text()
+    assert short_id(ME) in text and "no peers yet" in text and "peer id" not in text
