@@ -303,12 +303,13 @@ def task_tree(task: dict[str, Any], logs: list[str] | None = None) -> Renderable
 
     rounds = task.get("rounds", "?")
     head = (
-        f"[bold]task {task.get('task_id', '?')}[/] {task.get('name', '?')}@"
-        f"{task.get('version', '?')} {styled(task.get('status'))} "
+        f"[bold]task {short_task(str(task.get('task_id', '?')))}[/] "
+        f"{_esc(task.get('name', '?'))}@{_esc(task.get('version', '?'))} "
+        f"{styled(task.get('status'))} "
         f"round {task.get('round', 0)}/{rounds}"
     )
     if task.get("reason"):
-        head += f" [red]({task['reason']})[/]"
+        head += f" [red]({_esc(task['reason'])})[/]"
     tree = Tree(head)
     nodes: dict[str, Any] = task.get("nodes") or {}
     participants = list(task.get("participants") or [])
