@@ -110,3 +110,13 @@ def test_experiment_refuses_an_earlier_experiment_without_force(tmp_path: Path) 
     assert len(FakeCluster.instances) == before  # refused before the first run
     result = run_experiment(path, vary, out, cluster_factory=FakeCluster, plots=False, force=True)
     assert len(result.summaries) == 4 and (out / "results.csv").is_file()
+
+
+def test_ctrl_c_in_an_experiment_keeps_finished_runs_and_writes_no_table(tmp_path: Path) -> None:
+    path = write_scenario(tmp_path)
+    out = tmp_path / "exp"
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(path, ["seed=1,2"], out, cluster_factory=CtrlCCluster, plots=False)
+    summary = json.loads((out / "base/seed-1/summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert not (out / "base/seed-2").exists() and not (out / "results.csv").exists()
