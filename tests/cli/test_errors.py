@@ -59,3 +59,11 @@ def test_command_errors_exit_1_in_our_style(tmp_path: Path) -> None:
     assert first == "error: invalid manifest:" and rest and rest[0].startswith("  ")
     r = run("simulate", str(tmp_path / "missing.yaml"))
     assert r.exit_code == 1 and r.stderr.startswith("error: ") and "no such file" in r.stderr
+
+
+@pytest.mark.parametrize("args", [[], ["datasets"], ["policy"]])
+def test_a_bare_group_prints_its_help_not_an_error(args: list[str]) -> None:
+    r = run(*args)
+    assert r.exit_code == 2  # click's convention for "no command given"
+    assert r.stderr.startswith("Usage: ") and "Commands:" in r.stderr
+    assert "error:" not in r.stderr
