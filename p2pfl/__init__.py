@@ -1,6 +1,10 @@
 """p2pfl: a peer-to-peer network of edge nodes for federated learning and analysis."""
 
-from p2pfl.client import Client as Client
+from p2pfl.client import (
+    Client as Client,
+    ControlError as ControlError,
+    NotFound as NotFound,
+)
 from p2pfl.errors import (
     LocalProtocolError as LocalProtocolError,
     NodeNotRunning as NodeNotRunning,
@@ -11,6 +15,7 @@ from p2pfl.errors import (
     ValidationError as ValidationError,
 )
 from p2pfl.identity import Identity as Identity
+from p2pfl.model import load_model as load_model
 from p2pfl.taskpack.sdk import (
     Context as Context,
     DPConfig as DPConfig,
@@ -24,10 +29,12 @@ __version__ = "0.1.0"
 __all__ = [
     "Client",
     "Context",
+    "ControlError",
     "DPConfig",
     "Identity",
     "LocalProtocolError",
     "NodeNotRunning",
+    "NotFound",
     "P2PFLError",
     "Partial",
     "RemoteProtocolError",
@@ -36,4 +43,5 @@ __all__ = [
     "TaskNotFinished",
     "Update",
     "ValidationError",
+    "load_model",
 ]

@@ -41,6 +41,7 @@ from p2pfl.policy import (
     load_policy,
 )
 from p2pfl.store.blobs import BlobStore
+from p2pfl.taskpack.trust import TrustPolicy
 from p2pfl.wire import decode, encode
 
 log = logging.getLogger("p2pfl.node")
@@ -441,6 +442,13 @@ class Node:
             self.driver.execute(self.core.book.on_announce(self.core.me, ann))
 
 
+def trust_policy(config: NodeConfig, own_peer: str) -> TrustPolicy:
+    """Whose taskpacks this node runs: `--trust` peers, and always its own (a node needs no
+    `--trust` for what its operator publishes; restore() also re-checks our own taskpacks at
+    start through the normal pipeline, which would otherwise reject them as untrusted)."""
+    return TrustPolicy(frozenset(config.trusted) | {own_peer}, config.trust_any)
+
+
 def _configure_logging(level: str) -> None:
     # Our loggers at the asked level; third-party libraries (multiaddr logs every parse at
     # debug) stay at warning.
@@ -459,7 +467,6 @@ async def run_node(config: NodeConfig) -> None:
     from p2pfl.net.inbound import InboundBudget
     from p2pfl.net.libp2p import Libp2pConfig, Libp2pNetwork
     from p2pfl.runtime import ChildProcessRunner
-    from p2pfl.taskpack.trust import TrustPolicy
 
     _configure_logging(config.log_level)
     data_dir = Path(config.data_dir)
@@ -488,9 +495,7 @@ async def run_node(config: NodeConfig) -> None:
     datasets = describe_datasets(config.datasets)
     core = NodeCore(
         identity,
-        # Our own taskpacks are trusted: restore() re-checks them at start through the
-        # normal pipeline, which would otherwise reject them as untrusted-publisher.
-        policy=TrustPolicy(frozenset(config.trusted) | {identity.peer_id}, config.trust_any),
+        policy=trust_policy(config, identity.peer_id),
         capabilities=local_capabilities(data_dir),
         datasets=datasets,
         min_records=config.min_records,

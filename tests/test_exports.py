@@ -8,10 +8,12 @@ import p2pfl
 PUBLIC = {
     "Client",
     "Context",
+    "ControlError",
     "DPConfig",
     "Identity",
     "LocalProtocolError",
     "NodeNotRunning",
+    "NotFound",
     "P2PFLError",
     "Partial",
     "RemoteProtocolError",
@@ -20,6 +22,7 @@ PUBLIC = {
     "TaskNotFinished",
     "Update",
     "ValidationError",
+    "load_model",
 }
 
 
@@ -36,3 +39,13 @@ def test_import_does_not_load_heavy_dependencies() -> None:
     code = "import sys, p2pfl; print(sorted(m for m in ('torch', 'trio', 'libp2p', 'sklearn') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_client_errors_are_importable_from_the_package() -> None:
+    """What `Client` raises can be caught by a program that imports only `p2pfl`."""
+    from p2pfl.client import ControlError, NotFound
+
+    assert p2pfl.NotFound is NotFound and p2pfl.ControlError is ControlError
+    assert issubclass(p2pfl.NotFound, p2pfl.ControlError)
+    assert issubclass(p2pfl.NotFound, KeyError)  # `except KeyError` keeps working
+    assert issubclass(p2pfl.ControlError, p2pfl.P2PFLError)

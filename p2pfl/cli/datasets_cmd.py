@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,9 @@ DESCRIPTIONS = {
 
 
 def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
+    from p2pfl.cli.main import fail
+
+    fail(message, 2)  # a bad argument: click's usage-error code
 
 
 @click.group("datasets")

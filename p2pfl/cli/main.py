@@ -2,8 +2,10 @@
 
 Each command lives in a module named in `COMMANDS` and is imported only when run (or when
 its own --help is asked for). A module that is missing or broken breaks only its own
-command, with a one-line message. Errors from any command are one line on stderr and a
-non-zero exit, never a traceback (set P2PFL_DEBUG=1 to see one).
+command, with a one-line message. Errors from any command, click's usage errors included,
+are `error: ...` on stderr and a non-zero exit (2 for a bad command line, 130 for Ctrl-C,
+1 otherwise), never a traceback (set P2PFL_DEBUG=1 to see one). A list of problems (an
+invalid manifest) follows its `error:` line, one problem per indented line.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -40,7 +43,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pack": ("p2pfl.cli.taskpack_cmds:pack_cmd", "Validate and pack a taskpack directory."),
     "datasets": (
         "p2pfl.cli.datasets_cmd:datasets_group",
-        "Offline datasets: list, prepare, split.",
+        "Offline datasets: list, split.",
     ),
     "simulate": ("p2pfl.cli.sim_cmds:simulate_cmd", "Simulate a network of nodes from a scenario."),
     "experiment": ("p2pfl.cli.sim_cmds:experiment_cmd", "Run a grid of simulations and report."),
@@ -50,6 +53,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def fail(message: str, code: int = 1) -> None:
     """Print `error: message` (one line) on stderr and exit with `code`."""
     click.echo(f"error: {' '.join(str(message).split())}", err=True)
+    sys.exit(code)
+
+
+def _fail_lines(message: str, code: int) -> None:
+    """`error: first line`, then any further lines (a list of problems) indented as given."""
+    first, *rest = message.strip().splitlines() or [""]
+    click.echo(f"error: {first.strip()}", err=True)
+    for line in rest:
+        click.echo(line, err=True)
     sys.exit(code)
 
 
@@ -101,14 +113,38 @@ class LazyGroup(click.Group):
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
 
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """click's main, with its errors (usage, ClickException, Abort) in our one style."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # `p2pfl` alone: the help, as click
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            fail(exc.format_message() + hint, exc.exit_code)
+        except click.ClickException as exc:
+            _fail_lines(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            fail("interrupted", 130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+            fail("interrupted", 130)
         except Exception as exc:
             if os.environ.get("P2PFL_DEBUG"):
                 raise

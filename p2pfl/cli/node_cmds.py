@@ -58,6 +58,12 @@ def check_rollout(text: str) -> None:
         raise click.BadParameter(why, param_hint="--rollout") from None
 
 
+def wide_option(f: Any) -> Any:
+    return click.option(
+        "--wide", is_flag=True, help="Show every value in full (ids, cids), however wide."
+    )(f)
+
+
 def emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=None, sort_keys=False, default=str))
 
@@ -244,25 +250,34 @@ def node_cmd(
 @click.command("peers")
 @data_dir_option
 @json_option
-def peers_cmd(data_dir: Path, as_json: bool) -> None:
-    """List this node and the peers it knows."""
+@wide_option
+def peers_cmd(data_dir: Path, as_json: bool, wide: bool) -> None:
+    """List this node and the peers it knows, with their capabilities."""
     c = client(data_dir)
     info, peers = c.info(), c.peers()
     if as_json:
         emit_json(
             {
-                "self": {"peer_id": info["peer_id"], "addrs": list(info.get("addrs") or [])},
+                "self": {
+                    "peer_id": info["peer_id"],
+                    "addrs": list(info.get("addrs") or []),
+                    "datasets": list(info.get("datasets") or []),
+                },
                 "peers": [
-                    {"peer_id": p["peer_id"], "addrs": list(p.get("addrs") or [])} for p in peers
+                    {
+                        "peer_id": p["peer_id"],
+                        "addrs": list(p.get("addrs") or []),
+                        # the peer's signed capability record; null until one arrived
+                        "capabilities": p.get("capabilities"),
+                    }
+                    for p in peers
                 ],
             }
         )
         return
     from p2pfl.cli import render
 
-    render.console().print(render.peers_table(info, peers))
-    if not peers:
-        click.echo("no peers yet (is --bootstrap set, and is the other node up?)")
+    render.print_table(render.peers_table(info, peers, wide=wide), wide=wide)
 
 
 @click.command("publish")
@@ -320,7 +335,8 @@ def publish_cmd(
     help="One entry per name with its versions side by side (newest first, model schemas).",
 )
 @json_option
-def taskpacks_cmd(data_dir: Path, by_name: bool, as_json: bool) -> None:
+@wide_option
+def taskpacks_cmd(data_dir: Path, by_name: bool, as_json: bool, wide: bool) -> None:
     """List the taskpacks this node knows, and whether it verified or rejected them."""
     from p2pfl.core.versions import versions_by_name
 
@@ -339,15 +355,16 @@ def taskpacks_cmd(data_dir: Path, by_name: bool, as_json: bool) -> None:
     from p2pfl.cli import render
 
     if by_name:
-        render.console().print(render.versions_table(grouped))
+        render.print_table(render.versions_table(grouped, wide=wide), wide=wide)
         return
-    render.console().print(render.taskpacks_table(packs))
+    render.print_table(render.taskpacks_table(packs, wide=wide), wide=wide)
 
 
 @click.command("tasks")
 @data_dir_option
 @json_option
-def tasks_cmd(data_dir: Path, as_json: bool) -> None:
+@wide_option
+def tasks_cmd(data_dir: Path, as_json: bool, wide: bool) -> None:
     """List the tasks this node knows."""
     tasks = client(data_dir).tasks()
     if as_json:
@@ -358,7 +375,7 @@ def tasks_cmd(data_dir: Path, as_json: bool) -> None:
         return
     from p2pfl.cli import render
 
-    render.console().print(render.tasks_table(tasks))
+    render.print_table(render.tasks_table(tasks, wide=wide), wide=wide)
 
 
 @click.command("cancel")

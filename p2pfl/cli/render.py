@@ -1,4 +1,4 @@
-"""How the CLI shows things to a person: rich tables and the live task tree.
+"""How the CLI shows things to a person: tables readable at 80 columns and the task tree.
 
 rich is imported inside the functions, so `p2pfl --help` never pays for it.
 """
@@ -6,6 +6,8 @@ rich is imported inside the functions, so `p2pfl --help` never pays for it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from p2pfl.client import format_event, short_id
@@ -44,25 +46,159 @@ def styled(status: Any) -> str:
     return f"[{style}]{s}[/]" if style else s
 
 
-def peers_table(info: dict[str, Any], peers: list[dict[str, Any]]) -> RenderableType:
-    from rich.table import Table
+# --- tables ------------------------------------------------------------------------------
+#
+# Every list the CLI prints goes through `table()`, so that all of them behave alike at 80
+# columns: ids and content ids are shortened (enough to tell them apart, and a task id
+# prefix is accepted by every command), the columns a person looks for (name, status) are
+# never squeezed away, long free text wraps, and `--wide` prints every value in full.
 
-    table = Table(title=f"node {info.get('peer_id', '?')}", title_justify="left")
-    table.add_column("peer id", no_wrap=True)
-    table.add_column("addresses", overflow="fold")
-    table.add_column("capabilities")
-    table.add_row(
-        f"[bold]{info.get('peer_id', '?')}[/] (self)",
-        "\n".join(info.get("addrs") or []),
-        _datasets_of(info.get("datasets")),
+
+@dataclass(frozen=True)
+class Column:
+    """One column. `kind` says how a value is shown at normal width:
+
+    - "key": what a person reads the row by (name, status): wraps, is never squeezed out;
+    - "peer": a peer id, shortened to 12D3KooW…ab12cd;
+    - "cid": a content id, shortened to …4yegnrjh;
+    - "task": a task id, shortened to its first 12 hex digits (a prefix commands accept);
+    - "text": free text (reasons, addresses): takes the room that is left and wraps;
+    - "short": short values (numbers, rounds, times): one line.
+    """
+
+    header: str
+    kind: str = "short"
+    wide_only: bool = False  # shown with --wide only (the row reads without it)
+
+
+# Wrapping columns keep at least this many cells (or their longest value): a name or a
+# status wraps onto a second line rather than shrinking to nothing.
+_KEY_MIN_WIDTH = 16
+_TEXT_MIN_WIDTH = 28
+TASK_ID_CHARS = 12
+
+
+def short_cid(cid: str) -> str:
+    """…4yegnrjh: every CIDv1 of a raw sha2-256 starts with bafkrei, so keep the tail."""
+    return cid if len(cid) <= 12 else f"…{cid[-8:]}"
+
+
+def short_task(task_id: str) -> str:
+    return task_id[:TASK_ID_CHARS]
+
+
+_SHORTEN: dict[str, Callable[[str], str]] = {
+    "peer": short_id,
+    "cid": short_cid,
+    "task": short_task,
+}
+
+
+def table(
+    columns: list[Column],
+    rows: list[list[str]],
+    *,
+    wide: bool = False,
+    title: str | None = None,
+    notes: list[str] | None = None,
+) -> RenderableType:
+    """A table readable at 80 columns (or, with `wide`, every value in full on one line).
+
+    Cells are rich markup; ids in "peer", "cid" and "task" columns must be plain text.
+    `notes` (markup) are printed under the table, each wrapped on its own.
+    """
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(
+        title=title,
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1, 0, 0),  # with the box's blank separator: two spaces between columns
     )
-    for p in peers:
-        table.add_row(
-            str(p.get("peer_id", "?")),
-            "\n".join(p.get("addrs") or []),
-            _capabilities(p.get("capabilities")),
+    shown = [i for i, col in enumerate(columns) if wide or not col.wide_only]
+    columns = [columns[i] for i in shown]
+    cells = [
+        [
+            (cell if wide or col.kind not in _SHORTEN else _SHORTEN[col.kind](cell))
+            for col, cell in zip(columns, [row[i] for i in shown], strict=True)
+        ]
+        for row in rows
+    ]
+    for i, col in enumerate(columns):
+        longest = max(
+            [len(col.header)]
+            + [len(line) for r in cells for line in Text.from_markup(r[i]).plain.splitlines()]
         )
-    return table
+        if wide or col.kind in ("peer", "cid", "task", "short"):
+            t.add_column(col.header, no_wrap=True, min_width=longest)
+        else:
+            floor = _KEY_MIN_WIDTH if col.kind == "key" else _TEXT_MIN_WIDTH
+            t.add_column(col.header, overflow="fold", min_width=min(longest, floor), ratio=1)
+    for row in cells:
+        t.add_row(*row)
+    if not notes:
+        return t
+    return Group(t, *(Text.from_markup(n) for n in notes))
+
+
+def print_table(renderable: RenderableType, *, wide: bool = False) -> None:
+    """Print to stdout; with `wide`, as wide as the table needs (the terminal may wrap)."""
+    con = console()
+    if wide:
+        from rich.console import Console
+
+        con = Console(highlight=False, width=100_000)
+    con.print(renderable)
+
+
+def _addrs(addrs: Any, peer: str, wide: bool) -> str:
+    """Addresses one per line; at normal width without the /p2p/PEER tail (the id column
+    already says whose they are)."""
+    out = []
+    for a in addrs or []:
+        text = str(a)
+        if not wide and text.endswith(f"/p2p/{peer}"):
+            text = text[: -len(f"/p2p/{peer}")]
+        out.append(text)
+    return "\n".join(out) or "-"
+
+
+def peers_table(
+    info: dict[str, Any], peers: list[dict[str, Any]], *, wide: bool = False
+) -> RenderableType:
+    """This node on a first line (id, addresses, datasets), then one row per peer."""
+    me = str(info.get("peer_id", "?"))
+    head = (
+        f"node {me if wide else short_id(me)}  "
+        + _addrs(info.get("addrs"), me, wide).replace("\n", " ")
+        + f"  {_datasets_of(info.get('datasets'))}"
+    )
+    rows = [
+        [
+            str(p.get("peer_id", "?")),
+            _addrs(p.get("addrs"), str(p.get("peer_id", "?")), wide),
+            _capabilities(p.get("capabilities")),
+        ]
+        for p in peers
+    ]
+    columns = [
+        Column("peer id", "peer"),
+        Column("addresses", "text"),
+        Column("capabilities", "text"),
+    ]
+    from rich.console import Group
+    from rich.text import Text
+
+    if not rows:
+        return Group(
+            Text.from_markup(head), Text("no peers yet (is --bootstrap set, is the other node up?)")
+        )
+    return Group(Text.from_markup(head), table(columns, rows, wide=wide))
 
 
 def _datasets_of(datasets: Any) -> str:
@@ -72,10 +208,12 @@ def _datasets_of(datasets: Any) -> str:
     for d in datasets:
         if isinstance(d, dict):
             rows = d.get("rows", d.get("samples"))
-            names.append(f"{d.get('name', '?')}" + (f" ({rows} rows)" if rows is not None else ""))
+            names.append(
+                _esc(d.get("name", "?")) + (f" ({_esc(rows)} rows)" if rows is not None else "")
+            )
         else:
-            names.append(str(d))
-    return "datasets: " + ", ".join(names)
+            names.append(_esc(d))
+    return "data: " + ", ".join(names)
 
 
 def _capabilities(caps: Any) -> str:
@@ -87,68 +225,99 @@ def _capabilities(caps: Any) -> str:
         parts.append(_datasets_of(caps["datasets"]))
     for key in ("cpus", "cpu", "memory", "gpu"):
         if caps.get(key) not in (None, "", False):
-            parts.append(f"{key}: {caps[key]}")
+            parts.append(f"{key}: {_esc(caps[key])}")
     return "\n".join(parts) or "-"
 
 
-def taskpacks_table(packs: list[dict[str, Any]]) -> RenderableType:
-    from rich.table import Table
-
-    table = Table()
-    for col in ("name", "version", "cid", "publisher", "status", "reason"):
-        table.add_column(col, no_wrap=col in ("cid", "publisher"))
+def taskpacks_table(packs: list[dict[str, Any]], *, wide: bool = False) -> RenderableType:
+    """Name, version, status, cid, publisher; reasons in a column with --wide, else in
+    notes under the table (a reason is a sentence: a column would fold it to a sliver)."""
+    columns = [
+        Column("name", "key"),
+        Column("version"),
+        Column("status", "key"),
+        Column("cid", "cid"),
+        Column("publisher", "peer"),
+    ]
+    if wide:
+        columns.append(Column("reason", "text"))
+    rows, notes = [], []
     for p in packs:
-        table.add_row(
-            str(p.get("name", "?")),
-            str(p.get("version", "?")),
-            str(p.get("cid", "?")),
-            short_id(str(p.get("publisher", "?"))),
-            styled(p.get("status")),
-            str(p.get("reason") or ""),
-        )
-    return table
+        status = styled(p.get("status"))
+        progress = p.get("progress")
+        if isinstance(progress, list | tuple) and len(progress) == 2:
+            status += f" {_esc(progress[0])}/{_esc(progress[1])}"
+        name, version = _esc(p.get("name", "?")), _esc(p.get("version", "?"))
+        row = [name, version, status, str(p.get("cid", "?")), str(p.get("publisher", "?"))]
+        reason = _esc(p.get("reason") or "")
+        if wide:
+            row.append(reason)
+        elif reason:
+            notes.append(f"[bold]{name}@{version}[/]: {reason}")
+        rows.append(row)
+    return table(columns, rows, wide=wide, notes=notes)
 
 
-def versions_table(names: list[dict[str, Any]]) -> RenderableType:
+def versions_table(names: list[dict[str, Any]], *, wide: bool = False) -> RenderableType:
     """`p2pfl taskpacks --versions`: each name's versions side by side, newest first (the
     publishers are in `p2pfl taskpacks` and in --json)."""
-    from rich.table import Table
-
-    table = Table()
-    for col in ("name", "version", "model schema", "cid", "status"):
-        table.add_column(col, no_wrap=col == "cid", overflow="fold")
+    columns = [
+        Column("name", "key"),
+        Column("version", "key"),
+        Column("model schema"),
+        Column("cid", "cid"),
+        Column("status", "key"),
+    ]
+    rows = []
     for entry in names:
         for i, v in enumerate(entry["versions"]):
-            table.add_row(
-                str(entry["name"]) if i == 0 else "",
-                str(v.get("version", "?")),
-                str(v.get("model_schema") or "-"),
-                "…" + str(v.get("cid", "?"))[-10:],
-                styled(v.get("status")),
+            rows.append(
+                [
+                    _esc(entry["name"]) if i == 0 else "",
+                    _esc(v.get("version", "?")),
+                    _esc(v.get("model_schema") or "-"),
+                    str(v.get("cid", "?")),
+                    styled(v.get("status")),
+                ]
             )
-    return table
+    return table(columns, rows, wide=wide)
 
 
-def tasks_table(tasks: list[dict[str, Any]]) -> RenderableType:
-    from rich.table import Table
-
-    table = Table()
-    for col in ("task id", "taskpack", "type", "status", "round", "nodes", "created"):
-        table.add_column(col, no_wrap=col == "task id")
+def tasks_table(tasks: list[dict[str, Any]], *, wide: bool = False) -> RenderableType:
+    columns = [
+        Column("task id", "task"),
+        Column("taskpack", "key"),
+        Column("type", wide_only=True),
+        Column("status", "key"),
+        Column("round"),
+        Column("nodes"),
+        Column("created", wide_only=True),  # the rows are in creation order anyway
+    ]
+    stamp = "%Y-%m-%d %H:%M:%S"
+    rows = []
     for t in sorted(tasks, key=lambda t: t.get("created") or 0):
         created = t.get("created")
-        table.add_row(
-            str(t.get("task_id", "?")),
-            f"{t.get('name', '?')}@{t.get('version', '?')}",
-            str(t.get("type") or "-"),
-            styled(t.get("status")),
-            f"{t.get('round', 0)}/{t.get('rounds', '?')}",
-            str(len(t.get("participants") or [])),
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
-            if isinstance(created, int | float)
-            else "-",
+        rows.append(
+            [
+                str(t.get("task_id", "?")),
+                _esc(f"{t.get('name', '?')}@{t.get('version', '?')}"),
+                _esc(t.get("type") or "-"),
+                styled(t.get("status")),
+                f"{t.get('round', 0)}/{t.get('rounds', '?')}",
+                str(len(t.get("participants") or [])),
+                time.strftime(stamp, time.localtime(created))
+                if isinstance(created, int | float)
+                else "-",
+            ]
         )
-    return table
+    return table(columns, rows, wide=wide)
+
+
+def _esc(value: Any) -> str:
+    """A value from a node or a peer, shown as text (never read as rich markup)."""
+    from rich.markup import escape
+
+    return escape(str(value))
 
 
 def task_tree(task: dict[str, Any], logs: list[str] | None = None) -> RenderableType:
@@ -159,12 +328,13 @@ def task_tree(task: dict[str, Any], logs: list[str] | None = None) -> Renderable
 
     rounds = task.get("rounds", "?")
     head = (
-        f"[bold]task {task.get('task_id', '?')}[/] {task.get('name', '?')}@"
-        f"{task.get('version', '?')} {styled(task.get('status'))} "
+        f"[bold]task {short_task(str(task.get('task_id', '?')))}[/] "
+        f"{_esc(task.get('name', '?'))}@{_esc(task.get('version', '?'))} "
+        f"{styled(task.get('status'))} "
         f"round {task.get('round', 0)}/{rounds}"
     )
     if task.get("reason"):
-        head += f" [red]({task['reason']})[/]"
+        head += f" [red]({_esc(task['reason'])})[/]"
     tree = Tree(head)
     nodes: dict[str, Any] = task.get("nodes") or {}
     participants = list(task.get("participants") or [])

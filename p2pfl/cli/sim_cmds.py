@@ -2,7 +2,8 @@
 
 Progress goes to stderr (a rich progress bar: round r/R, nodes alive, accuracy), results
 to stdout; `--json` prints exactly one JSON line on stdout. Errors are one line on stderr
-with a non-zero exit (click's "Error: ..." convention).
+(`error: FILE: path: problem; ...`) with a non-zero exit. The scenario (or the whole grid)
+is validated, and the output folder checked, before anything runs or is created.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def _progress() -> Any:
 @click.option("--network", type=NETWORK_CHOICE, default="sim", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON line")
 @click.option("--no-plots", is_flag=True, help="skip the PNG plots")
+@click.option("--force", is_flag=True, help="replace an earlier run in the output folder")
 def simulate_cmd(
     scenario_file: Path,
     out_dir: Path | None,
@@ -77,9 +79,10 @@ def simulate_cmd(
     network: str,
     as_json: bool,
     no_plots: bool,
+    force: bool,
 ) -> None:
     """Run a simulated scenario and write rounds.csv, summary.json and plots."""
-    from p2pfl.sim.runner import default_out_dir, run_scenario
+    from p2pfl.sim.runner import claim_out_dir, default_out_dir, run_scenario
     from p2pfl.sim.scenario import load_scenario
 
     try:
@@ -88,6 +91,10 @@ def simulate_cmd(
         raise click.ClickException(f"{scenario_file}: {_one_line(exc)}") from None
     run_seed = scenario.seed
     out = out_dir or default_out_dir(scenario, run_seed)
+    try:
+        claim_out_dir(out, force)  # before the progress bar: nothing has started yet
+    except P2PFLError as exc:
+        raise click.ClickException(_one_line(exc)) from None
     tracker = _RoundTracker()
     phases = {"data": "preparing data", "cluster": "starting nodes", "report": "writing report"}
     try:
@@ -112,8 +119,11 @@ def simulate_cmd(
                 out_dir=out,
                 progress=on_progress,
                 plots=not no_plots,
+                force=force,
             )
             bar.update(task, completed=summary.rounds_completed, info=tracker.text())
+    except KeyboardInterrupt:
+        _interrupted(out)
     except (P2PFLError, OSError, ImportError, NotImplementedError) as exc:
         raise click.ClickException(_one_line(exc)) from None
     if as_json:
@@ -123,6 +133,15 @@ def simulate_cmd(
     if summary.failed:
         reason = summary.reason or "no reason given"
         raise click.ClickException(f"the task failed: {reason} (report in {out}/)")
+
+
+def _interrupted(out: Path) -> None:
+    """Ctrl-C: say what was kept (a run folder holds whole files only), exit 130."""
+    from p2pfl.cli.main import fail
+
+    kept = (out / "summary.json").is_file()
+    detail = f"the rounds so far are in {out}/ (status interrupted)" if kept else "nothing kept"
+    fail(f"interrupted: {detail}", 130)
 
 
 def _print_summary(summary: Any, nodes: int, out: Path, no_plots: bool) -> None:
@@ -157,6 +176,7 @@ def _print_summary(summary: Any, nodes: int, out: Path, no_plots: bool) -> None:
 @click.option("--network", type=NETWORK_CHOICE, default="sim", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the results table as one JSON line")
 @click.option("--no-plots", is_flag=True, help="skip the PNG plots")
+@click.option("--force", is_flag=True, help="replace an earlier experiment in the output folder")
 def experiment_cmd(
     scenario_file: Path,
     vary: tuple[str, ...],
@@ -164,9 +184,11 @@ def experiment_cmd(
     network: str,
     as_json: bool,
     no_plots: bool,
+    force: bool,
 ) -> None:
     """Run a grid of scenario variants over seeds and compare them in one table."""
     from p2pfl.sim.experiment import expand_grid, parse_vary, run_experiment
+    from p2pfl.sim.runner import claim_out_dir
     from p2pfl.sim.scenario import load_raw
 
     try:
@@ -177,8 +199,11 @@ def experiment_cmd(
         points = expand_grid(
             raw, axes, out, base_dir=scenario_file.resolve().parent, source=scenario_file
         )
+        claim_out_dir(out, force)
     except ValidationError as exc:
         raise click.ClickException(f"{scenario_file}: {_one_line(exc)}") from None
+    except P2PFLError as exc:
+        raise click.ClickException(_one_line(exc)) from None
 
     tracker = _RoundTracker()
     try:
@@ -206,7 +231,12 @@ def experiment_cmd(
                 network=network,
                 progress=on_progress,
                 plots=not no_plots,
+                force=force,
             )
+    except KeyboardInterrupt:
+        from p2pfl.cli.main import fail
+
+        fail(f"interrupted: finished runs are in {out}/ (no results table)", 130)
     except (P2PFLError, OSError, ImportError, NotImplementedError) as exc:
         raise click.ClickException(_one_line(exc)) from None
     if as_json:

@@ -21,9 +21,12 @@ _PARTITION_STREAM = 0x9A27
 
 
 def prepare_node_data(
-    scenario: Scenario, seed: int, work_dir: str | Path
+    scenario: Scenario, seed: int, work_dir: str | Path, fmt: str = "npz"
 ) -> tuple[list[Path], Path]:
-    """Write `work_dir/node-0000.npz` ... and `work_dir/test.npz`; return their paths.
+    """Write `work_dir/node-0000.<fmt>` ... and `work_dir/test.<fmt>`; return their paths.
+
+    `fmt` is `npz` or `csv` (a header row, the features, then `label`): the format the
+    taskpack's input declares, so a taskpack reads in a simulation what it reads on a site.
 
     Raises ValidationError (path `dataset...`) when the dataset cannot be loaded or split
     the way the scenario asks (too few samples for the nodes, no sites, ...).
@@ -66,10 +69,10 @@ def prepare_node_data(
     names = list(train.feature_names)
     paths: list[Path] = []
     for i, idx in enumerate(parts):
-        path = work / f"node-{i:04d}.npz"
+        path = work / f"node-{i:04d}.{fmt}"
         fl_datasets.write_table(path, train.X[idx], train.y[idx], names)
         paths.append(path)
-    test_path = work / "test.npz"
+    test_path = work / f"test.{fmt}"
     fl_datasets.write_table(test_path, test.X, test.y, names)
     return paths, test_path
 

@@ -35,12 +35,16 @@ import yaml
 
 from p2pfl.errors import ValidationError
 from p2pfl.sim.report import Summary, atomic_write_text, new_figure, save_figure
-from p2pfl.sim.runner import ClusterFactory, Progress, run_scenario
+from p2pfl.sim.runner import ClusterFactory, Progress, claim_out_dir, run_scenario
 from p2pfl.sim.scenario import Scenario, apply_override, load_raw, parse
 
 METRICS = ("accuracy", "loss", "bytes_sent_total", "wall_s")
 DEFAULT_SEEDS = 5  # seeds per configuration when no `--vary seed=...` is given
 FEW_SEEDS = 3  # below this a row's std says little about seed noise: the table says so
+# What an experiment writes at its top level (and `--force` removes first).
+RESULT_FILES = (
+    "results.csv", "results.md", "results.json", "comparison.png", "curves.png",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -205,7 +209,10 @@ def run_experiment(
     cluster_factory: ClusterFactory | None = None,
     check_files: bool = True,
     plots: bool = True,
+    force: bool = False,
 ) -> ExperimentResult:
+    """Validate the whole grid, check that no earlier experiment is in `out_dir` (unless
+    `force`), then run every point. Nothing is created before both checks pass."""
     source = Path(scenario_path)
     raw = load_raw(source)
     axes = [parse_vary(v) for v in vary]
@@ -213,6 +220,11 @@ def run_experiment(
     points = expand_grid(
         raw, axes, out, base_dir=source.resolve().parent, source=source, check_files=check_files
     )
+    claim_out_dir(out, force)
+    for point in points:
+        claim_out_dir(point.out_dir, force)
+    for name in RESULT_FILES:
+        (out / name).unlink(missing_ok=True)
     summaries: list[tuple[GridPoint, Summary]] = []
     for i, point in enumerate(points):
         hook: Progress | None = None
@@ -229,6 +241,7 @@ def run_experiment(
             progress=hook,
             cluster_factory=cluster_factory,
             plots=plots,
+            force=force,
         )
         summaries.append((point, summary))
     rows = aggregate_rows(summaries)

@@ -24,6 +24,7 @@ ROUND_COLUMNS = (
     "node", "round", "accuracy", "loss", "bytes_sent", "bytes_received", "epsilon", "alive",
 )  # fmt: skip
 FLOAT_FORMAT = "%.6f"
+PLOT_FILES = ("accuracy.png", "loss.png", "bytes.png")
 
 
 class RecordLike(Protocol):
@@ -73,8 +74,10 @@ class Summary:
     result: dict[str, Any] = field(default_factory=dict)  # the signed task result
     epsilon_max: float | None = None
     out_dir: str | None = None
-    status: str | None = None  # the task result's status ("succeeded", "failed"...)
-    reason: str = ""  # why it failed, if it did
+    # the task result's status ("succeeded", "failed"...), or the run's own when it stopped
+    # early: "interrupted" (Ctrl-C) or "errored"; the files then hold the rounds until then
+    status: str | None = None
+    reason: str = ""  # why it failed or stopped, if it did
     warnings: list[str] = field(default_factory=list)  # e.g. settings a network ignored
 
     @property

@@ -19,9 +19,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from p2pfl.errors import ValidationError
+from p2pfl.errors import LocalProtocolError, ValidationError
+from p2pfl.fsutil import atomic_write
+from p2pfl.sim.checks import sim_input
 from p2pfl.sim.data import prepare_node_data
-from p2pfl.sim.report import RecordLike, Summary, summarize, write_report, write_rounds_csv
+from p2pfl.sim.report import PLOT_FILES, RecordLike, Summary, summarize, write_report
 from p2pfl.sim.scenario import Scenario
 
 NETWORKS = ("sim", "libp2p")
@@ -54,16 +56,28 @@ def default_out_dir(scenario: Scenario, seed: int) -> Path:
 def input_name(scenario: Scenario) -> str:
     """The name the node data go by: the taskpack's one declared input (the manifest asks
     for it by that name), else the dataset's name."""
-    import yaml
+    return sim_input(scenario.taskpack, scenario.dataset.name).name
 
-    try:
-        manifest = yaml.safe_load((scenario.taskpack / "manifest.yaml").read_text(encoding="utf-8"))
-        inputs = manifest["spec"]["inputs"]
-        if isinstance(inputs, list) and len(inputs) == 1 and isinstance(inputs[0]["name"], str):
-            return inputs[0]["name"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError, IndexError):
-        pass  # no readable manifest: the cluster will say what is wrong with the taskpack
-    return scenario.dataset.name
+
+# What a run writes into its folder (and `--force` removes from an earlier run's).
+RUN_FILES = ("rounds.csv", "summary.json", "scenario.yaml", *PLOT_FILES)
+
+
+def claim_out_dir(out: Path, force: bool) -> None:
+    """Refuse to write over an earlier run unless `force`; with it, remove that run's files
+    (only those a run writes: anything else in the folder stays)."""
+    if out.exists() and not out.is_dir():
+        raise LocalProtocolError(f"{out} exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
+        raise LocalProtocolError(
+            f"{out} already holds a run (or other files); pass --force to replace it, "
+            "or choose another --out"
+        )
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "data", ignore_errors=True)
 
 
 def cluster_spec_kwargs(
@@ -122,13 +136,16 @@ def run_scenario(
     cluster_factory: ClusterFactory | None = None,
     plots: bool = True,
     keep_data: bool = False,
+    force: bool = False,
 ) -> Summary:
     """Run one scenario to completion and write its report into `out_dir`.
 
-    `seed` defaults to the scenario's; `out_dir` to runs/<name>-<seed>/. Node data go to
-    a temporary directory (or `out_dir/data` with keep_data=True). If the cluster fails
-    mid-run, the rounds gathered so far are still written to rounds.csv, then the error
-    propagates.
+    `seed` defaults to the scenario's; `out_dir` to runs/<name>-<seed>/, which must not
+    hold an earlier run unless `force`. Node data go to a temporary directory (or
+    `out_dir/data` with keep_data=True). A run that stops early leaves whole files only:
+    the rounds gathered so far and a summary whose status is `interrupted` (Ctrl-C) or
+    `errored` (the reason says why); then the exception propagates. A run that stops
+    before its first round leaves no folder behind.
     """
     if network not in NETWORKS:
         raise ValidationError(
@@ -136,6 +153,8 @@ def run_scenario(
         )
     seed = scenario.seed if seed is None else seed
     out = Path(out_dir) if out_dir is not None else default_out_dir(scenario, seed)
+    claim_out_dir(out, force)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     factory = cluster_factory or sim_cluster
     report = progress or (lambda _record, _phase: None)
@@ -143,46 +162,68 @@ def run_scenario(
     started = time.perf_counter()
     data_dir = out / "data" if keep_data else Path(tempfile.mkdtemp(prefix="p2pfl-sim-data-"))
     records: list[RecordLike] = []
-    try:
-        report(None, "data")
-        node_paths, test_path = prepare_node_data(scenario, seed, data_dir)
-        report(None, "cluster")
-        kwargs = cluster_spec_kwargs(
-            scenario, seed=seed, network=network, node_data=node_paths, test_path=test_path
-        )
-        cluster = factory(kwargs)
-        try:
-            for record in cluster.run():
-                records.append(record)
-                report(record, "round")
-        except BaseException:
-            if records:
-                write_rounds_csv(out / "rounds.csv", records)
-            raise
-        wall_s = time.perf_counter() - started
-        report(None, "report")
-        summary = summarize(
+    cluster: ClusterLike | None = None
+
+    def summary(status: str | None = None, reason: str = "") -> Summary:
+        done = summarize(
             scenario=scenario.name,
             seed=seed,
             nodes=scenario.nodes,
             rounds=scenario.rounds,
             network=network,
             records=records,
-            wall_s=wall_s,
+            wall_s=time.perf_counter() - started,
             virtual_s=_maybe(cluster, "virtual_s"),
             test=_maybe(cluster, "final_test_metrics") or {},
             result=_maybe(cluster, "result") or {},
             out_dir=out,
             warnings=list(_maybe(cluster, "warnings") or []),
         )
-        write_report(out, summary, records, plots=plots)
-        if scenario.source is not None and scenario.source.is_file():
-            shutil.copyfile(scenario.source, out / "scenario.yaml")
+        return done if status is None else dataclasses.replace(done, status=status, reason=reason)
+
+    try:
+        report(None, "data")
+        node_paths, test_path = prepare_node_data(
+            scenario, seed, data_dir, sim_input(scenario.taskpack, scenario.dataset.name).format
+        )
+        report(None, "cluster")
+        kwargs = cluster_spec_kwargs(
+            scenario, seed=seed, network=network, node_data=node_paths, test_path=test_path
+        )
+        cluster = factory(kwargs)
+        for record in cluster.run():
+            records.append(record)
+            report(record, "round")
+        report(None, "report")
+        done = summary()
+        write_report(out, done, records, plots=plots)
+        _copy_scenario(scenario, out)
         report(None, "done")
-        return summary
+        return done
+    except BaseException as exc:
+        if records:  # what was measured is kept, whole, and marked as incomplete
+            last = max(r.round for r in records)
+            if isinstance(exc, KeyboardInterrupt):
+                status, reason = "interrupted", f"interrupted (Ctrl-C) during round {last}"
+            else:
+                status, reason = "errored", f"stopped during round {last}: {_one_line(exc)}"
+            write_report(out, summary(status, reason), records, plots=False)
+            _copy_scenario(scenario, out)
+        elif created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         if not keep_data:
             shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _copy_scenario(scenario: Scenario, out: Path) -> None:
+    if scenario.source is not None and scenario.source.is_file():
+        atomic_write(out / "scenario.yaml", scenario.source.read_bytes())
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _maybe(obj: Any, attr: str) -> Any:

@@ -261,10 +261,21 @@ def parse(
 ) -> Scenario:
     """Validate a raw scenario dict. Raises ValidationError listing every problem."""
     scenario, problems = _parse_scenario(raw, base_dir=base_dir, source=source, seed=seed)
-    if check_files and scenario is not None and not scenario.taskpack.is_dir():
-        problems.append(f"taskpack: no such directory: {scenario.taskpack}")
+    if check_files:
+        # The taskpack decides which `params` keys it takes, and their values.
+        from p2pfl.sim import checks
+
+        if scenario is not None and not scenario.taskpack.is_dir():
+            problems.append(f"taskpack: no such directory: {scenario.taskpack}")
+        elif scenario is not None:
+            problems += checks.taskpack_problems(scenario)
+        elif isinstance(raw.get("taskpack"), str) and isinstance(raw.get("params"), dict):
+            # Other parts are broken: still name the params keys the taskpack would refuse.
+            taskpack = resolve_taskpack(raw["taskpack"], base_dir)
+            problems += checks.unknown_param_problems(taskpack, raw["params"])
     if problems or scenario is None:
-        raise ValidationError(problems or ["(root): invalid"], "scenario")
+        what = "scenario" if source is None else f"scenario {source}"
+        raise ValidationError(problems or ["(root): invalid"], what)
     return scenario
 
 
@@ -290,10 +301,26 @@ def valid_name(name: str) -> bool:
 
 _MISSING: Any = object()
 
-_TOP_KEYS = (
-    "name", "seed", "nodes", "topology", "dataset", "taskpack", "params", "network",
-    "faults", "byzantine", "dp",
-)  # fmt: skip
+# Every key a scenario may hold, in one place: section path -> (allowed keys, required
+# keys). A key not listed is an error by path (`network.jitter: unknown key`). A new section
+# is one entry here plus its parser; `params` keys beyond the simulator's own
+# (`PARAM_KEYS`) are checked against the taskpack's configs/schema.json (p2pfl.sim.checks).
+KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "": (
+        ("name", "seed", "nodes", "topology", "dataset", "taskpack", "params", "network",
+         "faults", "byzantine", "dp"),
+        ("name", "nodes", "dataset", "taskpack", "params"),
+    ),
+    "topology": (("kind", "degree", "rewire"), ("kind",)),
+    "dataset": (("name", "partition", "test_fraction"), ("name",)),
+    "dataset.partition": (("kind", "alpha", "per_node"), ("kind",)),
+    "network": (("latency_ms", "bandwidth_mbps", "loss"), ()),
+    "faults[]": (("round", *FAULT_ACTIONS), ("round",)),
+    "byzantine": (("nodes", "attack", "scale", "std"), ("nodes", "attack")),
+    "dp": (("epsilon", "delta", "max_grad_norm"), ("epsilon",)),
+}  # fmt: skip
+# `params` keys the simulator itself reads (typed fields of Params); `rounds` is required.
+PARAM_KEYS = ("rounds", "local_epochs", "aggregator", "protocol")
 
 
 def _dataset_names() -> tuple[str, ...]:
@@ -350,6 +377,11 @@ class _Checker:
             if key not in value:
                 self.err(f"{prefix}{key}", "required")
         return value
+
+    def section(self, value: Any, path: str, schema: str | None = None) -> dict[str, Any] | None:
+        """`value` as the mapping at `path`, its keys checked against KEYS[schema or path]."""
+        keys, required = KEYS[path if schema is None else schema]
+        return self.mapping(value, path, keys, required)
 
     def integer(
         self, m: Mapping[str, Any], key: str, path: str, *, default: Any = _MISSING,
@@ -426,9 +458,7 @@ def _parse_scenario(
     raw: Mapping[str, Any], *, base_dir: Path | None, source: Path | None, seed: int | None
 ) -> tuple[Scenario | None, list[str]]:
     c = _Checker()
-    doc = c.mapping(
-        dict(raw), "", _TOP_KEYS, required=("name", "nodes", "dataset", "taskpack", "params")
-    )
+    doc = c.section(dict(raw), "")
     if doc is None:
         return None, c.problems
 
@@ -474,7 +504,7 @@ def _parse_scenario(
 
 
 def _parse_topology(c: _Checker, value: Any, nodes: int | None) -> Topology | None:
-    m = c.mapping(value, "topology", ("kind", "degree", "rewire"), required=("kind",))
+    m = c.section(value, "topology")
     if m is None:
         return None
     kind = c.choice(m, "kind", "topology.kind", TOPOLOGIES)
@@ -503,7 +533,7 @@ def _parse_topology(c: _Checker, value: Any, nodes: int | None) -> Topology | No
 
 
 def _parse_dataset(c: _Checker, value: Any, nodes: int | None) -> DatasetSpec | None:
-    m = c.mapping(value, "dataset", ("name", "partition", "test_fraction"), required=("name",))
+    m = c.section(value, "dataset")
     if m is None:
         return None
     name = c.choice(m, "name", "dataset.name", _dataset_names())
@@ -521,7 +551,7 @@ def _parse_partition(
     c: _Checker, value: Any, dataset: str | None, nodes: int | None
 ) -> Partition | None:
     p = "dataset.partition"
-    m = c.mapping(value, p, ("kind", "alpha", "per_node"), required=("kind",))
+    m = c.section(value, p)
     if m is None:
         return None
     kind = c.choice(m, "kind", f"{p}.kind", PARTITIONS)
@@ -545,9 +575,6 @@ def _parse_partition(
     if kind is None:
         return None
     return Partition(kind=kind, alpha=alpha, per_node=per_node)
-
-
-_PARAM_KEYS = ("rounds", "local_epochs", "aggregator", "protocol")
 
 
 def _parse_params(c: _Checker, value: Any, nodes: int | None) -> Params | None:
@@ -575,7 +602,7 @@ def _parse_params(c: _Checker, value: Any, nodes: int | None) -> Params | None:
         c.err("params.mu", "required (> 0) with fedprox; mu 0 would silently run plain FedAvg")
     extra: list[tuple[str, Any]] = []
     for key, v in value.items():
-        if key in _PARAM_KEYS:
+        if key in PARAM_KEYS:
             continue
         path = f"params.{key}"
         if not isinstance(key, str):
@@ -606,7 +633,7 @@ def _plain(v: Any) -> bool:
 
 
 def _parse_link(c: _Checker, value: Any) -> Link | None:
-    m = c.mapping(value, "network", ("latency_ms", "bandwidth_mbps", "loss"))
+    m = c.section(value, "network")
     if m is None:
         return None
     lat = c.number(m, "latency_ms", "network.latency_ms", default=20.0, lo=0.0)
@@ -630,7 +657,7 @@ def _parse_faults(
     faults: list[Fault] = []
     for i, item in enumerate(value):
         path = f"faults[{i}]"
-        m = c.mapping(item, path, ("round", *FAULT_ACTIONS), required=("round",))
+        m = c.section(item, path, "faults[]")
         if m is None:
             continue
         rnd = c.integer(m, "round", f"{path}.round", lo=1, hi=rounds)
@@ -701,9 +728,7 @@ def _check_fault_order(c: _Checker, faults: list[Fault]) -> None:
 def _parse_byzantine(c: _Checker, value: Any, nodes: int | None) -> Byzantine | None:
     if value is None:
         return None
-    m = c.mapping(
-        value, "byzantine", ("nodes", "attack", "scale", "std"), required=("nodes", "attack")
-    )
+    m = c.section(value, "byzantine")
     if m is None or "nodes" not in m:
         return None
     ns = c.node_list(m["nodes"], "byzantine.nodes", nodes)
@@ -724,7 +749,7 @@ def _parse_byzantine(c: _Checker, value: Any, nodes: int | None) -> Byzantine | 
 def _parse_dp(c: _Checker, value: Any) -> DP | None:
     if value is None:
         return None
-    m = c.mapping(value, "dp", ("epsilon", "delta", "max_grad_norm"), required=("epsilon",))
+    m = c.section(value, "dp")
     if m is None:
         return None
     eps = c.number(m, "epsilon", "dp.epsilon", lo=0.0, lo_open=True)

@@ -15,6 +15,7 @@ from click.testing import CliRunner, Result
 from fakenode import MODEL, PEER_A, PEER_B, SELF_ID, FakeNodeAPI, running_server
 
 from p2pfl.cli.main import COMMANDS, LazyGroup, cli
+from p2pfl.client import short_id
 from p2pfl.config import NodeConfig
 from p2pfl.identity import Identity
 
@@ -91,10 +92,18 @@ def test_peers_json_shape(node_dir: Path) -> None:
     r = run("peers", "--data-dir", str(node_dir), "--json")
     assert r.exit_code == 0
     assert json.loads(r.stdout) == {
-        "self": {"peer_id": SELF_ID, "addrs": ["/ip4/127.0.0.1/tcp/4001"]},
+        "self": {
+            "peer_id": SELF_ID,
+            "addrs": ["/ip4/127.0.0.1/tcp/4001"],
+            "datasets": [{"name": "wages", "rows": 100, "columns": 3}],
+        },
         "peers": [
-            {"peer_id": PEER_A, "addrs": ["/ip4/127.0.0.1/tcp/4002"]},
-            {"peer_id": PEER_B, "addrs": ["/ip4/127.0.0.1/tcp/4003"]},
+            {
+                "peer_id": PEER_A,
+                "addrs": ["/ip4/127.0.0.1/tcp/4002"],
+                "capabilities": {"datasets": [{"name": "wages"}], "cpus": 2},
+            },
+            {"peer_id": PEER_B, "addrs": ["/ip4/127.0.0.1/tcp/4003"], "capabilities": None},
         ],
     }
 
@@ -102,7 +111,10 @@ def test_peers_json_shape(node_dir: Path) -> None:
 def test_peers_table(node_dir: Path) -> None:
     r = run("peers", "--data-dir", str(node_dir))
     assert r.exit_code == 0
-    assert SELF_ID in r.output and PEER_A in r.output and "wages" in r.output
+    assert short_id(SELF_ID) in r.output and short_id(PEER_A) in r.output
+    assert "wages" in r.output and "/ip4/127.0.0.1/tcp/4002" in r.output
+    r = run("peers", "--data-dir", str(node_dir), "--wide")
+    assert SELF_ID in r.output and PEER_A in r.output
 
 
 def test_data_dir_from_environment(node_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,15 +14,16 @@ DROP_TIMEOUT = 30.0  # a SIGKILLed peer's TCP connections close at once; leave r
 
 def _check_peers_shape(doc: dict, node: NodeProc) -> None:
     assert set(doc) == {"self", "peers"}, doc
-    assert set(doc["self"]) == {"peer_id", "addrs"}
+    assert set(doc["self"]) == {"peer_id", "addrs", "datasets"}
     assert doc["self"]["peer_id"] == node.peer_id
     assert doc["self"]["addrs"] and all(
         a.startswith("/ip4/127.0.0.1/tcp/") for a in doc["self"]["addrs"]
     )
     assert isinstance(doc["peers"], list)
     for p in doc["peers"]:
-        assert set(p) == {"peer_id", "addrs"}, p
+        assert set(p) == {"peer_id", "addrs", "capabilities"}, p
         assert p["peer_id"].startswith("12D3KooW")
+        assert p["capabilities"] is None or "cpus" in p["capabilities"]
         assert isinstance(p["addrs"], list)
 
 

@@ -18,15 +18,18 @@ from p2pfl.sim.experiment import (
 
 from .fakes import FakeCluster
 
+REPO = Path(__file__).resolve().parents[2]
+# A real taskpack: scenarios are checked against its manifest and parameter schema.
+TASKPACK = str(REPO / "taskpacks/fedavg-mlp-digits")
+
 
 def write_scenario(tmp_path: Path, **over: object) -> Path:
-    (tmp_path / "tp").mkdir(exist_ok=True)
     raw = {
         "name": "exp",
         "seed": 1,
         "nodes": 4,
         "dataset": {"name": "digits", "partition": {"kind": "iid"}},
-        "taskpack": "tp",
+        "taskpack": TASKPACK,
         "params": {"rounds": 2},
     }
     raw.update(over)

@@ -103,12 +103,11 @@ def test_spec_passed_to_cluster(tmp_path: Path) -> None:
 
 
 def test_input_name_comes_from_the_manifest(tmp_path: Path) -> None:
-    (tmp_path / "tp").mkdir()
-    (tmp_path / "tp/manifest.yaml").write_text(
-        "spec:\n  inputs:\n    - {name: table, type: tabular}\n"
-    )
-    s = scenario(taskpack=str(tmp_path / "tp"))
-    assert input_name(s) == "table"
+    from p2pfl.taskpack.scaffold import new_taskpack
+
+    pack = new_taskpack("tp", "training", tmp_path)  # one input: `tabular`, format csv
+    s = scenario(taskpack=str(pack))
+    assert input_name(s) == "tabular"
     assert input_name(scenario()) == "digits"  # no manifest: the dataset's name
 
 
@@ -122,8 +121,10 @@ def test_failed_task_is_marked(tmp_path: Path) -> None:
     assert summary.failed and summary.reason == "no volunteers"
 
 
-def test_partial_rounds_written_on_failure(tmp_path: Path) -> None:
+def test_a_run_that_errors_leaves_whole_files_marked_errored(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="boom"):
         run_scenario(scenario(), out_dir=tmp_path, cluster_factory=ExplodingCluster)
     assert len((tmp_path / "rounds.csv").read_text().splitlines()) == 1 + 5
-    assert not (tmp_path / "summary.json").exists()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "errored" and "boom" in summary["reason"]
+    assert summary["rounds_completed"] == 2

@@ -174,8 +174,11 @@ def test_missing_taskpack_is_reported_when_checking_files(tmp_path: Path) -> Non
     assert scenario_problems(raw, check_files=True) == [
         f"taskpack: no such directory: {tmp_path / 'nope'}"
     ]
-    (tmp_path / "tp").mkdir()
+    from p2pfl.taskpack.scaffold import new_taskpack
+
+    new_taskpack("tp", "training", tmp_path)
     raw["taskpack"] = "tp"
+    raw["params"] = {"rounds": 2, "features": ["pixel_0_1"], "label": "label"}
     s = parse(raw, base_dir=tmp_path)
     assert s.taskpack == tmp_path / "tp"
 
