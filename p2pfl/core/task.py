@@ -174,6 +174,7 @@ class TaskMachine:
         self.full_mesh = False  # the driver knows we are connected to the whole network
         self.ended = False
         self.decision: Any = None  # the site policy's Decision on this offer, once made
+        self.volunteered_at: float | None = None  # when our volunteer record went out
 
     # --- identity of the task ----------------------------------------------------------
 
@@ -347,7 +348,12 @@ class TaskMachine:
         samples = sum(self.local.datasets.get(name, 0) for name in self.offer.inputs)
         if self.offer.type == "analysis" and samples < self.k:
             return self.decline(now, f"fewer than {self.k} records (k policy)")
+        if now >= self.offer.volunteer_deadline:
+            # The others have revealed by now and refuse a record made after it: say so,
+            # instead of waiting on a roster that cannot include us.
+            return self.decline(now, "too late: the volunteer window closed during checks")
         self.phase = Phase.VOLUNTEERED
+        self.volunteered_at = now
         self.my_nonce = self.rng.randbytes(NONCE_BYTES)
         named = self.cid if self.offer.rollout else ""
         record = Volunteer(self.task_id, self.my_id, samples, commitment(self.my_nonce), named)
@@ -509,6 +515,10 @@ class TaskMachine:
         if self.roster is not None and roster.epoch >= self.roster.epoch:
             return []  # the one we have is at least as good
         held = [p for p in self._eligible() if p not in self.dead]
+        if self.my_id in held and self.my_id not in carried and self._volunteered_late():
+            # Our record went out so near the deadline that honest peers may have revealed
+            # before it reached them: being left out is then no sign of a cheat.
+            held.remove(self.my_id)
         problem = roster_problem(
             self.task_id,
             roster.coordinator,
@@ -550,6 +560,13 @@ class TaskMachine:
             return []  # too late to switch: the task already went on
         self.roster_envelope = event.envelope
         return self._accept_roster(now, roster, event.samples)
+
+    def _volunteered_late(self) -> bool:
+        """Whether our record may have reached the others after their reveals (within one
+        grace period of the volunteer deadline): they refuse such records, so a roster
+        leaving us out is a valid one."""
+        at = self.volunteered_at
+        return at is not None and at > self.offer.volunteer_deadline - GRACE_S
 
     def _better_ranked_gone(self, roster: Roster) -> bool:
         """Every volunteer ranked above the roster's coordinator is gone in our view."""

@@ -70,6 +70,7 @@ class Node:
     logs: list[tuple[str, str]] = field(default_factory=list)
     ended: list[TaskEnded] = field(default_factory=list)
     fail_jobs: dict[JobStep, str] = field(default_factory=dict)  # step -> error
+    job_delay: dict[JobStep, float] = field(default_factory=dict)  # step -> extra seconds
     fail_aggregate: bool = False
     snapshots: dict[str, bytes] = field(default_factory=dict)  # what survives a restart
 
@@ -254,7 +255,8 @@ class Harness:
         elif isinstance(cmd, CheckArchive):
             self.at(0, lambda: self._feed(node, ArchiveChecked(cmd.cid, None)))
         elif isinstance(cmd, RunJob):
-            self.at(JOB_S, lambda: self._feed(node, self._job(node, cmd)))
+            delay = JOB_S + node.job_delay.get(cmd.token.step, 0.0)
+            self.at(delay, lambda: self._feed(node, self._job(node, cmd)))
         elif isinstance(cmd, Aggregate):
             self.at(0, lambda: self._feed(node, self._aggregate(node, cmd)))
         elif isinstance(cmd, Emit):

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from p2pfl.core.messages import Volunteer
 from p2pfl.core.phase import Phase
+from p2pfl.core.tokens import JobStep
+from p2pfl.wire.codec import type_name
 from tests.core.harness import Harness, done
 
 
@@ -274,3 +277,53 @@ def test_a_push_before_the_roster_is_held_not_refused():
     assert machine.refused.get("GossipPush", 0) == 0 and len(machine.early) == 1
     h.run()
     done(h, task_id)
+
+
+def test_a_node_whose_checks_end_after_the_window_declines_as_late():
+    h = Harness(4)
+    h.nodes[3].job_delay[JobStep.VALIDATE] = 5.0  # the volunteer window is 3 s
+    task_id = h.offer(rounds=1)
+    h.run()
+    others = [m for m in h.machines(task_id)[:3]]
+    assert all(m.phase is Phase.DONE for m in others)
+    assert h.nodes[3].peer not in others[0].participants
+    # Not stuck: it either saw the roster while checking, or declines as late; it never
+    # volunteers after the window.
+    ended = [e for e in h.nodes[3].ended if e.task_id == task_id]
+    assert ended and ended[0].status in ("observing", "declined")
+    assert not [t for _, t in h.nodes[3].logs if "volunteered" in t or "invalid roster" in t]
+
+
+def test_checks_ending_after_the_deadline_before_any_roster_decline_as_late():
+    h = Harness(4, full_mesh=False)
+    h.nodes[3].job_delay[JobStep.VALIDATE] = 3.0
+    # No roster reaches node 3 (the others' messages after the deadline are lost).
+    h.outgoing = lambda node, cmd: None if node.index != 3 and h.now >= 2.9 else cmd
+    task_id = h.offer(rounds=1)
+    h.run(until=8.0)
+    ended = [e for e in h.nodes[3].ended if e.task_id == task_id]
+    assert ended and ended[0].status == "declined" and "too late" in ended[0].reason
+
+
+def test_a_record_that_reached_the_others_after_their_reveals_leaves_its_node_observing():
+    """A volunteer record sent just before the deadline but delivered after it is refused
+    by peers that revealed; its node takes the roster without it instead of rejecting it
+    and waiting forever."""
+    h = Harness(4)
+    h.nodes[3].job_delay[JobStep.VALIDATE] = 2.5
+    late_peer = h.nodes[3].peer
+
+    def slow_volunteer(node, cmd):
+        if node.index == 3 and getattr(cmd.msg, "kind", "") == type_name(Volunteer):
+            h.at(1.5, lambda: h._one(node, cmd))
+            return None
+        return cmd
+
+    h.outgoing = slow_volunteer
+    task_id = h.offer(rounds=1)
+    h.run()
+    machines = h.machines(task_id)
+    assert all(m.phase is Phase.DONE for m in machines[:3])
+    assert late_peer not in machines[0].participants
+    assert machines[3].phase in (Phase.OBSERVING, Phase.DONE)  # followed it to its result
+    assert not [t for lvl, t in h.nodes[3].logs if "invalid roster" in t]
