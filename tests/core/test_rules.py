@@ -310,7 +310,7 @@ def test_a_record_that_reached_the_others_after_their_reveals_leaves_its_node_ob
     by peers that revealed; its node takes the roster without it instead of rejecting it
     and waiting forever."""
     h = Harness(4)
-    h.nodes[3].job_delay[JobStep.VALIDATE] = 2.5
+    h.nodes[3].job_delay[JobStep.VALIDATE] = 1.5  # it volunteers at about 2 s
     late_peer = h.nodes[3].peer
 
     def slow_volunteer(node, cmd):
