@@ -361,6 +361,18 @@ class Client:
         """The task's result; TaskNotFinished while it runs, TaskFailed if it failed."""
         return self.call("result", task_id=task_id)
 
+    def load_model(self, task_id: str) -> dict[str, Any]:
+        """The final model of a finished task, as {name: numpy array}, in one call (for a
+        torch module: ``p2pfl.fl.torch_utils.load_numpy_into(module, weights)``).
+        TaskNotFinished / TaskFailed as `get_result`; ValueError if it made no model."""
+        from p2pfl.wire import decode_tensors
+
+        result = self.get_result(task_id)
+        cid = result.get("model_cid")
+        if not cid:
+            raise ValueError(f"task {task_id} produced no model (model_cid is empty)")
+        return {k: v.copy() for k, v in decode_tensors(self.read_blob(str(cid))).items()}
+
     def read_blob(self, cid: str) -> bytes:
         """A blob stored on the node (e.g. a result's model_cid). NotFound if absent."""
         parts: list[bytes] = []

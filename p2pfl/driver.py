@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from p2pfl.batched import BATCHED_TYPES, BatchedJob
 from p2pfl.core.commands import (
     AddProviders,
     Aggregate,
@@ -102,6 +103,7 @@ class Driver:
         state_dir: Path | None = None,
         update_hook: Callable[[str, bytes], bytes] | None = None,
         persist: Callable[[str, bytes | None], None] | None = None,
+        local_dir: Path | None = None,
     ) -> None:
         self.core = core
         self.network = network
@@ -120,6 +122,14 @@ class Driver:
         # Where audit lines and privacy charges go (a real node's log and ledger).
         self.site_sink: Callable[[Command], None] | None = None
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        # Where batched runs keep what never leaves the node (reports, records processed,
+        # derived datasets: p2pfl.batched); None: nowhere (then no new-data-only memory).
+        # A simulated node (no data dir) keeps them beside its taskpacks, in the run's temp dir.
+        self.local_dir = local_dir or taskpack_root.parent / "local" / core.me
+        self._records: Any = None
+        # Usage per requester and taskpack (the node's UsageLedger): (task_id, records).
+        self.usage_sink: Callable[[str, int], None] | None = None
+        self.derived_sink: Callable[[str, Path, int, str], None] | None = None
         self._fetches: dict[str, BlobFetch] = {}
         self._specs: dict[str, Any] = {}
         self.me = core.me
@@ -372,7 +382,12 @@ class Driver:
             raise LocalProtocolError(
                 f"inputs.{unknown[0]}: the taskpack has no input of that name (it has: {', '.join(names)})"
             )
-        overrides = {k: v for k, v in overrides.items() if not k.startswith("inputs.")}
+        # `run.test_run=N`, `run.new_data_only=true`, `run.rerun_failed=true`: how nodes run
+        # the task (signed into the offer), not task parameters either.
+        run = parse_run_options(
+            {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("run.")}
+        )
+        overrides = {k: v for k, v in overrides.items() if not k.startswith(("inputs.", "run."))}
         params = load_params(self.taskpack_dir(entry.cid), overrides)
         federated = effective_federated(entry.manifest, params)
         # The task's code reads its local epochs from its params, like any other setting.
@@ -384,6 +399,7 @@ class Driver:
             tuple(bindings.get(n, n) for n in names),
             self.io.now(),
             volunteer_window_s=volunteer_window_s,
+            run=run,
         )
         self.execute(cmds)
         return {"task_id": task_id, "cid": entry.cid, "name": entry.name, "version": entry.version}
@@ -474,6 +490,14 @@ class Driver:
             job = rt.Reduce([Partial(**p) for p in req["partials"]])
         else:
             raise LocalProtocolError(f"unknown job kind {kind}")
+        machine = self.core.tasks.get(cmd.task_id)
+        if kind == "train" and machine is not None and machine.offer.type in BATCHED_TYPES:
+            BatchedJob(self, cmd, spec).start()  # one execution, streamed in batches
+            return
+        self.io.run_job(spec, job, self.job_done(cmd, kind))
+
+    def job_done(self, cmd: RunJob, kind: str) -> Callable[[Any, str | None], None]:
+        """The callback that turns a job's outcome into JobDone / JobFailed for the core."""
         token = cmd.token
 
         def done(output: Any, error: str | None) -> None:
@@ -481,15 +505,39 @@ class Driver:
                 self.on_event(JobFailed(token, error))
                 return
             for line in output.logs:
-                self._emit_log(cmd.task_id, line)
+                self.emit_log(cmd.task_id, line)
             try:
                 result = self._job_result(cmd.task_id, kind, output.result)
             except Exception as exc:  # a task returned something we cannot use
                 self.on_event(JobFailed(token, f"{type(exc).__name__}: {exc}"))
                 return
+            if kind == "train" and cmd.job.get("round") == 1:
+                self.charge_usage(cmd.task_id, int(result.get("num_samples", 0)))
             self.on_event(JobDone(token, result))
 
-        self.io.run_job(spec, job, done)
+        return done
+
+    def running_specs(self) -> dict[str, Any]:
+        """Tasks with a live worker here (a task's spec goes when it ends for us)."""
+        return self._specs
+
+    def records_ledger(self) -> Any:
+        """This node's RecordsLedger (which records each taskpack processed), or None."""
+        if self._records is None and self.local_dir is not None:
+            from p2pfl.store.local_runs import RecordsLedger
+
+            self._records = RecordsLedger(self.local_dir)
+        return self._records
+
+    def charge_usage(self, task_id: str, records: int) -> None:
+        if self.usage_sink is not None:
+            self.usage_sink(task_id, records)
+
+    def register_derived(self, name: str, path: Path, rows: int, task_id: str) -> None:
+        """A preprocessing task wrote a derived dataset here: later tasks may bind it."""
+        self.datasets[name] = path
+        if self.derived_sink is not None:
+            self.derived_sink(name, path, rows, task_id)
 
     def _close_task(self, task_id: str) -> None:
         """The task is over for this node: end its worker and wipe its temp dir."""
@@ -512,6 +560,12 @@ class Driver:
             }
         if kind == "finalize":
             return self._release(task_id, result)
+        if kind == "reduce":
+            machine = self.core.tasks.get(task_id)
+            run = getattr(machine.offer, "run", None) if machine is not None else None
+            if isinstance(run, dict) and run.get("test_run"):
+                # Marked in the signed result: nobody mistakes a trial for the real run.
+                result = {**result, "test_run": int(run["test_run"])}
         return result
 
     def _release(self, task_id: str, partial: Any) -> Any:
@@ -540,15 +594,18 @@ class Driver:
         self.execute([Audit("release", {**fields, "dp_spend": spent, "notes": notes + more})])
         return dataclasses.replace(partial, aggregates=aggregates, metrics=metrics)
 
-    def _emit_log(self, task_id: str, line: str) -> None:
+    def emit_log(
+        self, task_id: str, line: str, kind: str = "log", metrics: dict[str, Any] | None = None
+    ) -> None:
+        """A line for this task's followers on this node (the task's logs, batch progress)."""
         event = {
             "t": self.io.now(),
-            "kind": "log",
+            "kind": kind,
             "task_id": task_id,
             "peer": self.me,
             "round": None,
             "message": line,
-            "metrics": {},
+            "metrics": dict(metrics or {}),
         }
         for listener in list(self.listeners):
             listener(event)
@@ -585,6 +642,36 @@ class Driver:
 
     def fetch_progress(self) -> dict[str, tuple[int, int]]:
         return {cid: f.progress() for cid, f in self._fetches.items()}
+
+
+def parse_run_options(raw: dict[str, str]) -> dict[str, Any] | None:
+    """The offer's `run` field from `run.*` overrides (strings from the command line)."""
+    from p2pfl.runtime.batching import DEFAULT_TEST_RUN, run_options_problem
+
+    unknown = sorted(set(raw) - {"test_run", "new_data_only", "rerun_failed"})
+    if unknown:
+        raise LocalProtocolError(
+            f"run.{unknown[0]}: unknown run option (test_run, new_data_only, rerun_failed)"
+        )
+    out: dict[str, Any] = {}
+    for key, text in raw.items():
+        value = str(text).strip().lower()
+        if key == "test_run":
+            if value in ("", "true"):
+                out[key] = DEFAULT_TEST_RUN
+                continue
+            try:
+                out[key] = int(value)
+            except ValueError:
+                raise LocalProtocolError(f"run.test_run: {text!r} is not a number") from None
+        elif value in ("true", "1", "yes"):
+            out[key] = True
+        elif value not in ("false", "0", "no"):
+            raise LocalProtocolError(f"run.{key}: {text!r} is not true or false")
+    problem = run_options_problem(out or None)
+    if problem is not None:
+        raise LocalProtocolError(problem)
+    return out or None
 
 
 def _least(a: Any, b: Any) -> Any:

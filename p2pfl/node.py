@@ -40,6 +40,7 @@ from p2pfl.policy import (
     SitePolicy,
     load_policy,
 )
+from p2pfl.policy.usage import USAGE_FILE, UsageLedger
 from p2pfl.store.blobs import BlobStore
 from p2pfl.wire import decode, encode
 
@@ -58,7 +59,23 @@ def describe_datasets(datasets: dict[str, Path]) -> dict[str, DatasetInfo]:
 
     out = {}
     for name, path in datasets.items():
-        X, y, columns = load_table(path)
+        if Path(path).is_dir():
+            # A folder dataset (images, documents): one record per file, no columns.
+            from p2pfl.taskpack.batch import count_files
+
+            out[name] = DatasetInfo(name, count_files(Path(path)), [], type="files")
+            continue
+        try:
+            X, y, columns = load_table(path)
+        except ValueError:
+            if Path(path).suffix.lower() != ".csv":
+                raise
+            # Not a training table (keys, text columns): inference or preprocessing input.
+            from p2pfl.taskpack.batch import csv_shape
+
+            rows, header = csv_shape(Path(path))
+            out[name] = DatasetInfo(name, rows, header, type="table")
+            continue
         out[name] = DatasetInfo(name, int(len(y)), [*list(columns), "label"])
     return out
 
@@ -127,6 +144,7 @@ class Node:
         driver.listeners.append(self._on_task_event)
         driver.persist = self.persist_task
         driver.site_sink = self._site_record
+        driver.usage_sink = self._charge_usage
         site = site if site is not None else open_site(config, self.core.me)
         self.policy: SitePolicy = site.policy
         self.ledger: PrivacyLedger = site.ledger
@@ -306,6 +324,23 @@ class Node:
                 self.audit_log.record(
                     "privacy", task=cmd.task_id, dataset=name, epsilon=cmd.epsilon, task_total=total
                 )
+
+    def _charge_usage(self, task_id: str, records: int) -> None:
+        """A task's execution here finished: count it against its requester's usage caps."""
+        usage = self.core.usage
+        machine = self.core.tasks.get(task_id)
+        if usage is None or machine is None:
+            return
+        offer = machine.offer
+        usage.charge(
+            task_id=task_id,
+            requester=offer.publisher,
+            taskpack=offer.name,
+            datasets=tuple(offer.inputs),
+            records=records,
+            t=self.driver.io.now(),
+        )
+        self.audit_log.record("usage", task=task_id, records=records, datasets=list(offer.inputs))
 
     def cancel_task(self, task_id: str, reason: str = "") -> dict[str, Any]:
         tid = self._task_id(task_id)
@@ -493,6 +528,7 @@ async def run_node(config: NodeConfig) -> None:
         site=site.policy,
         privacy_spent=site.ledger.spent_all(),
     )
+    core.usage = UsageLedger(data_dir / USAGE_FILE)
     (data_dir / "tmp").mkdir(exist_ok=True)
     runner = ChildProcessRunner(
         tmp_root=data_dir / "tmp",
@@ -533,6 +569,7 @@ async def run_node(config: NodeConfig) -> None:
                 taskpack_root=data_dir / "taskpacks",
                 datasets=dict(config.datasets),
                 state_dir=data_dir / "state",
+                local_dir=data_dir,
             )
             holder.append(driver)
             target_peers = Libp2pConfig().target_peers

@@ -30,9 +30,26 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-@click.group("datasets")
-def datasets_group() -> None:
-    """Offline datasets for simulations and quick starts."""
+@click.group("datasets", invoke_without_command=True)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Show what a node processed per taskpack and dataset (new-data-only memory).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with --data-dir).")
+@click.pass_context
+def datasets_group(ctx: click.Context, data_dir: Path | None, as_json: bool) -> None:
+    """Offline datasets for simulations and quick starts; with --data-dir, a node's view:
+    records processed and failed per taskpack and dataset."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if data_dir is None:
+        click.echo(ctx.get_help())
+        return
+    from p2pfl.cli.runs_cmds import datasets_view
+
+    datasets_view(data_dir, as_json)
 
 
 @datasets_group.command("list")

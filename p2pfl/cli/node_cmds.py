@@ -39,6 +39,18 @@ def emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=None, sort_keys=False, default=str))
 
 
+def run_options(f: Any) -> Any:
+    from p2pfl.cli.runs_cmds import run_options as options
+
+    return options(f)
+
+
+def run_params(test_run: int | None, new_data_only: bool, rerun_failed: bool) -> dict[str, str]:
+    from p2pfl.cli.runs_cmds import run_params as params
+
+    return params(test_run, new_data_only, rerun_failed)
+
+
 def client(data_dir: Path) -> Client:
     return Client(data_dir.expanduser())
 
@@ -255,12 +267,21 @@ def peers_cmd(data_dir: Path, as_json: bool) -> None:
     metavar="KEY=VALUE",
     help="A task parameter (repeatable; with --run).",
 )
+@run_options
 @json_option
 def publish_cmd(
-    taskpack_dir: Path, data_dir: Path, run: bool, params: tuple[str, ...], as_json: bool
+    taskpack_dir: Path,
+    data_dir: Path,
+    run: bool,
+    params: tuple[str, ...],
+    test_run: int | None,
+    new_data_only: bool,
+    rerun_failed: bool,
+    as_json: bool,
 ) -> None:
     """Pack, sign and announce the taskpack in DIR; with --run, also run it."""
     parsed = dict(parse_param(p) for p in params)
+    parsed.update(run_params(test_run, new_data_only, rerun_failed))
     if parsed and not run:
         raise click.BadParameter("parameters only make sense with --run", param_hint="--param")
     out = client(data_dir).publish(taskpack_dir, run=run, params=parsed)

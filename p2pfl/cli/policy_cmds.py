@@ -11,7 +11,15 @@ from typing import Any
 
 import click
 
-from p2pfl.cli.node_cmds import client, data_dir_option, emit_json, json_option, parse_param
+from p2pfl.cli.node_cmds import (
+    client,
+    data_dir_option,
+    emit_json,
+    json_option,
+    parse_param,
+    run_options,
+    run_params,
+)
 from p2pfl.client import short_id
 
 # ---------------------------------------------------------------------------------------------
@@ -24,8 +32,17 @@ from p2pfl.client import short_id
 @click.option(
     "--param", "params", multiple=True, metavar="KEY=VALUE", help="A task parameter (repeatable)."
 )
+@run_options
 @json_option
-def run_cmd(ref: str, data_dir: Path, params: tuple[str, ...], as_json: bool) -> None:
+def run_cmd(
+    ref: str,
+    data_dir: Path,
+    params: tuple[str, ...],
+    test_run: int | None,
+    new_data_only: bool,
+    rerun_failed: bool,
+    as_json: bool,
+) -> None:
     """Offer a task on a taskpack this node already verified (by name, name@range such
     as federated-stats@^1, or cid), whoever published it.
 
@@ -33,6 +50,7 @@ def run_cmd(ref: str, data_dir: Path, params: tuple[str, ...], as_json: bool) ->
     To publish a taskpack directory and run it, use `p2pfl publish DIR --run`.
     """
     parsed = dict(parse_param(p) for p in params)
+    parsed.update(run_params(test_run, new_data_only, rerun_failed))
     task_id = client(data_dir).run(ref, parsed)
     if as_json:
         emit_json({"task_id": task_id, "ref": ref})

@@ -147,6 +147,9 @@ class TaskOffer:
     round_timeout_s: float
     nonce: bytes  # the publisher's fresh randomness (NONCE_BYTES), part of the task id
     max_update_norm: float = 0.0  # > 0: an update farther than this from the model is dropped
+    # How each node runs it (p2pfl.runtime.batching.RunOptions): None, or {test_run: N,
+    # new_data_only: bool, rerun_failed: bool}. Signed and in the task id: nodes enforce it.
+    run: Json = None
 
     def __post_init__(self) -> None:
         _check_task(self.task_id, self.publisher)

@@ -167,6 +167,10 @@ class NodeCore:
         # ChargePrivacy commands keep this copy current, so decisions see every commitment).
         self.site = site
         self.privacy_spent: dict[str, float] = dict(privacy_spent or {})
+        # Runs and records used per requester and taskpack (the node's UsageLedger; None: no
+        # usage caps are counted), judged at the time of the last event (`_now`).
+        self.usage: Any = None
+        self._now = 0.0
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -258,6 +262,7 @@ class NodeCore:
             manifest_aggregator=spec.federated.aggregator,
             manifest_protocol=spec.federated.protocol,
             params=dict(offer.params) if isinstance(offer.params, dict) else {},
+            records=self._records_asked(offer),
         )
         running: dict[str, int] = defaultdict(int)
         for other in self.tasks.values():
@@ -265,7 +270,20 @@ class NodeCore:
                 for name in other.offer.inputs:
                     running[name] += 1
         spent = self.privacy_spent if spent is None else spent
-        return self.site.decide(facts, spent=spent, running=running)
+        usage = None
+        if self.usage is not None:
+            usage = self.usage.counts(self._now, exclude_task=offer.task_id)
+        return self.site.decide(facts, spent=spent, running=running, usage=usage)
+
+    def _records_asked(self, offer: TaskOffer) -> dict[str, int]:
+        """Records the offer would process per dataset: a test run's N at most."""
+        run = offer.run if isinstance(offer.run, dict) else {}
+        cap = run.get("test_run")
+        out = {}
+        for name in offer.inputs:
+            rows = int(self.local.datasets.get(name, 0))
+            out[name] = min(rows, int(cap)) if isinstance(cap, int) else rows
+        return out
 
     # --- local requests ------------------------------------------------------------------
 
@@ -289,6 +307,7 @@ class NodeCore:
         inputs: tuple[str, ...],
         now: float,
         volunteer_window_s: float = 3.0,
+        run: dict[str, Any] | None = None,
     ) -> tuple[str, list[Command]]:
         """Offer a task on a taskpack verified here (ours or another publisher's): the
         offer is signed by us, the requester."""
@@ -307,6 +326,7 @@ class NodeCore:
             now=now,
             nonce=self.rng.randbytes(NONCE_BYTES),
             volunteer_window_s=volunteer_window_s,
+            run=run,
         )
         # Our own machine starts now; the offer's echo from gossip is then a duplicate.
         envelope = seal(self.identity, offer)
@@ -376,6 +396,7 @@ class NodeCore:
     # --- events ------------------------------------------------------------------------
 
     def handle(self, event: Any, now: float) -> list[Command]:
+        self._now = now
         if isinstance(event, Message):
             return self._on_message(event, now)
         if isinstance(event, TimerFired):

@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from p2pfl.core.messages import NONCE_BYTES, TASK_ID_HEX, TaskOffer
+from p2pfl.runtime.batching import run_options_problem
 from p2pfl.wire import encode
 
 PROTOCOLS = ("fedavg", "fedprox", "gossip")
@@ -47,6 +48,9 @@ def offer_problem(offer: TaskOffer) -> str | None:
         return f"round timeout {offer.round_timeout_s} s is not in (0, {MAX_WINDOW_S:g}]"
     if not offer.inputs or len(offer.inputs) > 64:
         return "an offer binds 1 to 64 input datasets"
+    run_problem = run_options_problem(offer.run)
+    if run_problem is not None:
+        return run_problem
     dp = offer.dp
     if dp is not None:
         if not isinstance(dp, dict) or set(dp) != {"epsilon", "delta", "max_grad_norm"}:
@@ -69,6 +73,7 @@ def build_offer(
     now: float,
     nonce: bytes,
     volunteer_window_s: float,
+    run: dict[str, Any] | None = None,
 ) -> TaskOffer:
     """The offer for a verified taskpack. `federated` is the manifest's federated section
     with the task's parameters applied (taskpack.params.effective_federated): the one set
@@ -106,5 +111,9 @@ def build_offer(
         round_timeout_s=float(federated["deadline_s"]),
         nonce=nonce,
         max_update_norm=float(params.get("max_update_norm", 0.0) or 0.0),
+        run=run or None,
     )
+    problem = run_options_problem(offer.run)
+    if problem is not None:
+        raise ValueError(problem)
     return replace(offer, task_id=derive_task_id(offer))

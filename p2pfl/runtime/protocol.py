@@ -28,7 +28,9 @@ from p2pfl.runtime.jobs import (
     InitialWeights,
     Job,
     Limits,
+    Plan,
     Reduce,
+    RunBatch,
     TaskSpec,
     Train,
     TrainResult,
@@ -133,8 +135,16 @@ def decode_partial(d: dict[str, Any]) -> Partial:
 
 def encode_job(job: Job) -> dict[str, Any]:
     match job:
-        case Validate() | InitialWeights():
+        case Validate() | InitialWeights() | Plan():
             return {"type": type(job).__name__}
+        case RunBatch():
+            return {
+                "type": "RunBatch",
+                "index": job.index,
+                "total": job.total,
+                "keys": list(job.keys),
+                "weights": job.weights,
+            }
         case Train(round=rnd, weights=w) | Evaluate(round=rnd, weights=w):
             return {"type": type(job).__name__, "round": rnd, "weights": w}
         case Finalize():
@@ -164,6 +174,10 @@ def decode_job(d: dict[str, Any]) -> Job:
             return Finalize(d["num_samples"], d["metrics"], d["aggregates"])
         if kind == "Reduce":
             return Reduce([decode_partial(p) for p in d["partials"]])
+        if kind == "Plan":
+            return Plan()
+        if kind == "RunBatch":
+            return RunBatch(d["index"], d["total"], list(d["keys"]), d["weights"])
     except (KeyError, TypeError) as e:
         raise ProtocolError(f"bad job: {type(e).__name__}: {e}") from None
     raise ProtocolError(f"unknown job type {kind!r}")
@@ -204,8 +218,43 @@ def decode_result(job: Job, r: Any) -> Any:
             return TrainResult(r["update"], r["num_samples"], r["metrics"], r["aggregates"])
         if isinstance(job, Finalize):
             return decode_partial(r)
+        if isinstance(job, Plan):
+            return check_plan(r)
+        if isinstance(job, RunBatch):
+            return check_batch(r)
         if not isinstance(r, dict):
             raise TypeError(f"{type(job).__name__} returns a map")
         return r
     except (KeyError, TypeError) as e:
         raise ProtocolError(f"bad {type(job).__name__} result: {e}") from None
+
+
+def check_plan(r: Any) -> list[tuple[str, str]] | None:
+    """A Plan result: None, or [(key, digest)] with string keys and digests."""
+    if r is None:
+        return None
+    if not isinstance(r, list) or not all(
+        isinstance(x, list | tuple)
+        and len(x) == 2
+        and isinstance(x[0], str)
+        and isinstance(x[1], str)
+        for x in r
+    ):
+        raise TypeError("Plan returns nil or a list of [key, digest] strings")
+    return [(str(k), str(d)) for k, d in r]
+
+
+def check_batch(r: Any) -> dict[str, Any]:
+    """A RunBatch result: {"rows": [dict with a str "key"], "failed": [[key, reason]]}."""
+    if not isinstance(r, dict) or not isinstance(r.get("rows"), list):
+        raise TypeError("RunBatch returns a map with a list of rows")
+    failed = r.get("failed", [])
+    if not isinstance(failed, list) or not all(
+        isinstance(f, list | tuple) and len(f) == 2 and all(isinstance(x, str) for x in f)
+        for f in failed
+    ):
+        raise TypeError("RunBatch failed must be a list of [key, reason]")
+    for row in r["rows"]:
+        if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+            raise TypeError("every RunBatch row is a map with a str key")
+    return {"rows": r["rows"], "failed": [(str(k), str(why)) for k, why in failed]}
