@@ -23,6 +23,8 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from p2pfl.core.commands import JobDone, JobFailed, RunJob, Send
 from p2pfl.core.messages import Progress
 from p2pfl.errors import P2PFLError
@@ -36,7 +38,6 @@ log = logging.getLogger("p2pfl.node")
 
 BATCHED_TYPES = ("inference", "preprocessing")
 _CID = re.compile(r"^b[a-z2-7]{20,120}$")  # a CIDv1 in base32, as the store names blobs
-_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class BatchedJob:
@@ -178,7 +179,7 @@ class BatchedJob:
                     failed=run.failed,
                     test_run=test,
                 )
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, P2PFLError) as exc:
             self._fail(f"keeping the run's outputs: {exc}")
             return
         for key, why in sorted(run.failed.items())[:20]:
@@ -209,21 +210,27 @@ class BatchedJob:
         return out
 
     def _write_derived(self, rows: list[dict[str, Any]]) -> str:
-        """The derived dataset on this node, under the name the offer asks for."""
-        name = str(self.params.get("output", ""))
-        if not _DATASET_NAME.match(name):
-            raise ValueError(f"output {name!r} is not a dataset name (letters, digits, _ . -)")
+        """The derived dataset on this node, in its derived-dataset registry (p2pfl.data):
+        numbers only (an npz table), scoped by this task, registered under params.output."""
+        from p2pfl.data import DerivedRegistry, check_derived_name
+
+        name = check_derived_name(self.params.get("output"))
         local = self.driver.local_dir
         if local is None:
             raise ValueError("this node has no data dir for derived datasets")
-        from p2pfl.store.local_runs import write_derived
-
-        path = Path(local) / "derived" / f"{name}.csv"
-        write_derived(
-            path, [{"key": r["key"], **{k: v for k, v in r.items() if k != "key"}} for r in rows]
+        x, y, columns = derived_table(rows, str(self.params.get("label_column") or "label"))
+        info = DerivedRegistry(Path(local) / "derived").put_table(
+            self.task_id,
+            name,
+            x,
+            y,
+            columns,
+            sources=tuple(self.offer.inputs),
+            producer=self.task_id,
+            created=self.driver.io.now(),
         )
-        self.driver.register_derived(name, path, len(rows), self.task_id)
-        return str(path)
+        self.driver.register_derived(name, info.path, info.records, list(info.columns))
+        return str(info.path)
 
     def _model_bytes(self) -> bytes | None:
         """The model named by params["model_cid"] (an earlier task's result), from this
@@ -257,3 +264,28 @@ class BatchedJob:
 
     def _fail(self, reason: str) -> None:
         self.driver.on_event(JobFailed(self.cmd.token, reason))
+
+
+def derived_table(
+    rows: list[dict[str, Any]], label: str
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Derived rows as a table: the numeric columns (the label and the record key aside) as
+    X, the label (0 where absent) as y. A value that is not a number is refused."""
+    columns: list[str] = []
+    for row in rows:
+        for c in row:
+            if c not in ("key", label) and c not in columns:
+                columns.append(c)
+    x = np.zeros((len(rows), len(columns)), dtype=np.float32)
+    y = np.zeros(len(rows), dtype=np.int64)
+    for i, row in enumerate(rows):
+        try:
+            x[i] = [float(row.get(c, "nan")) for c in columns]
+            y[i] = int(float(row.get(label, 0)))
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"derived record {row.get('key')!r}: a derived table holds numbers only"
+            ) from None
+    if not np.isfinite(x).all():
+        raise ValueError("a derived record lacks a column or holds NaN/Inf")
+    return x, y, columns

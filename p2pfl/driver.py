@@ -129,7 +129,7 @@ class Driver:
         self._records: Any = None
         # Usage per requester and taskpack (the node's UsageLedger): (task_id, records).
         self.usage_sink: Callable[[str, int], None] | None = None
-        self.derived_sink: Callable[[str, Path, int, str], None] | None = None
+        self.derived_sink: Callable[[str, Path, int], None] | None = None
         self._fetches: dict[str, BlobFetch] = {}
         self._specs: dict[str, Any] = {}
         self.me = core.me
@@ -533,11 +533,16 @@ class Driver:
         if self.usage_sink is not None:
             self.usage_sink(task_id, records)
 
-    def register_derived(self, name: str, path: Path, rows: int, task_id: str) -> None:
-        """A preprocessing task wrote a derived dataset here: later tasks may bind it."""
+    def register_derived(self, name: str, path: Path, rows: int, columns: list[str]) -> None:
+        """A preprocessing task wrote a derived dataset here (p2pfl.data): later tasks on
+        this node may bind it by name, under the site policy's rules for that name."""
+        from p2pfl.core.node_core import DatasetInfo
+
         self.datasets[name] = path
+        self.core.datasets[name] = DatasetInfo(name, rows, [*columns, "label"], type="derived")
+        self.core.local.datasets[name] = rows
         if self.derived_sink is not None:
-            self.derived_sink(name, path, rows, task_id)
+            self.derived_sink(name, path, rows)
 
     def _close_task(self, task_id: str) -> None:
         """The task is over for this node: end its worker and wipe its temp dir."""

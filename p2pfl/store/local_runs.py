@@ -5,6 +5,8 @@
     DATA_DIR/reports/TASK.csv       an inference task's per-record report: key, prediction, score
     DATA_DIR/reports/TASK.json      what the report is: taskpack, dataset, counts, test run
 
+(Derived datasets of preprocessing tasks live in the registry of p2pfl.data.)
+
 `p2pfl reports --data-dir D` and `p2pfl datasets --data-dir D` read these files directly.
 Every write is atomic (temp file + rename). A corrupt records file is an error, not a
 reset: forgetting what was processed would silently run everything again.
@@ -164,20 +166,3 @@ def list_reports(data_dir: Path) -> list[dict[str, Any]]:
         meta["path"] = str(meta_path.with_suffix(".csv"))
         out.append(meta)
     return sorted(out, key=lambda m: (m.get("created", 0), m.get("task_id", "")))
-
-
-def write_derived(path: Path, rows: list[dict[str, Any]]) -> int:
-    """A derived dataset as CSV (columns: the union of the rows' keys, in first-seen order)."""
-    columns: list[str] = []
-    for row in rows:
-        for k in row:
-            if k not in columns:
-                columns.append(k)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(row)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, buf.getvalue(), mode=0o600)
-    return len(rows)

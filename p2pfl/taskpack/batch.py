@@ -14,9 +14,9 @@ digest (a content hash) that says whether it changed.
         def transform(self, ctx, items): ...              # [derived row dict, ...]
 
 What a batch returns stays on the node: the runtime writes the inference report (CSV:
-key, prediction, score) or the derived dataset into the node's data dir. Only aggregates
-leave: class counts and the mean score (inference), a record count (preprocessing), under
-the node's k rule (p2pfl.policy.release).
+key, prediction, score) or the derived dataset (p2pfl.data) into the node's data dir.
+Only aggregates leave: class counts and the mean score (inference), a record count
+(preprocessing), under the node's k rule (p2pfl.policy.release).
 
 A record that fails to load or process is reported with its reason; the runtime retries it
 once on its own and then records it as failed, while the run goes on.
@@ -254,9 +254,9 @@ class InferenceTask(BatchTask):
 
 
 class PreprocessingTask(BatchTask):
-    """Derive a new dataset from local records: one derived row (a flat dict of numbers and
-    strings) per record. The node writes the rows to a CSV in its data dir and registers it
-    under params["output"]; only the record count leaves."""
+    """Derive a new dataset from local records: one derived row (a flat dict of numbers, and
+    the label) per record. The node stores the rows as a table in its derived-dataset
+    registry (p2pfl.data) under params["output"]; only the record count leaves."""
 
     def transform(self, ctx: Context, items: list[tuple[str, Any]]) -> list[dict[str, Any]]:
         raise NotImplementedError(f"{type(self).__name__}.transform")

@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from p2pfl.data import DerivedRegistry
+from p2pfl.fl.datasets import load_table
 from p2pfl.sim.cluster import ClusterSpec, SimCluster
 from p2pfl.store.local_runs import RecordsLedger, list_reports
 from p2pfl.taskpack.scaffold import new_taskpack
@@ -171,6 +173,10 @@ def test_preprocessing_scaffold_writes_and_registers_a_derived_dataset(tmp_path:
     cluster, _ = run_cluster(tmp_path, pack, data, "tabular", params, "p")
     assert cluster.result["status"] == "succeeded", cluster.result
     assert cluster.result["metrics"]["num_samples"] == 4
-    derived = tmp_path / "node-0" / "derived" / "clean.csv"
-    assert derived.read_text().splitlines() == ["key,x1,x2,label", "a,5.0,-1.0,0", "b,1.0,2.0,1"]
-    assert cluster.nodes[0].driver.datasets["clean"] == derived
+    (info,) = DerivedRegistry(tmp_path / "node-0" / "derived").list()
+    assert (info.name, info.records, info.producer) == ("clean", 2, cluster.task_id)
+    x, y, names = load_table(info.path)
+    assert names == ["x1", "x2"] and y.tolist() == [0, 1]
+    assert x.tolist() == [[5.0, -1.0], [1.0, 2.0]]
+    assert cluster.nodes[0].driver.datasets["clean"] == info.path
+    assert cluster.nodes[0].core.datasets["clean"].rows == 2

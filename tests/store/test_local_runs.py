@@ -12,7 +12,6 @@ from p2pfl.store.local_runs import (
     RecordsError,
     RecordsLedger,
     list_reports,
-    write_derived,
     write_report,
 )
 
@@ -83,9 +82,3 @@ def test_reports_are_written_and_listed(tmp_path: Path) -> None:
     )
     assert json.loads((tmp_path / "reports" / ("d" * 32 + ".json")).read_text())["rows"] == 2
     assert list_reports(tmp_path / "nowhere") == []
-
-
-def test_derived_tables_take_the_union_of_columns(tmp_path: Path) -> None:
-    n = write_derived(tmp_path / "derived" / "x.csv", [{"key": "1", "a": 1}, {"key": "2", "b": 2}])
-    assert n == 2
-    assert (tmp_path / "derived" / "x.csv").read_text().splitlines() == ["key,a,b", "1,1,", "2,,2"]
