@@ -120,6 +120,9 @@ class Driver:
         # Where audit lines and privacy charges go (a real node's log and ledger).
         self.site_sink: Callable[[Command], None] | None = None
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        # Derived datasets (p2pfl/data/derived.py) that preprocessing steps write here and
+        # later steps read; None: this node keeps none (see attach_derived).
+        self.derived: Any = None
         self._fetches: dict[str, BlobFetch] = {}
         self._specs: dict[str, Any] = {}
         self.me = core.me
@@ -432,9 +435,9 @@ class Driver:
             params=dict(offer.params) if isinstance(offer.params, dict) else {},
             # Offer inputs are dataset names, in the manifest's input order.
             inputs={
-                manifest_input.name: self.datasets[dataset]
+                manifest_input.name: path
                 for manifest_input, dataset in zip(manifest.spec.inputs, offer.inputs, strict=False)
-                if dataset in self.datasets
+                if (path := self.input_path(offer, dataset)) is not None
             }
             if manifest is not None
             else {},
@@ -453,6 +456,66 @@ class Driver:
         self._specs[task_id] = spec
         return spec
 
+    # --- derived datasets --------------------------------------------------------------
+
+    def attach_derived(self, registry: Any) -> None:
+        """Keep derived datasets in `registry` (a DerivedRegistry); the core learns the
+        ones already there (a restarted node's flows go on reading them)."""
+        self.derived = registry
+        for info in registry.list():
+            self.core.local.derived[(info.scope, info.name)] = (info.records, info.sources)
+
+    def input_path(self, offer: Any, dataset: str) -> Path | None:
+        """Where input `dataset` of `offer` is on this node: the flow's derived dataset of
+        that name (an earlier step wrote it here), else the site's registered dataset."""
+        if offer.flow is not None and self.derived is not None:
+            from p2pfl.core.flowrec import flow_id_of
+
+            info = self.derived.get(flow_id_of(offer.flow), dataset)
+            if info is not None:
+                return Path(info.path)
+        return self.datasets.get(dataset)
+
+    def derived_output(self, offer: Any) -> tuple[str, str] | None:
+        """(scope, name) a preprocessing task writes its derived dataset under: the flow
+        step's `output` in the flow's scope (or, outside a flow, params.output in the task's
+        own), or None when it writes none."""
+        if offer.type != "preprocessing" or self.derived is None:
+            return None
+        from p2pfl.core.flowrec import flow_id_of
+        from p2pfl.data.derived import check_derived_name
+
+        if offer.flow is not None:
+            output = offer.flow.steps[offer.step].output
+            return (flow_id_of(offer.flow), output) if output else None
+        params = offer.params if isinstance(offer.params, dict) else {}
+        name = params.get("output")
+        try:
+            return (offer.task_id, check_derived_name(name)) if name else None
+        except ValueError:
+            return None
+
+    def _store_derived(self, task_id: str, output: Any) -> dict[str, Any]:
+        """Register a Transform's table (it stays here); the core learns its record count,
+        which is all that leaves this node (as the step's metric and partial count)."""
+        machine = self.core.tasks[task_id]
+        target = self.derived_output(machine.offer)
+        assert target is not None and self.derived is not None
+        sources = self.core.local.policy_datasets(machine.offer)
+        info = self.derived.put_bytes(
+            target[0],
+            target[1],
+            output.table,
+            records=output.records,
+            columns=tuple(output.columns),
+            sources=sources,
+            producer=task_id,
+            created=self.io.now(),
+        )
+        self.core.local.derived[(info.scope, info.name)] = (info.records, info.sources)
+        self._emit_log(task_id, f"derived dataset {info.name}: {info.records} records (kept here)")
+        return {"num_samples": info.records, "records": info.records}
+
     def _run_job(self, cmd: RunJob) -> None:
         from p2pfl import runtime as rt
         from p2pfl.taskpack.sdk import Partial
@@ -467,7 +530,17 @@ class Driver:
         elif kind == "train":
             job = rt.Train(req["round"], self.blob_bytes(req.get("weights")))
         elif kind == "evaluate":
-            job = rt.Evaluate(req["round"], self.blob_bytes(req.get("weights")))
+            machine = self.core.tasks.get(cmd.task_id)
+            if (
+                machine is not None
+                and req["round"] >= machine.offer.rounds
+                and self.derived_output(machine.offer) is not None
+            ):
+                # A preprocessing step's last round: the derived table, not metrics.
+                kind = "transform"
+                job = rt.Transform(req["round"], self.blob_bytes(req.get("weights")))
+            else:
+                job = rt.Evaluate(req["round"], self.blob_bytes(req.get("weights")))
         elif kind == "finalize":
             job = rt.Finalize(req["num_samples"], req["metrics"], req["aggregates"])
         elif kind == "reduce":
@@ -512,6 +585,8 @@ class Driver:
             }
         if kind == "finalize":
             return self._release(task_id, result)
+        if kind == "transform":
+            return self._store_derived(task_id, result)
         return result
 
     def _release(self, task_id: str, partial: Any) -> Any:

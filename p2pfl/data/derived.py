@@ -200,7 +200,9 @@ class DerivedRegistry:
         # The json goes last: until it is written the (new) table is not returned by `get`.
         self._meta(scope, name).unlink(missing_ok=True)
         atomic_write(info.path, table, mode=0o600)
-        atomic_write(self._meta(scope, name), json.dumps(info.to_json(), sort_keys=True), mode=0o600)
+        atomic_write(
+            self._meta(scope, name), json.dumps(info.to_json(), sort_keys=True), mode=0o600
+        )
         return info
 
     # --- reading ---------------------------------------------------------------------------

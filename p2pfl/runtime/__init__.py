@@ -50,6 +50,8 @@ from p2pfl.runtime.jobs import (
     TaskSpec,
     Train,
     TrainResult,
+    Transform,
+    TransformResult,
     Validate,
 )
 from p2pfl.runtime.policy import ResourcePolicy
@@ -95,5 +97,7 @@ __all__ = [
     "TaskSpec",
     "Train",
     "TrainResult",
+    "Transform",
+    "TransformResult",
     "Validate",
 ]

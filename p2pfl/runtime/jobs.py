@@ -8,6 +8,7 @@ Jobs are frozen dataclasses; each has exactly one result type (see `run` in the 
     Evaluate(round, weights)           -> dict         (metrics)
     Finalize(num_samples, metrics, aggregates) -> Partial  (Task.postprocess)
     Reduce(partials)                   -> dict
+    Transform(round, weights)          -> TransformResult (a derived table, npz bytes)
 
 Both runners return `JobOutput(result, logs)`: the result above and the lines the task
 wrote with `ctx.log` or `print` during the job, for the task's trace. Every failure is a
@@ -94,7 +95,24 @@ class Reduce:
     partials: list[Partial]
 
 
-Job = Validate | InitialWeights | Train | Evaluate | Finalize | Reduce
+@dataclass(frozen=True)
+class Transform:
+    """Preprocessing: this node's derived table from the final statistics (`transform`)."""
+
+    round: int
+    weights: bytes | None
+
+
+Job = Validate | InitialWeights | Train | Evaluate | Finalize | Reduce | Transform
+
+
+@dataclass(frozen=True)
+class TransformResult:
+    """A derived table as npz bytes (X, y, feature_names; loaded without pickle)."""
+
+    table: bytes
+    records: int
+    columns: list[str]
 
 
 @dataclass(frozen=True)
