@@ -1,7 +1,6 @@
 """A batched task's one execution on this node, carried out by the driver.
 
-The core asks for one "train" job of an inference or preprocessing task, as for any
-one-shot task. The driver hands it to `BatchedJob`, which
+The core asks for one "train" job of an inference task, as for any one-shot task. The driver hands it to `BatchedJob`, which
 
 1. asks the task for its records (`Plan`); a task that is not batched runs as before;
 2. picks what to run (p2pfl.runtime.batching: test run, new data only, failed only);
@@ -9,8 +8,8 @@ one-shot task. The driver hands it to `BatchedJob`, which
    after each batch shows "batch i/N" and the records done in the trace (here, and to the
    task's publisher as a Progress message);
 4. keeps everything per record on this node: the inference report
-   (DATA_DIR/reports/TASK.csv), or the derived dataset, and which records were processed
-   or failed (DATA_DIR/records.json);
+   (DATA_DIR/reports/TASK.csv), and which records were processed or failed
+   (DATA_DIR/records.json);
 5. answers the core with aggregates only (class counts, mean score, record counts), which
    the node's release filter then checks against its k before anything leaves.
 """
@@ -20,10 +19,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from p2pfl.core.commands import JobDone, JobFailed, RunJob, Send
 from p2pfl.core.messages import Progress
@@ -36,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("p2pfl.node")
 
-BATCHED_TYPES = ("inference", "preprocessing")
+BATCHED_TYPES = ("inference",)  # preprocessing: the flows design (Transform, p2pfl.data)
 _CID = re.compile(r"^b[a-z2-7]{20,120}$")  # a CIDv1 in base32, as the store names blobs
 
 
@@ -59,8 +55,10 @@ class BatchedJob:
     def start(self) -> None:
         from p2pfl import runtime as rt
 
+        ref = self.cmd.job.get("weights")
         try:
-            self.weights = self._model_bytes()
+            # A flow step names its model by ref (the core fetched it); else params.model_cid.
+            self.weights = self.driver.blob_bytes(ref) if ref is not None else self._model_bytes()
         except ValueError as exc:
             self._fail(str(exc))
             return
@@ -80,7 +78,7 @@ class BatchedJob:
             self._fail(f"listing records: {exc}")
             return
         if records is None:  # not a batched task: one execution, as any one-shot task
-            job = rt.Train(1, self.weights)
+            job = rt.Train(int(self.cmd.job.get("round", 1)), self.weights)
             self.driver.io.run_job(self.spec, job, self.driver.job_done(self.cmd, "train"))
             return
         try:
@@ -162,9 +160,7 @@ class BatchedJob:
             "skipped": run.skipped,
         }
         try:
-            if self.offer.type == "preprocessing":
-                meta["output"] = self._write_derived(run.rows)
-            elif local is not None:
+            if local is not None:
                 from p2pfl.store.local_runs import write_report
 
                 meta["report"] = str(write_report(local, self.task_id, run.rows, meta))
@@ -179,7 +175,7 @@ class BatchedJob:
                     failed=run.failed,
                     test_run=test,
                 )
-        except (OSError, ValueError, P2PFLError) as exc:
+        except (OSError, P2PFLError) as exc:
             self._fail(f"keeping the run's outputs: {exc}")
             return
         for key, why in sorted(run.failed.items())[:20]:
@@ -208,29 +204,6 @@ class BatchedJob:
             if scores:
                 out["mean_score"] = sdk.mean(sum(scores) / len(scores), len(scores), bound=1.0)
         return out
-
-    def _write_derived(self, rows: list[dict[str, Any]]) -> str:
-        """The derived dataset on this node, in its derived-dataset registry (p2pfl.data):
-        numbers only (an npz table), scoped by this task, registered under params.output."""
-        from p2pfl.data import DerivedRegistry, check_derived_name
-
-        name = check_derived_name(self.params.get("output"))
-        local = self.driver.local_dir
-        if local is None:
-            raise ValueError("this node has no data dir for derived datasets")
-        x, y, columns = derived_table(rows, str(self.params.get("label_column") or "label"))
-        info = DerivedRegistry(Path(local) / "derived").put_table(
-            self.task_id,
-            name,
-            x,
-            y,
-            columns,
-            sources=tuple(self.offer.inputs),
-            producer=self.task_id,
-            created=self.driver.io.now(),
-        )
-        self.driver.register_derived(name, info.path, info.records, list(info.columns))
-        return str(info.path)
 
     def _model_bytes(self) -> bytes | None:
         """The model named by params["model_cid"] (an earlier task's result), from this
@@ -264,28 +237,3 @@ class BatchedJob:
 
     def _fail(self, reason: str) -> None:
         self.driver.on_event(JobFailed(self.cmd.token, reason))
-
-
-def derived_table(
-    rows: list[dict[str, Any]], label: str
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Derived rows as a table: the numeric columns (the label and the record key aside) as
-    X, the label (0 where absent) as y. A value that is not a number is refused."""
-    columns: list[str] = []
-    for row in rows:
-        for c in row:
-            if c not in ("key", label) and c not in columns:
-                columns.append(c)
-    x = np.zeros((len(rows), len(columns)), dtype=np.float32)
-    y = np.zeros(len(rows), dtype=np.int64)
-    for i, row in enumerate(rows):
-        try:
-            x[i] = [float(row.get(c, "nan")) for c in columns]
-            y[i] = int(float(row.get(label, 0)))
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"derived record {row.get('key')!r}: a derived table holds numbers only"
-            ) from None
-    if not np.isfinite(x).all():
-        raise ValueError("a derived record lacks a column or holds NaN/Inf")
-    return x, y, columns

@@ -123,13 +123,15 @@ class Driver:
         self.site_sink: Callable[[Command], None] | None = None
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         # Where batched runs keep what never leaves the node (reports, records processed,
-        # derived datasets: p2pfl.batched); None: nowhere (then no new-data-only memory).
+        # p2pfl.batched); None: nowhere (then no new-data-only memory).
         # A simulated node (no data dir) keeps them beside its taskpacks, in the run's temp dir.
         self.local_dir = local_dir or taskpack_root.parent / "local" / core.me
         self._records: Any = None
         # Usage per requester and taskpack (the node's UsageLedger): (task_id, records).
         self.usage_sink: Callable[[str, int], None] | None = None
-        self.derived_sink: Callable[[str, Path, int], None] | None = None
+        # Derived datasets (p2pfl/data/derived.py) that preprocessing steps write here and
+        # later steps read; None: this node keeps none (see attach_derived).
+        self.derived: Any = None
         self._fetches: dict[str, BlobFetch] = {}
         self._specs: dict[str, Any] = {}
         self.me = core.me
@@ -448,9 +450,9 @@ class Driver:
             params=dict(offer.params) if isinstance(offer.params, dict) else {},
             # Offer inputs are dataset names, in the manifest's input order.
             inputs={
-                manifest_input.name: self.datasets[dataset]
+                manifest_input.name: path
                 for manifest_input, dataset in zip(manifest.spec.inputs, offer.inputs, strict=False)
-                if dataset in self.datasets
+                if (path := self.input_path(offer, dataset)) is not None
             }
             if manifest is not None
             else {},
@@ -469,6 +471,66 @@ class Driver:
         self._specs[task_id] = spec
         return spec
 
+    # --- derived datasets --------------------------------------------------------------
+
+    def attach_derived(self, registry: Any) -> None:
+        """Keep derived datasets in `registry` (a DerivedRegistry); the core learns the
+        ones already there (a restarted node's flows go on reading them)."""
+        self.derived = registry
+        for info in registry.list():
+            self.core.local.derived[(info.scope, info.name)] = (info.records, info.sources)
+
+    def input_path(self, offer: Any, dataset: str) -> Path | None:
+        """Where input `dataset` of `offer` is on this node: the flow's derived dataset of
+        that name (an earlier step wrote it here), else the site's registered dataset."""
+        if offer.flow is not None and self.derived is not None:
+            from p2pfl.core.flowrec import flow_id_of
+
+            info = self.derived.get(flow_id_of(offer.flow), dataset)
+            if info is not None:
+                return Path(info.path)
+        return self.datasets.get(dataset)
+
+    def derived_output(self, offer: Any) -> tuple[str, str] | None:
+        """(scope, name) a preprocessing task writes its derived dataset under: the flow
+        step's `output` in the flow's scope (or, outside a flow, params.output in the task's
+        own), or None when it writes none."""
+        if offer.type != "preprocessing" or self.derived is None:
+            return None
+        from p2pfl.core.flowrec import flow_id_of
+        from p2pfl.data.derived import check_derived_name
+
+        if offer.flow is not None:
+            output = offer.flow.steps[offer.step].output
+            return (flow_id_of(offer.flow), output) if output else None
+        params = offer.params if isinstance(offer.params, dict) else {}
+        name = params.get("output")
+        try:
+            return (offer.task_id, check_derived_name(name)) if name else None
+        except ValueError:
+            return None
+
+    def _store_derived(self, task_id: str, output: Any) -> dict[str, Any]:
+        """Register a Transform's table (it stays here); the core learns its record count,
+        which is all that leaves this node (as the step's metric and partial count)."""
+        machine = self.core.tasks[task_id]
+        target = self.derived_output(machine.offer)
+        assert target is not None and self.derived is not None
+        sources = self.core.local.policy_datasets(machine.offer)
+        info = self.derived.put_bytes(
+            target[0],
+            target[1],
+            output.table,
+            records=output.records,
+            columns=tuple(output.columns),
+            sources=sources,
+            producer=task_id,
+            created=self.io.now(),
+        )
+        self.core.local.derived[(info.scope, info.name)] = (info.records, info.sources)
+        self.emit_log(task_id, f"derived dataset {info.name}: {info.records} records (kept here)")
+        return {"num_samples": info.records, "records": info.records}
+
     def _run_job(self, cmd: RunJob) -> None:
         from p2pfl import runtime as rt
         from p2pfl.taskpack.sdk import Partial
@@ -483,7 +545,17 @@ class Driver:
         elif kind == "train":
             job = rt.Train(req["round"], self.blob_bytes(req.get("weights")))
         elif kind == "evaluate":
-            job = rt.Evaluate(req["round"], self.blob_bytes(req.get("weights")))
+            machine = self.core.tasks.get(cmd.task_id)
+            if (
+                machine is not None
+                and req["round"] >= machine.offer.rounds
+                and self.derived_output(machine.offer) is not None
+            ):
+                # A preprocessing step's last round: the derived table, not metrics.
+                kind = "transform"
+                job = rt.Transform(req["round"], self.blob_bytes(req.get("weights")))
+            else:
+                job = rt.Evaluate(req["round"], self.blob_bytes(req.get("weights")))
         elif kind == "finalize":
             job = rt.Finalize(req["num_samples"], req["metrics"], req["aggregates"])
         elif kind == "reduce":
@@ -533,17 +605,6 @@ class Driver:
         if self.usage_sink is not None:
             self.usage_sink(task_id, records)
 
-    def register_derived(self, name: str, path: Path, rows: int, columns: list[str]) -> None:
-        """A preprocessing task wrote a derived dataset here (p2pfl.data): later tasks on
-        this node may bind it by name, under the site policy's rules for that name."""
-        from p2pfl.core.node_core import DatasetInfo
-
-        self.datasets[name] = path
-        self.core.datasets[name] = DatasetInfo(name, rows, [*columns, "label"], type="derived")
-        self.core.local.datasets[name] = rows
-        if self.derived_sink is not None:
-            self.derived_sink(name, path, rows)
-
     def _close_task(self, task_id: str) -> None:
         """The task is over for this node: end its worker and wipe its temp dir."""
         if self._specs.pop(task_id, None) is not None:
@@ -571,6 +632,8 @@ class Driver:
             if isinstance(run, dict) and run.get("test_run"):
                 # Marked in the signed result: nobody mistakes a trial for the real run.
                 result = {**result, "test_run": int(run["test_run"])}
+        if kind == "transform":
+            return self._store_derived(task_id, result)
         return result
 
     def _release(self, task_id: str, partial: Any) -> Any:

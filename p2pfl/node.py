@@ -26,6 +26,7 @@ import trio
 from p2pfl.config import NodeConfig
 from p2pfl.core.messages import TaskpackAnnounce, check_task_id
 from p2pfl.core.node_core import DatasetInfo, NodeCore
+from p2pfl.data.derived import DerivedRegistry
 from p2pfl.driver import Driver
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError, TaskFailed, TaskNotFinished
 from p2pfl.fsutil import atomic_write
@@ -571,6 +572,7 @@ async def run_node(config: NodeConfig) -> None:
                 state_dir=data_dir / "state",
                 local_dir=data_dir,
             )
+            driver.attach_derived(DerivedRegistry(data_dir / "derived"))
             holder.append(driver)
             target_peers = Libp2pConfig().target_peers
 

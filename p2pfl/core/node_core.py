@@ -247,7 +247,7 @@ class NodeCore:
         dp = offer.dp if isinstance(offer.dp, dict) else None
         facts = OfferFacts(
             requester=offer.publisher,
-            datasets=tuple(offer.inputs),
+            datasets=self.local.policy_datasets(offer),
             taskpack_publisher=entry.announce.publisher,
             taskpack_name=entry.name,
             taskpack_version=entry.version,
@@ -307,6 +307,7 @@ class NodeCore:
         inputs: tuple[str, ...],
         now: float,
         volunteer_window_s: float = 3.0,
+        flow: Any = None,  # a flow's step: (FlowRecord, step index, model BlobRef | None)
         run: dict[str, Any] | None = None,
     ) -> tuple[str, list[Command]]:
         """Offer a task on a taskpack verified here (ours or another publisher's): the
@@ -326,6 +327,7 @@ class NodeCore:
             now=now,
             nonce=self.rng.randbytes(NONCE_BYTES),
             volunteer_window_s=volunteer_window_s,
+            **({"flow": flow[0], "step": flow[1], "model": flow[2]} if flow else {}),
             run=run,
         )
         # Our own machine starts now; the offer's echo from gossip is then a duplicate.
@@ -380,6 +382,22 @@ class NodeCore:
         result's model also to the task's publisher). A blob no task claims goes to nobody."""
         if cid in self.book.entries:
             return True
+        # An earlier step's result model goes to the roster of a later step that evaluates
+        # it, when both tasks have the same requester (who may fetch that result anyway).
+        owners = {
+            m.offer.publisher
+            for m in self.tasks.values()
+            if m.result is not None and m.result.model is not None and m.result.model.cid == cid
+        }
+        for machine in self.tasks.values():
+            model = machine.offer.model
+            if (
+                model is not None
+                and model.cid == cid
+                and machine.offer.publisher in owners
+                and peer in machine.participants
+            ):
+                return True
         for machine in self.tasks.values():
             if machine.holds_blob(cid):
                 return machine.may_fetch(peer, cid)

@@ -52,6 +52,8 @@ from p2pfl.runtime.jobs import (
     TaskSpec,
     Train,
     TrainResult,
+    Transform,
+    TransformResult,
     Validate,
 )
 from p2pfl.runtime.policy import ResourcePolicy
@@ -99,5 +101,7 @@ __all__ = [
     "TaskSpec",
     "Train",
     "TrainResult",
+    "Transform",
+    "TransformResult",
     "Validate",
 ]

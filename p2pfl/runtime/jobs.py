@@ -10,6 +10,7 @@ Jobs are frozen dataclasses; each has exactly one result type (see `run` in the 
     Reduce(partials)                   -> dict
     Plan()                             -> [[key, digest], ...] | None  (None: not batched)
     RunBatch(index, total, keys, weights) -> {"rows": [...], "failed": [[key, reason], ...]}
+    Transform(round, weights)          -> TransformResult (a derived table, npz bytes)
 
 Both runners return `JobOutput(result, logs)`: the result above and the lines the task
 wrote with `ctx.log` or `print` during the job, for the task's trace. Every failure is a
@@ -113,7 +114,24 @@ class RunBatch:
     weights: bytes | None = None
 
 
-Job = Validate | InitialWeights | Train | Evaluate | Finalize | Reduce | Plan | RunBatch
+@dataclass(frozen=True)
+class Transform:
+    """Preprocessing: this node's derived table from the final statistics (`transform`)."""
+
+    round: int
+    weights: bytes | None
+
+
+Job = Validate | InitialWeights | Train | Evaluate | Finalize | Reduce | Transform | Plan | RunBatch
+
+
+@dataclass(frozen=True)
+class TransformResult:
+    """A derived table as npz bytes (X, y, feature_names; loaded without pickle)."""
+
+    table: bytes
+    records: int
+    columns: list[str]
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,8 @@ from p2pfl.runtime.jobs import (
     TaskSpec,
     Train,
     TrainResult,
+    Transform,
+    TransformResult,
     Validate,
 )
 from p2pfl.taskpack.sdk import Context, Partial, Task, Update, Weights
@@ -388,6 +390,10 @@ class TaskSession:
                 if not isinstance(metrics, dict):
                     raise JobError(f"{name}.evaluate must return a dict of metrics")
                 return plain(metrics, f"{name}.evaluate")
+            case Transform(round=rnd, weights=blob):
+                ctx = self.context(rnd, log)
+                table = self.task.transform(ctx, self._data_for(ctx), decode_weights(blob))
+                return encode_table(table, f"{name}.transform")
             case Finalize(num_samples=n, metrics=metrics, aggregates=aggregates):
                 partial = Partial(self.spec.node, n, dict(metrics), dict(aggregates))
                 out = _partial(self.task.postprocess(self.context(0, log), partial), name)
@@ -456,3 +462,21 @@ class TaskSession:
             metrics=metrics,
             aggregates=plain(update.aggregates, f"{where}: aggregates"),
         )
+
+
+def encode_table(table: Any, where: str) -> TransformResult:
+    """A `Table` as npz bytes (plain arrays only: it is read back without pickle)."""
+    from p2pfl.taskpack.sdk import Table
+
+    if not isinstance(table, Table):
+        raise JobError(f"{where} must return a Table, got {type(table).__name__}")
+    X = np.asarray(table.X, dtype=np.float32)
+    y = np.asarray(table.y, dtype=np.int64)
+    names = [str(n) for n in table.feature_names]
+    if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0] or X.shape[1] != len(names):
+        raise JobError(f"{where}: X {X.shape}, y {y.shape} and {len(names)} names disagree")
+    if not np.all(np.isfinite(X)):
+        raise JobError(f"{where}: the table holds NaN or Inf")
+    buf = io.BytesIO()
+    np.savez(buf, X=X, y=y, feature_names=np.array(names, dtype=str))
+    return TransformResult(buf.getvalue(), int(X.shape[0]), names)

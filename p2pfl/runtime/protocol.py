@@ -34,6 +34,8 @@ from p2pfl.runtime.jobs import (
     TaskSpec,
     Train,
     TrainResult,
+    Transform,
+    TransformResult,
     Validate,
 )
 from p2pfl.taskpack.sdk import DPConfig, Partial
@@ -145,7 +147,11 @@ def encode_job(job: Job) -> dict[str, Any]:
                 "keys": list(job.keys),
                 "weights": job.weights,
             }
-        case Train(round=rnd, weights=w) | Evaluate(round=rnd, weights=w):
+        case (
+            Train(round=rnd, weights=w)
+            | Evaluate(round=rnd, weights=w)
+            | Transform(round=rnd, weights=w)
+        ):
             return {"type": type(job).__name__, "round": rnd, "weights": w}
         case Finalize():
             return {
@@ -170,6 +176,8 @@ def decode_job(d: dict[str, Any]) -> Job:
             return Train(round=d["round"], weights=d["weights"])
         if kind == "Evaluate":
             return Evaluate(round=d["round"], weights=d["weights"])
+        if kind == "Transform":
+            return Transform(round=d["round"], weights=d["weights"])
         if kind == "Finalize":
             return Finalize(d["num_samples"], d["metrics"], d["aggregates"])
         if kind == "Reduce":
@@ -196,6 +204,8 @@ def encode_result(job: Job, result: Any) -> Any:
         }
     if isinstance(job, Finalize):
         return encode_partial(result)
+    if isinstance(job, Transform):
+        return {"table": result.table, "records": result.records, "columns": result.columns}
     return result  # None, bytes or a plain dict
 
 
@@ -222,6 +232,14 @@ def decode_result(job: Job, r: Any) -> Any:
             return check_plan(r)
         if isinstance(job, RunBatch):
             return check_batch(r)
+        if isinstance(job, Transform):
+            if not isinstance(r["table"], bytes) or type(r["records"]) is not int:
+                raise TypeError("Transform returns table bytes and an int record count")
+            if not isinstance(r["columns"], list) or not all(
+                isinstance(c, str) for c in r["columns"]
+            ):
+                raise TypeError("Transform returns a list of column names")
+            return TransformResult(r["table"], r["records"], r["columns"])
         if not isinstance(r, dict):
             raise TypeError(f"{type(job).__name__} returns a map")
         return r

@@ -1,4 +1,4 @@
-"""Batched taskpacks: inference and preprocessing over records, one batch at a time.
+"""Batched taskpacks: inference over records, one batch at a time.
 
 A batched task does not load all its data in `preprocess`; the runtime asks it for its
 *records* (the files of a folder input, or the rows of a CSV), picks which to run (a test
@@ -10,13 +10,9 @@ digest (a content hash) that says whether it changed.
         def load_model(self, ctx, weights): ...           # weights: model_cid or None
         def predict(self, ctx, model, items): ...         # [(prediction, score), ...]
 
-    class MyCleaning(PreprocessingTask):
-        def transform(self, ctx, items): ...              # [derived row dict, ...]
-
 What a batch returns stays on the node: the runtime writes the inference report (CSV:
-key, prediction, score) or the derived dataset (p2pfl.data) into the node's data dir.
-Only aggregates leave: class counts and the mean score (inference), a record count
-(preprocessing), under the node's k rule (p2pfl.policy.release).
+key, prediction, score) into the node's data dir. Only aggregates leave: record and class
+counts and the mean score, under the node's k rule (p2pfl.policy.release).
 
 A record that fails to load or process is reported with its reason; the runtime retries it
 once on its own and then records it as failed, while the run goes on.
@@ -251,26 +247,6 @@ class InferenceTask(BatchTask):
                 raise ValueError(f"score {s} is not in [0, 1]")
             out.append({"prediction": str(prediction), "score": s})
         return out
-
-
-class PreprocessingTask(BatchTask):
-    """Derive a new dataset from local records: one derived row (a flat dict of numbers, and
-    the label) per record. The node stores the rows as a table in its derived-dataset
-    registry (p2pfl.data) under params["output"]; only the record count leaves."""
-
-    def transform(self, ctx: Context, items: list[tuple[str, Any]]) -> list[dict[str, Any]]:
-        raise NotImplementedError(f"{type(self).__name__}.transform")
-
-    def process(
-        self, ctx: Context, items: list[tuple[str, Any]], weights: Weights | None
-    ) -> list[dict[str, Any]]:
-        rows = self.transform(ctx, items)
-        for row in rows:
-            if not isinstance(row, dict) or not all(
-                isinstance(v, int | float | str | bool) for v in row.values()
-            ):
-                raise ValueError("a derived row must be a flat dict of numbers and strings")
-        return [dict(r) for r in rows]
 
 
 def _describe(e: BaseException) -> str:

@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from p2pfl.data import DerivedRegistry
 from p2pfl.fl.datasets import load_table
 from p2pfl.sim.cluster import ClusterSpec, SimCluster
@@ -124,6 +126,11 @@ def test_a_corrupt_file_is_retried_once_recorded_and_the_run_goes_on(tmp_path: P
     assert metrics["num_samples"] == 14 and metrics["nodes"] == 3, metrics
 
 
+def report_of(data_dir: Path, task_id: str | None) -> dict[str, Any]:
+    (report,) = [r for r in list_reports(data_dir) if r["task_id"] == task_id]
+    return report
+
+
 def table(path: Path, rows: list[tuple[str, float, float, int]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -156,27 +163,35 @@ def test_scaffolds_run_test_run_and_new_data_only(tmp_path: Path) -> None:
         {**params, "run.new_data_only": "true", "min_nodes": 1}, "new",
     )  # fmt: skip
     assert cluster.result["status"] == "succeeded", cluster.result
-    latest = list_reports(tmp_path / "node-0")[-1]
+    latest = report_of(tmp_path / "node-0", cluster.task_id)
     with open(latest["path"], newline="") as f:
         assert [r["key"] for r in csv.DictReader(f)] == ["new0", "new1", "new2"]
-    assert list_reports(tmp_path / "node-1")[-1]["rows"] == 0
+    assert report_of(tmp_path / "node-1", cluster.task_id)["rows"] == 0
     assert len(RecordsLedger(tmp_path / "node-0").processed("demo-inference", "tabular")) == 23
 
 
-def test_preprocessing_scaffold_writes_and_registers_a_derived_dataset(tmp_path: Path) -> None:
+def test_preprocessing_scaffold_keeps_a_derived_dataset_on_each_node(tmp_path: Path) -> None:
     pack = new_taskpack("demo-prep", "preprocessing", tmp_path)
-    data = [
-        table(tmp_path / "data" / f"n{i}.csv", [("a", 9.0, -1.0, 0), ("b", 1.0, 2.0, 1)])
-        for i in range(2)
-    ]
-    params = {"output": "clean", "key_column": "id"}
-    cluster, _ = run_cluster(tmp_path, pack, data, "tabular", params, "p")
-    assert cluster.result["status"] == "succeeded", cluster.result
-    assert cluster.result["metrics"]["num_samples"] == 4
-    (info,) = DerivedRegistry(tmp_path / "node-0" / "derived").list()
-    assert (info.name, info.records, info.producer) == ("clean", 2, cluster.task_id)
-    x, y, names = load_table(info.path)
-    assert names == ["x1", "x2"] and y.tolist() == [0, 1]
-    assert x.tolist() == [[5.0, -1.0], [1.0, 2.0]]
-    assert cluster.nodes[0].driver.datasets["clean"] == info.path
-    assert cluster.nodes[0].core.datasets["clean"].rows == 2
+    tables = [[("1", 9.0, -1.0, 0), ("2", 1.0, 2.0, 1)], [("3", 5.0, 4.0, 1), ("4", 1.0, 3.0, 0)]]
+    data = [table(tmp_path / "data" / f"n{i}.csv", rows) for i, rows in enumerate(tables)]
+    spec = ClusterSpec(
+        seed=1, nodes=2, taskpack_dir=pack, node_data=data, input_name="tabular",
+        params={"output": "clean"}, link={"latency_ms": 5, "bandwidth_mbps": 100},
+        min_records=1,
+    )  # fmt: skip
+    cluster = SimCluster(spec)
+    for i, node in enumerate(cluster.nodes):
+        node.driver.attach_derived(DerivedRegistry(tmp_path / f"node-{i}" / "derived"))
+    list(cluster.run())
+    assert cluster.result is not None and cluster.result["status"] == "succeeded", cluster.result
+    pooled = []
+    for i in range(2):
+        (info,) = DerivedRegistry(tmp_path / f"node-{i}" / "derived").list()
+        assert (info.name, info.records, info.producer) == ("clean", 2, cluster.task_id)
+        x, y, names = load_table(info.path)
+        assert names == ["id", "x1", "x2"] and y.tolist() == [r[3] for r in tables[i]]
+        pooled.append(x)
+    # Every node used the same (pooled) statistics: the union is standardised.
+    everything = np.concatenate(pooled)
+    assert np.allclose(everything.mean(axis=0), 0.0, atol=1e-5)
+    assert np.allclose(everything.std(axis=0), 1.0, atol=1e-5)

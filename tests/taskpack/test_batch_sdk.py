@@ -12,7 +12,6 @@ from p2pfl.fl.datasets import write_table
 from p2pfl.taskpack.batch import (
     BatchTask,
     InferenceTask,
-    PreprocessingTask,
     file_digest,
     folder_records,
     read_rows,
@@ -118,16 +117,6 @@ def test_inference_gets_the_model_once(tmp_path: Path) -> None:
     for key in ("row-1", "row-2"):
         task.run_batch(ctx(), {"t": tmp_path / "t.csv"}, [key], model)
     assert len(calls) == 1
-
-
-def test_preprocessing_rows_must_be_flat(tmp_path: Path) -> None:
-    class Nested(PreprocessingTask):
-        def transform(self, ctx: Context, items: list[tuple[str, Any]]) -> list[dict[str, Any]]:
-            return [{"x": [1, 2]} for _ in items]
-
-    (tmp_path / "t.csv").write_text("x\n1\n")
-    out = Nested().run_batch(ctx(), {"t": tmp_path / "t.csv"}, ["row-1"], None)
-    assert "flat dict" in out.failed[0][1]
 
 
 def test_a_batch_task_has_no_execute() -> None:
