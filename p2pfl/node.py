@@ -356,7 +356,8 @@ class Node:
         return self.task(tid)
 
     def policy_show(self) -> dict[str, Any]:
-        return {"policy": self.policy.as_dict(), "ledger": self.ledger.as_dict()}
+        usage = self.core.usage.as_dict() if self.core.usage is not None else []
+        return {"policy": self.policy.as_dict(), "ledger": self.ledger.as_dict(), "usage": usage}
 
     def policy_reload(self) -> dict[str, Any]:
         """Re-read policy.yaml; an invalid file keeps the current policy (and says why)."""

@@ -112,3 +112,36 @@ def test_cli_pack_lists_every_problem(tmp_path: Path) -> None:
     assert res.exit_code != 0
     assert "metadata.version: '1.x' is not semver" in res.output
     assert "spec.requirements.memory: 'lots' is not a valid size" in res.output
+
+
+DOC_EXAMPLES = {
+    "training": "wages-logreg",
+    "analysis": "wages-stats",
+    "inference": "wages-scores",
+    "preprocessing": "wages-standardize",
+}
+
+
+def test_docs_show_one_complete_example_per_type_as_the_scaffold_writes_it(
+    tmp_path: Path,
+) -> None:
+    """docs/taskpacks.md stays true: each example's files are what `p2pfl new` writes."""
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "taskpacks.md").read_text()
+    for task_type, name in DOC_EXAMPLES.items():
+        title = f"## Example: {task_type} (`{name}`)"
+        assert title in doc, title
+        start = doc.index(title)
+        end = doc.find("\n## ", start + len(title))
+        section = doc[start : end if end > 0 else None]
+        shown = dict(re.findall(r"`([^`]+)`:\n\n```\w+\n(.*?)```", section, re.S))
+        assert set(shown) == {
+            "manifest.yaml",
+            "configs/default.yaml",
+            "configs/schema.json",
+            "src/task.py",
+        }
+        root = new_taskpack(name, task_type, tmp_path, author="Ada Lovelace")
+        for rel, body in shown.items():
+            assert (root / rel).read_text() == body, f"{task_type}: {rel} differs from the docs"
