@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from p2pfl.client import Client
 from tests.e2e.cluster import REPO, Cluster, NodeProc, trust_first, wait_until
 from tests.e2e.test_tasks import TASK_TIMEOUT, run_task, wait_ok
 
@@ -65,6 +66,8 @@ def test_inference_with_a_trained_model_reports_stay_local(
     wait_ok(cluster, n0, trained)
     model_cid = cluster.cli_json("result", trained, node=n0)["model_cid"]
     assert model_cid
+    weights = Client(n0.data_dir).load_model(trained)  # the one call that loads a model
+    assert weights["0.weight"].shape == (64, 64) and weights["2.weight"].shape == (10, 64)
 
     # 2. A test run on 5 records per node, marked as such.
     trial = cluster.cli_json(

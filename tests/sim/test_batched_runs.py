@@ -124,6 +124,19 @@ def test_a_corrupt_file_is_retried_once_recorded_and_the_run_goes_on(tmp_path: P
     metrics = cluster.result["metrics"]
     assert "f0.txt" not in json.dumps(cluster.result)
     assert metrics["num_samples"] == 14 and metrics["nodes"] == 3, metrics
+    # Fixed, then run again with --force-rerun-failed: only f3 on node 1, nothing elsewhere.
+    (folders[1] / "f3.txt").write_text("7")
+    cluster, _ = run_cluster(
+        tmp_path, pack, folders, "files", {"run.rerun_failed": "true", "min_nodes": 1}, "rerun"
+    )
+    assert cluster.result is not None and cluster.result["status"] == "succeeded", cluster.result
+    with open(report_of(tmp_path / "node-1", cluster.task_id)["path"], newline="") as f:
+        assert [(r["key"], r["prediction"]) for r in csv.DictReader(f)] == [("f3.txt", "1")]
+    assert report_of(tmp_path / "node-0", cluster.task_id)["rows"] == 0
+    ledger = RecordsLedger(tmp_path / "node-1")
+    assert len(ledger.processed("sum-files", "files")) == 5 and not ledger.failed(
+        "sum-files", "files"
+    )
 
 
 def report_of(data_dir: Path, task_id: str | None) -> dict[str, Any]:
