@@ -7,6 +7,7 @@ the signed offer's `run` field (p2pfl.driver.parse_run_options): every node enfo
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,6 @@ from typing import Any
 
 import click
 
-from p2pfl.cli.node_cmds import emit_json
 
 
 def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -40,6 +40,11 @@ def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
         help="Run end to end on at most N records per node (default 10); the result is "
         "marked as a test run.",
     )(f)
+
+
+def emit_json(obj: Any) -> None:
+    # As node_cmds.emit_json (not imported: node_cmds imports this module's decorators).
+    click.echo(json.dumps(obj, default=str))
 
 
 def run_params(test_run: int | None, new_data_only: bool, rerun_failed: bool) -> dict[str, str]:

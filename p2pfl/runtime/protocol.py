@@ -247,10 +247,19 @@ def decode_result(job: Job, r: Any) -> Any:
         raise ProtocolError(f"bad {type(job).__name__} result: {e}") from None
 
 
+MAX_PLAN_RECORDS = 5_000_000  # records one node may list for one task
+MAX_KEY = 512  # characters of a record key (p2pfl.taskpack.batch.MAX_KEY_CHARS)
+MAX_DIGEST = 128
+MAX_CELL = 1024  # characters of one value in a batch's row
+
+
 def check_plan(r: Any) -> list[tuple[str, str]] | None:
-    """A Plan result: None, or [(key, digest)] with string keys and digests."""
+    """A Plan result: None, or [(key, digest)] with string keys and digests, bounded (the
+    task's code made it: its size must not become the node's problem)."""
     if r is None:
         return None
+    if isinstance(r, list) and len(r) > MAX_PLAN_RECORDS:
+        raise TypeError(f"Plan lists {len(r)} records (at most {MAX_PLAN_RECORDS})")
     if not isinstance(r, list) or not all(
         isinstance(x, list | tuple)
         and len(x) == 2
@@ -259,6 +268,10 @@ def check_plan(r: Any) -> list[tuple[str, str]] | None:
         for x in r
     ):
         raise TypeError("Plan returns nil or a list of [key, digest] strings")
+    if any(len(k) > MAX_KEY or len(d) > MAX_DIGEST for k, d in r):
+        raise TypeError(f"a record key is over {MAX_KEY} or a digest over {MAX_DIGEST} chars")
+    if len({k for k, _ in r}) != len(r):
+        raise TypeError("Plan lists a record key twice")
     return [(str(k), str(d)) for k, d in r]
 
 
@@ -272,7 +285,15 @@ def check_batch(r: Any) -> dict[str, Any]:
         for f in failed
     ):
         raise TypeError("RunBatch failed must be a list of [key, reason]")
+    if len(r["rows"]) + len(failed) > 1_000_000:
+        raise TypeError("RunBatch returned more rows than a batch can hold")
     for row in r["rows"]:
         if not isinstance(row, dict) or not isinstance(row.get("key"), str):
             raise TypeError("every RunBatch row is a map with a str key")
+        if len(row) > 64 or any(
+            not isinstance(v, str | int | float | bool)
+            or (isinstance(v, str) and len(v) > MAX_CELL)
+            for v in row.values()
+        ):
+            raise TypeError(f"a RunBatch row holds at most 64 plain values of {MAX_CELL} chars")
     return {"rows": r["rows"], "failed": [(str(k), str(why)) for k, why in failed]}

@@ -91,3 +91,15 @@ def test_datasets_shows_what_a_node_processed(tmp_path: Path) -> None:
     # The group's subcommands still work, and bare `p2pfl datasets` prints its help.
     assert "digits" in run("datasets", "list").output
     assert "split" in run("datasets").output
+
+
+def test_each_new_command_loads_in_a_fresh_interpreter(tmp_path: Path) -> None:
+    """Lazy loading imports a command's module first: no import cycle may hide there."""
+    import subprocess
+    import sys
+
+    for argv in (["reports", "--data-dir", str(tmp_path), "--json"], ["publish", "--help"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "p2pfl.cli.main", *argv], capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr

@@ -104,3 +104,27 @@ def test_one_batch_at_a_time() -> None:
     run.on_result(batch, [{"key": k} for k in batch.keys], [])
     with pytest.raises(RuntimeError):
         run.on_result(batch, [], [])
+
+
+def test_what_a_task_returns_is_bounded() -> None:
+    from p2pfl.runtime.protocol import check_batch, check_plan
+
+    assert check_plan([["a", "d1"], ["b", "d2"]]) == [("a", "d1"), ("b", "d2")]
+    for bad in (
+        [["a", "d"], ["a", "e"]],
+        [["k" * 600, "d"]],
+        [["a", 3]],
+        {"a": "d"},
+    ):
+        with pytest.raises(TypeError):
+            check_plan(bad)
+    ok = {"rows": [{"key": "a", "prediction": "1", "score": 0.5}], "failed": [["b", "why"]]}
+    assert check_batch(ok)["failed"] == [("b", "why")]
+    for bad_batch in (
+        {"rows": [{"prediction": "1"}]},
+        {"rows": [{"key": "a", "x": [1, 2]}]},
+        {"rows": [{"key": "a", "x": "y" * 5000}]},
+        {"rows": [], "failed": [["a"]]},
+    ):
+        with pytest.raises(TypeError):
+            check_batch(bad_batch)
