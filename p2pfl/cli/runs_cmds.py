@@ -16,7 +16,6 @@ from typing import Any
 import click
 
 
-
 def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """--test-run [N], --new-data-only, --force-rerun-failed."""
     f = click.option(
