@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p2pfl.taskpack.sdk import Context, Task, Update, Weights
+from p2pfl.taskpack.sdk import Context, Partial, Task, Update, Weights, is_released
 
 MAX_KEY_CHARS = 512  # a record key is shown in reports and remembered per dataset
 _READ_CHUNK = 1 << 20
@@ -227,6 +227,33 @@ class InferenceTask(BatchTask):
 
     def load_model(self, ctx: Context, weights: Weights | None) -> Any:
         return weights
+
+    def reduce(self, ctx: Context, partials: list[Partial]) -> dict[str, Any]:
+        """Adds up what the nodes released: record counts, records per predicted class (a
+        class some node showed as "<k" stays "<k"), the mean score weighted by records."""
+        parts = sorted(partials, key=lambda p: p.node)  # a fixed order: reproducible sums
+        aggs = [p.aggregates for p in parts]
+
+        def added(key: str) -> int | None:
+            got = [a[key] for a in aggs if is_released(a.get(key), "count")]
+            return sum(int(c["n"]) for c in got) if got else None
+
+        classes: dict[str, Any] = {}
+        for a in aggs:
+            if not is_released(a.get("predictions"), "groups"):
+                continue
+            for name, c in a["predictions"]["counts"].items():
+                before = classes.get(name, 0)
+                classes[name] = "<k" if "<k" in (before, c) else int(before) + int(c)
+        means = [a["mean_score"] for a in aggs if is_released(a.get("mean_score"), "mean")]
+        n = sum(int(m["n"]) for m in means)
+        return {
+            "nodes": len(parts),
+            "records": added("records"),
+            "failed": added("failed"),
+            "predictions": dict(sorted(classes.items())),
+            "mean_score": sum(float(m["value"]) * int(m["n"]) for m in means) / n if n else None,
+        }
 
     def predict(
         self, ctx: Context, model: Any, items: list[tuple[str, Any]]

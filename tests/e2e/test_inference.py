@@ -77,7 +77,7 @@ def test_inference_with_a_trained_model_reports_stay_local(
     wait_ok(cluster, n0, trial)
     result = cluster.cli_json("result", trial, node=n0)
     assert result["metrics"]["test_run"] == 5, result
-    assert result["metrics"]["num_samples"] == 15, result
+    assert result["metrics"]["records"] == 15, result
     for node in nodes:
         r = report(cluster, node, trial)
         assert (r["rows"], r["test_run"]) == (5, True), r
@@ -87,7 +87,10 @@ def test_inference_with_a_trained_model_reports_stay_local(
     wait_ok(cluster, n0, full)
     result = cluster.cli_json("result", full, node=n0)
     rows = [len(labels(s)) for s in shards]
-    assert result["metrics"]["num_samples"] == sum(rows), result
+    metrics = result["metrics"]
+    assert metrics["records"] == sum(rows) and metrics["failed"] == 0, result
+    assert sum(metrics["predictions"].values()) == sum(rows), result  # all classes >= k here
+    assert 0.5 < metrics["mean_score"] <= 1.0, result
     text = json.dumps(result)
     assert "row-1" not in text and "prediction" not in text.replace("predictions", "")
     for node, shard, n in zip(nodes, shards, rows, strict=True):

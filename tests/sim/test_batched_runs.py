@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from p2pfl.data import DerivedRegistry
 from p2pfl.fl.datasets import load_table
@@ -123,7 +124,10 @@ def test_a_corrupt_file_is_retried_once_recorded_and_the_run_goes_on(tmp_path: P
     # What left: aggregates only (class counts over all nodes, mean score), no keys.
     metrics = cluster.result["metrics"]
     assert "f0.txt" not in json.dumps(cluster.result)
-    assert metrics["num_samples"] == 14 and metrics["nodes"] == 3, metrics
+    assert metrics == {
+        "nodes": 3, "records": 14, "failed": 1, "predictions": {"0": 6, "1": 8},
+        "mean_score": pytest.approx(0.8),
+    }  # fmt: skip
     # Fixed, then run again with --force-rerun-failed: only f3 on node 1, nothing elsewhere.
     (folders[1] / "f3.txt").write_text("7")
     cluster, _ = run_cluster(
@@ -167,7 +171,7 @@ def test_scaffolds_run_test_run_and_new_data_only(tmp_path: Path) -> None:
     assert RecordsLedger(tmp_path / "node-0").processed("demo-inference", "tabular") == {}
     # The real run, then 3 new rows and a new-data-only run: only those 3.
     cluster, _ = run_cluster(tmp_path, pack, data, "tabular", params, "full")
-    assert cluster.result["metrics"]["num_samples"] == 40
+    assert cluster.result["metrics"]["records"] == 40
     assert "test_run" not in cluster.result["metrics"]
     table(data[0], rows + [(f"new{i}", 1.0, 0.0, 1) for i in range(3)])
     cluster, events = run_cluster(

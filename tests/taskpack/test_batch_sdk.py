@@ -122,3 +122,30 @@ def test_inference_gets_the_model_once(tmp_path: Path) -> None:
 def test_a_batch_task_has_no_execute() -> None:
     with pytest.raises(NotImplementedError, match="batched"):
         BatchTask().execute(ctx(), None, None)
+
+
+def test_inference_reduce_adds_what_nodes_released() -> None:
+    from p2pfl.taskpack import sdk
+
+    def partial(node: str, n: int, counts: dict[str, Any], score: float) -> sdk.Partial:
+        aggs = {
+            "records": sdk.count(n),
+            "failed": sdk.count(0),
+            "predictions": {"_release": "groups", "counts": counts},
+            "mean_score": sdk.mean(score, n, bound=1.0),
+        }
+        return sdk.Partial(node, n, aggregates=aggs)
+
+    result = SumOfNumbers().reduce(
+        ctx(),
+        [partial("b", 30, {"cat": 20, "dog": "<k"}, 0.6), partial("a", 10, {"cat": 10}, 0.9)],
+    )
+    assert result == {
+        "nodes": 2,
+        "records": 40,
+        "failed": 0,
+        "predictions": {"cat": 30, "dog": "<k"},
+        "mean_score": pytest.approx((0.6 * 30 + 0.9 * 10) / 40),
+    }
+    # A node whose numbers were all withheld adds nothing.
+    assert SumOfNumbers().reduce(ctx(), [sdk.Partial("c", 0)])["records"] is None
