@@ -78,6 +78,9 @@ class BatchedJob:
             self._fail(f"listing records: {exc}")
             return
         if records is None:  # not a batched task: one execution, as any one-shot task
+            if getattr(self.offer, "run", None):
+                self._fail("run options (test run, new data only) need a batched task")
+                return
             job = rt.Train(int(self.cmd.job.get("round", 1)), self.weights)
             self.driver.io.run_job(self.spec, job, self.driver.job_done(self.cmd, "train"))
             return

@@ -390,6 +390,11 @@ class Driver:
             {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("run.")}
         )
         overrides = {k: v for k, v in overrides.items() if not k.startswith(("inputs.", "run."))}
+        if run and entry.type not in BATCHED_TYPES:
+            raise LocalProtocolError(
+                "--test-run, --new-data-only and --force-rerun-failed apply to batched "
+                f"(inference) tasks; {entry.name} is a {entry.type} task"
+            )
         params = load_params(self.taskpack_dir(entry.cid), overrides)
         federated = effective_federated(entry.manifest, params)
         # The task's code reads its local epochs from its params, like any other setting.

@@ -278,7 +278,9 @@ class NodeCore:
     def _records_asked(self, offer: TaskOffer) -> dict[str, int]:
         """Records the offer would process per dataset: a test run's N at most."""
         run = offer.run if isinstance(offer.run, dict) else {}
-        cap = run.get("test_run")
+        # Only a batched (inference) task runs on at most N records; any other type reads
+        # all its rows whatever its offer says, and is counted so.
+        cap = run.get("test_run") if offer.type == "inference" else None
         out = {}
         for name in offer.inputs:
             rows = int(self.local.datasets.get(name, 0))

@@ -17,7 +17,9 @@ FED = {
 }  # fmt: skip
 
 
-def harness(tmp_path: Path, usage: list[dict[str, Any]]) -> Harness:
+def harness(
+    tmp_path: Path, usage: list[dict[str, Any]], taskpack: str = "mlp-inference"
+) -> Harness:
     def make(peers: list[str]) -> Any:
         doc = {
             "requesters": {"lab": [peers[0]]},
@@ -25,7 +27,7 @@ def harness(tmp_path: Path, usage: list[dict[str, Any]]) -> Harness:
         }
         return parse_policy(doc, own_peer=peers[1])
 
-    h = Harness(2, sites={1: make})
+    h = Harness(2, sites={1: make}, taskpack=taskpack)
     h.nodes[1].core.usage = UsageLedger(tmp_path / "usage-ledger.json")
     return h
 
@@ -54,7 +56,7 @@ def test_a_task_over_the_records_cap_is_declined_and_a_test_run_fits(tmp_path: P
 
 def test_runs_used_this_period_count(tmp_path: Path) -> None:
     cap = [{"requester": "*", "taskpack": "fedavg-mlp-digits", "period": "day", "max_runs": 1}]
-    h = harness(tmp_path, cap)
+    h = harness(tmp_path, cap, taskpack="fedavg-mlp-digits")
     ledger = h.nodes[1].core.usage
     ledger.charge(
         task_id="f" * 32, requester=h.nodes[0].peer, taskpack="fedavg-mlp-digits",
@@ -63,3 +65,15 @@ def test_runs_used_this_period_count(tmp_path: Path) -> None:
     task_id = offer(h)
     refused = h.nodes[1].core.tasks[task_id]
     assert refused.declines[refused.my_id] == "dataset data: limit exceeded: 2 of 1 runs this day"
+
+
+def test_a_test_run_on_a_task_that_is_not_batched_counts_every_row(tmp_path: Path) -> None:
+    # Only inference runs on at most N records: a training offer claiming a test run
+    # still reads all 100 rows, and is counted so (a cap cannot be dodged that way).
+    cap = [{"requester": "lab", "taskpack": "*", "period": "month", "max_records": 50}]
+    h = harness(tmp_path, cap, taskpack="fedavg-mlp-digits")
+    task_id = offer(h, run={"test_run": 5})
+    refused = h.nodes[1].core.tasks[task_id]
+    assert refused.declines[refused.my_id] == (
+        "dataset data: limit exceeded: 100 of 50 records this month"
+    )

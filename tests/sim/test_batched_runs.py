@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from p2pfl.data import DerivedRegistry
+from p2pfl.errors import LocalProtocolError
 from p2pfl.fl.datasets import load_table
 from p2pfl.sim.cluster import ClusterSpec, SimCluster
 from p2pfl.store.local_runs import RecordsLedger, list_reports
@@ -212,3 +213,10 @@ def test_preprocessing_scaffold_keeps_a_derived_dataset_on_each_node(tmp_path: P
     everything = np.concatenate(pooled)
     assert np.allclose(everything.mean(axis=0), 0.0, atol=1e-5)
     assert np.allclose(everything.std(axis=0), 1.0, atol=1e-5)
+
+
+def test_run_options_are_refused_for_a_task_that_is_not_batched(tmp_path: Path) -> None:
+    pack = new_taskpack("demo-stats", "analysis", tmp_path)
+    data = [table(tmp_path / "data" / f"n{i}.csv", [("a", 1.0, 2.0, 0)]) for i in range(2)]
+    with pytest.raises(LocalProtocolError, match="apply to batched"):
+        run_cluster(tmp_path, pack, data, "tabular", {"run.test_run": 5}, "no")
