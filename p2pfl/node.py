@@ -356,7 +356,8 @@ class Node:
         return self.task(tid)
 
     def policy_show(self) -> dict[str, Any]:
-        usage = self.core.usage.as_dict() if self.core.usage is not None else []
+        ledger = getattr(self.core, "usage", None)
+        usage = ledger.as_dict() if ledger is not None else []
         return {"policy": self.policy.as_dict(), "ledger": self.ledger.as_dict(), "usage": usage}
 
     def policy_reload(self) -> dict[str, Any]:

@@ -216,6 +216,15 @@ def _rule_lines(r: dict[str, Any], spent: dict[str, Any] | None) -> list[str]:
         f"  {'advertise':<12}row count {(r.get('advertise') or {}).get('count', '?')}",
         f"  {'extremes':<12}{r.get('extremes', 'deny')}",
         f"  {'metrics':<12}{r.get('metrics', '?')}",
+    ] + [
+        f"  {'usage':<12}{short(u['requester'])} with {u['taskpack']}: "
+        + ", ".join(
+            f"<= {u[key]:,} {what}"
+            for key, what in (("max_runs", "runs"), ("max_records", "records"))
+            if u.get(key) is not None
+        )
+        + f" per {u['period']}"
+        for u in r.get("usage") or []
     ]
 
 

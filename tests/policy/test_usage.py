@@ -148,3 +148,11 @@ def test_policy_show_lists_usage_rules() -> None:
         "requester": "lab-a", "taskpack": "mlp-inference", "period": "month",
         "max_runs": None, "max_records": 1000,
     }  # fmt: skip
+
+
+def test_policy_lines_show_usage_caps() -> None:
+    from p2pfl.cli.policy_cmds import policy_lines
+
+    lines = policy_lines(parse_policy(POLICY, own_peer=ME).as_dict(), {})
+    assert "  usage       lab-a with mlp-inference: <= 1,000 records per month" in lines
+    assert "  usage       * with *: <= 3 runs per day" in lines
