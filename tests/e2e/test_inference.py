@@ -61,6 +61,22 @@ def test_inference_with_a_trained_model_reports_stay_local(
     )
     n0, n1, n2 = nodes
 
+    # Both taskpacks spread and are verified everywhere before any task is offered.
+    cids = {cluster.cli_json("publish", str(pack), node=n0)["cid"] for pack in (DIGITS, INFER)}
+    for node in (n1, n2):
+        wait_until(
+            lambda node=node: (
+                cids
+                <= {
+                    p["cid"]
+                    for p in cluster.cli_json("taskpacks", node=node)
+                    if p["status"] == "verified"
+                }
+            ),
+            TASK_TIMEOUT,
+            what=f"{node.name} verifying both taskpacks",
+        )
+
     # 1. Train; every participant holds the final model in its store.
     trained = run_task(cluster, n0, DIGITS, "rounds=3")
     wait_ok(cluster, n0, trained)
