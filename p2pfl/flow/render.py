@@ -20,10 +20,6 @@ _STEP_LABEL = {
 }
 
 
-def _short(peer: str, n: int = 6) -> str:
-    return peer if len(peer) <= 8 + n + 3 else f"{peer[:8]}…{peer[-n:]}"
-
-
 def _num(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -44,21 +40,21 @@ def node_lines(step: dict[str, Any]) -> list[str]:
     task = step.get("task") or {}
     name = step.get("taskpack") or "task"
     lines = []
+    training = step.get("type") == "training"
     for node in step.get("nodes") or []:
         state = node.get("state") or "-"
-        text = f"{name} (Node {_short(str(node['peer']))})"
+        text = f"{name} (Node …{str(node['peer'])[-6:]})"
         if state == "done":
             text += " ✓"
-        else:
+        elif not (training and state == "training"):  # "Round r/R" says it for training
             text += f" - {state}"
-        rounds = node.get("rounds") or 1
-        if rounds > 1 or step.get("type") == "training":
-            text += f" - Round {node.get('round', 0)}/{rounds}"
+        if training:
+            text += f" - Round {node.get('round', 0)}/{node.get('rounds') or 1}"
         if node.get("loss") is not None:
             text += f", Loss: {_num(node['loss'])}"
         if node.get("accuracy") is not None:
-            text += f", Accuracy: {_num(node['accuracy'])}"
-        if node.get("records") is not None:
+            text += f", Acc: {_num(node['accuracy'])}"
+        if not training and node.get("records") is not None:
             text += f" - {node['records']:,} records processed"
         lines.append(text)
     phase = task.get("phase")
@@ -79,7 +75,7 @@ def node_lines(step: dict[str, Any]) -> list[str]:
 
 
 def flow_tree_text(flow: dict[str, Any]) -> str:
-    """The plain-text tree (80 columns: long peer ids are shortened)."""
+    """The plain-text tree (fits 80 columns: peers are named by their last 6 characters)."""
     status = str(flow.get("status", "?")).capitalize()
     out = [f"{flow.get('name', '?')} flow {flow.get('flow_id', '?')[:12]} - {status}"]
     if flow.get("reason"):
