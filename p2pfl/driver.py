@@ -365,7 +365,12 @@ class Driver:
         self.execute(self.core.publish_taskpack(ann, self.io.now()))
 
     def create_task(
-        self, ref: str, overrides: dict[str, str], *, volunteer_window_s: float = 3.0
+        self,
+        ref: str,
+        overrides: dict[str, str],
+        *,
+        volunteer_window_s: float = 3.0,
+        flow: Any = None,
     ) -> dict[str, Any]:
         """Offer a task on a verified taskpack (a cid, or a name with an optional @range):
         parameters are the taskpack's defaults with `overrides` applied and checked."""
@@ -406,6 +411,7 @@ class Driver:
             tuple(bindings.get(n, n) for n in names),
             self.io.now(),
             volunteer_window_s=volunteer_window_s,
+            flow=flow,  # a flow's step: (FlowRecord, index, model BlobRef | None)
             run=run,
         )
         self.execute(cmds)

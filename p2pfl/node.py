@@ -29,6 +29,7 @@ from p2pfl.core.node_core import DatasetInfo, NodeCore
 from p2pfl.data.derived import DerivedRegistry
 from p2pfl.driver import Driver
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError, TaskFailed, TaskNotFinished
+from p2pfl.flow.api import FlowAPI
 from p2pfl.fsutil import atomic_write
 from p2pfl.identity import Identity
 from p2pfl.policy import (
@@ -142,6 +143,7 @@ class Node:
         self._history: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self._watchers: dict[str, set[trio.MemorySendChannel[dict[str, Any]]]] = defaultdict(set)
         self._finished: dict[str, dict[str, Any]] = {}  # task id -> record (see _keep_finished)
+        self.flows_api: Any = None  # p2pfl/flow/api.py, set once the node runs
         driver.listeners.append(self._on_task_event)
         driver.persist = self.persist_task
         driver.site_sink = self._site_record
@@ -590,6 +592,8 @@ async def run_node(config: NodeConfig) -> None:
             driver.start()
             node = Node(config, driver, network, __version__, site=site)
             node.restore()
+            node.flows_api = FlowAPI(node)
+            node.flows_api.start()
             await nursery.start(ControlServer(config.control_socket, node).serve)
             addrs = network.listen_addrs()
             log.info("node %s listening on %s", identity.peer_id, " ".join(addrs))

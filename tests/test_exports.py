@@ -15,6 +15,7 @@ PUBLIC = {
     "P2PFLError",
     "Partial",
     "RemoteProtocolError",
+    "Table",
     "Task",
     "TaskFailed",
     "TaskNotFinished",

@@ -84,6 +84,11 @@ def _histogram(y: np.ndarray, classes: int) -> list[int]:
     "--format", "fmt", type=click.Choice(["csv", "npz"]), default="csv", show_default=True
 )
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
+@click.option(
+    "--raw", is_flag=True,
+    help="Keep tabular features as loaded (missing cells stay missing, nothing scaled): "
+    "for a flow whose standardize step scales them federatedly.",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def split_cmd(
     source: str,
@@ -94,6 +99,7 @@ def split_cmd(
     test_fraction: float,
     fmt: str,
     force: bool,
+    raw: bool,
     as_json: bool,
 ) -> None:
     """Split dataset SOURCE into OUT/node-<i>/SOURCE.csv (i from 0) and OUT/test.csv.
@@ -124,7 +130,7 @@ def split_cmd(
     try:
         ds = load_dataset(source)
         rng = np.random.default_rng(seed)
-        train, test = split_dataset(ds, test_fraction, rng)
+        train, test = split_dataset(ds, test_fraction, rng, scale=not raw)
         parts = partition(spec, train.y, nodes, rng, sites=train.sites)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
@@ -137,6 +143,7 @@ def split_cmd(
         "test_fraction": test_fraction,
         "classes": ds.classes,
         "features": len(ds.feature_names),
+        "scaled": not raw and ds.scaling == "standardize",
         "out": str(out_dir),
         "nodes": [],
     }

@@ -46,6 +46,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "p2pfl.cli.datasets_cmd:datasets_group",
         "Offline datasets: list, prepare, split.",
     ),
+    "flow": ("p2pfl.cli.flow_cmds:flow_group", "Flows: run, status, resume, result, check."),
     "simulate": ("p2pfl.cli.sim_cmds:simulate_cmd", "Simulate a network of nodes from a scenario."),
     "experiment": ("p2pfl.cli.sim_cmds:experiment_cmd", "Run a grid of simulations and report."),
 }

@@ -363,11 +363,16 @@ def withdraw_cmd(task_id: str, data_dir: Path, as_json: bool) -> None:
 @data_dir_option
 @json_option
 def trace_cmd(task_id: str, data_dir: Path, as_json: bool) -> None:
-    """Follow TASK live until it ends (exit 0 on success, 1 on failure).
+    """Follow TASK (or a flow, as its tree) live until it ends (exit 0 on success, 1 on
+    failure).
 
-    TASK may be a unique prefix of the task id.
+    TASK may be a unique prefix of the task or flow id.
     """
     c = client(data_dir)
+    if c.is_flow(task_id):
+        from p2pfl.cli.flow_cmds import trace_flow
+
+        sys.exit(0 if trace_flow(c, task_id, as_json) else 1)
     last: dict[str, Any] | None = None
     if as_json:
         for event in c.events(task_id):
@@ -468,6 +473,13 @@ class _Progress:
         return self.on_event
 
     def on_event(self, event: dict[str, Any]) -> None:
+        flow = event.get("flow")
+        if flow is not None:  # a flow's snapshot: steps done / all
+            done = sum(s["state"] == "succeeded" for s in flow["steps"])
+            self.status.update(
+                f"flow {flow['name']} {flow['status']}: {done}/{len(flow['steps'])} steps"
+            )
+            return
         t = event.get("task") or {}
         self.status.update(
             f"task {t.get('task_id', '?')} {t.get('status', '?')} "

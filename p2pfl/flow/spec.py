@@ -187,12 +187,14 @@ def apply_overrides(spec: FlowSpec, overrides: dict[str, str]) -> FlowSpec:
 
 
 def taskpack_dir(spec: FlowSpec, step: StepSpec) -> Path:
-    """A step's taskpack directory: as written, relative to the current directory, else
-    to the flow file's directory or one of its parents (flows/x.yaml names taskpacks/y)."""
+    """A step's taskpack directory: relative to the flow file's directory or the nearest
+    of its parents that holds it (flows/x.yaml names taskpacks/y), else to the current
+    directory."""
     given = Path(step.taskpack).expanduser()
-    if given.is_absolute() or given.is_dir() or spec.path is None:
+    if given.is_absolute() or spec.path is None:
         return given
-    for base in [spec.path.resolve().parent, *spec.path.resolve().parent.parents]:
+    here = spec.path.resolve().parent
+    for base in [here, *here.parents]:
         if (base / given).is_dir():
             return base / given
     return given

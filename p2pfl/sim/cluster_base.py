@@ -62,6 +62,7 @@ class ClusterSpec:
     network: str = "sim"
     detect_s: float = 1.0
     min_records: int = 1
+    flow: Path | None = None  # a flow file: the run is the whole flow (p2pfl/sim/flowsim.py)
 
 
 @dataclass(frozen=True)

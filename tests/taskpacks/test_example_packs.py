@@ -16,7 +16,14 @@ from p2pfl.taskpack.params import load_params
 from p2pfl.taskpack.sdk import Task
 
 PACKS = Path(__file__).resolve().parents[2] / "taskpacks"
-NAMES = ["fedavg-mlp-digits", "federated-stats", "mlp-inference"]
+NAMES = [
+    "fedavg-mlp-digits",
+    "federated-stats",
+    "standardize",
+    "fedavg-mlp-tabular",
+    "evaluate-model",
+    "mlp-inference",
+]
 LAYOUT = [
     "manifest.yaml",
     "src/task.py",
