@@ -220,3 +220,12 @@ def test_run_options_are_refused_for_a_task_that_is_not_batched(tmp_path: Path) 
     data = [table(tmp_path / "data" / f"n{i}.csv", [("a", 1.0, 2.0, 0)]) for i in range(2)]
     with pytest.raises(LocalProtocolError, match="apply to batched"):
         run_cluster(tmp_path, pack, data, "tabular", {"run.test_run": 5}, "no")
+
+
+def test_a_model_cid_this_node_does_not_hold_fails_with_the_reason(tmp_path: Path) -> None:
+    pack = new_taskpack("demo-inference", "inference", tmp_path)
+    data = [table(tmp_path / "data" / f"n{i}.csv", [(f"k{i}", 1.0, 2.0, 0)]) for i in range(2)]
+    absent = "bafkrei" + "a" * 52
+    cluster, _ = run_cluster(tmp_path, pack, data, "tabular", {"model_cid": absent}, "m")
+    assert cluster.result is not None and cluster.result["status"] == "failed"
+    assert "is not on this node" in cluster.result["reason"], cluster.result

@@ -85,3 +85,21 @@ def test_refuses_a_model_that_does_not_fit(tmp_path: Path) -> None:
     assert "the model takes 9" in out.failed[0][1]
     with pytest.raises(ValueError, match="no model"):
         task.validate_inputs(ctx(), inputs)
+
+
+def test_a_bundled_model_when_no_model_cid(tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "pack"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    np.savez(copy / "src" / "model.npz", **model())
+    spec = importlib.util.spec_from_file_location("bundled_task", copy / "src" / "task.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    task = module.MLPInference()
+    inputs = {"digits": write(tmp_path / "t.csv", [[1, 2, 3, 4, 0], [0, 0, 0, 1, 1]])}
+    task.validate_inputs(ctx(), inputs)  # no model_cid, but a bundled model: fine
+    out = task.run_batch(ctx(), inputs, ["row-1", "row-2"], None)
+    assert not out.failed and len(out.rows) == 2
