@@ -394,7 +394,15 @@ class Driver:
         run = parse_run_options(
             {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("run.")}
         )
-        overrides = {k: v for k, v in overrides.items() if not k.startswith(("inputs.", "run."))}
+        # `volunteer_window_s=S`: how long nodes have to volunteer (the requester's choice).
+        window = overrides.get("volunteer_window_s")
+        if window is not None:
+            volunteer_window_s = parse_window(window)
+        overrides = {
+            k: v
+            for k, v in overrides.items()
+            if not k.startswith(("inputs.", "run.")) and k != "volunteer_window_s"
+        }
         if run and entry.type not in BATCHED_TYPES:
             raise LocalProtocolError(
                 "--test-run, --new-data-only and --force-rerun-failed apply to batched "
@@ -721,6 +729,19 @@ class Driver:
 
     def fetch_progress(self) -> dict[str, tuple[int, int]]:
         return {cid: f.progress() for cid, f in self._fetches.items()}
+
+
+def parse_window(text: str) -> float:
+    """`volunteer_window_s` from the command line: seconds in (0, MAX_WINDOW_S]."""
+    from p2pfl.core.offer import MAX_WINDOW_S
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise LocalProtocolError(f"volunteer_window_s: {text!r} is not a number") from None
+    if not 0 < value <= MAX_WINDOW_S:
+        raise LocalProtocolError(f"volunteer_window_s: {value:g} is not in (0, {MAX_WINDOW_S:g}]")
+    return value
 
 
 def parse_run_options(raw: dict[str, str]) -> dict[str, Any] | None:

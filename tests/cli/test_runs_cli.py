@@ -103,3 +103,12 @@ def test_each_new_command_loads_in_a_fresh_interpreter(tmp_path: Path) -> None:
             [sys.executable, "-m", "p2pfl.cli.main", *argv], capture_output=True, text=True
         )
         assert proc.returncode == 0, proc.stderr
+
+
+def test_parse_window() -> None:
+    from p2pfl.driver import parse_window
+
+    assert parse_window("30") == 30.0
+    for bad in ("soon", "0", "-1", "1e9"):
+        with pytest.raises(LocalProtocolError, match="volunteer_window_s"):
+            parse_window(bad)

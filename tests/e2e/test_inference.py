@@ -23,6 +23,18 @@ DIGITS = REPO / "taskpacks" / "fedavg-mlp-digits"
 INFER = REPO / "taskpacks" / "mlp-inference"
 
 
+def offer_ok(cluster: Cluster, node: NodeProc, *argv: str) -> str:
+    """`p2pfl ARGV --json` offering a task with a 30 s volunteer window (a node's first
+    sandboxed validate_inputs takes seconds on a loaded machine), waited for until it
+    succeeds; the task id."""
+    task_id = str(cluster.cli_json(*argv, "--param", "volunteer_window_s=30", node=node)["task_id"])
+    proc = cluster.cli(
+        "wait", task_id, "--timeout", str(TASK_TIMEOUT), node=node, timeout=TASK_TIMEOUT + 30
+    )
+    assert proc.returncode == 0, proc.stderr + cluster.diagnostics()
+    return task_id
+
+
 def report(cluster: Cluster, node: NodeProc, task_id: str) -> dict:
     """The node's own report of `task_id` (read from its data dir by `p2pfl reports`)."""
     proc = cluster.cli("reports", "--data-dir", str(node.data_dir), "--json", check=True)
@@ -78,19 +90,17 @@ def test_inference_with_a_trained_model_reports_stay_local(
         )
 
     # 1. Train; every participant holds the final model in its store.
-    trained = run_task(cluster, n0, DIGITS, "rounds=3")
-    wait_ok(cluster, n0, trained)
+    trained = offer_ok(cluster, n0, "publish", str(DIGITS), "--run", "--param", "rounds=3")
     model_cid = cluster.cli_json("result", trained, node=n0)["model_cid"]
     assert model_cid
     weights = Client(n0.data_dir).load_model(trained)  # the one call that loads a model
     assert weights["0.weight"].shape == (64, 64) and weights["2.weight"].shape == (10, 64)
 
     # 2. A test run on 5 records per node, marked as such.
-    trial = cluster.cli_json(
-        "publish", str(INFER), "--run", "--param", f"model_cid={model_cid}",
-        "--test-run", "5", node=n0,
-    )["task_id"]  # fmt: skip
-    wait_ok(cluster, n0, trial)
+    model = f"model_cid={model_cid}"
+    trial = offer_ok(
+        cluster, n0, "publish", str(INFER), "--run", "--param", model, "--test-run", "5"
+    )
     result = cluster.cli_json("result", trial, node=n0)
     assert result["metrics"]["test_run"] == 5, result
     assert result["metrics"]["records"] == 15, result
@@ -99,8 +109,9 @@ def test_inference_with_a_trained_model_reports_stay_local(
         assert (r["rows"], r["test_run"]) == (5, True), r
 
     # 3. The real run: every row of every node, reports kept where the rows are.
-    full = run_task(cluster, n0, INFER, f"model_cid={model_cid}", "batch_size=100")
-    wait_ok(cluster, n0, full)
+    full = offer_ok(
+        cluster, n0, "publish", str(INFER), "--run", "--param", model, "--param", "batch_size=100"
+    )
     result = cluster.cli_json("result", full, node=n0)
     rows = [len(labels(s)) for s in shards]
     metrics = result["metrics"]
@@ -134,11 +145,10 @@ def test_inference_with_a_trained_model_reports_stay_local(
         new_rows = list(csv.reader(f))[1:13]
     with open(shards[2], "a", newline="") as f:
         csv.writer(f).writerows(new_rows)
-    fresh = cluster.cli_json(
-        "publish", str(INFER), "--run", "--param", f"model_cid={model_cid}",
-        "--param", "min_nodes=1", "--new-data-only", node=n0,
-    )["task_id"]  # fmt: skip
-    wait_ok(cluster, n0, fresh)
+    fresh = offer_ok(
+        cluster, n0, "publish", str(INFER), "--run", "--param", model,
+        "--param", "min_nodes=1", "--new-data-only",
+    )  # fmt: skip
     assert report(cluster, n2, fresh)["rows"] == 12
     assert report(cluster, n0, fresh)["rows"] == 0 and report(cluster, n1, fresh)["rows"] == 0
     seen = json.loads(
@@ -148,7 +158,7 @@ def test_inference_with_a_trained_model_reports_stay_local(
     assert mine["processed"] == rows[2] + 12 and mine["runs"] == 3, mine
 
     # 5. n2 allows three mlp-inference runs a day: the fourth is declined with the numbers.
-    fourth = run_task(cluster, n0, INFER, f"model_cid={model_cid}")
+    fourth = run_task(cluster, n0, INFER, model, "volunteer_window_s=30")
     wait_ok(cluster, n0, fourth)
     check = wait_until(
         lambda: cluster.try_json("policy", "check", fourth, node=n2),
