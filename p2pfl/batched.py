@@ -188,25 +188,11 @@ class BatchedJob:
             "ref": None,
             "num_samples": len(run.done),
             "metrics": {},
-            "aggregates": self._aggregates(run),
+            "aggregates": inference_aggregates(run),
         }
         self.driver.on_event(JobDone(self.cmd.token, result))
 
     # --- outputs ------------------------------------------------------------------------
-
-    def _aggregates(self, run: BatchRun) -> dict[str, Any]:
-        """Only these leave the node, and only after the release filter checks them."""
-        n = len(run.done)
-        out: dict[str, Any] = {"records": sdk.count(n), "failed": sdk.count(len(run.failed))}
-        if self.offer.type == "inference":
-            counts = Counter(str(r.get("prediction", "")) for r in run.rows)
-            scores = [
-                float(r["score"]) for r in run.rows if isinstance(r.get("score"), int | float)
-            ]
-            out["predictions"] = sdk.groups(dict(counts))
-            if scores:
-                out["mean_score"] = sdk.mean(sum(scores) / len(scores), len(scores), bound=1.0)
-        return out
 
     def _model_bytes(self) -> bytes | None:
         """The model named by params["model_cid"] (an earlier task's result), from this
@@ -240,3 +226,19 @@ class BatchedJob:
 
     def _fail(self, reason: str) -> None:
         self.driver.on_event(JobFailed(self.cmd.token, reason))
+
+
+def inference_aggregates(run: BatchRun) -> dict[str, Any]:
+    """What a batched run may release (only after the node's release filter checks it):
+    records done and failed, records per predicted class, the mean score (each score is in
+    [0, 1], so 1 bounds what one record adds)."""
+    out: dict[str, Any] = {
+        "records": sdk.count(len(run.done)),
+        "failed": sdk.count(len(run.failed)),
+    }
+    counts = Counter(str(r.get("prediction", "")) for r in run.rows)
+    scores = [float(r["score"]) for r in run.rows if isinstance(r.get("score"), int | float)]
+    out["predictions"] = sdk.groups(dict(counts))
+    if scores:
+        out["mean_score"] = sdk.mean(sum(scores) / len(scores), len(scores), bound=1.0)
+    return out

@@ -128,3 +128,27 @@ def test_what_a_task_returns_is_bounded() -> None:
     ):
         with pytest.raises(TypeError):
             check_batch(bad_batch)
+
+
+def test_what_a_run_releases_passes_the_nodes_k_filter() -> None:
+    from p2pfl.batched import inference_aggregates
+    from p2pfl.policy import filter_release
+    from p2pfl.policy.release import ReleaseRules
+
+    records = [(f"r{i}", "d") for i in range(13)]
+    run = BatchRun(records, batch_size=13)
+    batch = run.next_batch()
+    assert batch is not None
+    rows = [
+        {"key": f"r{i}", "prediction": "cat" if i < 11 else "dog", "score": 0.5} for i in range(12)
+    ]
+    run.on_result(batch, rows, [("r12", "broken")])
+    run.on_result(run.next_batch(), [], [("r12", "broken")])  # type: ignore[arg-type]
+    released, _ = filter_release(inference_aggregates(run), ReleaseRules(k=10))
+    assert released["records"]["n"] == 12
+    assert "failed" not in released  # 1 failed record: a count under k is withheld
+    assert released["predictions"]["counts"] == {"cat": 11, "dog": "<k"}
+    assert released["mean_score"]["value"] == 0.5
+    # Under DP the counts are noised, the mean needs (and has) its bound.
+    noisy, _ = filter_release(inference_aggregates(run), ReleaseRules(k=10, epsilon=1.0))
+    assert "mean_score" in noisy
