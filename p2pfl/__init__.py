@@ -20,6 +20,7 @@ from p2pfl.taskpack.sdk import (
     Context as Context,
     DPConfig as DPConfig,
     Partial as Partial,
+    Table as Table,
     Task as Task,
     Update as Update,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "P2PFLError",
     "Partial",
     "RemoteProtocolError",
+    "Table",
     "Task",
     "TaskFailed",
     "TaskNotFinished",

@@ -314,15 +314,67 @@ class Client:
         """Entries of the node's audit log (DATA_DIR/audit.jsonl), oldest first."""
         return self.call("audit", task=task)
 
+    # -- flows (p2pfl/flow): multi-step workflows, followed as one tree --------------------
+
+    def create_flow(
+        self, path: str | os.PathLike[str], params: dict[str, Any] | None = None
+    ) -> str:
+        """Start the flow in the flow file at `path` (on this machine): every step's
+        taskpack is published and the first step offered. `params` are STEP.KEY overrides.
+        Returns the flow id (ValidationError lists every problem of a bad flow file)."""
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"no flow file at {path}")
+        reply = self.call(
+            "flow_run",
+            timeout=max(self.timeout, SLOW_TIMEOUT),
+            path=str(p.resolve()),
+            params=_params(params),
+        )
+        return str(reply["flow_id"])
+
+    def flows(self) -> list[dict[str, Any]]:
+        return self.call("flows")
+
+    def flow(self, flow_id: str) -> dict[str, Any]:
+        """The flow as one tree: each step's state, %, task and per-node progress."""
+        return self.call("flow", flow_id=flow_id)
+
+    def resume_flow(self, flow_id: str) -> dict[str, Any]:
+        """Retry a failed flow from its failed step (finished steps are not redone)."""
+        return self.call("flow_resume", flow_id=flow_id)
+
+    def is_flow(self, ref: str) -> bool:
+        """Whether `ref` (an id or a unique prefix) names a flow this node knows."""
+        try:
+            self.call("flow", flow_id=ref)
+        except NotFound:
+            return False
+        except errors.RemoteProtocolError as exc:  # a node without flows
+            if "unknown op" in str(exc):
+                return False
+            raise
+        return True
+
+    def flow_events(self, flow_id: str, deadline: float | None = None) -> Iterator[dict[str, Any]]:
+        """Snapshots of the flow ({"kind": "flow", "flow": status}) as it changes; ends
+        once it succeeded or failed."""
+        yield from self._stream("watch_flow", {"flow_id": flow_id}, deadline)
+
     def events(self, task_id: str, deadline: float | None = None) -> Iterator[dict[str, Any]]:
         """The task's events, past ones first, then live ones; ends after the final event.
 
         `deadline` (time.monotonic()) bounds the whole stream: TimeoutError past it.
         """
+        yield from self._stream("watch_task", {"task_id": task_id}, deadline)
+
+    def _stream(
+        self, op: str, args: dict[str, Any], deadline: float | None
+    ) -> Iterator[dict[str, Any]]:
         rid = self._rid()
         # No per-read timeout: a round may take longer than any fixed figure.
         with _Connection(self, None) as conn:
-            conn.send({"id": rid, "op": "watch_task", "args": {"task_id": task_id}})
+            conn.send({"id": rid, "op": op, "args": args})
             while True:
                 msg = conn.receive(deadline)
                 if msg.get("id") != rid:
@@ -342,6 +394,14 @@ class Client:
         """
         out = out if out is not None else sys.stdout
         last: dict[str, Any] | None = None
+        if self.is_flow(task_id):
+            from p2pfl.flow.render import flow_tree_text
+
+            for event in self.flow_events(task_id):
+                last = event
+                out.write((_json.dumps(event) if json else flow_tree_text(event["flow"])) + "\n")
+                out.flush()
+            return last is not None and last["flow"]["status"] == "succeeded"
         for event in self.events(task_id):
             last = event
             out.write((_json.dumps(event) if json else format_event(event)) + "\n")
@@ -360,6 +420,8 @@ class Client:
         """
         deadline = time.monotonic() + timeout if timeout is not None else None
         last: dict[str, Any] | None = None
+        if self.is_flow(task_id):
+            return self._wait_flow(task_id, deadline, timeout, on_event)
         try:
             for event in self.events(task_id, deadline):
                 last = event
@@ -372,9 +434,43 @@ class Client:
         # Succeeded, or the stream ended early (node stopping): the result, or TaskNotFinished.
         return self.get_result(task_id)
 
+    def _wait_flow(
+        self,
+        flow_id: str,
+        deadline: float | None,
+        timeout: float | None,
+        on_event: Callable[[dict[str, Any]], None] | None,
+    ) -> dict[str, Any]:
+        last: dict[str, Any] | None = None
+        try:
+            for event in self.flow_events(flow_id, deadline):
+                last = event
+                if on_event is not None:
+                    on_event(event)
+        except TimeoutError:
+            raise TimeoutError(f"flow {flow_id} did not finish within {timeout:g} s") from None
+        if last is not None and last["flow"]["status"] == "failed":
+            raise TaskFailed(f"flow {flow_id} failed: {last['flow']['reason']}")
+        return self.get_result(flow_id)
+
     def get_result(self, task_id: str) -> dict[str, Any]:
-        """The task's result; TaskNotFinished while it runs, TaskFailed if it failed."""
+        """The task's (or flow's) result; TaskNotFinished while it runs, TaskFailed if it
+        failed. A flow's result holds every step's signed result."""
+        if self.is_flow(task_id):
+            return self.call("flow_result", flow_id=task_id)
         return self.call("result", task_id=task_id)
+
+    def load_model(self, task_id: str) -> dict[str, Any]:
+        """The final model of a finished task, as {name: numpy array}, in one call (for a
+        torch module: ``p2pfl.fl.torch_utils.load_numpy_into(module, weights)``).
+        TaskNotFinished / TaskFailed as `get_result`; ValueError if it made no model."""
+        from p2pfl.wire import decode_tensors
+
+        result = self.get_result(task_id)
+        cid = result.get("model_cid")
+        if not cid:
+            raise ValueError(f"task {task_id} produced no model (model_cid is empty)")
+        return {k: v.copy() for k, v in decode_tensors(self.read_blob(str(cid))).items()}
 
     def read_blob(self, cid: str) -> bytes:
         """A blob stored on the node (e.g. a result's model_cid). NotFound if absent."""

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from p2pfl.batched import BATCHED_TYPES, BatchedJob
 from p2pfl.core.commands import (
     AddProviders,
     Aggregate,
@@ -102,6 +103,7 @@ class Driver:
         state_dir: Path | None = None,
         update_hook: Callable[[str, bytes], bytes] | None = None,
         persist: Callable[[str, bytes | None], None] | None = None,
+        local_dir: Path | None = None,
     ) -> None:
         self.core = core
         self.network = network
@@ -120,6 +122,16 @@ class Driver:
         # Where audit lines and privacy charges go (a real node's log and ledger).
         self.site_sink: Callable[[Command], None] | None = None
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        # Where batched runs keep what never leaves the node (reports, records processed,
+        # p2pfl.batched); None: nowhere (then no new-data-only memory).
+        # A simulated node (no data dir) keeps them beside its taskpacks, in the run's temp dir.
+        self.local_dir = local_dir or taskpack_root.parent / "local" / core.me
+        self._records: Any = None
+        # Usage per requester and taskpack (the node's UsageLedger): (task_id, records).
+        self.usage_sink: Callable[[str, int], None] | None = None
+        # Derived datasets (p2pfl/data/derived.py) that preprocessing steps write here and
+        # later steps read; None: this node keeps none (see attach_derived).
+        self.derived: Any = None
         self._fetches: dict[str, BlobFetch] = {}
         self._specs: dict[str, Any] = {}
         self.me = core.me
@@ -359,6 +371,7 @@ class Driver:
         *,
         volunteer_window_s: float = 3.0,
         rollout: str = "",
+        flow: Any = None,
     ) -> dict[str, Any]:
         """Offer a task on a verified taskpack (a cid, or a name with an optional @range):
         parameters are the taskpack's defaults with `overrides` applied and checked.
@@ -392,7 +405,25 @@ class Driver:
             raise LocalProtocolError(
                 f"inputs.{unknown[0]}: the taskpack has no input of that name (it has: {', '.join(names)})"
             )
-        overrides = {k: v for k, v in overrides.items() if not k.startswith("inputs.")}
+        # `run.test_run=N`, `run.new_data_only=true`, `run.rerun_failed=true`: how nodes run
+        # the task (signed into the offer), not task parameters either.
+        run = parse_run_options(
+            {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("run.")}
+        )
+        # `volunteer_window_s=S`: how long nodes have to volunteer (the requester's choice).
+        window = overrides.get("volunteer_window_s")
+        if window is not None:
+            volunteer_window_s = parse_window(window)
+        overrides = {
+            k: v
+            for k, v in overrides.items()
+            if not k.startswith(("inputs.", "run.")) and k != "volunteer_window_s"
+        }
+        if run and entry.type not in BATCHED_TYPES:
+            raise LocalProtocolError(
+                "--test-run, --new-data-only and --force-rerun-failed apply to batched "
+                f"(inference) tasks; {entry.name} is a {entry.type} task"
+            )
         params = load_params(self.taskpack_dir(entry.cid), overrides)
         federated = effective_federated(entry.manifest, params)
         # The task's code reads its local epochs from its params, like any other setting.
@@ -406,6 +437,8 @@ class Driver:
             volunteer_window_s=volunteer_window_s,
             range=wanted,
             rollout=arms,
+            flow=flow,  # a flow's step: (FlowRecord, index, model BlobRef | None)
+            run=run,
         )
         self.execute(cmds)
         out: dict[str, Any] = {
@@ -463,9 +496,9 @@ class Driver:
             params=dict(offer.params) if isinstance(offer.params, dict) else {},
             # Offer inputs are dataset names, in the manifest's input order.
             inputs={
-                manifest_input.name: self.datasets[dataset]
+                manifest_input.name: path
                 for manifest_input, dataset in zip(manifest.spec.inputs, offer.inputs, strict=False)
-                if dataset in self.datasets
+                if (path := self.input_path(offer, dataset)) is not None
             }
             if manifest is not None
             else {},
@@ -484,6 +517,66 @@ class Driver:
         self._specs[task_id] = spec
         return spec
 
+    # --- derived datasets --------------------------------------------------------------
+
+    def attach_derived(self, registry: Any) -> None:
+        """Keep derived datasets in `registry` (a DerivedRegistry); the core learns the
+        ones already there (a restarted node's flows go on reading them)."""
+        self.derived = registry
+        for info in registry.list():
+            self.core.local.derived[(info.scope, info.name)] = (info.records, info.sources)
+
+    def input_path(self, offer: Any, dataset: str) -> Path | None:
+        """Where input `dataset` of `offer` is on this node: the flow's derived dataset of
+        that name (an earlier step wrote it here), else the site's registered dataset."""
+        if offer.flow is not None and self.derived is not None:
+            from p2pfl.core.flowrec import flow_id_of
+
+            info = self.derived.get(flow_id_of(offer.flow), dataset)
+            if info is not None:
+                return Path(info.path)
+        return self.datasets.get(dataset)
+
+    def derived_output(self, offer: Any) -> tuple[str, str] | None:
+        """(scope, name) a preprocessing task writes its derived dataset under: the flow
+        step's `output` in the flow's scope (or, outside a flow, params.output in the task's
+        own), or None when it writes none."""
+        if offer.type != "preprocessing" or self.derived is None:
+            return None
+        from p2pfl.core.flowrec import flow_id_of
+        from p2pfl.data.derived import check_derived_name
+
+        if offer.flow is not None:
+            output = offer.flow.steps[offer.step].output
+            return (flow_id_of(offer.flow), output) if output else None
+        params = offer.params if isinstance(offer.params, dict) else {}
+        name = params.get("output")
+        try:
+            return (offer.task_id, check_derived_name(name)) if name else None
+        except ValueError:
+            return None
+
+    def _store_derived(self, task_id: str, output: Any) -> dict[str, Any]:
+        """Register a Transform's table (it stays here); the core learns its record count,
+        which is all that leaves this node (as the step's metric and partial count)."""
+        machine = self.core.tasks[task_id]
+        target = self.derived_output(machine.offer)
+        assert target is not None and self.derived is not None
+        sources = self.core.local.policy_datasets(machine.offer)
+        info = self.derived.put_bytes(
+            target[0],
+            target[1],
+            output.table,
+            records=output.records,
+            columns=tuple(output.columns),
+            sources=sources,
+            producer=task_id,
+            created=self.io.now(),
+        )
+        self.core.local.derived[(info.scope, info.name)] = (info.records, info.sources)
+        self.emit_log(task_id, f"derived dataset {info.name}: {info.records} records (kept here)")
+        return {"num_samples": info.records, "records": info.records}
+
     def _run_job(self, cmd: RunJob) -> None:
         from p2pfl import runtime as rt
         from p2pfl.taskpack.sdk import Partial
@@ -498,13 +591,31 @@ class Driver:
         elif kind == "train":
             job = rt.Train(req["round"], self.blob_bytes(req.get("weights")))
         elif kind == "evaluate":
-            job = rt.Evaluate(req["round"], self.blob_bytes(req.get("weights")))
+            machine = self.core.tasks.get(cmd.task_id)
+            if (
+                machine is not None
+                and req["round"] >= machine.offer.rounds
+                and self.derived_output(machine.offer) is not None
+            ):
+                # A preprocessing step's last round: the derived table, not metrics.
+                kind = "transform"
+                job = rt.Transform(req["round"], self.blob_bytes(req.get("weights")))
+            else:
+                job = rt.Evaluate(req["round"], self.blob_bytes(req.get("weights")))
         elif kind == "finalize":
             job = rt.Finalize(req["num_samples"], req["metrics"], req["aggregates"])
         elif kind == "reduce":
             job = rt.Reduce([Partial(**p) for p in req["partials"]])
         else:
             raise LocalProtocolError(f"unknown job kind {kind}")
+        machine = self.core.tasks.get(cmd.task_id)
+        if kind == "train" and machine is not None and machine.offer.type in BATCHED_TYPES:
+            BatchedJob(self, cmd, spec).start()  # one execution, streamed in batches
+            return
+        self.io.run_job(spec, job, self.job_done(cmd, kind))
+
+    def job_done(self, cmd: RunJob, kind: str) -> Callable[[Any, str | None], None]:
+        """The callback that turns a job's outcome into JobDone / JobFailed for the core."""
         token = cmd.token
 
         def done(output: Any, error: str | None) -> None:
@@ -512,15 +623,33 @@ class Driver:
                 self.on_event(JobFailed(token, error))
                 return
             for line in output.logs:
-                self._emit_log(cmd.task_id, line)
+                self.emit_log(cmd.task_id, line)
             try:
                 result = self._job_result(cmd.task_id, kind, output.result)
             except Exception as exc:  # a task returned something we cannot use
                 self.on_event(JobFailed(token, f"{type(exc).__name__}: {exc}"))
                 return
+            if kind == "train" and cmd.job.get("round") == 1:
+                self.charge_usage(cmd.task_id, int(result.get("num_samples", 0)))
             self.on_event(JobDone(token, result))
 
-        self.io.run_job(spec, job, done)
+        return done
+
+    def running_specs(self) -> dict[str, Any]:
+        """Tasks with a live worker here (a task's spec goes when it ends for us)."""
+        return self._specs
+
+    def records_ledger(self) -> Any:
+        """This node's RecordsLedger (which records each taskpack processed), or None."""
+        if self._records is None and self.local_dir is not None:
+            from p2pfl.store.local_runs import RecordsLedger
+
+            self._records = RecordsLedger(self.local_dir)
+        return self._records
+
+    def charge_usage(self, task_id: str, records: int) -> None:
+        if self.usage_sink is not None:
+            self.usage_sink(task_id, records)
 
     def _close_task(self, task_id: str) -> None:
         """The task is over for this node: end its worker and wipe its temp dir."""
@@ -543,6 +672,14 @@ class Driver:
             }
         if kind == "finalize":
             return self._release(task_id, result)
+        if kind == "reduce":
+            machine = self.core.tasks.get(task_id)
+            run = getattr(machine.offer, "run", None) if machine is not None else None
+            if isinstance(run, dict) and run.get("test_run"):
+                # Marked in the signed result: nobody mistakes a trial for the real run.
+                result = {**result, "test_run": int(run["test_run"])}
+        if kind == "transform":
+            return self._store_derived(task_id, result)
         return result
 
     def _release(self, task_id: str, partial: Any) -> Any:
@@ -571,15 +708,18 @@ class Driver:
         self.execute([Audit("release", {**fields, "dp_spend": spent, "notes": notes + more})])
         return dataclasses.replace(partial, aggregates=aggregates, metrics=metrics)
 
-    def _emit_log(self, task_id: str, line: str) -> None:
+    def emit_log(
+        self, task_id: str, line: str, kind: str = "log", metrics: dict[str, Any] | None = None
+    ) -> None:
+        """A line for this task's followers on this node (the task's logs, batch progress)."""
         event = {
             "t": self.io.now(),
-            "kind": "log",
+            "kind": kind,
             "task_id": task_id,
             "peer": self.me,
             "round": None,
             "message": line,
-            "metrics": {},
+            "metrics": dict(metrics or {}),
         }
         for listener in list(self.listeners):
             listener(event)
@@ -616,6 +756,49 @@ class Driver:
 
     def fetch_progress(self) -> dict[str, tuple[int, int]]:
         return {cid: f.progress() for cid, f in self._fetches.items()}
+
+
+def parse_window(text: str) -> float:
+    """`volunteer_window_s` from the command line: seconds in (0, MAX_WINDOW_S]."""
+    from p2pfl.core.offer import MAX_WINDOW_S
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise LocalProtocolError(f"volunteer_window_s: {text!r} is not a number") from None
+    if not 0 < value <= MAX_WINDOW_S:
+        raise LocalProtocolError(f"volunteer_window_s: {value:g} is not in (0, {MAX_WINDOW_S:g}]")
+    return value
+
+
+def parse_run_options(raw: dict[str, str]) -> dict[str, Any] | None:
+    """The offer's `run` field from `run.*` overrides (strings from the command line)."""
+    from p2pfl.runtime.batching import DEFAULT_TEST_RUN, run_options_problem
+
+    unknown = sorted(set(raw) - {"test_run", "new_data_only", "rerun_failed"})
+    if unknown:
+        raise LocalProtocolError(
+            f"run.{unknown[0]}: unknown run option (test_run, new_data_only, rerun_failed)"
+        )
+    out: dict[str, Any] = {}
+    for key, text in raw.items():
+        value = str(text).strip().lower()
+        if key == "test_run":
+            if value in ("", "true"):
+                out[key] = DEFAULT_TEST_RUN
+                continue
+            try:
+                out[key] = int(value)
+            except ValueError:
+                raise LocalProtocolError(f"run.test_run: {text!r} is not a number") from None
+        elif value in ("true", "1", "yes"):
+            out[key] = True
+        elif value not in ("false", "0", "no"):
+            raise LocalProtocolError(f"run.{key}: {text!r} is not true or false")
+    problem = run_options_problem(out or None)
+    if problem is not None:
+        raise LocalProtocolError(problem)
+    return out or None
 
 
 def _least(a: Any, b: Any) -> Any:

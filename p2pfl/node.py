@@ -26,8 +26,10 @@ import trio
 from p2pfl.config import NodeConfig
 from p2pfl.core.messages import TaskpackAnnounce, check_task_id
 from p2pfl.core.node_core import DatasetInfo, NodeCore
+from p2pfl.data.derived import DerivedRegistry
 from p2pfl.driver import Driver
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError, TaskFailed, TaskNotFinished
+from p2pfl.flow.api import FlowAPI
 from p2pfl.fsutil import atomic_write
 from p2pfl.identity import Identity
 from p2pfl.policy import (
@@ -40,6 +42,7 @@ from p2pfl.policy import (
     SitePolicy,
     load_policy,
 )
+from p2pfl.policy.usage import USAGE_FILE, UsageLedger
 from p2pfl.store.blobs import BlobStore
 from p2pfl.taskpack.trust import TrustPolicy
 from p2pfl.wire import decode, encode
@@ -59,7 +62,23 @@ def describe_datasets(datasets: dict[str, Path]) -> dict[str, DatasetInfo]:
 
     out = {}
     for name, path in datasets.items():
-        X, y, columns = load_table(path)
+        if Path(path).is_dir():
+            # A folder dataset (images, documents): one record per file, no columns.
+            from p2pfl.taskpack.batch import count_files
+
+            out[name] = DatasetInfo(name, count_files(Path(path)), [], type="files")
+            continue
+        try:
+            X, y, columns = load_table(path)
+        except ValueError:
+            if Path(path).suffix.lower() != ".csv":
+                raise
+            # Not a training table (keys, text columns): inference or preprocessing input.
+            from p2pfl.taskpack.batch import csv_shape
+
+            rows, header = csv_shape(Path(path))
+            out[name] = DatasetInfo(name, rows, header, type="table")
+            continue
         out[name] = DatasetInfo(name, int(len(y)), [*list(columns), "label"])
     return out
 
@@ -125,9 +144,11 @@ class Node:
         self._history: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self._watchers: dict[str, set[trio.MemorySendChannel[dict[str, Any]]]] = defaultdict(set)
         self._finished: dict[str, dict[str, Any]] = {}  # task id -> record (see _keep_finished)
+        self.flows_api: Any = None  # p2pfl/flow/api.py, set once the node runs
         driver.listeners.append(self._on_task_event)
         driver.persist = self.persist_task
         driver.site_sink = self._site_record
+        driver.usage_sink = self._charge_usage
         site = site if site is not None else open_site(config, self.core.me)
         self.policy: SitePolicy = site.policy
         self.ledger: PrivacyLedger = site.ledger
@@ -314,6 +335,23 @@ class Node:
                     "privacy", task=cmd.task_id, dataset=name, epsilon=cmd.epsilon, task_total=total
                 )
 
+    def _charge_usage(self, task_id: str, records: int) -> None:
+        """A task's execution here finished: count it against its requester's usage caps."""
+        usage = self.core.usage
+        machine = self.core.tasks.get(task_id)
+        if usage is None or machine is None:
+            return
+        offer = machine.offer
+        usage.charge(
+            task_id=task_id,
+            requester=offer.publisher,
+            taskpack=offer.name,
+            datasets=tuple(offer.inputs),
+            records=records,
+            t=self.driver.io.now(),
+        )
+        self.audit_log.record("usage", task=task_id, records=records, datasets=list(offer.inputs))
+
     def cancel_task(self, task_id: str, reason: str = "") -> dict[str, Any]:
         tid = self._task_id(task_id)
         self.driver.execute(
@@ -327,7 +365,9 @@ class Node:
         return self.task(tid)
 
     def policy_show(self) -> dict[str, Any]:
-        return {"policy": self.policy.as_dict(), "ledger": self.ledger.as_dict()}
+        ledger = getattr(self.core, "usage", None)
+        usage = ledger.as_dict() if ledger is not None else []
+        return {"policy": self.policy.as_dict(), "ledger": self.ledger.as_dict(), "usage": usage}
 
     def policy_reload(self) -> dict[str, Any]:
         """Re-read policy.yaml; an invalid file keeps the current policy (and says why)."""
@@ -504,6 +544,7 @@ async def run_node(config: NodeConfig) -> None:
         site=site.policy,
         privacy_spent=site.ledger.spent_all(),
     )
+    core.usage = UsageLedger(data_dir / USAGE_FILE)
     (data_dir / "tmp").mkdir(exist_ok=True)
     runner = ChildProcessRunner(
         tmp_root=data_dir / "tmp",
@@ -544,7 +585,9 @@ async def run_node(config: NodeConfig) -> None:
                 taskpack_root=data_dir / "taskpacks",
                 datasets=dict(config.datasets),
                 state_dir=data_dir / "state",
+                local_dir=data_dir,
             )
+            driver.attach_derived(DerivedRegistry(data_dir / "derived"))
             holder.append(driver)
             target_peers = Libp2pConfig().target_peers
 
@@ -560,6 +603,8 @@ async def run_node(config: NodeConfig) -> None:
             driver.start()
             node = Node(config, driver, network, __version__, site=site)
             node.restore()
+            node.flows_api = FlowAPI(node)
+            node.flows_api.start()
             await nursery.start(ControlServer(config.control_socket, node).serve)
             addrs = network.listen_addrs()
             log.info("node %s listening on %s", identity.peer_id, " ".join(addrs))

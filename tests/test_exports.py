@@ -17,6 +17,7 @@ PUBLIC = {
     "P2PFLError",
     "Partial",
     "RemoteProtocolError",
+    "Table",
     "Task",
     "TaskFailed",
     "TaskNotFinished",

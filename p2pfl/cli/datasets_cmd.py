@@ -30,9 +30,26 @@ def _fail(message: str) -> None:
     fail(message, 2)  # a bad argument: click's usage-error code
 
 
-@click.group("datasets")
-def datasets_group() -> None:
-    """Offline datasets for simulations and quick starts."""
+@click.group("datasets", invoke_without_command=True)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Show what a node processed per taskpack and dataset (new-data-only memory).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with --data-dir).")
+@click.pass_context
+def datasets_group(ctx: click.Context, data_dir: Path | None, as_json: bool) -> None:
+    """Offline datasets for simulations and quick starts; with --data-dir, a node's view:
+    records processed and failed per taskpack and dataset."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if data_dir is None:
+        click.echo(ctx.get_help(), err=True)
+        ctx.exit(2)  # as any group without a command (click's convention)
+    from p2pfl.cli.runs_cmds import datasets_view
+
+    datasets_view(data_dir, as_json)
 
 
 @datasets_group.command("list")
@@ -67,6 +84,11 @@ def _histogram(y: np.ndarray, classes: int) -> list[int]:
     "--format", "fmt", type=click.Choice(["csv", "npz"]), default="csv", show_default=True
 )
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
+@click.option(
+    "--raw", is_flag=True,
+    help="Keep tabular features as loaded (missing cells stay missing, nothing scaled): "
+    "for a flow whose standardize step scales them federatedly.",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def split_cmd(
     source: str,
@@ -77,6 +99,7 @@ def split_cmd(
     test_fraction: float,
     fmt: str,
     force: bool,
+    raw: bool,
     as_json: bool,
 ) -> None:
     """Split dataset SOURCE into OUT/node-<i>/SOURCE.csv (i from 0) and OUT/test.csv.
@@ -107,7 +130,7 @@ def split_cmd(
     try:
         ds = load_dataset(source)
         rng = np.random.default_rng(seed)
-        train, test = split_dataset(ds, test_fraction, rng)
+        train, test = split_dataset(ds, test_fraction, rng, scale=not raw)
         parts = partition(spec, train.y, nodes, rng, sites=train.sites)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
@@ -120,6 +143,7 @@ def split_cmd(
         "test_fraction": test_fraction,
         "classes": ds.classes,
         "features": len(ds.feature_names),
+        "scaled": not raw and ds.scaling == "standardize",
         "out": str(out_dir),
         "nodes": [],
     }

@@ -41,10 +41,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("p2pfl.cli.policy_cmds:audit_cmd", "Read the node's audit log."),
     "new": ("p2pfl.cli.taskpack_cmds:new_cmd", "Create a new taskpack from a template."),
     "pack": ("p2pfl.cli.taskpack_cmds:pack_cmd", "Validate and pack a taskpack directory."),
+    "reports": (
+        "p2pfl.cli.runs_cmds:reports_cmd",
+        "List a node's inference reports (they stay on the node).",
+    ),
     "datasets": (
         "p2pfl.cli.datasets_cmd:datasets_group",
         "Offline datasets: list, split.",
     ),
+    "flow": ("p2pfl.cli.flow_cmds:flow_group", "Flows: run, status, resume, result, check."),
     "simulate": ("p2pfl.cli.sim_cmds:simulate_cmd", "Simulate a network of nodes from a scenario."),
     "experiment": ("p2pfl.cli.sim_cmds:experiment_cmd", "Run a grid of simulations and report."),
 }

@@ -68,6 +68,18 @@ def emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=None, sort_keys=False, default=str))
 
 
+def run_options(f: Any) -> Any:
+    from p2pfl.cli.runs_cmds import run_options as options
+
+    return options(f)
+
+
+def run_params(test_run: int | None, new_data_only: bool, rerun_failed: bool) -> dict[str, str]:
+    from p2pfl.cli.runs_cmds import run_params as params
+
+    return params(test_run, new_data_only, rerun_failed)
+
+
 def client(data_dir: Path) -> Client:
     return Client(data_dir.expanduser())
 
@@ -294,6 +306,7 @@ def peers_cmd(data_dir: Path, as_json: bool, wide: bool) -> None:
     help="A task parameter (repeatable; with --run).",
 )
 @rollout_option
+@run_options
 @json_option
 def publish_cmd(
     taskpack_dir: Path,
@@ -301,10 +314,14 @@ def publish_cmd(
     run: bool,
     params: tuple[str, ...],
     rollout: str,
+    test_run: int | None,
+    new_data_only: bool,
+    rerun_failed: bool,
     as_json: bool,
 ) -> None:
     """Pack, sign and announce the taskpack in DIR; with --run, also run it."""
     parsed = dict(parse_param(p) for p in params)
+    parsed.update(run_params(test_run, new_data_only, rerun_failed))
     if parsed and not run:
         raise click.BadParameter("parameters only make sense with --run", param_hint="--param")
     if rollout and not run:
@@ -410,11 +427,16 @@ def withdraw_cmd(task_id: str, data_dir: Path, as_json: bool) -> None:
 @data_dir_option
 @json_option
 def trace_cmd(task_id: str, data_dir: Path, as_json: bool) -> None:
-    """Follow TASK live until it ends (exit 0 on success, 1 on failure).
+    """Follow TASK (or a flow, as its tree) live until it ends (exit 0 on success, 1 on
+    failure).
 
-    TASK may be a unique prefix of the task id.
+    TASK may be a unique prefix of the task or flow id.
     """
     c = client(data_dir)
+    if c.is_flow(task_id):
+        from p2pfl.cli.flow_cmds import trace_flow
+
+        sys.exit(0 if trace_flow(c, task_id, as_json) else 1)
     last: dict[str, Any] | None = None
     if as_json:
         for event in c.events(task_id):
@@ -515,6 +537,13 @@ class _Progress:
         return self.on_event
 
     def on_event(self, event: dict[str, Any]) -> None:
+        flow = event.get("flow")
+        if flow is not None:  # a flow's snapshot: steps done / all
+            done = sum(s["state"] == "succeeded" for s in flow["steps"])
+            self.status.update(
+                f"flow {flow['name']} {flow['status']}: {done}/{len(flow['steps'])} steps"
+            )
+            return
         t = event.get("task") or {}
         self.status.update(
             f"task {t.get('task_id', '?')} {t.get('status', '?')} "

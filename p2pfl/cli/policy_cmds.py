@@ -19,6 +19,8 @@ from p2pfl.cli.node_cmds import (
     json_option,
     parse_param,
     rollout_option,
+    run_options,
+    run_params,
 )
 from p2pfl.client import short_id
 
@@ -33,8 +35,18 @@ from p2pfl.client import short_id
     "--param", "params", multiple=True, metavar="KEY=VALUE", help="A task parameter (repeatable)."
 )
 @rollout_option
+@run_options
 @json_option
-def run_cmd(ref: str, data_dir: Path, params: tuple[str, ...], rollout: str, as_json: bool) -> None:
+def run_cmd(
+    ref: str,
+    data_dir: Path,
+    params: tuple[str, ...],
+    test_run: int | None,
+    new_data_only: bool,
+    rerun_failed: bool,
+    rollout: str,
+    as_json: bool,
+) -> None:
     """Offer a task on a taskpack this node already verified (by name, name@range such
     as federated-stats@^1, or cid), whoever published it. With --rollout, several
     verified versions of that name run side by side.
@@ -43,6 +55,7 @@ def run_cmd(ref: str, data_dir: Path, params: tuple[str, ...], rollout: str, as_
     To publish a taskpack directory and run it, use `p2pfl publish DIR --run`.
     """
     parsed = dict(parse_param(p) for p in params)
+    parsed.update(run_params(test_run, new_data_only, rerun_failed))
     check_rollout(rollout)
     task_id = client(data_dir).run(ref, parsed, rollout)
     if as_json:
@@ -209,6 +222,15 @@ def _rule_lines(r: dict[str, Any], spent: dict[str, Any] | None) -> list[str]:
         f"  {'advertise':<12}row count {(r.get('advertise') or {}).get('count', '?')}",
         f"  {'extremes':<12}{r.get('extremes', 'deny')}",
         f"  {'metrics':<12}{r.get('metrics', '?')}",
+    ] + [
+        f"  {'usage':<12}{short(u['requester'])} with {u['taskpack']}: "
+        + ", ".join(
+            f"<= {u[key]:,} {what}"
+            for key, what in (("max_runs", "runs"), ("max_records", "records"))
+            if u.get(key) is not None
+        )
+        + f" per {u['period']}"
+        for u in r.get("usage") or []
     ]
 
 

@@ -25,7 +25,7 @@ def _problems(exc: ValidationError) -> click.ClickException:
 @click.option(
     "--type",
     "task_type",
-    type=click.Choice(["training", "analysis"]),
+    type=click.Choice(["training", "analysis", "inference", "preprocessing"]),
     default="training",
     show_default=True,
     help="What the taskpack does.",

@@ -105,6 +105,12 @@ class ControlServer:
             "cancel_task": _Op(api.cancel_task, {"task_id": str, "reason": str}, subject="task"),
             "withdraw_task": _Op(api.withdraw_task, {"task_id": str}, subject="task"),
         }
+        flows = getattr(api, "flows_api", None)
+        if flows is not None:  # flows (p2pfl/flow/api.py) bring their own ops
+            from p2pfl.flow.api import control_ops
+
+            for name, (fn, args, kind) in control_ops(flows).items():
+                self._ops[name] = _Op(fn, args, kind, "flow")
         self._inode: tuple[int, int] | None = None
 
     # -- ops that adapt the api ------------------------------------------------------------

@@ -273,9 +273,9 @@ class FinalStep:
             model=task.global_ref if task.is_training else None,
             created=now,
         )
-        return [Publish(TOPIC_TASKS, seal(task.me, result))] + self.take_result(
-            now, result, task.my_id
-        )
+        envelope = seal(task.me, result)
+        task.result_envelopes[task.my_id] = envelope
+        return [Publish(TOPIC_TASKS, envelope)] + self.take_result(now, result, task.my_id)
 
     def on_deadline(self, now: float) -> list[Command]:
         """Our deadline for the result passed: the duty moves one rank down, and a held

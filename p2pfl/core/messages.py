@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from p2pfl.core.flowrec import MAX_FLOW_STEPS, FlowRecord
 from p2pfl.store.blobref import BlobRef
 from p2pfl.wire import Json, message
 
@@ -151,10 +152,20 @@ class TaskOffer:
     # `version`), and for a partial rollout its arms [[version, cid, model schema, share]].
     range: str = ""
     rollout: Json = None
+    # A flow's step (core/flowrec.py): the whole flow, this step's index in it, and the
+    # result model of an earlier step that this step works on (fetched by its BlobRef).
+    flow: FlowRecord | None = None
+    step: int = 0
+    model: BlobRef | None = None
+    # How each node runs it (p2pfl.runtime.batching.RunOptions): None, or {test_run: N,
+    # new_data_only: bool, rerun_failed: bool}. Signed and in the task id: nodes enforce it.
+    run: Json = None
 
     def __post_init__(self) -> None:
         _check_task(self.task_id, self.publisher)
         _check_nonce(self.nonce, "nonce")
+        if not 0 <= self.step < MAX_FLOW_STEPS:
+            raise ValueError(f"step must be in [0, {MAX_FLOW_STEPS})")
 
 
 @message("task.volunteer")

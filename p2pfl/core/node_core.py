@@ -168,6 +168,10 @@ class NodeCore:
         # ChargePrivacy commands keep this copy current, so decisions see every commitment).
         self.site = site
         self.privacy_spent: dict[str, float] = dict(privacy_spent or {})
+        # Runs and records used per requester and taskpack (the node's UsageLedger; None: no
+        # usage caps are counted), judged at the time of the last event (`_now`).
+        self.usage: Any = None
+        self._now = 0.0
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -250,7 +254,7 @@ class NodeCore:
         dp = offer.dp if isinstance(offer.dp, dict) else None
         facts = OfferFacts(
             requester=offer.publisher,
-            datasets=tuple(offer.inputs),
+            datasets=self.local.policy_datasets(offer),
             taskpack_publisher=entry.announce.publisher,
             taskpack_name=entry.name,
             taskpack_version=entry.version,
@@ -265,6 +269,7 @@ class NodeCore:
             manifest_aggregator=spec.federated.aggregator,
             manifest_protocol=spec.federated.protocol,
             params=dict(offer.params) if isinstance(offer.params, dict) else {},
+            records=self._records_asked(offer),
         )
         running: dict[str, int] = defaultdict(int)
         for other in self.tasks.values():
@@ -272,7 +277,22 @@ class NodeCore:
                 for name in other.offer.inputs:
                     running[name] += 1
         spent = self.privacy_spent if spent is None else spent
-        return self.site.decide(facts, spent=spent, running=running)
+        usage = None
+        if self.usage is not None:
+            usage = self.usage.counts(self._now, exclude_task=offer.task_id)
+        return self.site.decide(facts, spent=spent, running=running, usage=usage)
+
+    def _records_asked(self, offer: TaskOffer) -> dict[str, int]:
+        """Records the offer would process per dataset: a test run's N at most."""
+        run = offer.run if isinstance(offer.run, dict) else {}
+        # Only a batched (inference) task runs on at most N records; any other type reads
+        # all its rows whatever its offer says, and is counted so.
+        cap = run.get("test_run") if offer.type == "inference" else None
+        out = {}
+        for name in offer.inputs:
+            rows = int(self.local.datasets.get(name, 0))
+            out[name] = min(rows, int(cap)) if isinstance(cap, int) else rows
+        return out
 
     # --- local requests ------------------------------------------------------------------
 
@@ -298,6 +318,8 @@ class NodeCore:
         volunteer_window_s: float = 3.0,
         range: str = "",
         rollout: tuple[Arm, ...] = (),
+        flow: Any = None,  # a flow's step: (FlowRecord, step index, model BlobRef | None)
+        run: dict[str, Any] | None = None,
     ) -> tuple[str, list[Command]]:
         """Offer a task on a taskpack verified here (ours or another publisher's): the
         offer is signed by us, the requester. `range`: the version range asked for (the
@@ -320,6 +342,8 @@ class NodeCore:
             volunteer_window_s=volunteer_window_s,
             range=range,
             rollout=rollout,
+            **({"flow": flow[0], "step": flow[1], "model": flow[2]} if flow else {}),
+            run=run,
         )
         # Refused here with the reason receivers would give (a training rollout that
         # mixes model schemas is refused by the nodes of the other schema).
@@ -379,6 +403,22 @@ class NodeCore:
         result's model also to the task's publisher). A blob no task claims goes to nobody."""
         if cid in self.book.entries:
             return True
+        # An earlier step's result model goes to the roster of a later step that evaluates
+        # it, when both tasks have the same requester (who may fetch that result anyway).
+        owners = {
+            m.offer.publisher
+            for m in self.tasks.values()
+            if m.result is not None and m.result.model is not None and m.result.model.cid == cid
+        }
+        for machine in self.tasks.values():
+            model = machine.offer.model
+            if (
+                model is not None
+                and model.cid == cid
+                and machine.offer.publisher in owners
+                and peer in machine.participants
+            ):
+                return True
         for machine in self.tasks.values():
             if machine.holds_blob(cid):
                 return machine.may_fetch(peer, cid)
@@ -395,6 +435,7 @@ class NodeCore:
     # --- events ------------------------------------------------------------------------
 
     def handle(self, event: Any, now: float) -> list[Command]:
+        self._now = now
         if isinstance(event, Message):
             return self._on_message(event, now)
         if isinstance(event, TimerFired):

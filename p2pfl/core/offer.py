@@ -2,7 +2,8 @@
 
 `task_id = sha256("p2pfl/task-id/v2|" + canonical offer bytes with a zero id)[:32 hex]`:
 it covers the taskpack cid, the parameters, the publisher and a fresh nonce (and every
-other setting), so a receiver re-derives it and an offer cannot choose its own id.
+other setting; for a flow's step also the flow record, the step index and the model ref),
+so a receiver re-derives it and an offer cannot choose its own id.
 """
 
 from __future__ import annotations
@@ -11,8 +12,13 @@ import hashlib
 from dataclasses import replace
 from typing import Any
 
+from p2pfl.core.flowrec import FlowRecord, flow_offer_problem
 from p2pfl.core.messages import NONCE_BYTES, TASK_ID_HEX, TaskOffer
 from p2pfl.core.versions import Arm, arms_problem
+from p2pfl.errors import RemoteProtocolError
+from p2pfl.limits import MAX_RESULT_BYTES
+from p2pfl.runtime.batching import run_options_problem
+from p2pfl.store.blobref import BlobRef, validate_ref
 from p2pfl.wire import encode
 
 PROTOCOLS = ("fedavg", "fedprox", "gossip")
@@ -48,13 +54,26 @@ def offer_problem(offer: TaskOffer) -> str | None:
         return f"round timeout {offer.round_timeout_s} s is not in (0, {MAX_WINDOW_S:g}]"
     if not offer.inputs or len(offer.inputs) > 64:
         return "an offer binds 1 to 64 input datasets"
+    run_problem = run_options_problem(offer.run)
+    if run_problem is not None:
+        return run_problem
     dp = offer.dp
     if dp is not None:
         if not isinstance(dp, dict) or set(dp) != {"epsilon", "delta", "max_grad_norm"}:
             return "dp must be {epsilon, delta, max_grad_norm}"
         if not all(isinstance(v, int | float) and v > 0 for v in dp.values()):
             return "dp values must be positive numbers"
-    return arms_problem(offer)
+    problem = arms_problem(offer)
+    if problem is not None:
+        return problem
+    if offer.model is not None:
+        try:
+            validate_ref(offer.model)
+        except RemoteProtocolError as exc:
+            return f"model: {exc}"
+        if offer.model.size > MAX_RESULT_BYTES:
+            return f"model of {offer.model.size} bytes, over {MAX_RESULT_BYTES}"
+    return flow_offer_problem(offer)
 
 
 def build_offer(
@@ -72,6 +91,10 @@ def build_offer(
     volunteer_window_s: float,
     range: str = "",
     rollout: tuple[Arm, ...] = (),
+    flow: FlowRecord | None = None,
+    step: int = 0,
+    model: BlobRef | None = None,
+    run: dict[str, Any] | None = None,
 ) -> TaskOffer:
     """The offer for a verified taskpack. `federated` is the manifest's federated section
     with the task's parameters applied (taskpack.params.effective_federated): the one set
@@ -111,5 +134,12 @@ def build_offer(
         max_update_norm=float(params.get("max_update_norm", 0.0) or 0.0),
         range=range,
         rollout=[arm.wire() for arm in rollout] if rollout else None,
+        flow=flow,
+        step=step,
+        model=model,
+        run=run or None,
     )
+    problem = run_options_problem(offer.run)
+    if problem is not None:
+        raise ValueError(problem)
     return replace(offer, task_id=derive_task_id(offer))

@@ -28,6 +28,7 @@ from p2pfl.core.commands import (
     Command,
     Emit,
     EventKind,
+    FetchBlob,
     JobDone,
     JobFailed,
     Log,
@@ -48,6 +49,7 @@ from p2pfl.core.election import (
 )
 from p2pfl.core.fedavg_rounds import FedAvgRounds
 from p2pfl.core.final import FinalStep
+from p2pfl.core.flowrec import flow_id_of
 from p2pfl.core.messages import (
     NONCE_BYTES,
     TOPIC_TASKS,
@@ -120,6 +122,29 @@ class LocalContext:
     def __init__(self, datasets: dict[str, int], min_records: int = 10) -> None:
         self.datasets = datasets  # name -> record count
         self.min_records = min_records
+        # Derived datasets an earlier flow step wrote here (p2pfl/data/derived.py), kept in
+        # step by the driver: (flow id, name) -> (records, the site datasets it came from).
+        self.derived: dict[tuple[str, str], tuple[int, tuple[str, ...]]] = {}
+
+    def records(self, offer: TaskOffer, name: str) -> int | None:
+        """Records of input `name` for `offer` (None: not here). A flow step reads its
+        flow's derived dataset of that name first, else the site's dataset."""
+        if offer.flow is not None:
+            hit = self.derived.get((flow_id_of(offer.flow), name))
+            if hit is not None:
+                return hit[0]
+        return self.datasets.get(name)
+
+    def policy_datasets(self, offer: TaskOffer) -> tuple[str, ...]:
+        """The site datasets an offer uses, as the site policy judges it: a derived input
+        stands for the datasets it was derived from (their rules apply to it)."""
+        out: list[str] = []
+        for name in offer.inputs:
+            hit = self.derived.get((flow_id_of(offer.flow), name)) if offer.flow else None
+            for source in hit[1] if hit is not None and hit[1] else (name,):
+                if source not in out:
+                    out.append(source)
+        return tuple(out)
 
 
 class TaskMachine:
@@ -165,6 +190,7 @@ class TaskMachine:
         self.final = FinalStep(self)
         self.result: TaskResult | None = None
         self.result_signer = ""
+        self.result_envelopes: dict[str, Signed] = {}  # signer -> its signed TaskResult
         self.early: list[Incoming] = []  # round messages that came before the roster
         self.early_bytes = 0
         self.held_rosters: dict[int, Incoming] = {}  # takeover rosters before their time
@@ -175,6 +201,7 @@ class TaskMachine:
         self.ended = False
         self.decision: Any = None  # the site policy's Decision on this offer, once made
         self.volunteered_at: float | None = None  # when our volunteer record went out
+        self.model_ready = False  # an evaluating step holds the model its offer names
 
     # --- identity of the task ----------------------------------------------------------
 
@@ -188,7 +215,10 @@ class TaskMachine:
 
     @property
     def is_training(self) -> bool:
-        return self.offer.type == "training"
+        """Whether the task carries a model through rounds. A preprocessing step does: its
+        "model" is the statistics of its transform, averaged like weights so that every
+        site applies the same one (docs/flows.md)."""
+        return self.offer.type in ("training", "preprocessing")
 
     @property
     def participants(self) -> tuple[str, ...]:
@@ -279,7 +309,9 @@ class TaskMachine:
             return []
         if status != "verified":
             return self.decline(now, f"taskpack {event.reason or status}")
-        missing = [name for name in self.offer.inputs if name not in self.local.datasets]
+        missing = [
+            name for name in self.offer.inputs if self.local.records(self.offer, name) is None
+        ]
         if missing:
             return self.decline(now, f"no local dataset named {', '.join(missing)}")
         if now > self.offer.volunteer_deadline:
@@ -345,8 +377,9 @@ class TaskMachine:
     def on_validated(self, now: float, event: JobDone | JobFailed) -> list[Command]:
         if isinstance(event, JobFailed):
             return self.decline(now, f"validate_inputs refused: {event.reason}")
-        samples = sum(self.local.datasets.get(name, 0) for name in self.offer.inputs)
-        if self.offer.type == "analysis" and samples < self.k:
+        samples = sum(self.local.records(self.offer, name) or 0 for name in self.offer.inputs)
+        # Released aggregates, and a preprocessing step's shared statistics, need k records.
+        if self.offer.type in ("analysis", "preprocessing") and samples < self.k:
             return self.decline(now, f"fewer than {self.k} records (k policy)")
         if now >= self.offer.volunteer_deadline:
             # The others have revealed by now and refuse a record made after it: say so,
@@ -617,10 +650,17 @@ class TaskMachine:
             return [self.job(JobStep.INIT, {"kind": "init"})]
         # analysis (and other one-shot types): a single execution, then the final step
         self.phase = Phase.TRAINING
-        return [
-            self.job(JobStep.TRAIN, {"kind": "train", "round": 1, "weights": None}, 1),
-            SetTimer(self.timer(TimerKind.ROUND, 1), now + self.offer.round_timeout_s),
+        out: list[Command] = [
+            SetTimer(self.timer(TimerKind.ROUND, 1), now + self.offer.round_timeout_s)
         ]
+        if self.offer.model is not None:
+            # A flow step that evaluates an earlier step's model: fetch it first (from
+            # this task's roster and publisher; the earlier step's roster serves it).
+            providers = tuple(
+                p for p in (*self.participants, self.offer.publisher) if p != self.my_id
+            )
+            return out + [FetchBlob(self.offer.model, providers)]
+        return out + [self.job(JobStep.TRAIN, {"kind": "train", "round": 1, "weights": None}, 1)]
 
     # --- persistence -------------------------------------------------------------------
 
@@ -820,9 +860,11 @@ class TaskMachine:
             model=None,
             created=now,
         )
+        envelope = seal(self.me, result)
+        self.result_envelopes[self.my_id] = envelope
         out: list[Command] = [
             Log("warning", f"task {self.task_id[:12]} failed: {reason}"),
-            Publish(TOPIC_TASKS, seal(self.me, result)),
+            Publish(TOPIC_TASKS, envelope),
         ]
         return out + self.final.take_result(now, result, self.my_id)
 
@@ -834,7 +876,17 @@ class TaskMachine:
         return []
 
     def on_result(self, now: float, event: Incoming) -> list[Command]:
+        if event.envelope is not None and len(self.result_envelopes) < MAX_HELD:
+            # Kept as signed, so a flow can re-check the result off the wire (p2pfl/flow).
+            self.result_envelopes.setdefault(event.signer, event.envelope)
         return self.final.on_result(now, event.msg, event.signer)
+
+    @property
+    def result_envelope(self) -> Signed | None:
+        """The signed result this node took (None: no result, or not kept)."""
+        if self.result is None:
+            return None
+        return self.result_envelopes.get(self.result_signer)
 
     def on_cancel(self, now: float, event: Incoming) -> list[Command]:
         """The publisher ended the task: for everyone, at once."""
@@ -943,6 +995,21 @@ class TaskMachine:
         return self.rounds.on_job(now, event)
 
     def on_blob(self, now: float, event: BlobOutcome) -> list[Command]:
+        model = self.offer.model
+        if (
+            model is not None
+            and not self.is_training
+            and event.cid == model.cid
+            and self.phase is Phase.TRAINING
+            and self.round == 1
+            and not self.model_ready
+        ):
+            if not event.ok:
+                return self.withdraw(
+                    now, f"cannot fetch the model {model.cid[:16]}: {event.reason}"
+                )
+            self.model_ready = True
+            return [self.job(JobStep.TRAIN, {"kind": "train", "round": 1, "weights": model}, 1)]
         out = self.final.on_blob(now, event) if self.final.gathering else []
         if self.rounds is not None:
             out += self.rounds.on_blob(now, event)

@@ -78,12 +78,17 @@ class Standardizer:
 
 
 def split_dataset(
-    ds: Dataset, test_fraction: float, rng: np.random.Generator, stratify: bool = True
+    ds: Dataset,
+    test_fraction: float,
+    rng: np.random.Generator,
+    stratify: bool = True,
+    scale: bool = True,
 ) -> tuple[Dataset, Dataset]:
-    """(train, test), stratified by label; tabular data standardised on train stats only."""
+    """(train, test), stratified by label; tabular data standardised on train stats only
+    (unless `scale` is False: then missing values stay missing, for a flow to handle)."""
     train_idx, test_idx = split_train_test(ds.y, test_fraction, rng, stratify=stratify)
     train, test = ds.subset(train_idx), ds.subset(test_idx)
-    if ds.scaling == "standardize":
+    if ds.scaling == "standardize" and scale:
         scaler = Standardizer.fit(train.X)
         train = replace(train, X=scaler.transform(train.X), scaling="fixed")
         test = replace(test, X=scaler.transform(test.X), scaling="fixed")

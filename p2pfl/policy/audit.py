@@ -28,6 +28,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "release": ("task", "round", "what", "bytes", "dp_spend"),
     "policy": ("action", "digest"),
     "privacy": ("task", "dataset", "epsilon"),  # a DP spend charged to a dataset's budget
+    "usage": ("task", "records", "datasets"),  # a run counted against its requester's caps
 }
 
 

@@ -56,6 +56,22 @@ _RULES: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {"count": {"enum": ["exact", "coarse", "hidden"]}},
         },
+        # Caps per requester and taskpack per period (p2pfl/policy/usage.py).
+        "usage": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["requester", "taskpack", "period"],
+                "properties": {
+                    "requester": {"type": "string", "minLength": 1},
+                    "taskpack": {"type": "string", "minLength": 1},
+                    "period": {"enum": ["day", "week", "month"]},
+                    "max_runs": {"type": "integer", "minimum": 1},
+                    "max_records": {"type": "integer", "minimum": 1},
+                },
+            },
+        },
         "extremes": {"enum": ["allow", "deny"]},
         # Per-round loss / local metrics of a DP task: withheld by default.
         "metrics": {"enum": ["withhold", "release"]},

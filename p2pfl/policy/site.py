@@ -25,6 +25,7 @@ from p2pfl.identity import public_bytes_from_peer_id
 from p2pfl.policy.ranges import TaskpackPattern, parse_taskpack_pattern
 from p2pfl.policy.release import ReleaseRules
 from p2pfl.policy.schema import TASK_TYPES, policy_schema_problems
+from p2pfl.policy.usage import UsageCounts, UsageRule, usage_refusal
 from p2pfl.taskpack._schema import canonical_json, json_problems, load_yaml, parse_size
 
 POLICY_FILE = "policy.yaml"
@@ -62,6 +63,9 @@ class OfferFacts:
     manifest_aggregator: str
     manifest_protocol: str
     params: dict[str, Any] = field(default_factory=dict)
+    # Records the task would process per dataset (a test run's N, else the dataset's rows):
+    # what usage caps count.
+    records: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,7 @@ class Rules:
     advertise: str = "coarse"
     extremes: bool = False
     metrics: str | None = None  # None: withhold under DP, release otherwise
+    usage: tuple[UsageRule, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """The rules in the policy file's own shape (None: no limit / anything)."""
@@ -150,6 +155,7 @@ class Rules:
             "advertise": {"count": self.advertise},
             "extremes": "allow" if self.extremes else "deny",
             "metrics": self.metrics or "withhold if DP is on, else release",
+            "usage": [u.as_dict() for u in self.usage],
         }
 
 
@@ -210,11 +216,13 @@ class SitePolicy:
         *,
         spent: Mapping[str, float] | None = None,
         running: Mapping[str, int] | None = None,
+        usage: UsageCounts | None = None,
     ) -> Decision:
         """Whether this node may take part in the offer, and on what terms. Pure.
 
         `spent`: lifetime epsilon already spent per dataset (the PrivacyLedger, without this
-        task); `running`: tasks running now per dataset (without this task)."""
+        task); `running`: tasks running now per dataset (without this task); `usage`: runs
+        and records used in the current period (the UsageLedger, without this task)."""
         refusal = _offer_refusal(facts)
         if refusal is not None:
             return refusal
@@ -226,6 +234,16 @@ class SitePolicy:
             refusal = _dataset_refusal(name, rules, facts, spent, running)
             if refusal is not None:
                 return refusal
+            over = usage_refusal(
+                rules.usage,
+                dataset=name,
+                requester=facts.requester,
+                taskpack=facts.taskpack_name,
+                records=int(facts.records.get(name, 0)),
+                counts=usage,
+            )
+            if over is not None:
+                return _no(*over)
         return _allowed(facts, [r for _, r in picked], tuple(names))
 
 
@@ -387,6 +405,15 @@ def _semantic_problems(doc: dict[str, Any]) -> list[str]:
                     parse_taskpack_pattern(text)
                 except ValueError as exc:
                     problems.append(f"{where}.taskpacks[{i}]: {exc}")
+        for i, u in enumerate(_list(block.get("usage"))):
+            who = u.get("requester") if isinstance(u, dict) else None
+            if isinstance(who, str) and who not in (SELF, ANYONE) and who not in groups:
+                if public_bytes_from_peer_id(who) is None:
+                    problems.append(
+                        f"{where}.usage[{i}].requester: unknown requester group {who!r}"
+                    )
+            if isinstance(u, dict) and "max_runs" not in u and "max_records" not in u:
+                problems.append(f"{where}.usage[{i}]: give max_runs, max_records or both")
         dp = _dict(block.get("dp"))
         cap: Any = dp.get("max_epsilon_per_task")
         budget: Any = dp.get("budget")
@@ -449,6 +476,31 @@ def _rules(
         advertise=str((merged.get("advertise") or {}).get("count", "coarse")),
         extremes=merged.get("extremes", "deny") == "allow",
         metrics=merged.get("metrics"),
+        usage=tuple(
+            _usage_rule(f"{where}.usage[{i}]", u, groups, own_peer)
+            for i, u in enumerate(merged.get("usage") or [])
+        ),
+    )
+
+
+def _usage_rule(
+    where: str, u: dict[str, Any], groups: Mapping[str, tuple[str, ...]], own_peer: str
+) -> UsageRule:
+    who = str(u["requester"])
+    if who == ANYONE:
+        peers = None
+    elif who == SELF:
+        peers = frozenset({own_peer})
+    else:
+        peers = frozenset(groups.get(who, (who,)))
+    return UsageRule(
+        where=where,
+        requesters=peers,
+        requester_text=who,
+        taskpack=str(u["taskpack"]),
+        period=str(u["period"]),
+        max_runs=u.get("max_runs"),
+        max_records=u.get("max_records"),
     )
 
 

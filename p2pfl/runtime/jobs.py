@@ -8,6 +8,9 @@ Jobs are frozen dataclasses; each has exactly one result type (see `run` in the 
     Evaluate(round, weights)           -> dict         (metrics)
     Finalize(num_samples, metrics, aggregates) -> Partial  (Task.postprocess)
     Reduce(partials)                   -> dict
+    Plan()                             -> [[key, digest], ...] | None  (None: not batched)
+    RunBatch(index, total, keys, weights) -> {"rows": [...], "failed": [[key, reason], ...]}
+    Transform(round, weights)          -> TransformResult (a derived table, npz bytes)
 
 Both runners return `JobOutput(result, logs)`: the result above and the lines the task
 wrote with `ctx.log` or `print` during the job, for the task's trace. Every failure is a
@@ -94,7 +97,41 @@ class Reduce:
     partials: list[Partial]
 
 
-Job = Validate | InitialWeights | Train | Evaluate | Finalize | Reduce
+@dataclass(frozen=True)
+class Plan:
+    """A batched task's records (p2pfl.taskpack.batch): key and content digest of each,
+    or None for a task that does not run in batches."""
+
+
+@dataclass(frozen=True)
+class RunBatch:
+    """Run one batch of a batched task on the records named by `keys` (batch `index` of
+    `total`, 1-based, for the task's log); `weights` is the model it applies, if any."""
+
+    index: int
+    total: int
+    keys: list[str]
+    weights: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Transform:
+    """Preprocessing: this node's derived table from the final statistics (`transform`)."""
+
+    round: int
+    weights: bytes | None
+
+
+Job = Validate | InitialWeights | Train | Evaluate | Finalize | Reduce | Transform | Plan | RunBatch
+
+
+@dataclass(frozen=True)
+class TransformResult:
+    """A derived table as npz bytes (X, y, feature_names; loaded without pickle)."""
+
+    table: bytes
+    records: int
+    columns: list[str]
 
 
 @dataclass(frozen=True)

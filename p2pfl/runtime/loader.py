@@ -40,10 +40,14 @@ from p2pfl.runtime.jobs import (
     InitialWeights,
     Job,
     JobError,
+    Plan,
     Reduce,
+    RunBatch,
     TaskSpec,
     Train,
     TrainResult,
+    Transform,
+    TransformResult,
     Validate,
 )
 from p2pfl.taskpack.sdk import Context, Partial, Task, Update, Weights
@@ -299,6 +303,7 @@ class TaskSession:
         self.state_changed = False
         self._data: Any = None
         self._have_data = False
+        self._batch_weights: Weights | None = None  # a batched task's model, decoded once
         collector = _LogCollector()
         try:
             with contextlib.redirect_stdout(_PrintCapture(collector.add)):
@@ -385,17 +390,57 @@ class TaskSession:
                 if not isinstance(metrics, dict):
                     raise JobError(f"{name}.evaluate must return a dict of metrics")
                 return plain(metrics, f"{name}.evaluate")
+            case Transform(round=rnd, weights=blob):
+                ctx = self.context(rnd, log)
+                table = self.task.transform(ctx, self._data_for(ctx), decode_weights(blob))
+                return encode_table(table, f"{name}.transform")
             case Finalize(num_samples=n, metrics=metrics, aggregates=aggregates):
                 partial = Partial(self.spec.node, n, dict(metrics), dict(aggregates))
                 out = _partial(self.task.postprocess(self.context(0, log), partial), name)
                 out.node = self.spec.node  # a task cannot speak for another node
                 return out
+            case Plan():
+                return self._plan(log)
+            case RunBatch(index=index, total=total, keys=keys, weights=blob):
+                return self._run_batch(index, total, keys, blob, log)
             case Reduce(partials=partials):
                 result = self.task.reduce(self.context(0, log), list(partials))
                 if not isinstance(result, dict):
                     raise JobError(f"{name}.reduce must return a dict")
                 return plain(result, f"{name}.reduce")
         raise JobError(f"unknown job {type(job).__name__}")
+
+    def _plan(self, log: Callable[[str], None]) -> list[list[str]] | None:
+        from p2pfl.taskpack.batch import BatchTask
+
+        if not isinstance(self.task, BatchTask):
+            return None
+        records = self.task.records(self.context(0, log), dict(self.spec.inputs))
+        return [[str(r.key), str(r.digest)] for r in records]
+
+    def _run_batch(
+        self,
+        index: int,
+        total: int,
+        keys: list[str],
+        blob: bytes | None,
+        log: Callable[[str], None],
+    ) -> dict[str, Any]:
+        from p2pfl.taskpack.batch import BatchOutput, BatchTask
+
+        name = type(self.task).__name__
+        if not isinstance(self.task, BatchTask):
+            raise JobError(f"{name} is not a batched task (derive from BatchTask)")
+        ctx = self.context(1, log)
+        if self._batch_weights is None and blob is not None:
+            self._batch_weights = decode_weights(blob)
+        out = self.task.run_batch(ctx, dict(self.spec.inputs), list(keys), self._batch_weights)
+        if not isinstance(out, BatchOutput):
+            raise JobError(f"{name}.run_batch must return a BatchOutput")
+        return {
+            "rows": plain(out.rows, f"{name} batch {index}/{total}: rows"),
+            "failed": [[str(k), str(why)] for k, why in out.failed],
+        }
 
     def _train_result(self, update: Any, where: str) -> TrainResult:
         if not isinstance(update, Update):
@@ -417,3 +462,21 @@ class TaskSession:
             metrics=metrics,
             aggregates=plain(update.aggregates, f"{where}: aggregates"),
         )
+
+
+def encode_table(table: Any, where: str) -> TransformResult:
+    """A `Table` as npz bytes (plain arrays only: it is read back without pickle)."""
+    from p2pfl.taskpack.sdk import Table
+
+    if not isinstance(table, Table):
+        raise JobError(f"{where} must return a Table, got {type(table).__name__}")
+    X = np.asarray(table.X, dtype=np.float32)
+    y = np.asarray(table.y, dtype=np.int64)
+    names = [str(n) for n in table.feature_names]
+    if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0] or X.shape[1] != len(names):
+        raise JobError(f"{where}: X {X.shape}, y {y.shape} and {len(names)} names disagree")
+    if not np.all(np.isfinite(X)):
+        raise JobError(f"{where}: the table holds NaN or Inf")
+    buf = io.BytesIO()
+    np.savez(buf, X=X, y=y, feature_names=np.array(names, dtype=str))
+    return TransformResult(buf.getvalue(), int(X.shape[0]), names)

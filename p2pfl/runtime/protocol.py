@@ -28,10 +28,14 @@ from p2pfl.runtime.jobs import (
     InitialWeights,
     Job,
     Limits,
+    Plan,
     Reduce,
+    RunBatch,
     TaskSpec,
     Train,
     TrainResult,
+    Transform,
+    TransformResult,
     Validate,
 )
 from p2pfl.taskpack.sdk import DPConfig, Partial
@@ -133,9 +137,21 @@ def decode_partial(d: dict[str, Any]) -> Partial:
 
 def encode_job(job: Job) -> dict[str, Any]:
     match job:
-        case Validate() | InitialWeights():
+        case Validate() | InitialWeights() | Plan():
             return {"type": type(job).__name__}
-        case Train(round=rnd, weights=w) | Evaluate(round=rnd, weights=w):
+        case RunBatch():
+            return {
+                "type": "RunBatch",
+                "index": job.index,
+                "total": job.total,
+                "keys": list(job.keys),
+                "weights": job.weights,
+            }
+        case (
+            Train(round=rnd, weights=w)
+            | Evaluate(round=rnd, weights=w)
+            | Transform(round=rnd, weights=w)
+        ):
             return {"type": type(job).__name__, "round": rnd, "weights": w}
         case Finalize():
             return {
@@ -160,10 +176,16 @@ def decode_job(d: dict[str, Any]) -> Job:
             return Train(round=d["round"], weights=d["weights"])
         if kind == "Evaluate":
             return Evaluate(round=d["round"], weights=d["weights"])
+        if kind == "Transform":
+            return Transform(round=d["round"], weights=d["weights"])
         if kind == "Finalize":
             return Finalize(d["num_samples"], d["metrics"], d["aggregates"])
         if kind == "Reduce":
             return Reduce([decode_partial(p) for p in d["partials"]])
+        if kind == "Plan":
+            return Plan()
+        if kind == "RunBatch":
+            return RunBatch(d["index"], d["total"], list(d["keys"]), d["weights"])
     except (KeyError, TypeError) as e:
         raise ProtocolError(f"bad job: {type(e).__name__}: {e}") from None
     raise ProtocolError(f"unknown job type {kind!r}")
@@ -182,6 +204,8 @@ def encode_result(job: Job, result: Any) -> Any:
         }
     if isinstance(job, Finalize):
         return encode_partial(result)
+    if isinstance(job, Transform):
+        return {"table": result.table, "records": result.records, "columns": result.columns}
     return result  # None, bytes or a plain dict
 
 
@@ -204,8 +228,72 @@ def decode_result(job: Job, r: Any) -> Any:
             return TrainResult(r["update"], r["num_samples"], r["metrics"], r["aggregates"])
         if isinstance(job, Finalize):
             return decode_partial(r)
+        if isinstance(job, Plan):
+            return check_plan(r)
+        if isinstance(job, RunBatch):
+            return check_batch(r)
+        if isinstance(job, Transform):
+            if not isinstance(r["table"], bytes) or type(r["records"]) is not int:
+                raise TypeError("Transform returns table bytes and an int record count")
+            if not isinstance(r["columns"], list) or not all(
+                isinstance(c, str) for c in r["columns"]
+            ):
+                raise TypeError("Transform returns a list of column names")
+            return TransformResult(r["table"], r["records"], r["columns"])
         if not isinstance(r, dict):
             raise TypeError(f"{type(job).__name__} returns a map")
         return r
     except (KeyError, TypeError) as e:
         raise ProtocolError(f"bad {type(job).__name__} result: {e}") from None
+
+
+MAX_PLAN_RECORDS = 5_000_000  # records one node may list for one task
+MAX_KEY = 512  # characters of a record key (p2pfl.taskpack.batch.MAX_KEY_CHARS)
+MAX_DIGEST = 128
+MAX_CELL = 1024  # characters of one value in a batch's row
+
+
+def check_plan(r: Any) -> list[tuple[str, str]] | None:
+    """A Plan result: None, or [(key, digest)] with string keys and digests, bounded (the
+    task's code made it: its size must not become the node's problem)."""
+    if r is None:
+        return None
+    if isinstance(r, list) and len(r) > MAX_PLAN_RECORDS:
+        raise TypeError(f"Plan lists {len(r)} records (at most {MAX_PLAN_RECORDS})")
+    if not isinstance(r, list) or not all(
+        isinstance(x, list | tuple)
+        and len(x) == 2
+        and isinstance(x[0], str)
+        and isinstance(x[1], str)
+        for x in r
+    ):
+        raise TypeError("Plan returns nil or a list of [key, digest] strings")
+    if any(len(k) > MAX_KEY or len(d) > MAX_DIGEST for k, d in r):
+        raise TypeError(f"a record key is over {MAX_KEY} or a digest over {MAX_DIGEST} chars")
+    if len({k for k, _ in r}) != len(r):
+        raise TypeError("Plan lists a record key twice")
+    return [(str(k), str(d)) for k, d in r]
+
+
+def check_batch(r: Any) -> dict[str, Any]:
+    """A RunBatch result: {"rows": [dict with a str "key"], "failed": [[key, reason]]}."""
+    if not isinstance(r, dict) or not isinstance(r.get("rows"), list):
+        raise TypeError("RunBatch returns a map with a list of rows")
+    failed = r.get("failed", [])
+    if not isinstance(failed, list) or not all(
+        isinstance(f, list | tuple) and len(f) == 2 and all(isinstance(x, str) for x in f)
+        for f in failed
+    ):
+        raise TypeError("RunBatch failed must be a list of [key, reason]")
+    if len(r["rows"]) + len(failed) > 1_000_000:
+        raise TypeError("RunBatch returned more rows than a batch can hold")
+    for row in r["rows"]:
+        if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+            raise TypeError("every RunBatch row is a map with a str key")
+        if len(row) > 64 or any(
+            not isinstance(v, str | int | float | bool)
+            or (isinstance(v, str) and len(v) > MAX_CELL)
+            for v in row.values()
+        ):
+            raise TypeError(f"a RunBatch row holds at most 64 plain values of {MAX_CELL} chars")
+    return {"rows": r["rows"], "failed": [(str(k), str(why)) for k, why in failed]}

@@ -98,6 +98,10 @@ class SimCluster(ClusterBase):
             restart=not add,
         )
         driver.listeners.append(lambda ev, i=i: self._on_event(i, ev))
+        # Derived datasets (preprocessing) stay in the run's temporary dir, as on a node.
+        from p2pfl.data import DerivedRegistry
+
+        driver.attach_derived(DerivedRegistry(self._tmp / "derived" / str(i)))
         return ClusterNode(i, identity, driver.store, core, driver, data)
 
     # --- the world's hooks -------------------------------------------------------------------

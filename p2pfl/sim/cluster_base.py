@@ -66,6 +66,7 @@ class ClusterSpec:
     # shares (`1.0.0=0.8,1.1.0=0.2`, core/versions.py).
     extra_taskpacks: list[Path] = field(default_factory=list)
     rollout: str = ""
+    flow: Path | None = None  # a flow file: the run is the whole flow (p2pfl/sim/flowsim.py)
 
 
 @dataclass(frozen=True)
@@ -169,8 +170,17 @@ class ClusterBase:
 
         rows: dict[Path, int] = {}
         for path in self.spec.node_data:
-            if path not in rows:
-                rows[path] = int(len(load_table(path)[1]))
+            if path not in rows and Path(path).is_dir():  # a folder dataset: one record per file
+                from p2pfl.taskpack.batch import count_files
+
+                rows[path] = count_files(Path(path))
+            elif path not in rows:
+                try:
+                    rows[path] = int(len(load_table(path)[1]))
+                except ValueError:  # a CSV with keys or text columns (inference input)
+                    from p2pfl.taskpack.batch import csv_shape
+
+                    rows[path] = csv_shape(Path(path))[0]
         return [DatasetInfo(self.spec.input_name, rows[p], []) for p in self.spec.node_data]
 
     def _update_hook(self, index: int) -> Callable[[str, bytes], bytes] | None:

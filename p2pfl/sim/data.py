@@ -46,7 +46,9 @@ def prepare_node_data(
     # split_dataset holds out a stratified test set and standardises tabular data with the
     # training rows' statistics only (no test leakage).
     test_rng = np.random.default_rng([seed, _TEST_STREAM])
-    train, test = fl_datasets.split_dataset(ds, spec.test_fraction, test_rng)
+    # A flow scales the data itself (its standardize step, federatedly): raw tables then.
+    scale = getattr(scenario, "flow", None) is None
+    train, test = fl_datasets.split_dataset(ds, spec.test_fraction, test_rng, scale=scale)
 
     part_rng = np.random.default_rng([seed, _PARTITION_STREAM])
     kind = spec.partition.kind

@@ -55,7 +55,12 @@ def default_out_dir(scenario: Scenario, seed: int) -> Path:
 
 def input_name(scenario: Scenario) -> str:
     """The name the node data go by: the taskpack's one declared input (the manifest asks
-    for it by that name), else the dataset's name."""
+    for it by that name), else the dataset's name. A flow's: the first dataset it names."""
+    if scenario.flow is not None:
+        from p2pfl.flow.spec import load_flow
+
+        datasets = load_flow(scenario.flow).datasets
+        return datasets[0] if datasets else scenario.dataset.name
     return sim_input(scenario.taskpack, scenario.dataset.name).name
 
 
@@ -103,6 +108,7 @@ def cluster_spec_kwargs(
         "dp": None if scenario.dp is None else scenario.dp.as_dict(),
         "test_path": test_path,
         "network": network,
+        **({"flow": scenario.flow} if scenario.flow is not None else {}),
     }
 
 
@@ -119,6 +125,13 @@ def sim_cluster(kwargs: dict[str, Any]) -> ClusterLike:
                     [f"network: {kwargs['network']!r} is not supported by this cluster"], "run"
                 )
             kwargs = {k: v for k, v in kwargs.items() if k != "network"}
+    if kwargs.get("flow") is not None:  # a whole flow: p2pfl.sim.flowsim
+        if kwargs.get("network", "sim") != "sim":
+            raise ValidationError(["flow: runs on --network sim only"], "run")
+        from p2pfl.sim.flowsim import FlowSimCluster
+
+        spec = ClusterSpec(**{**kwargs, "test_path": None})
+        return FlowSimCluster(spec, kwargs["flow"])  # type: ignore[return-value]
     if kwargs.get("network") == "libp2p":  # real hosts on 127.0.0.1: p2pfl.sim.live
         from p2pfl.sim.live import LiveCluster
 

@@ -166,6 +166,7 @@ class Scenario:
     byzantine: Byzantine | None = None
     dp: DP | None = None
     source: Path | None = None  # the YAML file it came from, if any
+    flow: Path | None = None  # a flow file: the run is the whole flow (taskpack: its first step's)
 
     @property
     def rounds(self) -> int:
@@ -308,8 +309,8 @@ _MISSING: Any = object()
 KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "": (
         ("name", "seed", "nodes", "topology", "dataset", "taskpack", "params", "network",
-         "faults", "byzantine", "dp"),
-        ("name", "nodes", "dataset", "taskpack", "params"),
+         "faults", "byzantine", "dp", "flow"),
+        ("name", "nodes", "dataset", "params"),  # and a taskpack or a flow
     ),
     "topology": (("kind", "degree", "rewire"), ("kind",)),
     "dataset": (("name", "partition", "test_fraction"), ("name",)),
@@ -474,7 +475,14 @@ def _parse_scenario(
     topology = _parse_topology(c, doc.get("topology", {"kind": "full"}), nodes)
     dataset = _parse_dataset(c, doc.get("dataset"), nodes) if "dataset" in doc else None
     taskpack: Path | None = None
-    if "taskpack" in doc:
+    flow = _parse_flow(c, doc, base_dir)
+    if flow is not None:
+        taskpack = flow[1]
+    elif "taskpack" not in doc and "flow" not in doc:
+        c.err("taskpack", "required (or a flow)")
+    if "taskpack" in doc and "flow" in doc:
+        c.err("flow", "a scenario runs a taskpack or a flow, not both")
+    elif "taskpack" in doc:
         ref = doc["taskpack"]
         if isinstance(ref, str) and ref.strip():
             taskpack = resolve_taskpack(ref, base_dir)
@@ -498,9 +506,39 @@ def _parse_scenario(
     scenario = Scenario(
         name=str(name), seed=seed, nodes=nodes, topology=topology, dataset=dataset,
         taskpack=taskpack, params=params, network=link, faults=faults or (),
-        byzantine=byz, dp=dp, source=source,
+        byzantine=byz, dp=dp, source=source, flow=flow[0] if flow else None,
     )  # fmt: skip
     return scenario, c.problems
+
+
+def _parse_flow(
+    c: _Checker, doc: Mapping[str, Any], base_dir: Path | None
+) -> tuple[Path, Path] | None:
+    """(the flow file, its first step's taskpack) for `flow: flows/x.yaml`; its own problems
+    are listed under `flow`."""
+    ref = doc.get("flow")
+    if ref is None:
+        return None
+    if not (isinstance(ref, str) and ref.strip()):
+        c.err("flow", "must be a flow file path (string)")
+        return None
+    from p2pfl.flow.spec import load_flow, taskpack_dir
+
+    candidates = [Path(ref).expanduser()]
+    if base_dir is not None:
+        base = base_dir.resolve()
+        candidates = [base / ref, *(anc / ref for anc in base.parents), Path.cwd() / ref]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        c.err("flow", f"no such flow file: {ref}")
+        return None
+    try:
+        spec = load_flow(path)
+    except ValidationError as exc:
+        for problem in exc.problems:
+            c.problems.append(f"flow ({ref}): {problem}")
+        return None
+    return path, taskpack_dir(spec, spec.steps[0])
 
 
 def _parse_topology(c: _Checker, value: Any, nodes: int | None) -> Topology | None:

@@ -19,7 +19,7 @@ from p2pfl.taskpack._schema import _is_dns_name
 
 __all__ = ["TASK_TYPES", "class_name_for", "new_taskpack"]
 
-TASK_TYPES = ("training", "analysis")
+TASK_TYPES = ("training", "analysis", "inference", "preprocessing")
 _SUFFIX = ".tmpl"
 
 

@@ -17,6 +17,10 @@ training (fedavg / fedprox / gossip), once per node per task, then per round::
 analysis: ``validate_inputs``, ``preprocess``, ``execute`` (returns an Update whose
 ``aggregates`` hold the node's aggregates and no weights), ``postprocess`` and ``reduce``.
 
+preprocessing (a flow step with an ``output``): the training hooks, where the "weights" are
+the statistics of a transform (averaged over nodes like a model), then
+``transform(ctx, data, weights) -> Table``: the derived dataset this node keeps.
+
 Weights are ``dict[str, numpy.ndarray]`` (a torch state dict converted with
 ``p2pfl.fl.torch_utils.state_to_numpy``), in a fixed key order.
 """
@@ -79,6 +83,16 @@ class Update:
 
 
 @dataclass
+class Table:
+    """A derived dataset (what a preprocessing task's `transform` returns): features,
+    integer labels and the feature columns' names. It is kept on the node that made it."""
+
+    X: np.ndarray
+    y: np.ndarray
+    feature_names: list[str]
+
+
+@dataclass
 class Partial:
     """One node's final contribution to the reduce step."""
 
@@ -111,6 +125,12 @@ class Task:
     def evaluate(self, ctx: Context, data: Any, weights: Weights | None) -> Metrics:
         """Metrics of `weights` on local held-out data; include "num_samples"."""
         return {}
+
+    def transform(self, ctx: Context, data: Any, weights: Weights | None) -> Table:
+        """Preprocessing: this node's derived dataset, from its data and the statistics
+        every node agreed on (`weights`: the global "model" after the last round). It is
+        registered on this node under the flow step's `output` name and never leaves."""
+        raise NotImplementedError(f"{type(self).__name__}.transform")
 
     def postprocess(self, ctx: Context, partial: Partial) -> Partial:
         """Last chance to shape what leaves this node (e.g. round or drop fields)."""

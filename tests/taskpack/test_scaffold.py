@@ -14,7 +14,7 @@ from p2pfl.store.cid import cid_of
 from p2pfl.taskpack.manifest import load_manifest
 from p2pfl.taskpack.pack import pack_dir, unpack
 from p2pfl.taskpack.params import load_params
-from p2pfl.taskpack.scaffold import class_name_for, new_taskpack
+from p2pfl.taskpack.scaffold import TASK_TYPES, class_name_for, new_taskpack
 
 EXPECTED_FILES = {
     "manifest.yaml",
@@ -29,7 +29,7 @@ EXPECTED_FILES = {
 
 def test_generated_taskpacks_validate_pack_and_pass_their_tests(tmp_path: Path) -> None:
     copies = []
-    for task_type in ("training", "analysis"):
+    for task_type in TASK_TYPES:
         root = new_taskpack(f"demo-{task_type}", task_type, tmp_path, author='Ada "A" L')
         files = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
         assert files == EXPECTED_FILES
@@ -42,8 +42,8 @@ def test_generated_taskpacks_validate_pack_and_pass_their_tests(tmp_path: Path) 
         copy = tmp_path / "unpacked" / task_type
         unpack(archive, copy)
         copies.append((copy, archive))
-    # One interpreter for both (startup dominates); importlib mode because both test
-    # files are called test_task.py.
+    # One interpreter for all (startup dominates); importlib mode because every test
+    # file is called test_task.py.
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib"]
         + [str(copy / "tests") for copy, _ in copies],
@@ -53,7 +53,7 @@ def test_generated_taskpacks_validate_pack_and_pass_their_tests(tmp_path: Path) 
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "5 passed" in result.stdout, result.stdout
+    assert "11 passed" in result.stdout, result.stdout
     for copy, archive in copies:
         assert pack_dir(copy) == archive  # running the tests left nothing that gets packed
 
@@ -64,8 +64,10 @@ def test_refuses_existing_target_and_bad_names(tmp_path: Path) -> None:
         new_taskpack("taken", "training", tmp_path)
     with pytest.raises(LocalProtocolError, match="not a valid taskpack name"):
         new_taskpack("Bad Name", "training", tmp_path)
-    with pytest.raises(LocalProtocolError, match="choose one of training, analysis"):
-        new_taskpack("ok", "inference", tmp_path)
+    with pytest.raises(
+        LocalProtocolError, match="choose one of training, analysis, inference, preprocessing"
+    ):
+        new_taskpack("ok", "regression", tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no leftovers
 
 
@@ -110,3 +112,36 @@ def test_cli_pack_lists_every_problem(tmp_path: Path) -> None:
     assert res.exit_code != 0
     assert "metadata.version: '1.x' is not semver" in res.output
     assert "spec.requirements.memory: 'lots' is not a valid size" in res.output
+
+
+DOC_EXAMPLES = {
+    "training": "wages-logreg",
+    "analysis": "wages-stats",
+    "inference": "wages-scores",
+    "preprocessing": "wages-standardize",
+}
+
+
+def test_docs_show_one_complete_example_per_type_as_the_scaffold_writes_it(
+    tmp_path: Path,
+) -> None:
+    """docs/taskpacks.md stays true: each example's files are what `p2pfl new` writes."""
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "taskpacks.md").read_text()
+    for task_type, name in DOC_EXAMPLES.items():
+        title = f"## Example: {task_type} (`{name}`)"
+        assert title in doc, title
+        start = doc.index(title)
+        end = doc.find("\n## ", start + len(title))
+        section = doc[start : end if end > 0 else None]
+        shown = dict(re.findall(r"`([^`]+)`:\n\n```\w+\n(.*?)```", section, re.S))
+        assert set(shown) == {
+            "manifest.yaml",
+            "configs/default.yaml",
+            "configs/schema.json",
+            "src/task.py",
+        }
+        root = new_taskpack(name, task_type, tmp_path, author="Ada Lovelace")
+        for rel, body in shown.items():
+            assert (root / rel).read_text() == body, f"{task_type}: {rel} differs from the docs"

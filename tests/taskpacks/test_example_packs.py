@@ -16,7 +16,14 @@ from p2pfl.taskpack.params import load_params
 from p2pfl.taskpack.sdk import Task
 
 PACKS = Path(__file__).resolve().parents[2] / "taskpacks"
-NAMES = ["fedavg-mlp-digits", "federated-stats"]
+NAMES = [
+    "fedavg-mlp-digits",
+    "federated-stats",
+    "standardize",
+    "fedavg-mlp-tabular",
+    "evaluate-model",
+    "mlp-inference",
+]
 LAYOUT = [
     "manifest.yaml",
     "src/task.py",
@@ -44,7 +51,8 @@ def test_pack_layout_manifest_params_and_task(name: str) -> None:
     tasks = [
         c
         for c in vars(module).values()
-        if isinstance(c, type) and issubclass(c, Task) and c is not Task
+        # Defined in task.py itself (not an imported base such as InferenceTask).
+        if isinstance(c, type) and issubclass(c, Task) and c.__module__ == module.__name__
     ]
     assert len(tasks) == 1
 
