@@ -32,19 +32,30 @@ from p2pfl.flow.machine import (
 )
 from p2pfl.flow.store import FlowStore, SavedFlow
 from p2pfl.store.blobref import BlobRef
+from p2pfl.wire import Signed
 
 log = logging.getLogger("p2pfl.flow")
 
 MAX_FLOWS = 256  # flows one node follows (a peer could otherwise make it hold any number)
 
 OfferFn = Callable[[FlowRecord, int, BlobRef | None], str]
+FollowFn = Callable[[Signed], None]
 
 
 class FlowService:
-    def __init__(self, core: Any, offer_step: OfferFn, store: FlowStore | None = None) -> None:
+    def __init__(
+        self,
+        core: Any,
+        offer_step: OfferFn,
+        store: FlowStore | None = None,
+        follow: FollowFn | None = None,
+    ) -> None:
         self.core = core
         self.offer_step = offer_step
         self.store = store
+        # Hands a saved signed record back to the node as if it came from the network, so
+        # that after a restart the node follows a step task that is still running.
+        self.follow = follow
         self.flows: dict[str, FlowMachine] = {}
         self.started: set[str] = set()  # flows this node started
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -76,7 +87,22 @@ class FlowService:
                 for task_id in known:
                     self._flow_of[task_id] = flow_id
         for flow_id in list(self.flows):
+            self._refollow(self.flows[flow_id])
             self._execute(flow_id, self.flows[flow_id]._advance())
+
+    def _refollow(self, machine: FlowMachine) -> None:
+        """A step still running when the node went down: its offer and rosters go back into
+        the node, so its task machine follows the task again and takes its result."""
+        if self.follow is None:
+            return
+        for view in machine.steps():
+            if view.state is not StepState.RUNNING or view.task_id in self.core.tasks:
+                continue
+            attempt = machine.latest(view.index)
+            if attempt is None:
+                continue
+            for envelope in [attempt.envelope, *attempt.rosters]:
+                self.follow(envelope)
 
     def start(self, record: FlowRecord) -> str:
         flow_id = flow_id_of(record)
