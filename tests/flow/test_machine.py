@@ -319,3 +319,29 @@ def test_a_starter_that_restarts_mid_step_follows_the_step_again(tmp_path):
     for i in range(3):
         assert h.flow(flow_id, i).phase is FlowPhase.SUCCEEDED, (i, h.flow(flow_id, i).reason)
     assert [len(a) for a in h.flow(flow_id).attempts] == [1, 1, 1]
+
+
+def test_a_step_that_ends_while_the_starter_is_down_reaches_it_when_it_is_back(tmp_path):
+    """The starter is down when step 2's result goes out: when it reconnects, the reducer
+    sends it the signed result, and the flow goes on to step 3."""
+    h = FlowHarness(3, store_root=tmp_path)
+    h.nodes[0].fail_jobs[JobStep.VALIDATE] = "no data here"
+    flow_id = h.start(h.record())
+    t = 0.0
+    for _ in range(2000):
+        attempt = h.flow(flow_id).latest(1)
+        if attempt is not None and attempt.rosters:
+            break
+        t += 0.05
+        h.run(until=t)
+    step_two = h.flow(flow_id).latest(1).task_id
+    h.crash(0)
+    h.run()  # step 2 ends without the starter; nothing more happens
+    assert all(m.result is not None for m in h.machines(step_two))
+    assert _states(h.flow(flow_id, 1))[:2] == ["succeeded", "succeeded"]
+    h.restart(0)
+    h.nodes[0].fail_jobs[JobStep.VALIDATE] = "no data here"
+    h.run()
+    for i in range(3):
+        assert h.flow(flow_id, i).phase is FlowPhase.SUCCEEDED, (i, h.flow(flow_id, i).reason)
+    assert [len(a) for a in h.flow(flow_id).attempts] == [1, 1, 1]
