@@ -369,6 +369,7 @@ class FlowMachine:
                 self.ended = status
                 out.append(FlowEnded(status, self.reason))
             return out
+        self.ended = None  # running (again, after a resume): the next end is reported
         if not self.is_starter or not self.started:
             return out
         for view in self.steps():

@@ -136,7 +136,7 @@ class FlowService:
             self._flow_of[task.task_id] = flow_id
             machine = self.flows.get(flow_id)
             if machine is None:
-                if len(self.flows) >= MAX_FLOWS:
+                if len(self.flows) >= MAX_FLOWS and not self._evict():
                     continue
                 machine = self.flows[flow_id] = FlowMachine(offer.flow, self.core.me)
                 self._fed[flow_id] = set()
@@ -151,6 +151,26 @@ class FlowService:
                 self.feed(flow_id, event)
         for flow_id in list(self.flows):
             self._save(flow_id)
+
+    def _evict(self) -> bool:
+        """Make room: forget the oldest finished flow this node only followed (its file
+        too). False when every flow here is unfinished or our own."""
+        done = [
+            (m.flow.created, fid)
+            for fid, m in self.flows.items()
+            if fid not in self.started and m.phase in (FlowPhase.SUCCEEDED, FlowPhase.FAILED)
+        ]
+        if not done:
+            return False
+        _created, victim = min(done)
+        del self.flows[victim]
+        self._fed.pop(victim, None)
+        self._saved.pop(victim, None)
+        for task_id in [t for t, f in self._flow_of.items() if f == victim]:
+            del self._flow_of[task_id]
+        if self.store is not None:
+            self.store.remove(victim)
+        return True
 
     def feed(self, flow_id: str, event: StepOffered | StepRoster | StepResult) -> None:
         fed = self._fed.setdefault(flow_id, set())
@@ -207,7 +227,7 @@ class FlowService:
         saved = SavedFlow(machine.flow, flow_id in self.started, tuple(machine.records))
         try:
             self.store.save(saved)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             log.error("flow %s: cannot save: %s", flow_id[:12], exc)
             return
         self._saved[flow_id] = len(machine.records)
