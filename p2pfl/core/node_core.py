@@ -97,7 +97,8 @@ _ON_TOPIC: dict[str | None, tuple[type, ...]] = {
         TaskResult,
         Cancel,
     ),
-    None: (TaskpackSync, GossipPush, Progress, FinalPartial),
+    # A result also comes directly: to a peer that reconnects after the task ended.
+    None: (TaskpackSync, GossipPush, Progress, FinalPartial, TaskResult),
 }
 _PENDING_TASKS = 256
 MAX_TASKS_PER_PUBLISHER = 16  # unfinished tasks one publisher may have on this node

@@ -35,6 +35,7 @@ from p2pfl.core.commands import (
     Persist,
     Publish,
     RunJob,
+    Send,
     SetTimer,
     TaskEnded,
     TaskEvent,
@@ -794,11 +795,26 @@ class TaskMachine:
         """A participant we had lost is reachable again (a partition healed, a restart):
         it is expected in the next rounds again; the next close brings it back in step."""
         peer = event.peer
+        if self.result is not None:
+            return self._result_to(peer)
         if peer not in self.dead or peer not in self.participants:
             return []
         self.dead.discard(peer)
         self.node(peer).state = "rejoined"
         return [self.event(EventKind.NODE, now, "reachable again", peer=peer)]
+
+    def _result_to(self, peer: str) -> list[Command]:
+        """A participant or the publisher reconnects after the task ended (it may have been
+        down when the result went out, e.g. a flow's starter): one node sends it the signed
+        result, the reducer (or, if that is the peer itself, the next in roster order)."""
+        envelope = self.result_envelope
+        if envelope is None or self.result is None:
+            return []
+        if peer not in self.participants and peer != self.offer.publisher:
+            return []
+        order = [self.result.reducer, *self.participants]
+        sender = next((p for p in order if p != peer), None)
+        return [Send(peer, envelope)] if sender == self.my_id else []
 
     def on_view_changed(self, now: float) -> list[Command]:
         """Who is live changed: a held duty message may now count, a round may be complete."""

@@ -20,11 +20,14 @@ from typing import Any
 import trio
 
 from p2pfl.core.flowrec import FlowRecord, FlowStep, check_flow_id
+from p2pfl.core.messages import TOPIC_TASKS
 from p2pfl.errors import LocalProtocolError, TaskFailed, TaskNotFinished
 from p2pfl.flow.machine import FlowPhase
 from p2pfl.flow.service import FlowService
 from p2pfl.flow.store import FlowStore
+from p2pfl.net.base import Message
 from p2pfl.store.blobref import BlobRef
+from p2pfl.wire import Signed, encode
 
 _END = ("succeeded", "failed")
 
@@ -35,7 +38,7 @@ class FlowAPI:
         self.driver = node.driver
         self.core = node.core
         store = FlowStore(Path(node.config.data_dir) / "flows")
-        self.service = FlowService(self.core, self._offer_step, store)
+        self.service = FlowService(self.core, self._offer_step, store, self._follow)
         self._watchers: dict[str, set[trio.MemorySendChannel[dict[str, Any]]]] = defaultdict(set)
         self.driver.listeners.append(self._on_task_event)
         self.service.listeners.append(self._on_flow_event)
@@ -60,6 +63,10 @@ class FlowAPI:
         overrides.update({f"inputs.{n}": d for n, d in zip(names, step.inputs, strict=False)})
         created = self.driver.create_task(step.cid, overrides, flow=(flow, index, model))
         return str(created["task_id"])
+
+    def _follow(self, envelope: Signed) -> None:
+        """A saved record, handed to the node as a message (checked like any other)."""
+        self.driver.on_event(Message(TOPIC_TASKS, self.core.me, encode(envelope)))
 
     def _on_task_event(self, event: dict[str, Any]) -> None:
         task_id = event.get("task_id")

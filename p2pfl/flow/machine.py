@@ -131,7 +131,7 @@ class Attempt:
     offer: TaskOffer
     envelope: Signed
     participants: set[str] = field(default_factory=set)  # of every valid roster
-    rosters: int = 0
+    rosters: list[Signed] = field(default_factory=list)  # the valid rosters, as signed
     results: list[tuple[TaskResult, Signed]] = field(default_factory=list)
     held: list[StepResult] = field(default_factory=list)  # results that came before a roster
 
@@ -236,7 +236,7 @@ class FlowMachine:
         attempt = self._attempt(roster.task_id)
         if event.envelope.signer != roster.coordinator:
             raise RemoteProtocolError("a roster not signed by its coordinator")
-        if attempt.rosters >= MAX_ROSTERS:
+        if len(attempt.rosters) >= MAX_ROSTERS:
             raise RemoteProtocolError(f"task {roster.task_id[:12]} has {MAX_ROSTERS} rosters")
         from p2pfl.core.node_core import _roster_carried
 
@@ -257,7 +257,7 @@ class FlowMachine:
         if set(roster.participants) <= attempt.participants:
             return []
         attempt.participants |= set(roster.participants)
-        attempt.rosters += 1
+        attempt.rosters.append(event.envelope)
         self.records.append(encode(event.envelope))
         held, attempt.held = attempt.held, []
         out: list[FlowCommand] = []
@@ -369,6 +369,7 @@ class FlowMachine:
                 self.ended = status
                 out.append(FlowEnded(status, self.reason))
             return out
+        self.ended = None  # running (again, after a resume): the next end is reported
         if not self.is_starter or not self.started:
             return out
         for view in self.steps():

@@ -32,19 +32,30 @@ from p2pfl.flow.machine import (
 )
 from p2pfl.flow.store import FlowStore, SavedFlow
 from p2pfl.store.blobref import BlobRef
+from p2pfl.wire import Signed
 
 log = logging.getLogger("p2pfl.flow")
 
 MAX_FLOWS = 256  # flows one node follows (a peer could otherwise make it hold any number)
 
 OfferFn = Callable[[FlowRecord, int, BlobRef | None], str]
+FollowFn = Callable[[Signed], None]
 
 
 class FlowService:
-    def __init__(self, core: Any, offer_step: OfferFn, store: FlowStore | None = None) -> None:
+    def __init__(
+        self,
+        core: Any,
+        offer_step: OfferFn,
+        store: FlowStore | None = None,
+        follow: FollowFn | None = None,
+    ) -> None:
         self.core = core
         self.offer_step = offer_step
         self.store = store
+        # Hands a saved signed record back to the node as if it came from the network, so
+        # that after a restart the node follows a step task that is still running.
+        self.follow = follow
         self.flows: dict[str, FlowMachine] = {}
         self.started: set[str] = set()  # flows this node started
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -76,7 +87,22 @@ class FlowService:
                 for task_id in known:
                     self._flow_of[task_id] = flow_id
         for flow_id in list(self.flows):
+            self._refollow(self.flows[flow_id])
             self._execute(flow_id, self.flows[flow_id]._advance())
+
+    def _refollow(self, machine: FlowMachine) -> None:
+        """A step still running when the node went down: its offer and rosters go back into
+        the node, so its task machine follows the task again and takes its result."""
+        if self.follow is None:
+            return
+        for view in machine.steps():
+            if view.state is not StepState.RUNNING or view.task_id in self.core.tasks:
+                continue
+            attempt = machine.latest(view.index)
+            if attempt is None:
+                continue
+            for envelope in [attempt.envelope, *attempt.rosters]:
+                self.follow(envelope)
 
     def start(self, record: FlowRecord) -> str:
         flow_id = flow_id_of(record)
@@ -110,7 +136,7 @@ class FlowService:
             self._flow_of[task.task_id] = flow_id
             machine = self.flows.get(flow_id)
             if machine is None:
-                if len(self.flows) >= MAX_FLOWS:
+                if len(self.flows) >= MAX_FLOWS and not self._evict():
                     continue
                 machine = self.flows[flow_id] = FlowMachine(offer.flow, self.core.me)
                 self._fed[flow_id] = set()
@@ -125,6 +151,26 @@ class FlowService:
                 self.feed(flow_id, event)
         for flow_id in list(self.flows):
             self._save(flow_id)
+
+    def _evict(self) -> bool:
+        """Make room: forget the oldest finished flow this node only followed (its file
+        too). False when every flow here is unfinished or our own."""
+        done = [
+            (m.flow.created, fid)
+            for fid, m in self.flows.items()
+            if fid not in self.started and m.phase in (FlowPhase.SUCCEEDED, FlowPhase.FAILED)
+        ]
+        if not done:
+            return False
+        _created, victim = min(done)
+        del self.flows[victim]
+        self._fed.pop(victim, None)
+        self._saved.pop(victim, None)
+        for task_id in [t for t, f in self._flow_of.items() if f == victim]:
+            del self._flow_of[task_id]
+        if self.store is not None:
+            self.store.remove(victim)
+        return True
 
     def feed(self, flow_id: str, event: StepOffered | StepRoster | StepResult) -> None:
         fed = self._fed.setdefault(flow_id, set())
@@ -181,7 +227,7 @@ class FlowService:
         saved = SavedFlow(machine.flow, flow_id in self.started, tuple(machine.records))
         try:
             self.store.save(saved)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             log.error("flow %s: cannot save: %s", flow_id[:12], exc)
             return
         self._saved[flow_id] = len(machine.records)

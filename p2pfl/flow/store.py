@@ -38,7 +38,13 @@ class FlowStore:
         return self.root / f"{check_flow_id(flow_id)}.flow"
 
     def save(self, saved: SavedFlow) -> None:
-        atomic_write(self._path(flow_id_of(saved.flow)), encode(saved), mode=0o600)
+        data = encode(saved)
+        if len(data) > MAX_FLOW_FILE:  # bounded disk: the records' count is bounded too
+            raise ValueError(f"flow file of {len(data)} bytes, over {MAX_FLOW_FILE}")
+        atomic_write(self._path(flow_id_of(saved.flow)), data, mode=0o600)
+
+    def remove(self, flow_id: str) -> None:
+        self._path(flow_id).unlink(missing_ok=True)
 
     def load(self, flow_id: str) -> SavedFlow | None:
         path = self._path(flow_id)

@@ -152,3 +152,34 @@ def test_flow_fails_at_step_two_then_resumes(cluster: Cluster, heart_split: Path
     # Step 1 was not redone; step 2 ran twice (the failed attempt and the resumed one).
     assert status["steps"][0]["task_id"] == first_step_task
     assert [s["attempts"] for s in status["steps"]] == [1, 2, 1]
+
+
+@pytest.mark.slow
+def test_a_flow_survives_a_restart_of_its_starter(cluster: Cluster, heart_split: Path) -> None:
+    """The starter holds no data (it is not a server, and takes no part in the steps): it
+    crashes while step 2 trains and comes back; the flow goes on, nothing is redone."""
+    hospital = hospitals(heart_split)
+
+    def datasets(i: int) -> dict[str, Path]:
+        return hospital(i - 1) if i > 0 else {}
+
+    nodes = cluster.start(4, datasets=datasets, trust=trust_first)
+    n0, n1 = nodes[0], nodes[1]
+    flow_id = run_flow(cluster, n0, "train.rounds=8")
+
+    def training() -> bool:
+        status = cluster.try_json("flow", "status", flow_id, node=n0)
+        step = status["steps"][1] if status else None
+        return bool(
+            step and step["state"] == "running" and (step["task"] or {}).get("round", 0) >= 2
+        )
+
+    wait_until(training, 300.0, what="step train in its second round")
+    n0.kill()  # a crash, mid-step
+    wait_until(lambda: not n0.alive(), 30.0, what="n0 gone")
+    n0 = cluster.restart(n0, bootstrap=[n1.bootstrap_addr])
+    assert wait_flow(cluster, n0, flow_id) == 0, cluster.diagnostics()
+    status = cluster.cli_json("flow", "status", flow_id, node=n0)
+    assert [s["state"] for s in status["steps"]] == ["succeeded"] * 3
+    assert [s["attempts"] for s in status["steps"]] == [1, 1, 1]  # nothing redone
+    assert n0.peer_id not in status["steps"][1]["result"]["participants"]

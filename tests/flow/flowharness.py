@@ -6,9 +6,12 @@ import hashlib
 from typing import Any
 
 from p2pfl.core.flowrec import FlowRecord, FlowStep
+from p2pfl.core.messages import TOPIC_TASKS
 from p2pfl.flow.service import FlowService
 from p2pfl.flow.store import FlowStore
+from p2pfl.net.base import Message
 from p2pfl.store.blobref import BlobRef
+from p2pfl.wire import Signed, encode
 from tests.core.harness import Harness, Node
 
 FED = {
@@ -34,7 +37,13 @@ class FlowHarness(Harness):
 
     def _service(self, node: Node) -> FlowService:
         store = FlowStore(self.store_root / str(node.index)) if self.store_root else None
-        service = FlowService(node.core, lambda f, i, m, n=node: self._offer(n, f, i, m), store)
+
+        def follow(envelope: Signed, n: Node = node) -> None:
+            self._feed(n, Message(TOPIC_TASKS, n.peer, encode(envelope)))
+
+        service = FlowService(
+            node.core, lambda f, i, m, n=node: self._offer(n, f, i, m), store, follow
+        )
         self.services[node.index] = service
         return service
 

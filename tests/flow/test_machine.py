@@ -285,3 +285,63 @@ def test_publish_commands_carry_the_flow():
     assert len(offers) == 3
     assert {flow_id_of(o.flow) for o in offers.values()} == {flow_id}
     assert isinstance(next(iter(offers.values())), object) and TaskResult
+
+
+def test_a_starter_that_restarts_mid_step_follows_the_step_again(tmp_path):
+    """The starter takes no part in the steps (its dry runs refuse); it goes down while
+    step 2 trains and comes back: it follows step 2 again and offers step 3 itself."""
+    h = FlowHarness(3, store_root=tmp_path)
+    h.nodes[0].fail_jobs[JobStep.VALIDATE] = "no data here"
+    flow_id = h.start(h.record())
+    step_two = []
+
+    def rostered() -> bool:
+        machine = h.flow(flow_id)
+        attempt = machine.latest(1)
+        if attempt is not None and attempt.rosters:
+            step_two.append(attempt.task_id)
+            return True
+        return False
+
+    t = 0.0
+    for _ in range(2000):  # bounded: step 2's roster comes within seconds of virtual time
+        if rostered():
+            break
+        t += 0.05
+        h.run(until=t)
+    assert step_two, "step 2 never got a roster"
+    assert h.nodes[0].peer not in h.flow(flow_id).latest(1).participants
+    h.crash(0)
+    h.restart(0)  # no snapshot (not a participant): the flow file brings it back
+    h.nodes[0].fail_jobs[JobStep.VALIDATE] = "no data here"
+    assert step_two[0] in h.nodes[0].core.tasks  # following step 2 again
+    h.run()
+    for i in range(3):
+        assert h.flow(flow_id, i).phase is FlowPhase.SUCCEEDED, (i, h.flow(flow_id, i).reason)
+    assert [len(a) for a in h.flow(flow_id).attempts] == [1, 1, 1]
+
+
+def test_a_step_that_ends_while_the_starter_is_down_reaches_it_when_it_is_back(tmp_path):
+    """The starter is down when step 2's result goes out: when it reconnects, the reducer
+    sends it the signed result, and the flow goes on to step 3."""
+    h = FlowHarness(3, store_root=tmp_path)
+    h.nodes[0].fail_jobs[JobStep.VALIDATE] = "no data here"
+    flow_id = h.start(h.record())
+    t = 0.0
+    for _ in range(2000):
+        attempt = h.flow(flow_id).latest(1)
+        if attempt is not None and attempt.rosters:
+            break
+        t += 0.05
+        h.run(until=t)
+    step_two = h.flow(flow_id).latest(1).task_id
+    h.crash(0)
+    h.run()  # step 2 ends without the starter; nothing more happens
+    assert all(m.result is not None for m in h.machines(step_two))
+    assert _states(h.flow(flow_id, 1))[:2] == ["succeeded", "succeeded"]
+    h.restart(0)
+    h.nodes[0].fail_jobs[JobStep.VALIDATE] = "no data here"
+    h.run()
+    for i in range(3):
+        assert h.flow(flow_id, i).phase is FlowPhase.SUCCEEDED, (i, h.flow(flow_id, i).reason)
+    assert [len(a) for a in h.flow(flow_id).attempts] == [1, 1, 1]

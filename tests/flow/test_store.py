@@ -65,3 +65,21 @@ def test_damaged_and_foreign_files_are_ignored(tmp_path: Path) -> None:
     assert store.load(other) is None
     store.save(SavedFlow(saved.flow, True, ()))
     assert store.load(flow_id).records == ()
+
+
+def test_followed_flows_are_bounded(tmp_path: Path, monkeypatch) -> None:
+    """A node follows at most MAX_FLOWS flows: the oldest finished one it only followed
+    makes room (file and all); its own flows and unfinished ones stay."""
+    import p2pfl.flow.service as service_mod
+
+    monkeypatch.setattr(service_mod, "MAX_FLOWS", 2)
+    h = FlowHarness(2, store_root=tmp_path)
+    ids = []
+    for k in range(3):
+        record = replace(h.record(), nonce=bytes([k + 1]) * 16, created=h.now)
+        ids.append(h.start(record))
+        h.run()
+    follower = h.services[1]
+    assert len(follower.flows) == 2 and ids[0] not in follower.flows
+    assert set(FlowStore(tmp_path / "1").ids()) == set(ids[1:])
+    assert set(h.services[0].flows) == set(ids)  # the starter keeps its own
