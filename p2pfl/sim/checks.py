@@ -111,6 +111,35 @@ def unknown_param_problems(taskpack: Path, params: dict[Any, Any]) -> list[str]:
     ]
 
 
+def flow_param_problems(scenario: Scenario) -> list[str]:
+    """A flow scenario's `params`: a plain key goes to every training step, `STEP.KEY` to
+    that step; each is checked against the taskpack it reaches."""
+    from p2pfl.flow.spec import load_flow, resolve_flow
+
+    assert scenario.flow is not None
+    try:
+        steps = resolve_flow(load_flow(scenario.flow))
+    except ValidationError as exc:
+        return [f"flow: {p}" for p in exc.problems]
+    params = scenario.params.as_dict()
+    problems: list[str] = []
+    by_name = {s.step.name: s for s in steps}
+    for key in params:
+        step_name, _, sub = key.partition(".")
+        if sub and step_name not in by_name:
+            problems.append(f"params.{key}: the flow has no step {step_name!r}")
+    for item in steps:
+        plain = {k: v for k, v in params.items() if "." not in k}
+        prefix = item.step.name + "."
+        own = {k.removeprefix(prefix): v for k, v in params.items() if k.startswith(prefix)}
+        mine = {**plain, **own} if item.type == "training" else own
+        problems += [
+            p.replace("params.", f"params ({item.step.name}).", 1)
+            for p in unknown_param_problems(item.directory, mine)
+        ]
+    return problems
+
+
 def offer_overrides(scenario: Scenario) -> dict[str, str]:
     """The parameter overrides the simulated publisher offers the task with (the same as
     p2pfl.sim.cluster_base's): the scenario's params, node bounds and DP settings."""

@@ -268,6 +268,8 @@ def parse(
 
         if scenario is not None and not scenario.taskpack.is_dir():
             problems.append(f"taskpack: no such directory: {scenario.taskpack}")
+        elif scenario is not None and scenario.flow is not None:
+            problems += checks.flow_param_problems(scenario)
         elif scenario is not None:
             problems += checks.taskpack_problems(scenario)
         elif isinstance(raw.get("taskpack"), str) and isinstance(raw.get("params"), dict):

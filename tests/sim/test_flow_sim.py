@@ -107,3 +107,24 @@ def test_the_derived_dataset_never_leaves_its_node(tmp_path: Path) -> None:
     finally:
         cluster.runner.close()
         cluster._remove_tmp()
+
+
+def test_a_flow_scenarios_params_are_checked_against_the_steps_they_reach(
+    tmp_path: Path,
+) -> None:
+    """A plain key reaches the training steps, `STEP.KEY` one step: a typo is named by
+    path before anything runs, and a step the flow lacks is named too."""
+    text = (ROOT / "scenarios" / "heart-disease-flow.yaml").read_text()
+    good = tmp_path / "good.yaml"
+    good.write_text(text.replace("flow: flows/", f"flow: {ROOT}/flows/"))
+    load_scenario(good)  # lr reaches the training step, which takes it
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(
+        good.read_text().replace("lr: 0.05}", "lrr: 0.05, standardise.foo: 1, nostep.x: 2}")
+    )
+    with pytest.raises(Exception) as info:
+        load_scenario(typo)
+    text = str(info.value)
+    assert "lrr" in text and "(train)" in text
+    assert "standardise" in text and "foo" in text
+    assert "no step 'nostep'" in text
