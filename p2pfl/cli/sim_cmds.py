@@ -19,6 +19,20 @@ from p2pfl.errors import P2PFLError, ValidationError
 NETWORK_CHOICE = click.Choice(["sim", "libp2p"])
 
 
+def _executor_options(fn: Any) -> Any:
+    """--executor and --ray-address, shared by simulate and experiment."""
+    fn = click.option(
+        "--ray-address",
+        metavar="ADDR",
+        help="the Ray cluster to join: auto (the one running here), HOST:PORT, ray://HOST:PORT",
+    )(fn)
+    return click.option(
+        "--executor",
+        type=click.Choice(["local", "ray"]),
+        help="where taskpack jobs run (default: the scenario's executor, else local)",
+    )(fn)
+
+
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, ValidationError):
         return "; ".join(exc.problems)
@@ -70,6 +84,7 @@ def _progress() -> Any:
 @click.option("--network", type=NETWORK_CHOICE, default="sim", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON line")
 @click.option("--no-plots", is_flag=True, help="skip the PNG plots")
+@_executor_options
 def simulate_cmd(
     scenario_file: Path,
     out_dir: Path | None,
@@ -77,6 +92,8 @@ def simulate_cmd(
     network: str,
     as_json: bool,
     no_plots: bool,
+    executor: str | None,
+    ray_address: str | None,
 ) -> None:
     """Run a simulated scenario and write rounds.csv, summary.json and plots."""
     from p2pfl.sim.runner import default_out_dir, run_scenario
@@ -112,6 +129,8 @@ def simulate_cmd(
                 out_dir=out,
                 progress=on_progress,
                 plots=not no_plots,
+                executor=executor,
+                ray_address=ray_address,
             )
             bar.update(task, completed=summary.rounds_completed, info=tracker.text())
     except (P2PFLError, OSError, ImportError, NotImplementedError) as exc:
@@ -157,6 +176,7 @@ def _print_summary(summary: Any, nodes: int, out: Path, no_plots: bool) -> None:
 @click.option("--network", type=NETWORK_CHOICE, default="sim", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the results table as one JSON line")
 @click.option("--no-plots", is_flag=True, help="skip the PNG plots")
+@_executor_options
 def experiment_cmd(
     scenario_file: Path,
     vary: tuple[str, ...],
@@ -164,6 +184,8 @@ def experiment_cmd(
     network: str,
     as_json: bool,
     no_plots: bool,
+    executor: str | None,
+    ray_address: str | None,
 ) -> None:
     """Run a grid of scenario variants over seeds and compare them in one table."""
     from p2pfl.sim.experiment import expand_grid, parse_vary, run_experiment
@@ -206,6 +228,8 @@ def experiment_cmd(
                 network=network,
                 progress=on_progress,
                 plots=not no_plots,
+                executor=executor,
+                ray_address=ray_address,
             )
     except (P2PFLError, OSError, ImportError, NotImplementedError) as exc:
         raise click.ClickException(_one_line(exc)) from None

@@ -62,6 +62,9 @@ class ClusterSpec:
     network: str = "sim"
     detect_s: float = 1.0
     min_records: int = 1
+    # Where jobs run: {"kind": "local"} (in this process) or {"kind": "ray", "address",
+    # "cpus_per_job"} (p2pfl.sim.ray_executor).
+    executor: dict[str, Any] = field(default_factory=lambda: {"kind": "local"})
 
 
 @dataclass(frozen=True)

@@ -195,7 +195,11 @@ def run_experiment(
     cluster_factory: ClusterFactory | None = None,
     check_files: bool = True,
     plots: bool = True,
+    executor: str | None = None,
+    ray_address: str | None = None,
 ) -> ExperimentResult:
+    """Run every grid point (see the module docstring). `executor` / `ray_address`
+    override each scenario's `executor:` (a Ray started here serves every run)."""
     source = Path(scenario_path)
     raw = load_raw(source)
     axes = [parse_vary(v) for v in vary]
@@ -219,6 +223,8 @@ def run_experiment(
             progress=hook,
             cluster_factory=cluster_factory,
             plots=plots,
+            executor=executor,
+            ray_address=ray_address,
         )
         summaries.append((point, summary))
     rows = aggregate_rows(summaries)
