@@ -96,13 +96,17 @@ def simulate_cmd(
     ray_address: str | None,
 ) -> None:
     """Run a simulated scenario and write rounds.csv, summary.json and plots."""
-    from p2pfl.sim.runner import default_out_dir, run_scenario
+    from p2pfl.sim.runner import choose_executor, default_out_dir, run_scenario
     from p2pfl.sim.scenario import load_scenario
 
     try:
         scenario = load_scenario(scenario_file, seed=seed)
     except ValidationError as exc:
         raise click.ClickException(f"{scenario_file}: {_one_line(exc)}") from None
+    try:  # before any progress output: a missing Ray is the one line printed
+        choose_executor(scenario, network, executor, ray_address)
+    except (ValidationError, ImportError) as exc:
+        raise click.ClickException(_one_line(exc)) from None
     run_seed = scenario.seed
     out = out_dir or default_out_dir(scenario, run_seed)
     tracker = _RoundTracker()
@@ -189,6 +193,7 @@ def experiment_cmd(
 ) -> None:
     """Run a grid of scenario variants over seeds and compare them in one table."""
     from p2pfl.sim.experiment import expand_grid, parse_vary, run_experiment
+    from p2pfl.sim.runner import choose_executor
     from p2pfl.sim.scenario import load_raw
 
     try:
@@ -201,6 +206,11 @@ def experiment_cmd(
         )
     except ValidationError as exc:
         raise click.ClickException(f"{scenario_file}: {_one_line(exc)}") from None
+    try:  # before any progress output: a missing Ray is the one line printed
+        for point in points:
+            choose_executor(point.scenario, network, executor, ray_address)
+    except (ValidationError, ImportError) as exc:
+        raise click.ClickException(_one_line(exc)) from None
 
     tracker = _RoundTracker()
     try:

@@ -34,8 +34,9 @@ from typing import Any
 import msgpack
 
 from p2pfl.runtime.inprocess import InProcessRunner
-from p2pfl.runtime.jobs import KIND_CRASHED, Job, JobError, JobOutput, TaskSpec
+from p2pfl.runtime.jobs import KIND_CRASHED, KIND_PROTOCOL, Job, JobError, JobOutput, TaskSpec
 from p2pfl.runtime.protocol import (
+    ProtocolError,
     decode_job,
     decode_result,
     decode_spec,
@@ -117,9 +118,12 @@ class JobHost:
         reply shape: {"ok": true, "result", "logs"} or {"ok": false, "reason", "kind",
         "logs"})."""
         try:
-            msg = _unpack(request)
-            job = decode_job(msg["job"])
-            spec = self._local_spec(msg["spec"])
+            try:
+                msg = _unpack(request)
+                job = decode_job(msg["job"])
+                spec = self._local_spec(msg["spec"])
+            except (ProtocolError, ValueError, TypeError, KeyError) as e:
+                raise JobError(f"bad request: {type(e).__name__}: {e}", KIND_PROTOCOL) from None
             output = self._runner.run(spec, job)
         except JobError as e:
             return _pack({"ok": False, "reason": e.reason, "kind": e.kind, "logs": e.logs})
