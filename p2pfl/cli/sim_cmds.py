@@ -20,6 +20,20 @@ from p2pfl.errors import P2PFLError, ValidationError
 NETWORK_CHOICE = click.Choice(["sim", "libp2p"])
 
 
+def _executor_options(fn: Any) -> Any:
+    """--executor and --ray-address, shared by simulate and experiment."""
+    fn = click.option(
+        "--ray-address",
+        metavar="ADDR",
+        help="the Ray cluster to join: auto (the one running here), HOST:PORT, ray://HOST:PORT",
+    )(fn)
+    return click.option(
+        "--executor",
+        type=click.Choice(["local", "ray"]),
+        help="where taskpack jobs run (default: the scenario's executor, else local)",
+    )(fn)
+
+
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, ValidationError):
         return "; ".join(exc.problems)
@@ -72,6 +86,7 @@ def _progress() -> Any:
 @click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON line")
 @click.option("--no-plots", is_flag=True, help="skip the PNG plots")
 @click.option("--force", is_flag=True, help="replace an earlier run in the output folder")
+@_executor_options
 def simulate_cmd(
     scenario_file: Path,
     out_dir: Path | None,
@@ -80,15 +95,26 @@ def simulate_cmd(
     as_json: bool,
     no_plots: bool,
     force: bool,
+    executor: str | None,
+    ray_address: str | None,
 ) -> None:
     """Run a simulated scenario and write rounds.csv, summary.json and plots."""
-    from p2pfl.sim.runner import claim_out_dir, default_out_dir, run_scenario
+    from p2pfl.sim.runner import (
+        choose_executor,
+        claim_out_dir,
+        default_out_dir,
+        run_scenario,
+    )
     from p2pfl.sim.scenario import load_scenario
 
     try:
         scenario = load_scenario(scenario_file, seed=seed)
     except ValidationError as exc:
         raise click.ClickException(f"{scenario_file}: {_one_line(exc)}") from None
+    try:  # before any progress output: a missing Ray is the one line printed
+        choose_executor(scenario, network, executor, ray_address)
+    except (ValidationError, ImportError) as exc:
+        raise click.ClickException(_one_line(exc)) from None
     run_seed = scenario.seed
     out = out_dir or default_out_dir(scenario, run_seed)
     try:
@@ -120,6 +146,8 @@ def simulate_cmd(
                 progress=on_progress,
                 plots=not no_plots,
                 force=force,
+                executor=executor,
+                ray_address=ray_address,
             )
             bar.update(task, completed=summary.rounds_completed, info=tracker.text())
     except KeyboardInterrupt:
@@ -177,6 +205,7 @@ def _print_summary(summary: Any, nodes: int, out: Path, no_plots: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the results table as one JSON line")
 @click.option("--no-plots", is_flag=True, help="skip the PNG plots")
 @click.option("--force", is_flag=True, help="replace an earlier experiment in the output folder")
+@_executor_options
 def experiment_cmd(
     scenario_file: Path,
     vary: tuple[str, ...],
@@ -185,10 +214,12 @@ def experiment_cmd(
     as_json: bool,
     no_plots: bool,
     force: bool,
+    executor: str | None,
+    ray_address: str | None,
 ) -> None:
     """Run a grid of scenario variants over seeds and compare them in one table."""
     from p2pfl.sim.experiment import expand_grid, parse_vary, run_experiment
-    from p2pfl.sim.runner import claim_out_dir
+    from p2pfl.sim.runner import choose_executor, claim_out_dir
     from p2pfl.sim.scenario import load_raw
 
     try:
@@ -203,6 +234,11 @@ def experiment_cmd(
     except ValidationError as exc:
         raise click.ClickException(f"{scenario_file}: {_one_line(exc)}") from None
     except P2PFLError as exc:
+        raise click.ClickException(_one_line(exc)) from None
+    try:  # before any progress output: a missing Ray is the one line printed
+        for point in points:
+            choose_executor(point.scenario, network, executor, ray_address)
+    except (ValidationError, ImportError) as exc:
         raise click.ClickException(_one_line(exc)) from None
 
     tracker = _RoundTracker()
@@ -232,6 +268,8 @@ def experiment_cmd(
                 progress=on_progress,
                 plots=not no_plots,
                 force=force,
+                executor=executor,
+                ray_address=ray_address,
             )
     except KeyboardInterrupt:
         from p2pfl.cli.main import fail

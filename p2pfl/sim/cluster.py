@@ -24,7 +24,7 @@ from p2pfl.sim.cluster_base import (
     ClusterSpec,
     RoundRecord,
 )
-from p2pfl.sim.io import sim_node
+from p2pfl.sim.io import JobPool, sim_node
 
 __all__ = ["ClusterSpec", "RoundRecord", "SimCluster", "TRAIN_OVERHEAD_S", "TRAIN_PER_SAMPLE_S"]
 
@@ -37,7 +37,7 @@ TRAIN_PER_SAMPLE_S = 2e-5
 class SimCluster(ClusterBase):
     tmp_prefix = "p2pfl-sim-"
     identity_label = "p2pfl-sim"
-    runner: InProcessRunner
+    runner: JobPool
 
     def __init__(self, spec: ClusterSpec) -> None:
         if spec.network != "sim":
@@ -46,7 +46,7 @@ class SimCluster(ClusterBase):
             )
         super().__init__(spec)
         self.hub = SimHub(seed=spec.seed, link=LinkModel(**spec.link), detect_s=spec.detect_s)
-        self.runner = InProcessRunner()
+        self.runner = make_pool(spec.executor)
         if spec.dp:
             self.warnings.append(
                 "DP noise in this simulation is reproducible (seeded from the task id), so "
@@ -93,6 +93,7 @@ class SimCluster(ClusterBase):
             taskpack_root=self.taskpack_root,
             datasets={self.spec.input_name: data},
             compute_s=_compute_s,
+            min_compute_s=_min_compute_s,
             # A restarted node is a fresh, honest process.
             update_hook=self._update_hook(i) if add else None,
             restart=not add,
@@ -145,7 +146,9 @@ class SimCluster(ClusterBase):
         try:
             yield from self._run()
         finally:
-            self.runner.close()
+            close = getattr(self.runner, "close", None)
+            if close is not None:
+                close()
             self._remove_tmp()
 
     def _run(self) -> Iterator[RoundRecord]:
@@ -192,8 +195,31 @@ class SimCluster(ClusterBase):
         return self._result_at if self._result_at is not None else self.hub.now
 
 
+def make_pool(executor: dict[str, Any]) -> JobPool:
+    """Where the nodes' jobs run: this process (local) or Ray actors (ray)."""
+    kind = executor.get("kind", "local")
+    if kind == "local":
+        return InProcessRunner()
+    if kind == "ray":
+        from p2pfl.sim.ray_executor import RayExecutor
+
+        return RayExecutor(
+            address=executor.get("address"),
+            cpus_per_job=float(executor.get("cpus_per_job", 1.0)),
+            hosts=executor.get("hosts"),
+        )
+    raise ValueError(f"executor: unknown kind {kind!r} (local or ray)")
+
+
 def _compute_s(job: Any, output: Any) -> float:
-    if isinstance(job, Train) and output is not None:
-        n = getattr(output.result, "num_samples", 0) or 0
-        return TRAIN_OVERHEAD_S + TRAIN_PER_SAMPLE_S * n
+    """Virtual seconds a job takes. A training job costs its overhead even when it fails:
+    that makes TRAIN_OVERHEAD_S a lower bound that holds before the outcome is known."""
+    if isinstance(job, Train):
+        n = getattr(output.result, "num_samples", 0) if output is not None else 0
+        return TRAIN_OVERHEAD_S + TRAIN_PER_SAMPLE_S * (n or 0)
     return 0.0
+
+
+def _min_compute_s(job: Any) -> float:
+    """A lower bound of _compute_s(job, any outcome): where a submitted job's gate goes."""
+    return TRAIN_OVERHEAD_S if isinstance(job, Train) else 0.0

@@ -67,6 +67,9 @@ class ClusterSpec:
     extra_taskpacks: list[Path] = field(default_factory=list)
     rollout: str = ""
     flow: Path | None = None  # a flow file: the run is the whole flow (p2pfl/sim/flowsim.py)
+    # Where jobs run: {"kind": "local"} (in this process) or {"kind": "ray", "address",
+    # "cpus_per_job"} (p2pfl.sim.ray_executor).
+    executor: dict[str, Any] = field(default_factory=lambda: {"kind": "local"})
 
 
 @dataclass(frozen=True)

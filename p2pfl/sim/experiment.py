@@ -210,9 +210,11 @@ def run_experiment(
     check_files: bool = True,
     plots: bool = True,
     force: bool = False,
+    executor: str | None = None,
+    ray_address: str | None = None,
 ) -> ExperimentResult:
-    """Validate the whole grid, check that no earlier experiment is in `out_dir` (unless
-    `force`), then run every point. Nothing is created before both checks pass."""
+    """Run every grid point (see the module docstring). `executor` / `ray_address`
+    override each scenario's `executor:` (a Ray started here serves every run)."""
     source = Path(scenario_path)
     raw = load_raw(source)
     axes = [parse_vary(v) for v in vary]
@@ -242,6 +244,8 @@ def run_experiment(
             cluster_factory=cluster_factory,
             plots=plots,
             force=force,
+            executor=executor,
+            ray_address=ray_address,
         )
         summaries.append((point, summary))
     rows = aggregate_rows(summaries)

@@ -24,7 +24,7 @@ from p2pfl.fsutil import atomic_write
 from p2pfl.sim.checks import sim_input
 from p2pfl.sim.data import prepare_node_data
 from p2pfl.sim.report import PLOT_FILES, RecordLike, Summary, summarize, write_report
-from p2pfl.sim.scenario import Scenario
+from p2pfl.sim.scenario import EXECUTORS, Executor, Scenario
 
 NETWORKS = ("sim", "libp2p")
 
@@ -92,9 +92,10 @@ def cluster_spec_kwargs(
     network: str,
     node_data: list[Path],
     test_path: Path,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments of p2pfl.sim.cluster.ClusterSpec for this scenario."""
-    return {
+    kwargs = {
         "seed": seed,
         "nodes": scenario.nodes,
         "topology": scenario.topology.as_dict(),
@@ -110,6 +111,38 @@ def cluster_spec_kwargs(
         "network": network,
         **({"flow": scenario.flow} if scenario.flow is not None else {}),
     }
+    chosen = executor or scenario.executor
+    if chosen.kind != "local":  # a local run's spec stays what it always was
+        kwargs["executor"] = chosen.as_dict()
+    return kwargs
+
+
+def choose_executor(
+    scenario: Scenario, network: str, executor: str | None, ray_address: str | None
+) -> Executor:
+    """The scenario's executor with --executor / --ray-address applied, checked: Ray runs
+    jobs of --network sim only, and must be installed (ImportError naming the extra)."""
+    chosen = scenario.executor
+    if executor is not None:
+        if executor not in EXECUTORS:
+            raise ValidationError(
+                [f"executor: must be one of {', '.join(EXECUTORS)}, got {executor!r}"], "run"
+            )
+        if executor != chosen.kind:
+            chosen = Executor(kind=executor)
+    if ray_address is not None:
+        if chosen.kind != "ray":
+            raise ValidationError(["--ray-address: only with the ray executor"], "run")
+        chosen = dataclasses.replace(chosen, address=ray_address)
+    if chosen.kind == "ray":
+        if network != "sim":
+            raise ValidationError(
+                [f"executor: ray runs the jobs of --network sim only, not {network!r}"], "run"
+            )
+        from p2pfl.sim.ray_executor import import_ray
+
+        import_ray()
+    return chosen
 
 
 def sim_cluster(kwargs: dict[str, Any]) -> ClusterLike:
@@ -150,6 +183,8 @@ def run_scenario(
     plots: bool = True,
     keep_data: bool = False,
     force: bool = False,
+    executor: str | None = None,
+    ray_address: str | None = None,
 ) -> Summary:
     """Run one scenario to completion and write its report into `out_dir`.
 
@@ -158,12 +193,14 @@ def run_scenario(
     `out_dir/data` with keep_data=True). A run that stops early leaves whole files only:
     the rounds gathered so far and a summary whose status is `interrupted` (Ctrl-C) or
     `errored` (the reason says why); then the exception propagates. A run that stops
-    before its first round leaves no folder behind.
+    before its first round leaves no folder behind. `executor` ("local" | "ray") and
+    `ray_address` override the scenario's `executor:` section.
     """
     if network not in NETWORKS:
         raise ValidationError(
             [f"network: must be one of {', '.join(NETWORKS)}, got {network!r}"], "run"
         )
+    chosen = choose_executor(scenario, network, executor, ray_address)
     seed = scenario.seed if seed is None else seed
     out = Path(out_dir) if out_dir is not None else default_out_dir(scenario, seed)
     claim_out_dir(out, force)
@@ -201,7 +238,12 @@ def run_scenario(
         )
         report(None, "cluster")
         kwargs = cluster_spec_kwargs(
-            scenario, seed=seed, network=network, node_data=node_paths, test_path=test_path
+            scenario,
+            seed=seed,
+            network=network,
+            node_data=node_paths,
+            test_path=test_path,
+            executor=chosen,
         )
         cluster = factory(kwargs)
         for record in cluster.run():

@@ -36,6 +36,7 @@ PROTOCOLS = ("fedavg", "fedprox", "gossip")
 AGGREGATORS = ("fedavg", "fedprox", "gossip", "median", "trimmed_mean", "krum")
 ATTACKS = ("sign-flip", "gaussian-noise", "scaled")
 FAULT_ACTIONS = ("crash", "partition", "heal", "restart")
+EXECUTORS = ("local", "ray")  # where taskpack jobs run (p2pfl.sim.cluster.make_pool)
 # Datasets we know without importing p2pfl.fl; whatever p2pfl.fl.datasets lists is added.
 KNOWN_DATASETS = ("digits", "breast-cancer", "fashion-mnist", "heart-disease")
 # Datasets whose rows carry a natural site, and how many (the `natural` partition puts one
@@ -153,6 +154,19 @@ class DP:
 
 
 @dataclass(frozen=True)
+class Executor:
+    """Where the nodes' taskpack jobs run: this process, or Ray actors (address None:
+    a Ray started on this machine; "auto": the cluster running here; "HOST:PORT")."""
+
+    kind: str = "local"
+    address: str | None = None
+    cpus_per_job: float = 1.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "address": self.address, "cpus_per_job": self.cpus_per_job}
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     seed: int
@@ -167,6 +181,7 @@ class Scenario:
     dp: DP | None = None
     source: Path | None = None  # the YAML file it came from, if any
     flow: Path | None = None  # a flow file: the run is the whole flow (taskpack: its first step's)
+    executor: Executor = Executor()
 
     @property
     def rounds(self) -> int:
@@ -311,7 +326,7 @@ _MISSING: Any = object()
 KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "": (
         ("name", "seed", "nodes", "topology", "dataset", "taskpack", "params", "network",
-         "faults", "byzantine", "dp", "flow"),
+         "faults", "byzantine", "dp", "flow", "executor"),
         ("name", "nodes", "dataset", "params"),  # and a taskpack or a flow
     ),
     "topology": (("kind", "degree", "rewire"), ("kind",)),
@@ -500,6 +515,7 @@ def _parse_scenario(
     faults = _parse_faults(c, doc.get("faults", []), nodes, rounds)
     byz = _parse_byzantine(c, doc.get("byzantine"), nodes)
     dp = _parse_dp(c, doc.get("dp"))
+    executor = _parse_executor(c, doc.get("executor"))
 
     if c.problems:
         return None, c.problems
@@ -509,6 +525,7 @@ def _parse_scenario(
         name=str(name), seed=seed, nodes=nodes, topology=topology, dataset=dataset,
         taskpack=taskpack, params=params, network=link, faults=faults or (),
         byzantine=byz, dp=dp, source=source, flow=flow[0] if flow else None,
+        executor=executor or Executor(),
     )  # fmt: skip
     return scenario, c.problems
 
@@ -800,3 +817,22 @@ def _parse_dp(c: _Checker, value: Any) -> DP | None:
     if eps is None or delta is None or norm is None:
         return None
     return DP(eps, delta, norm)
+
+
+def _parse_executor(c: _Checker, value: Any) -> Executor | None:
+    if value is None:
+        return Executor()
+    m = c.mapping(value, "executor", ("kind", "address", "cpus_per_job"), required=("kind",))
+    if m is None:
+        return None
+    kind = c.choice(m, "kind", "executor.kind", EXECUTORS)
+    address = m.get("address")
+    if address is not None and not (isinstance(address, str) and address.strip()):
+        c.err("executor.address", f"must be a Ray address (auto, HOST:PORT), got {address!r}")
+        address = None
+    cpus = c.number(m, "cpus_per_job", "executor.cpus_per_job", default=1.0, lo=0.0, lo_open=True)
+    if kind == "local" and ("address" in m or "cpus_per_job" in m):
+        c.err("executor", "address and cpus_per_job are for kind: ray")
+    if kind is None or cpus is None:
+        return None
+    return Executor(kind, address, cpus)

@@ -28,6 +28,19 @@ def test_cid_of_known_value() -> None:
     assert digest_of_cid(cid_of(b"hello")) == hashlib.sha256(b"hello").digest()
 
 
+def test_spelt_out_cid_matches_multiformats() -> None:
+    from p2pfl.store.cid import cid_from_sha256_multiformats
+
+    for i in range(200):  # digests of every kind of byte, the edge ones included
+        digest = hashlib.sha256(i.to_bytes(2, "big")).digest()
+        assert cid_from_sha256(digest) == cid_from_sha256_multiformats(digest)
+    for digest in (bytes(32), b"\xff" * 32):
+        assert cid_from_sha256(digest) == cid_from_sha256_multiformats(digest)
+        assert digest_of_cid(cid_from_sha256(digest)) == digest
+    with pytest.raises(ValueError, match="32 bytes"):
+        cid_from_sha256(b"short")
+
+
 def test_streaming_variant_matches() -> None:
     h = hashlib.sha256()
     for part in (b"ab", b"cd", b"ef"):

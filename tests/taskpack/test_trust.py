@@ -183,6 +183,18 @@ def test_flipped_byte_anywhere_is_hash_mismatch(tmp_path: Path) -> None:
     assert check_archive(s.archive[:-1], s.cid, s.manifest).reason == "hash-mismatch"
 
 
+def test_memoised_verdicts_still_bind_the_archive_bytes(tmp_path: Path) -> None:
+    honest = publish(tmp_path / "a")
+    other = publish(tmp_path / "b", manifest_doc(spec__federated__rounds=300))
+    for _ in range(2):  # the second time from the memo: the same verdicts
+        assert check_archive(honest.archive, honest.cid, honest.manifest) is None
+        refusal = check_archive(other.archive, other.cid, honest.manifest)
+        assert refusal is not None and refusal.reason == "manifest-mismatch"
+    # A remembered good (cid, manifest) does not vouch for other bytes under that cid.
+    bad = check_archive(other.archive, honest.cid, honest.manifest)
+    assert bad is not None and bad.reason == "hash-mismatch"
+
+
 def test_archive_without_manifest_or_unsafe(tmp_path: Path) -> None:
     from .helpers import member, raw_tar
 

@@ -291,14 +291,19 @@ class SimHub(EventLoop):
     # --- timers and stats -----------------------------------------------------------------
 
     def call_at(
-        self, when: float, callback: Callable[[], None], owner: str | None = None
+        self,
+        when: float,
+        callback: Callable[[], None],
+        owner: str | None = None,
+        *,
+        seq: int | None = None,
     ) -> TimerHandle:
         """A driver timer. With `owner`, it is dropped if that node crashes (or restarts)
-        before it fires, like a timer inside a process that died."""
+        before it fires, like a timer inside a process that died. `seq`: see EventLoop."""
         if owner is None:
-            return super().call_at(when, callback)
+            return super().call_at(when, callback, seq=seq)
         node = self.node(owner)
-        return super().call_at(when, _owned(node, node.serial, callback))
+        return super().call_at(when, _owned(node, node.serial, callback), seq=seq)
 
     def stats(self, peer_id: str) -> NetStats:
         return self.node(peer_id).stats()

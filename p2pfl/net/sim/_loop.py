@@ -45,13 +45,31 @@ class EventLoop:
         self._seq += 1
         heapq.heappush(self._heap, (when, self._seq, fn, args))
 
-    def call_at(self, when: float, callback: Callable[[], None]) -> TimerHandle:
-        """Run ``callback()`` at virtual time ``when`` (a past time means now)."""
+    def reserve_seq(self) -> int:
+        """Take the next sequence number now, for an entry pushed later with `call_at(seq=)`.
+
+        A job that runs elsewhere (p2pfl.sim.io) reserves its place in the order when it is
+        submitted, so its outcome lands where a job run on the spot would have put it."""
+        self._seq += 1
+        return self._seq
+
+    def call_at(
+        self, when: float, callback: Callable[[], None], *, seq: int | None = None
+    ) -> TimerHandle:
+        """Run ``callback()`` at virtual time ``when`` (a past time means now).
+
+        ``seq`` (from `reserve_seq`) orders it among entries due at the same instant as if
+        it had been scheduled when the number was reserved."""
         if math.isnan(when):
             raise LocalProtocolError("call_at: when is NaN")
         when = max(when, self._now)
         handle = TimerHandle(when)
-        self._push(when, _fire, handle, callback)
+        if seq is None:
+            self._push(when, _fire, handle, callback)
+        else:
+            if not 0 < seq <= self._seq:
+                raise LocalProtocolError(f"call_at: seq {seq} was never reserved")
+            heapq.heappush(self._heap, (when, seq, _fire, (handle, callback)))
         return handle
 
     def call_soon(self, callback: Callable[[], None]) -> TimerHandle:
