@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from p2pfl.core.tokens import AggToken, JobToken, Timer
+from p2pfl.core.tokens import AggToken, JobToken, SliceToken, Timer
 from p2pfl.store.blobref import BlobRef
 
 # --- commands (core -> driver) ---------------------------------------------------------
@@ -103,6 +103,24 @@ class Aggregate:
     options: dict = field(default_factory=dict)
     reference: BlobRef | None = None
     max_norm: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SliceWork:
+    """Reduce-scatter work on models cut into `count` slices (fl/slices.py), shaped by
+    the model `reference`; answer SliceWorked with the same token. token.kind:
+    cut: the update refs[0] -> its `count` slice blobs;
+    reduce: slice token.index of each update (refs, in order) combined by `method`
+      (weights, options as for Aggregate) -> one blob, or the first malformed input;
+    assemble: the `count` combined slices (refs, slice order) -> the model."""
+
+    refs: tuple[BlobRef, ...]
+    count: int
+    reference: BlobRef
+    token: SliceToken
+    method: str = "fedavg"
+    weights: tuple[float, ...] = ()
+    options: dict = field(default_factory=dict)
 
 
 class EventKind(enum.Enum):
@@ -202,6 +220,7 @@ Command = (
     | CheckArchive
     | RunJob
     | Aggregate
+    | SliceWork
     | Emit
     | TaskEnded
     | Audit
@@ -254,3 +273,11 @@ class Aggregated:
     ref: BlobRef | None
     reason: str = ""  # non-empty when aggregation failed
     dropped: tuple[tuple[str, str], ...] = ()  # (cid, why) of updates left out
+
+
+@dataclass(frozen=True, slots=True)
+class SliceWorked:
+    token: SliceToken
+    refs: tuple[BlobRef, ...] = ()  # cut: the slices; reduce, assemble: one blob
+    reason: str = ""  # non-empty: the work failed (a bug or a bad assembled slice)
+    bad: int = -1  # reduce: position of a malformed input; assemble: index of a bad slice

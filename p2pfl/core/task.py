@@ -35,6 +35,7 @@ from p2pfl.core.commands import (
     Publish,
     RunJob,
     SetTimer,
+    SliceWorked,
     TaskEnded,
     TaskEvent,
     TimerFired,
@@ -78,6 +79,7 @@ from p2pfl.core.phase import (
     TaskpackState,
 )
 from p2pfl.core.pushsum_rounds import PushSumRounds
+from p2pfl.core.round_messages import GroupDone, SliceAsk, SliceDone, SliceOffer
 from p2pfl.core.snapshot import make_snapshot
 from p2pfl.core.tokens import JobStep, JobToken, TaskTimer, TimerKind
 from p2pfl.core.view import NodeState, result_dict
@@ -860,6 +862,10 @@ class TaskMachine:
             return self.rounds.on_update(now, msg)
         if isinstance(msg, RoundClose) and isinstance(self.rounds, FedAvgRounds):
             return self.rounds.on_close(now, msg)
+        if isinstance(self.rounds, FedAvgRounds) and isinstance(
+            msg, SliceOffer | SliceAsk | SliceDone | GroupDone
+        ):
+            return self.rounds.on_stage_message(now, msg)
         if isinstance(msg, GossipPush) and isinstance(self.rounds, PushSumRounds):
             return self.rounds.on_push(now, msg)
         return self._refuse(type(msg), f"not part of the {self.offer.protocol} protocol")
@@ -924,6 +930,11 @@ class TaskMachine:
         if self.rounds is not None:
             out += self.rounds.on_blob(now, event)
         return out
+
+    def on_slice_worked(self, now: float, event: SliceWorked) -> list[Command]:
+        if isinstance(self.rounds, FedAvgRounds):
+            return self.rounds.on_slice_worked(now, event)
+        return []
 
     def on_aggregated(self, now: float, event: Aggregated) -> list[Command]:
         if event.token.final:
@@ -1040,6 +1051,11 @@ HANDLERS: dict[EventKey, Handler] = {
     RoundUpdate: TaskMachine.on_round_message,
     RoundClose: TaskMachine.on_round_message,
     GossipPush: TaskMachine.on_round_message,
+    SliceOffer: TaskMachine.on_round_message,
+    SliceAsk: TaskMachine.on_round_message,
+    SliceDone: TaskMachine.on_round_message,
+    GroupDone: TaskMachine.on_round_message,
+    SliceWorked: TaskMachine.on_slice_worked,
     Progress: TaskMachine.on_round_message,
     FinalPartial: TaskMachine.on_round_message,
     TaskResult: TaskMachine.on_result,

@@ -39,6 +39,8 @@ from p2pfl.core.commands import (
     RunJob,
     Send,
     SetTimer,
+    SliceWork,
+    SliceWorked,
     TaskEnded,
     TimerFired,
 )
@@ -48,6 +50,7 @@ from p2pfl.core.phase import Phase
 from p2pfl.core.task import TaskMachine
 from p2pfl.core.tokens import JobStep
 from p2pfl.fl.aggregate import aggregate_checked
+from p2pfl.fl.slices import slice_work
 from p2pfl.identity import Identity
 from p2pfl.net.base import Message, PeerConnected, PeerDisconnected
 from p2pfl.store.blobref import make_blob_ref
@@ -95,6 +98,8 @@ class Harness:
         self._timers: dict[tuple[int, Any], int] = {}  # (node, key) -> live seq
         self.blobs: dict[str, bytes] = {}
         self.outgoing: Callable[[Node, Any], Any] | None = None  # (node, cmd) -> cmd | None
+        self.slice_works: list[SliceWork] = []  # reduce-scatter steps asked for, in order
+        self.fetched: list[tuple[int, str]] = []  # (node, cid) of every FetchBlob
         self.manifest = load_manifest(ROOT / "taskpacks" / taskpack)
         self.rows = rows or [100] * n
         self.seed, self.full_mesh = seed, full_mesh
@@ -176,7 +181,8 @@ class Harness:
             "differential_privacy": {"enabled": False},
         }
         fed.update(federated)
-        params = {"max_update_norm": fed.pop("max_update_norm")} if "max_update_norm" in fed else {}
+        # Task parameters the core reads (not manifest fields): moved to the offer's params.
+        params = {k: fed.pop(k) for k in ("max_update_norm", "aggregation") if k in fed}
         core = self.nodes[node].core
         task_id, cmds = core.create_task(
             self.cid, params, fed, ("data",), self.now, volunteer_window_s=3.0
@@ -248,6 +254,7 @@ class Harness:
             self._timers.pop((node.index, cmd.key), None)
         elif isinstance(cmd, FetchBlob):
             cid = cmd.ref.cid
+            self.fetched.append((node.index, cid))
             ok = cid in self.blobs
             event = BlobReady(cid) if ok else BlobFailed(cid, "no provider holds it")
             self.at(LATENCY_S, lambda: self._feed(node, event))
@@ -257,6 +264,8 @@ class Harness:
             self.at(JOB_S, lambda: self._feed(node, self._job(node, cmd)))
         elif isinstance(cmd, Aggregate):
             self.at(0, lambda: self._feed(node, self._aggregate(node, cmd)))
+        elif isinstance(cmd, SliceWork):
+            self.at(0, lambda: self._feed(node, self._slice_work(cmd)))
         elif isinstance(cmd, Emit):
             node.events.append(cmd.event.as_dict())
         elif isinstance(cmd, TaskEnded):
@@ -317,6 +326,25 @@ class Harness:
             total = sum(p["num_samples"] for p in job["partials"])
             return JobDone(cmd.token, {"num_samples": total, "nodes": len(job["partials"])})
         raise AssertionError(step)
+
+    def _slice_work(self, cmd: SliceWork) -> SliceWorked:
+        blobs, bad, reason = slice_work(
+            cmd.token.kind,
+            [self.blobs[r.cid] for r in cmd.refs],
+            self.blobs[cmd.reference.cid],
+            cmd.count,
+            cmd.token.index,
+            cmd.method,
+            cmd.weights,
+            cmd.options,
+        )
+        self.slice_works.append(cmd)
+        return SliceWorked(cmd.token, tuple(self.put_bytes(b) for b in blobs), reason, bad)
+
+    def put_bytes(self, data: bytes) -> Any:
+        ref = make_blob_ref(data)
+        self.blobs[ref.cid] = data
+        return ref
 
     def _aggregate(self, node: Node, cmd: Aggregate) -> Aggregated:
         if node.fail_aggregate:
