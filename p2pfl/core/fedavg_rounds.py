@@ -28,6 +28,7 @@ from p2pfl.core.commands import (
     SetTimer,
     SliceWorked,
 )
+from p2pfl.core.hierarchy import Hierarchy, group_size
 from p2pfl.core.messages import TOPIC_TASKS, RoundClose, RoundUpdate
 from p2pfl.core.phase import ACTIVE, BlobOutcome, Phase
 from p2pfl.core.round_messages import GroupDone, SliceAsk, SliceDone, SliceOffer
@@ -50,6 +51,7 @@ class FedAvgRounds(RoundsBase):
         # Reduce-scatter (core/scatter.py) when the rule says so for this roster.
         self.slice_blobs: set[str] = set()  # slice blobs this node holds
         self._scatter: Scatter | None = None
+        self._hierarchy: Hierarchy | None = None
         self.redone: set[tuple[int, int]] = set()  # (round, attempt) we asked to re-close
 
     @property
@@ -59,6 +61,18 @@ class FedAvgRounds(RoundsBase):
             if count:
                 self._scatter = Scatter(self, count)
         return self._scatter
+
+    @property
+    def hierarchy(self) -> Hierarchy | None:
+        if self._hierarchy is None and self.task.roster is not None:
+            size = group_size(self.task.offer)
+            if size:
+                self._hierarchy = Hierarchy(self, size)
+        return self._hierarchy
+
+    def stage(self) -> Scatter | Hierarchy | None:
+        """The aggregation stage after the close, when the rule asks for one."""
+        return self.hierarchy or self.scatter
 
     # --- our own update ------------------------------------------------------------------
 
@@ -226,9 +240,10 @@ class FedAvgRounds(RoundsBase):
                     task.timer(TimerKind.RECLOSE, close.round), now + task.offer.round_timeout_s
                 )
             ]
-        if self.scatter is not None:
+        stage = self.stage()
+        if stage is not None:
             task.phase = Phase.AGGREGATING
-            return self.scatter.start(now, close)
+            return stage.start(now, close)
         refs = [updates[p].ref for p in close.included]
         weights = [float(updates[p].num_samples) for p in close.included]
         agg = self.aggregate(
@@ -242,6 +257,8 @@ class FedAvgRounds(RoundsBase):
 
     def on_aggregated(self, now: float, event: Any) -> list[Command]:
         task = self.task
+        if event.token.stage and self._hierarchy is not None:
+            return self._hierarchy.on_aggregated(now, event)
         close = self.closes.get(event.token.round)
         if (
             event.token.round != task.round
@@ -322,16 +339,18 @@ class FedAvgRounds(RoundsBase):
         return out + self._scatter_lost(now) + self._check_complete(now)
 
     def _scatter_lost(self, now: float) -> list[Command]:
-        """An included participant was lost while slices are still missing: the acting
-        coordinator re-closes the round without it, which reassigns its slices."""
-        task, scatter = self.task, self._scatter
-        if scatter is None or scatter.close is None or task.phase is not Phase.AGGREGATING:
+        """An included participant was lost while the round's stage is incomplete: the
+        acting coordinator re-closes the round without it, which reassigns its slices
+        (reduce-scatter) or hands its group to the next in rank (hierarchical)."""
+        task, stage = self.task, self.stage()
+        if stage is None or stage.close is None or task.phase is not Phase.AGGREGATING:
             return []
-        close = scatter.close
-        if close.round != task.round or scatter.complete() or task.acting() != task.my_id:
-            return []
+        out = stage.on_view_changed(now) if isinstance(stage, Hierarchy) else []
+        close = stage.close
+        if close.round != task.round or stage.complete() or task.acting() != task.my_id:
+            return out
         gone = {p for p in close.included if p in task.dead or p in task.withdrawn}
-        return self.redo(now, gone, "participants lost mid-round") if gone else []
+        return out + (self.redo(now, gone, "participants lost mid-round") if gone else [])
 
     def redo(self, now: float, without: set[str], why: str) -> list[Command]:
         """The round cannot close as it stands (a slice owner lost or silent, a malformed
@@ -380,6 +399,8 @@ class FedAvgRounds(RoundsBase):
             return scatter.on_offer(now, msg)
         if isinstance(msg, SliceAsk) and scatter is not None:
             return scatter.on_ask(now, msg)
+        if isinstance(msg, GroupDone) and self.hierarchy is not None:
+            return self.hierarchy.on_done(now, msg)
         if isinstance(msg, SliceDone) and scatter is not None:
             return scatter.on_done(now, msg)
         return self.task._refuse(type(msg), "not part of this task's aggregation")
@@ -391,9 +412,9 @@ class FedAvgRounds(RoundsBase):
         return self.on_aggregated(now, event)
 
     def on_blob(self, now: float, event: BlobOutcome) -> list[Command]:
-        scatter = self._scatter
-        if scatter is not None and scatter.wants(event.cid):
-            return scatter.on_blob(now, event.cid, event.ok, event.reason)
+        stage = self._scatter or self._hierarchy
+        if stage is not None and stage.wants(event.cid):
+            return stage.on_blob(now, event.cid, event.ok, event.reason)
         return super().on_blob(now, event)
 
     # --- unfetchable updates -----------------------------------------------------------

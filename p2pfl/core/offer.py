@@ -11,6 +11,7 @@ import hashlib
 from dataclasses import replace
 from typing import Any
 
+from p2pfl.core.aggregation import aggregation_problem
 from p2pfl.core.messages import NONCE_BYTES, TASK_ID_HEX, TaskOffer
 from p2pfl.wire import encode
 
@@ -47,6 +48,9 @@ def offer_problem(offer: TaskOffer) -> str | None:
         return f"round timeout {offer.round_timeout_s} s is not in (0, {MAX_WINDOW_S:g}]"
     if not offer.inputs or len(offer.inputs) > 64:
         return "an offer binds 1 to 64 input datasets"
+    problem = aggregation_problem(offer.params)
+    if problem is not None:
+        return problem
     dp = offer.dp
     if dp is not None:
         if not isinstance(dp, dict) or set(dp) != {"epsilon", "delta", "max_grad_norm"}:

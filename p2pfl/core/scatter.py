@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from p2pfl.core.aggregation import aggregation
 from p2pfl.core.commands import (
     Aggregated,
     Command,
@@ -60,14 +61,6 @@ COORDINATE_WISE = ("fedavg", "median", "trimmed_mean")
 GRACE_S = 2.0  # the coordinator's wait for owners' reports after the round's deadline
 SLACK_BYTES = 64 * KiB  # tensor headers: a slice is never larger than the model plus this
 MAX_HELD_ATTEMPTS = 4  # close attempts ahead of ours whose SliceDones are held
-
-
-def aggregation(offer: Any) -> dict[str, Any]:
-    """The offer's `aggregation` parameter ({kind: auto|allgather|reduce-scatter|
-    hierarchical, group_size, group_by}); {} when it sets none."""
-    params = offer.params if isinstance(offer.params, dict) else {}
-    value = params.get("aggregation")
-    return value if isinstance(value, dict) else {}
 
 
 def slice_count(offer: Any, participants: tuple[str, ...]) -> int:

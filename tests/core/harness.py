@@ -265,7 +265,7 @@ class Harness:
         elif isinstance(cmd, Aggregate):
             self.at(0, lambda: self._feed(node, self._aggregate(node, cmd)))
         elif isinstance(cmd, SliceWork):
-            self.at(0, lambda: self._feed(node, self._slice_work(cmd)))
+            self.at(0, lambda: self._feed(node, self._slice_work(node, cmd)))
         elif isinstance(cmd, Emit):
             node.events.append(cmd.event.as_dict())
         elif isinstance(cmd, TaskEnded):
@@ -327,7 +327,9 @@ class Harness:
             return JobDone(cmd.token, {"num_samples": total, "nodes": len(job["partials"])})
         raise AssertionError(step)
 
-    def _slice_work(self, cmd: SliceWork) -> SliceWorked:
+    def _slice_work(self, node: Node, cmd: SliceWork) -> SliceWorked:
+        if node.fail_aggregate and cmd.token.kind != "cut":
+            return SliceWorked(cmd.token, (), "MemoryError: out of memory")
         blobs, bad, reason = slice_work(
             cmd.token.kind,
             [self.blobs[r.cid] for r in cmd.refs],

@@ -1,0 +1,41 @@
+"""How an offer asks its fedavg/fedprox rounds to move updates: the `aggregation` task
+parameter, checked when the offer is received (core/offer.py) and read by the rule
+every node evaluates (core/scatter.py, core/hierarchy.py).
+
+    aggregation: {kind: auto}                         reduce-scatter when it applies, else all-gather
+    aggregation: {kind: allgather}                    every node fetches every update
+    aggregation: {kind: reduce-scatter}               as auto (named explicitly)
+    aggregation: {kind: hierarchical, group_size: 8}  groups of 8 by rank, leaders combine
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+KINDS = ("auto", "allgather", "reduce-scatter", "hierarchical")
+MAX_GROUP_SIZE = 4096
+
+
+def aggregation(offer: Any) -> dict[str, Any]:
+    """The offer's `aggregation` parameter; {} when it sets none."""
+    params = offer.params if isinstance(offer.params, dict) else {}
+    value = params.get("aggregation")
+    return value if isinstance(value, dict) else {}
+
+
+def aggregation_problem(params: Any) -> str | None:
+    """Why an offer's `aggregation` parameter is not acceptable, or None."""
+    value = params.get("aggregation") if isinstance(params, dict) else None
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not set(value) <= {"kind", "group_size"}:
+        return "aggregation must be {kind, group_size}"
+    kind = value.get("kind", "auto")
+    if kind not in KINDS:
+        return f"aggregation kind {kind!r} is not one of {', '.join(KINDS)}"
+    size = value.get("group_size")
+    if size is not None and (
+        kind != "hierarchical" or type(size) is not int or not 2 <= size <= MAX_GROUP_SIZE
+    ):
+        return f"aggregation group_size must be an integer in [2, {MAX_GROUP_SIZE}], for kind hierarchical"
+    return None
