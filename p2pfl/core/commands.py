@@ -112,7 +112,10 @@ class SliceWork:
     cut: the update refs[0] -> its `count` slice blobs;
     reduce: slice token.index of each update (refs, in order) combined by `method`
       (weights, options as for Aggregate) -> one blob, or the first malformed input;
-    assemble: the `count` combined slices (refs, slice order) -> the model."""
+    assemble: the `count` combined slices (refs, slice order) -> the model;
+    distances (Krum): slice token.index of each update -> their n x n squared distances;
+    krum: the `count` distance matrices (slice order), n = len(weights), options f -> the
+      position Krum chooses (SliceWorked.chosen)."""
 
     refs: tuple[BlobRef, ...]
     count: int
@@ -280,4 +283,5 @@ class SliceWorked:
     token: SliceToken
     refs: tuple[BlobRef, ...] = ()  # cut: the slices; reduce, assemble: one blob
     reason: str = ""  # non-empty: the work failed (a bug or a bad assembled slice)
-    bad: int = -1  # reduce: position of a malformed input; assemble: index of a bad slice
+    bad: int = -1  # reduce, distances: position of a malformed input; assemble, krum: index
+    chosen: int = -1  # krum: the position of the update Krum picks

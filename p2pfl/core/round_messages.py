@@ -61,7 +61,9 @@ class SliceAsk:
 class SliceDone:
     """The owner of slice `index` under close `attempt` combined it: everyone fetches
     `ref` from it. `ref` None: an input slice was malformed; `dropped` names its authors
-    (the coordinator re-closes the round without them)."""
+    (the coordinator re-closes the round without them). Krum: `ref` is the slice's
+    matrix of squared distances between the updates, and `inputs` the input slices (in
+    the close's order), so that everyone can fetch the chosen update's slices."""
 
     task_id: str
     round: int
@@ -70,11 +72,14 @@ class SliceDone:
     index: int
     ref: BlobRef | None
     dropped: tuple[str, ...] = ()
+    inputs: tuple[BlobRef, ...] = ()
 
     def __post_init__(self) -> None:
         _check_task(self.task_id, self.peer)
         _check_round(self.round, self.attempt, self.index)
         check_peers(self.dropped, "dropped")
+        if len(self.inputs) > MAX_SLICES:
+            raise ValueError(f"more than {MAX_SLICES} inputs")
         if len(self.dropped) > 1 or (self.ref is None) != bool(self.dropped):
             raise ValueError("a slice is either combined (ref) or names one bad author")
 

@@ -58,6 +58,8 @@ if TYPE_CHECKING:
     from p2pfl.core.fedavg_rounds import FedAvgRounds
 
 COORDINATE_WISE = ("fedavg", "median", "trimmed_mean")
+# Krum's per-slice distance matrices cost n^2 floats per slice (n^3 per node): up to here.
+KRUM_MAX_SLICES = 32
 GRACE_S = 2.0  # the coordinator's wait for owners' reports after the round's deadline
 SLACK_BYTES = 64 * KiB  # tensor headers: a slice is never larger than the model plus this
 MAX_HELD_ATTEMPTS = 4  # close attempts ahead of ours whose SliceDones are held
@@ -69,9 +71,11 @@ def slice_count(offer: Any, participants: tuple[str, ...]) -> int:
     n = len(participants)
     if kind not in ("auto", "reduce-scatter") or offer.protocol == "gossip":
         return 0
-    if offer.aggregator not in COORDINATE_WISE or offer.max_update_norm > 0:
-        return 0  # Krum and the norm check need whole updates
-    if n < 4 or n > MAX_SLICES:
+    if offer.max_update_norm > 0:
+        return 0  # the norm check needs whole updates
+    if offer.aggregator not in COORDINATE_WISE and offer.aggregator != "krum":
+        return 0
+    if n < 4 or n > (KRUM_MAX_SLICES if offer.aggregator == "krum" else MAX_SLICES):
         return 0
     return n
 
@@ -109,6 +113,10 @@ class Scatter:
         self.later: dict[str, tuple[BlobRef, tuple[str, ...]]] = {}  # cid -> retry (ref, providers)
         self.assembling = False
         self.deadlines = 0  # RECLOSE deadlines passed under the current close
+        self.krum = rounds.task.offer.aggregator == "krum"
+        self.inputs: dict[int, tuple[BlobRef, ...]] = {}  # Krum: our slices' inputs
+        self.choosing = False
+        self.chosen = -1  # Krum: the position of the update chosen under the close
         self.asks = 0  # times we asked again for missing offers under the current close
 
     # --- cutting our update ---------------------------------------------------------------
@@ -131,6 +139,7 @@ class Scatter:
         self.done, self.reducing, self.want, self.assembling = {}, set(), {}, False
         self.later = {}
         self.deadlines = 0
+        self.inputs, self.choosing, self.chosen = {}, False, -1
         self.offers = {r: o for r, o in self.offers.items() if r >= close.round}
         out: list[Command] = []
         mine = self.mine.get(close.round)
@@ -214,7 +223,9 @@ class Scatter:
         weights = tuple(float(updates[p].num_samples) for p in close.included)
         task = self.task
         assert task.global_ref is not None
-        token = SliceToken(task.task_id, close.round, close.attempt, "reduce", j)
+        kind = "distances" if self.krum else "reduce"
+        self.inputs[j] = tuple(refs)
+        token = SliceToken(task.task_id, close.round, close.attempt, kind, j)
         return [
             SliceWork(
                 tuple(refs),
@@ -286,6 +297,9 @@ class Scatter:
         for done in self.done.values():
             if done.ref is not None and done.ref.cid == cid:
                 return done.ref
+            for ref in done.inputs:
+                if ref.cid == cid:
+                    return ref
         return None
 
     def refetch(self, cid: str) -> list[Command]:
@@ -327,6 +341,13 @@ class Scatter:
             why = f"{done.peer[-8:]} got no well-formed slice {done.index} from it"
             return self.rounds.redo(now, bad, why)
         problem = self._too_big(done.ref)
+        if self.krum and problem is None:
+            if len(done.inputs) != len(close.included):
+                problem = f"{len(done.inputs)} input slices for {len(close.included)} updates"
+            else:
+                problem = next(filter(None, map(self._too_big, done.inputs)), None)
+        elif done.inputs:
+            problem = "input slices are for Krum only"
         if problem is not None:
             return [self._warn(f"slice {done.index} from {done.peer[-8:]} refused: {problem}")]
         self.done[done.index] = done
@@ -344,13 +365,37 @@ class Scatter:
             return []
         if task.phase is not Phase.AGGREGATING or task.round != close.round:
             return []
-        self.assembling = True
         assert task.global_ref is not None
-        refs = tuple(self.done[j].ref for j in range(self.count))
+        combined = [self.done[j].ref for j in range(self.count)]
+        refs = tuple(r for r in combined if r is not None)
+        if self.krum:
+            # Every node sums the slices' distance matrices in slice order, picks the same
+            # update, and assembles that update's slices (as the owners received them).
+            if self.chosen < 0:
+                if self.choosing:
+                    return []
+                self.choosing = True
+                updates = self.rounds.updates.get(close.round, {})
+                n = len(close.included)
+                token = SliceToken(task.task_id, close.round, close.attempt, "krum")
+                weights = tuple(float(updates[p].num_samples) for p in close.included)
+                opts = self.rounds.aggregator_options(n)
+                return [SliceWork(refs, self.count, task.global_ref, token, "krum", weights, opts)]
+            author = close.included[self.chosen]
+            refs = tuple(self.done[j].inputs[self.chosen] for j in range(self.count))
+            out: list[Command] = []
+            for j, ref in enumerate(refs):
+                if (
+                    ref.cid not in self._have
+                    and ref.cid not in self.want
+                    and ref.cid not in self.later
+                ):
+                    out += self._fetch(ref, (self.owner[j], author))
+            if any(ref.cid not in self._have for ref in refs):
+                return out
+        self.assembling = True
         token = SliceToken(task.task_id, close.round, close.attempt, "assemble")
-        return [
-            SliceWork(tuple(r for r in refs if r is not None), self.count, task.global_ref, token)
-        ]
+        return [SliceWork(refs, self.count, task.global_ref, token)]
 
     # --- work done -----------------------------------------------------------------------
 
@@ -372,7 +417,17 @@ class Scatter:
         close = self.close
         if close is None or (token.round, token.attempt) != (close.round, close.attempt):
             return []  # superseded by a re-close
-        if token.kind == "reduce":
+        if token.kind == "krum":
+            if event.bad >= 0 and event.bad < self.count:
+                owner = self.owner[event.bad]
+                return self.rounds.redo(
+                    now, {owner}, f"distances of slice {event.bad}: {event.reason}"
+                )
+            if event.chosen < 0 or event.chosen >= len(close.included):
+                return task.withdraw(now, f"round {token.round}: krum failed: {event.reason}")
+            self.chosen = event.chosen
+            return self._try_assemble()
+        if token.kind in ("reduce", "distances"):
             if event.bad >= 0:
                 author = close.included[event.bad]
                 msg = SliceDone(
@@ -396,7 +451,10 @@ class Scatter:
             ref = event.refs[0]
             self._have.add(ref.cid)
             self.rounds.round_blobs.setdefault(token.round, set()).add(ref.cid)
-            msg = SliceDone(task.task_id, close.round, close.attempt, task.my_id, token.index, ref)
+            inputs = self.inputs.get(token.index, ()) if self.krum else ()
+            msg = SliceDone(
+                task.task_id, close.round, close.attempt, task.my_id, token.index, ref, (), inputs
+            )
             return [Publish(TOPIC_TASKS, msg)]
         # assemble
         if event.bad >= 0 and event.bad < self.count:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from p2pfl.fl.aggregate import Weights, aggregate
+from p2pfl.fl.aggregate import Weights, aggregate, scores_from_distances, squared_distances
 
 __all__ = [
     "BadSlice",
@@ -125,6 +125,43 @@ class BadSlice(ValueError):
         self.index = index
 
 
+def slice_distances(
+    pieces: Sequence[Weights | None], model: Layout, count: int, index: int
+) -> tuple[np.ndarray, tuple[int, str] | None]:
+    """Krum over slices: the n x n squared distances between the updates' slice `index`
+    (float64). Summed over the slices in slice order they are the distances between the
+    whole updates, up to float rounding, identically on every node. Returns the first
+    malformed input (position, why) instead, as `reduce_slice` does."""
+    rows = []
+    for pos, piece in enumerate(pieces):
+        problem = (
+            "not a tensor blob" if piece is None else slice_problem(piece, model, count, index)
+        )
+        if problem is not None:
+            return np.empty(0), (pos, problem)
+        assert piece is not None
+        parts = [np.asarray(v, dtype=np.float64).ravel() for v in piece.values()]
+        rows.append(np.concatenate(parts) if parts else np.empty(0))
+    return squared_distances(np.stack(rows, axis=0)), None
+
+
+def krum_choice(partials: Sequence[np.ndarray], n: int, f: int) -> int:
+    """The position Krum picks from per-slice distance matrices (summed in slice order;
+    ties to the earlier update). BadSlice names a matrix of the wrong shape or values."""
+    total = np.zeros((n, n), dtype=np.float64)
+    for j, dist in enumerate(partials):
+        if dist.shape != (n, n) or dist.dtype != np.float64:
+            raise BadSlice(
+                j,
+                f"slice {j}: distances are {dist.dtype}{list(dist.shape)}, expected float64[{n}, {n}]",
+            )
+        if not np.all(dist >= 0) or not np.array_equal(dist, dist.T):
+            raise BadSlice(j, f"slice {j}: distances are not a symmetric non-negative matrix")
+        total += dist
+    f = min(f, max(0, (n - 3) // 2))
+    return int(np.argsort(scores_from_distances(total, f), kind="stable")[0])
+
+
 def assemble(pieces: Sequence[Weights], reference: Weights) -> Weights:
     """The model whose slices are `pieces` (slice order), shaped like `reference`.
     BadSlice names the first slice that does not fit."""
@@ -201,20 +238,48 @@ def slice_work(
     method: str = "fedavg",
     weights: Sequence[float] = (),
     options: dict[str, Any] | None = None,
-) -> tuple[list[bytes], int, str]:
-    """One SliceWork step (core/commands.py) on blobs: (output blobs, bad, reason), the
-    same for the driver and the test harness. bad >= 0: reduce, the position of a
-    malformed input; assemble, the index of a combined slice that does not fit."""
+) -> tuple[list[bytes], int, str, int]:
+    """One SliceWork step (core/commands.py) on blobs: (output blobs, bad, reason, chosen),
+    the same for the driver and the test harness. bad >= 0: reduce and distances, the
+    position of a malformed input; assemble and krum, the index of a combined slice (or
+    distance matrix) that does not fit. chosen: krum, the position of the update chosen."""
+    from p2pfl.errors import RemoteProtocolError
+    from p2pfl.wire import decode_tensors, encode_tensors
+
     if kind == "cut":
-        return cut_blob(blobs[0], count), -1, ""
+        return cut_blob(blobs[0], count), -1, "", -1
     if kind == "reduce":
         data, bad = reduce_blobs(
             method, list(zip(blobs, weights, strict=True)), reference, count, index, options
         )
-        return ([], bad[0], bad[1]) if bad is not None else ([data], -1, "")
+        return ([], bad[0], bad[1], -1) if bad is not None else ([data], -1, "", -1)
     if kind == "assemble":
         try:
-            return [assemble_blobs(blobs, reference)], -1, ""
+            return [assemble_blobs(blobs, reference)], -1, "", -1
         except BadSlice as exc:
-            return [], exc.index, str(exc)
+            return [], exc.index, str(exc), -1
+    if kind == "distances":
+        model = layout(decode_tensors(reference))
+        decoded: list[Weights | None] = []
+        for blob in blobs:
+            try:
+                decoded.append(decode_tensors(blob))
+            except RemoteProtocolError:
+                decoded.append(None)
+        dist, bad = slice_distances(decoded, model, count, index)
+        if bad is not None:
+            return [], bad[0], bad[1], -1
+        return [bytes(encode_tensors({"d": dist}))], -1, "", -1
+    if kind == "krum":
+        partials = []
+        for j, blob in enumerate(blobs):
+            try:
+                partials.append(np.asarray(decode_tensors(blob).get("d", np.empty(0))))
+            except RemoteProtocolError as exc:
+                return [], j, f"slice {j}: {exc}", -1
+        try:
+            chosen = krum_choice(partials, len(weights), int((options or {}).get("f", 0)))
+        except BadSlice as exc:
+            return [], exc.index, str(exc), -1
+        return [], -1, "", chosen
     raise ValueError(f"unknown slice work {kind!r}")

@@ -39,7 +39,10 @@ def test_slice_count_rule() -> None:
     peers = tuple(f"p{i}" for i in range(8))
     assert slice_count(offer, peers) == 8
     assert slice_count(offer, peers[:3]) == 0  # n <= 3: all-gather
-    assert slice_count(replace(offer, aggregator="krum"), peers) == 0
+    assert slice_count(replace(offer, aggregator="krum"), peers) == 8
+    many = tuple(f"p{i}" for i in range(33))
+    assert slice_count(replace(offer, aggregator="krum"), many) == 0  # n^3 distances
+    assert slice_count(offer, many) == 33
     assert slice_count(replace(offer, max_update_norm=1.0), peers) == 0
     assert slice_count(replace(offer, protocol="gossip"), peers) == 0
     allgather = replace(offer, params={"aggregation": {"kind": "allgather"}})
@@ -251,3 +254,44 @@ def test_a_close_forged_by_a_non_coordinator_is_held_not_used() -> None:
     h.run()
     machines = done(h, task_id)
     assert all(len(m.rounds.closes[1].included) == 5 for m in machines)
+
+
+# --- Krum over slices ----------------------------------------------------------------------
+
+
+def test_krum_over_slices_picks_what_whole_krum_picks() -> None:
+    from p2pfl.fl.aggregate import krum_scores
+
+    rng = np.random.default_rng(9)
+    ups = [({"w": rng.standard_normal(40).astype(np.float32)}, 1.0) for _ in range(7)]
+    ups[2] = ({"w": ups[2][0]["w"] * 50}, 1.0)  # an outlier
+    layout = slices.layout(ups[0][0])
+    partials = []
+    for j in range(5):
+        dist, bad = slices.slice_distances([slices.cut(w, 5)[j] for w, _ in ups], layout, 5, j)
+        assert bad is None
+        partials.append(dist)
+    chosen = slices.krum_choice(partials, 7, 2)
+    assert chosen == int(np.argmin(krum_scores(ups, 2)))
+    with pytest.raises(slices.BadSlice):
+        slices.krum_choice([*partials[:4], -partials[4]], 7, 2)
+
+
+def test_krum_rounds_move_slices_and_end_bit_identical() -> None:
+    n = 7
+    h, task_id = run(n, rounds=2, aggregator="krum")
+    machines = done(h, task_id)
+    assert machines[0].result.status == "succeeded"
+    models = final_models(h, task_id)
+    assert len(models) == 1
+    kinds = {w.token.kind for w in h.slice_works}
+    assert {"cut", "distances", "krum", "assemble"} <= kinds and "reduce" not in kinds
+    # Krum returns one participant's update unchanged: the assembled model is one of them.
+    model = h.model(next(iter(models)))
+    last = [u.ref.cid for u in machines[0].rounds.updates[2].values()]
+    assert any(
+        all(np.array_equal(h.model(cid)[k], model[k]) for k in model) for cid in last
+    )
+    # The same task over all-gather: the same bytes.
+    g, gid = run(n, rounds=2, aggregator="krum", aggregation={"kind": "allgather"})
+    assert final_models(g, gid) == models
