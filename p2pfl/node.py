@@ -485,7 +485,7 @@ async def run_node(config: NodeConfig) -> None:
         # Our own taskpacks are trusted: restore() re-checks them at start through the
         # normal pipeline, which would otherwise reject them as untrusted-publisher.
         policy=TrustPolicy(frozenset(config.trusted) | {identity.peer_id}, config.trust_any),
-        capabilities=local_capabilities(data_dir),
+        capabilities={**local_capabilities(data_dir), "labels": dict(config.labels)},
         datasets=datasets,
         min_records=config.min_records,
         # Offer and ranking nonces must be unpredictable: the OS's CSPRNG, never a seed.

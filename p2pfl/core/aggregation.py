@@ -6,11 +6,15 @@ every node evaluates (core/scatter.py, core/hierarchy.py).
     aggregation: {kind: allgather}                    every node fetches every update
     aggregation: {kind: reduce-scatter}               as auto (named explicitly)
     aggregation: {kind: hierarchical, group_size: 8}  groups of 8 by rank, leaders combine
+    aggregation: {kind: hierarchical, group_by: region}  a group per value of the site label
+                                                         `region` (p2pfl node --label region=eu)
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from p2pfl.core.messages import LABEL_RE
 
 KINDS = ("auto", "allgather", "reduce-scatter", "hierarchical")
 MAX_GROUP_SIZE = 4096
@@ -28,8 +32,8 @@ def aggregation_problem(params: Any) -> str | None:
     value = params.get("aggregation") if isinstance(params, dict) else None
     if value is None:
         return None
-    if not isinstance(value, dict) or not set(value) <= {"kind", "group_size"}:
-        return "aggregation must be {kind, group_size}"
+    if not isinstance(value, dict) or not set(value) <= {"kind", "group_size", "group_by"}:
+        return "aggregation must be {kind, group_size, group_by}"
     kind = value.get("kind", "auto")
     if kind not in KINDS:
         return f"aggregation kind {kind!r} is not one of {', '.join(KINDS)}"
@@ -38,4 +42,9 @@ def aggregation_problem(params: Any) -> str | None:
         kind != "hierarchical" or type(size) is not int or not 2 <= size <= MAX_GROUP_SIZE
     ):
         return f"aggregation group_size must be an integer in [2, {MAX_GROUP_SIZE}], for kind hierarchical"
+    by = value.get("group_by")
+    if by is not None and (
+        kind != "hierarchical" or type(by) is not str or not LABEL_RE.fullmatch(by)
+    ):
+        return "aggregation group_by must name a site label (letters, digits, '.', '_', '-'), for kind hierarchical"
     return None

@@ -1,8 +1,10 @@
 """Hierarchical aggregation of one fedavg/fedprox round at one node.
 
-The offer asks for it (params `aggregation: {kind: hierarchical, group_size: g}`).
-Groups are a rule every node evaluates from the roster: participants in rank order, cut
-into runs of g. Under a RoundClose, the leader of a group is its first member, in rank
+The offer asks for it (params `aggregation: {kind: hierarchical, group_size: g}` or
+`{kind: hierarchical, group_by: LABEL}`). Groups are a rule every node evaluates from the
+roster: participants in rank order, cut into runs of g; or, by label, one group per
+value of the site label LABEL each volunteer put in its signed record (`--label
+region=eu`; carried in the roster), cut into runs of g if group_size is also given. Under a RoundClose, the leader of a group is its first member, in rank
 order, whose update the close includes; a leader lost mid-round is replaced by the next
 in rank in its group through the coordinator's re-close, which leaves the lost one out.
 
@@ -28,16 +30,18 @@ a blob larger than the model (plus headers) is refused unread.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 from p2pfl.core.aggregation import MAX_GROUP_SIZE, aggregation
 from p2pfl.core.commands import Aggregate, Aggregated, Command, FetchBlob, Log, Publish, SetTimer
-from p2pfl.core.messages import TOPIC_TASKS, RoundClose
+from p2pfl.core.messages import TOPIC_TASKS, RoundClose, Volunteer
 from p2pfl.core.round_messages import GLOBAL_STAGE, GROUP_STAGE, GroupDone
 from p2pfl.core.rounds_base import FETCH_RETRIES, RETRY_BACKOFF_S
 from p2pfl.core.scatter import SLACK_BYTES
 from p2pfl.core.tokens import AggToken, TimerKind
 from p2pfl.store.blobref import BlobRef
+from p2pfl.wire import decode, unseal
 
 if TYPE_CHECKING:
     from p2pfl.core.fedavg_rounds import FedAvgRounds
@@ -60,6 +64,33 @@ def groups(participants: tuple[str, ...], size: int) -> list[tuple[str, ...]]:
     return [participants[i : i + size] for i in range(0, len(participants), size)]
 
 
+def label_groups(
+    participants: tuple[str, ...], label: dict[str, str], size: int | None = None
+) -> list[tuple[str, ...]]:
+    """A group per label value (members in rank order; groups in the rank order of their
+    best member), each cut into runs of `size` when given."""
+    by_value: dict[str, list[str]] = {}
+    for p in participants:
+        by_value.setdefault(label.get(p, ""), []).append(p)
+    out: list[tuple[str, ...]] = []
+    for members in by_value.values():  # dicts keep insertion order: best member first
+        out += groups(tuple(members), size) if size else [tuple(members)]
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def roster_labels(task_id: str, volunteers: tuple[bytes, ...]) -> dict[str, str]:
+    """peer -> its `group` value, from the signed volunteer records a roster carries
+    (their signatures were checked when the roster was accepted; memoised: every node of
+    a simulation holds the same roster)."""
+    out: dict[str, str] = {}
+    for raw in volunteers:
+        vol = unseal(decode(raw))
+        if isinstance(vol, Volunteer) and vol.task_id == task_id:
+            out[vol.peer] = vol.group
+    return out
+
+
 def leaders(group_list: list[tuple[str, ...]], included: tuple[str, ...]) -> dict[int, str]:
     """Group index -> its leader under a close (groups with no included member: none)."""
     inc = set(included)
@@ -77,7 +108,15 @@ class Hierarchy:
     def __init__(self, rounds: FedAvgRounds, size: int) -> None:
         self.rounds = rounds
         self.task = rounds.task
-        self.groups = groups(self.task.participants, size)
+        roster = self.task.roster
+        assert roster is not None
+        by = aggregation(self.task.offer).get("group_by")
+        if isinstance(by, str):
+            split = aggregation(self.task.offer).get("group_size")
+            labels = roster_labels(self.task.task_id, roster.volunteers)
+            self.groups = label_groups(roster.participants, labels, split)
+        else:
+            self.groups = groups(roster.participants, size)
         self.group_of = {p: k for k, members in enumerate(self.groups) for p in members}
         self.close: RoundClose | None = None
         self.leader: dict[int, str] = {}

@@ -156,7 +156,11 @@ class NodeCore:
         self.book = TaskpackBook(self.me, policy, capabilities)
         self.tasks: dict[str, TaskMachine] = {}
         self._forgotten: dict[str, None] = {}  # expired offers (insertion-ordered, bounded)
-        self.local = LocalContext({d.name: d.rows for d in datasets.values()}, min_records)
+        self.local = LocalContext(
+            {d.name: d.rows for d in datasets.values()},
+            min_records,
+            labels=capabilities.get("labels"),
+        )
         self.connected: dict[str, tuple[str, ...]] = {}
         self.peer_caps: dict[str, Capability] = {}
         self._pending: dict[str, list[tuple[str, Incoming]]] = defaultdict(list)

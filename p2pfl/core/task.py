@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from p2pfl.core.aggregation import aggregation
 from p2pfl.core.commands import (
     Aggregated,
     Audit,
@@ -118,9 +119,12 @@ class Incoming:
 class LocalContext:
     """What the owning node knows that the task needs (datasets, k)."""
 
-    def __init__(self, datasets: dict[str, int], min_records: int = 10) -> None:
+    def __init__(
+        self, datasets: dict[str, int], min_records: int = 10, labels: dict[str, str] | None = None
+    ) -> None:
         self.datasets = datasets  # name -> record count
         self.min_records = min_records
+        self.labels = dict(labels or {})  # site labels (region=eu): hierarchical groups
 
 
 class TaskMachine:
@@ -349,7 +353,9 @@ class TaskMachine:
             return self.decline(now, f"fewer than {self.k} records (k policy)")
         self.phase = Phase.VOLUNTEERED
         self.my_nonce = self.rng.randbytes(NONCE_BYTES)
-        record = Volunteer(self.task_id, self.my_id, samples, commitment(self.my_nonce))
+        group_by = aggregation(self.offer).get("group_by")
+        group = self.local.labels.get(group_by, "") if isinstance(group_by, str) else ""
+        record = Volunteer(self.task_id, self.my_id, samples, commitment(self.my_nonce), group)
         signed = seal(self.me, record)
         out: list[Command] = [
             Publish(TOPIC_TASKS, signed),

@@ -91,6 +91,7 @@ class Harness:
         seed: int = 1,
         full_mesh: bool = True,
         sites: dict[int, Callable[[list[str]], Any]] | None = None,
+        labels: dict[int, dict[str, str]] | None = None,
     ) -> None:
         self.now = 0.0
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
@@ -104,6 +105,7 @@ class Harness:
         self.rows = rows or [100] * n
         self.seed, self.full_mesh = seed, full_mesh
         self.sites = sites or {}  # node -> (peer ids of all nodes -> its SitePolicy)
+        self.labels = labels or {}  # node -> its site labels (region=eu)
         self.peer_ids = [
             Identity.from_seed(hashlib.sha256(f"harness|{seed}|{i}".encode()).digest()).peer_id
             for i in range(n)
@@ -127,7 +129,7 @@ class Harness:
         core = NodeCore(
             identity,
             policy=TrustPolicy(frozenset(), True),
-            capabilities={},
+            capabilities={"labels": self.labels.get(i, {})},
             datasets={"data": DatasetInfo("data", self.rows[i], [])},
             caps_interval_s=None,
             rng=random.Random(self.seed * 1000 + i + 7919 * restarts),

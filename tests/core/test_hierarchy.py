@@ -140,3 +140,41 @@ def test_robust_aggregator_runs_inside_groups() -> None:
     h.run()
     assert done(h, task_id)[0].result.status == "succeeded"
     assert "group:median" in seen and "global:fedavg" in seen
+
+
+def test_groups_by_a_site_label_from_the_signed_records() -> None:
+    regions = ["eu", "us", "ap"]
+    labels = {i: {"region": regions[i % 3]} for i in range(8)}  # node 8 has no label
+    h = Harness(9, labels=labels)
+    task_id = h.offer(rounds=2, aggregation={"kind": "hierarchical", "group_by": "region"})
+    h.run()
+    machines = done(h, task_id)
+    assert machines[0].result.status == "succeeded"
+    assert len(models(h, task_id)) == 1
+    region = {n.peer: labels.get(n.index, {}).get("region", "") for n in h.nodes}
+    for m in machines:
+        found = m.rounds.hierarchy.groups
+        assert found == machines[0].rounds.hierarchy.groups
+        assert sorted(len(g) for g in found) == [1, 2, 3, 3]
+        assert all(len({region[p] for p in g}) == 1 for g in found)
+        order = m.participants
+        assert all(list(g) == sorted(g, key=order.index) for g in found)
+
+
+def test_bad_aggregation_parameters_are_refused_on_the_offer() -> None:
+    from p2pfl.core.aggregation import aggregation_problem
+
+    assert (
+        aggregation_problem({"aggregation": {"kind": "hierarchical", "group_by": "region"}}) is None
+    )
+    assert "group_by" in aggregation_problem(
+        {"aggregation": {"kind": "hierarchical", "group_by": "../x"}}
+    )
+    assert "group_by" in aggregation_problem(
+        {"aggregation": {"kind": "allgather", "group_by": "region"}}
+    )
+    assert "group_size" in aggregation_problem(
+        {"aggregation": {"kind": "hierarchical", "group_size": 10**9}}
+    )
+    assert "kind" in aggregation_problem({"aggregation": {"kind": "tree"}})
+    assert "must be" in aggregation_problem({"aggregation": {"kind": "auto", "extra": 1}})

@@ -289,9 +289,7 @@ def test_krum_rounds_move_slices_and_end_bit_identical() -> None:
     # Krum returns one participant's update unchanged: the assembled model is one of them.
     model = h.model(next(iter(models)))
     last = [u.ref.cid for u in machines[0].rounds.updates[2].values()]
-    assert any(
-        all(np.array_equal(h.model(cid)[k], model[k]) for k in model) for cid in last
-    )
+    assert any(all(np.array_equal(h.model(cid)[k], model[k]) for k in model) for cid in last)
     # The same task over all-gather: the same bytes.
     g, gid = run(n, rounds=2, aggregator="krum", aggregation={"kind": "allgather"})
     assert final_models(g, gid) == models

@@ -73,7 +73,9 @@ def test_reduce_scatter_over_libp2p_ends_bit_identical(tmp_path: Path) -> None:
     round with the same model bytes."""
     from p2pfl.sim.live import LiveCluster
 
-    cluster = LiveCluster(_spec(tmp_path, 5, 2), deadline_s=300, start_timeout_s=120)
+    cluster = LiveCluster(
+        _spec(tmp_path, 5, 2), deadline_s=600, start_timeout_s=120, volunteer_window_s=30.0
+    )
     list(cluster.run())
     assert cluster.result is not None
     assert cluster.result["status"] == "succeeded", cluster.result
