@@ -138,6 +138,7 @@ class Hierarchy:
         self.leader = leaders(self.groups, close.included)
         self.group_done, self.global_done = {}, {}
         self.want, self.later, self.started, self.deadlines = {}, {}, set(), 0
+        self.have &= set().union(*self.rounds.round_blobs.values())  # not forgotten
         out: list[Command] = [
             SetTimer(task.timer(TimerKind.RECLOSE, close.round), now + task.offer.round_timeout_s)
         ]

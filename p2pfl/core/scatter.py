@@ -141,6 +141,10 @@ class Scatter:
         self.deadlines = 0
         self.inputs, self.choosing, self.chosen = {}, False, -1
         self.offers = {r: o for r, o in self.offers.items() if r >= close.round}
+        self.mine = {r: m for r, m in self.mine.items() if r >= close.round}
+        # Blobs of forgotten rounds are no longer held (core/rounds_base.py forget_before).
+        tracked = set().union(*self.rounds.round_blobs.values())
+        self.rounds.slice_blobs &= tracked
         out: list[Command] = []
         mine = self.mine.get(close.round)
         if me in close.included and mine is not None:
