@@ -63,6 +63,7 @@ KRUM_MAX_SLICES = 32
 GRACE_S = 2.0  # the coordinator's wait for owners' reports after the round's deadline
 SLACK_BYTES = 64 * KiB  # tensor headers: a slice is never larger than the model plus this
 MAX_HELD_ATTEMPTS = 4  # close attempts ahead of ours whose SliceDones are held
+MAX_ANSWERS = 16  # a slice's offer is sent again at most this often per close
 
 
 def slice_count(offer: Any, participants: tuple[str, ...]) -> int:
@@ -118,6 +119,7 @@ class Scatter:
         self.choosing = False
         self.chosen = -1  # Krum: the position of the update chosen under the close
         self.asks = 0  # times we asked again for missing offers under the current close
+        self.answered: dict[tuple[str, int], int] = {}  # (asker, index) -> offers resent
 
     # --- cutting our update ---------------------------------------------------------------
 
@@ -140,6 +142,7 @@ class Scatter:
         self.later = {}
         self.deadlines = 0
         self.inputs, self.choosing, self.chosen = {}, False, -1
+        self.answered = {}
         self.offers = {r: o for r, o in self.offers.items() if r >= close.round}
         self.mine = {r: m for r, m in self.mine.items() if r >= close.round}
         # Blobs of forgotten rounds are no longer held (core/rounds_base.py forget_before).
@@ -504,6 +507,11 @@ class Scatter:
             return []
         if self.owner[ask.index] != ask.peer or task.my_id not in close.included:
             return []
+        # Answered a bounded number of times per close: asks cannot make us a megaphone.
+        key = (ask.peer, ask.index)
+        if self.answered.get(key, 0) >= MAX_ANSWERS:
+            return []
+        self.answered[key] = self.answered.get(key, 0) + 1
         return [
             Send(
                 ask.peer,

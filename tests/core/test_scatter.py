@@ -293,3 +293,25 @@ def test_krum_rounds_move_slices_and_end_bit_identical() -> None:
     # The same task over all-gather: the same bytes.
     g, gid = run(n, rounds=2, aggregator="krum", aggregation={"kind": "allgather"})
     assert final_models(g, gid) == models
+
+
+def test_a_lost_slice_offer_is_asked_for_again_not_dropped() -> None:
+    h = Harness(5)
+    task_id = h.offer(rounds=1)
+    lost: list[SliceOffer] = []
+
+    def lose_one(node, cmd):  # noqa: ANN001, ANN202
+        if isinstance(cmd, Send) and isinstance(cmd.msg, SliceOffer) and not lost:
+            lost.append(cmd.msg)
+            return None  # a direct message lost on the way
+        return cmd
+
+    h.outgoing = lose_one
+    h.run()
+    machines = done(h, task_id)
+    assert lost and machines[0].result.status == "succeeded"
+    # Asked again and answered: nobody was left out, no re-close.
+    assert all(
+        m.rounds.closes[1].attempt == 0 and len(m.rounds.closes[1].included) == 5 for m in machines
+    )
+    assert len(final_models(h, task_id)) == 1
