@@ -85,11 +85,11 @@ class BenchRound(Task):
         return {{"w": rng.standard_normal(N_PARAMS, dtype=np.float32)}}
 
     def execute(self, ctx: Context, data, weights):
-        # A different update per node: equal updates would share one content address (and
-        # the second announcer's would be refused). Element 0 carries a per-node tag of 24
-        # bits (distinct for 128 nodes but with probability ~0.05%).
-        w = weights["w"] + np.float32(1e-3 * ctx.round)
-        w[0] = np.float32(zlib.crc32(ctx.node.encode()) % 2**24)
+        # A different update per node, in every element: equal updates (or equal slices of
+        # them) would share one content address, and nodes would never move each other's.
+        rng = np.random.default_rng([zlib.crc32(ctx.node.encode()), ctx.round])
+        noise = rng.random(N_PARAMS, dtype=np.float32) * np.float32(1e-3)
+        w = weights["w"] + noise
         return Update(num_samples=data["rows"], weights={{"w": w}}, metrics={{"loss": 0.0}})
 
     def evaluate(self, ctx: Context, data, weights):
