@@ -212,17 +212,17 @@ class Scatter:
         close = self.close
         if close is None or j in self.reducing or self.task.phase is not Phase.AGGREGATING:
             return []
+        # Fetch each offered slice as soon as its offer is here (not once all are).
+        got = self.offers.get(close.round, {})
+        out: list[Command] = []
+        for author in close.included:
+            ref = got.get((author, j))
+            if ref is None or ref.cid in self._have or ref.cid in self.want:
+                continue
+            if ref.cid not in self.later:
+                out += self._fetch(ref, (author,))
         refs = self._inputs(j)
-        if refs is None:
-            return []
-        absent = [
-            (a, r) for a, r in zip(close.included, refs, strict=True) if r.cid not in self._have
-        ]
-        if absent:
-            out: list[Command] = []
-            for author, ref in absent:
-                if ref.cid not in self.want and ref.cid not in self.later:
-                    out += self._fetch(ref, (author,))
+        if refs is None or out or any(r.cid not in self._have for r in refs):
             return out
         self.reducing.add(j)
         rounds = self.rounds
