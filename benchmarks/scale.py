@@ -1,16 +1,17 @@
 """How many nodes can one laptop simulate? Node-rounds per wall second and memory per node.
 
-Runs the shipped scenario scenarios/scale-1000.yaml (random 8-regular graph, gossip, a
-784-16-10 MLP on Fashion-MNIST) at 100 and 1,000 nodes, each size in a fresh child
-process so that peak memory is its own. Memory per node is (peak RSS - RSS after imports
+Runs the shipped scenarios scenarios/scale-1000.yaml (`gossip`: random 8-regular graph,
+push-sum, a 784-16-10 MLP on Fashion-MNIST) and scenarios/scale-1000-hierarchical.yaml
+(`hierarchical`: exact FedAvg in groups of 32, same model and data) at 100 and 1,000
+nodes, each size and kind in a fresh child process so that peak memory is its own. Memory per node is (peak RSS - RSS after imports
 and data preparation... of the process) / nodes: the cost of the simulated nodes, not of
 Python, torch and the dataset.
 
 Prints one JSON line:
-{"n100": {"node_rounds_per_s", "wall_s", "virtual_s", "peak_rss_per_node_mb", ...},
- "n1000": {...}}
+{"gossip": {"n100": {"node_rounds_per_s", "wall_s", "virtual_s", "peak_rss_per_node_mb",
+ ...}, "n1000": {...}}, "hierarchical": {...}}
 
-    python benchmarks/scale.py [--sizes 100,1000] [--rounds 3]
+    python benchmarks/scale.py [--sizes 100,1000] [--kinds gossip,hierarchical] [--rounds 3]
 
 Two more runs, each its own flag and its own JSON line:
 
@@ -39,10 +40,13 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-SCENARIO = REPO / "scenarios" / "scale-1000.yaml"
+SCENARIOS = {
+    "gossip": REPO / "scenarios" / "scale-1000.yaml",
+    "hierarchical": REPO / "scenarios" / "scale-1000-hierarchical.yaml",
+}
 
 
-def child(nodes: int, rounds: int | None, executor: str = "local") -> dict[str, Any]:
+def child(nodes: int, rounds: int | None, kind: str, executor: str = "local") -> dict[str, Any]:
     """One size in this process; returns its figures. Phases and memory go to stderr as
     JSON lines as the run goes (the parent of a run it may stop reads the last one)."""
     import hashlib
@@ -54,10 +58,11 @@ def child(nodes: int, rounds: int | None, executor: str = "local") -> dict[str, 
     from p2pfl.sim import runner
     from p2pfl.sim.scenario import apply_override, load_raw, parse
 
-    raw = apply_override(load_raw(SCENARIO), "nodes", nodes)
+    scenario_path = SCENARIOS[kind]
+    raw = apply_override(load_raw(scenario_path), "nodes", nodes)
     if rounds is not None:
         raw = apply_override(raw, "params.rounds", rounds)
-    scenario = parse(raw, base_dir=SCENARIO.parent, source=SCENARIO)
+    scenario = parse(raw, base_dir=scenario_path.parent, source=scenario_path)
     proc = psutil.Process()
     baseline: dict[str, float] = {}
 
@@ -98,6 +103,7 @@ def child(nodes: int, rounds: int | None, executor: str = "local") -> dict[str, 
     node_rounds = nodes * summary.rounds_completed
     return {
         "nodes": nodes,
+        "status": summary.status,
         "rounds": summary.rounds_completed,
         "node_rounds_per_s": round(node_rounds / run_s, 2),
         "wall_s": round(run_s, 2),
@@ -203,16 +209,18 @@ def ray_vs_local_1k(rounds: int, budget_s: float, max_rss_gb: float) -> dict[str
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="100,1000")
+    ap.add_argument("--kinds", default="gossip,hierarchical", help="gossip, hierarchical")
     ap.add_argument("--rounds", type=int, default=None, help="default: the scenario's")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--executor", default="local", help=argparse.SUPPRESS)
+    ap.add_argument("--child-kind", default="gossip", help=argparse.SUPPRESS)
     ap.add_argument("--gossip-10k", action="store_true", help="the 10,000-node run only")
     ap.add_argument("--ray-1k", action="store_true", help="1,000 nodes on Ray vs local only")
     ap.add_argument("--budget-s", type=float, default=1200.0, help="stop a run after this")
     ap.add_argument("--max-rss-gb", type=float, default=12.0, help="stop a run above this")
     args = ap.parse_args(argv)
     if args.child is not None:
-        print(json.dumps(child(args.child, args.rounds, args.executor)))
+        print(json.dumps(child(args.child, args.rounds, args.child_kind, args.executor)))
         return 0
     if args.gossip_10k or args.ray_1k:
         rounds = args.rounds or 2
@@ -224,17 +232,21 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 0
     figures: dict[str, Any] = {}
-    for size in (int(s) for s in args.sizes.split(",")):
-        cmd = [sys.executable, __file__, "--child", str(size)]
-        if args.rounds is not None:
-            cmd += ["--rounds", str(args.rounds)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        lines = proc.stdout.strip().splitlines()
-        if proc.returncode != 0 or not lines:
-            err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            figures[f"n{size}"] = {"error": err}
-            continue
-        figures[f"n{size}"] = json.loads(lines[-1])
+    for kind in args.kinds.split(","):
+        if kind not in SCENARIOS:
+            ap.error(f"--kinds: {kind!r} is not one of {', '.join(SCENARIOS)}")
+        figures[kind] = {}
+        for size in (int(s) for s in args.sizes.split(",")):
+            cmd = [sys.executable, __file__, "--child", str(size), "--child-kind", kind]
+            if args.rounds is not None:
+                cmd += ["--rounds", str(args.rounds)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            lines = proc.stdout.strip().splitlines()
+            if proc.returncode != 0 or not lines:
+                err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                figures[kind][f"n{size}"] = {"error": err}
+                continue
+            figures[kind][f"n{size}"] = json.loads(lines[-1])
     print(json.dumps(figures, sort_keys=True))
     return 0
 

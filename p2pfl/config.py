@@ -22,6 +22,8 @@ class NodeConfig:
     allow_any_requester: bool = False
     unsafe_no_sandbox: bool = False  # run taskpack code without bubblewrap (loud warning)
     min_records: int = 10  # k: never release an aggregate over fewer records
+    # Site labels (region=eu): hierarchical tasks may group participants by one of them.
+    labels: dict[str, str] = field(default_factory=dict)
     log_level: str = "info"
 
     @property

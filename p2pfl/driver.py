@@ -46,6 +46,8 @@ from p2pfl.core.commands import (
     RunJob,
     Send,
     SetTimer,
+    SliceWork,
+    SliceWorked,
     TaskEnded,
     TimerFired,
 )
@@ -199,6 +201,8 @@ class Driver:
             self._run_job(cmd)
         elif isinstance(cmd, Aggregate):
             self._aggregate(cmd)
+        elif isinstance(cmd, SliceWork):
+            self._slice_work(cmd)
         elif isinstance(cmd, Emit):
             event = cmd.event.as_dict()
             for listener in list(self.listeners):
@@ -749,6 +753,34 @@ class Driver:
                 return
             data, dropped = result
             self.on_event(Aggregated(cmd.token, self.put_blob(data), dropped=dropped))
+
+        self.io.run_blocking(work, done)
+
+    def _slice_work(self, cmd: SliceWork) -> None:
+        """Reduce-scatter steps (cut, reduce, assemble: fl/slices.py) off the event path."""
+        store = self.store
+
+        def work() -> tuple[list[bytes], int, str, int]:
+            from p2pfl.fl.slices import slice_work
+
+            return slice_work(
+                cmd.token.kind,
+                [store.get(ref.cid) for ref in cmd.refs],
+                store.get(cmd.reference.cid),
+                cmd.count,
+                cmd.token.index,
+                cmd.method,
+                cmd.weights,
+                cmd.options,
+            )
+
+        def done(result: Any, error: BaseException | None) -> None:
+            if error is not None:
+                self.on_event(SliceWorked(cmd.token, (), f"{type(error).__name__}: {error}"))
+                return
+            blobs, bad, reason, chosen = result
+            refs = tuple(self.put_blob(data) for data in blobs)
+            self.on_event(SliceWorked(cmd.token, refs, reason, bad, chosen))
 
         self.io.run_blocking(work, done)
 

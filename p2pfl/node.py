@@ -536,7 +536,7 @@ async def run_node(config: NodeConfig) -> None:
     core = NodeCore(
         identity,
         policy=trust_policy(config, identity.peer_id),
-        capabilities=local_capabilities(data_dir),
+        capabilities={**local_capabilities(data_dir), "labels": dict(config.labels)},
         datasets=datasets,
         min_records=config.min_records,
         # Offer and ranking nonces must be unpredictable: the OS's CSPRNG, never a seed.

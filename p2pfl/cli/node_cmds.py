@@ -14,6 +14,7 @@ import click
 
 from p2pfl.cli.main import fail
 from p2pfl.client import DATA_DIR_ENV, Client, event_failed, event_succeeded
+from p2pfl.core.messages import LABEL_RE
 from p2pfl.fsutil import atomic_write
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -154,6 +155,13 @@ def check_peer_id(text: str) -> str:
     help="A local dataset (csv / npz) offered to tasks (repeatable).",
 )
 @click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A site label, e.g. region=eu: hierarchical tasks may group nodes by it (repeatable).",
+)
+@click.option(
     "--trust",
     multiple=True,
     metavar="PEER_ID",
@@ -189,6 +197,7 @@ def node_cmd(
     listen: tuple[str, ...],
     bootstrap: tuple[str, ...],
     datasets: tuple[str, ...],
+    labels: tuple[str, ...],
     trust: tuple[str, ...],
     trust_any: bool,
     allow_any_requester: bool,
@@ -208,8 +217,18 @@ def node_cmd(
         if name in ds:
             raise click.BadParameter(f"dataset {name!r} given twice", param_hint="--dataset")
         ds[name] = path
+    site_labels: dict[str, str] = {}
+    for text in labels:
+        key, sep, value = text.partition("=")
+        if not sep or not LABEL_RE.fullmatch(key) or not LABEL_RE.fullmatch(value):
+            raise click.BadParameter(
+                f"{text!r} is not KEY=VALUE of 1-64 letters, digits, '.', '_', '-'",
+                param_hint="--label",
+            )
+        site_labels[key] = value
     config = NodeConfig(
         data_dir=data_dir.expanduser().resolve(),
+        labels=site_labels,
         listen=[check_multiaddr(a, "--listen") for a in listen] or [DEFAULT_LISTEN],
         bootstrap=[check_multiaddr(a, "--bootstrap") for a in bootstrap],
         datasets=ds,

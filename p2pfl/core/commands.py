@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from p2pfl.core.tokens import AggToken, JobToken, Timer
+from p2pfl.core.tokens import AggToken, JobToken, SliceToken, Timer
 from p2pfl.store.blobref import BlobRef
 
 # --- commands (core -> driver) ---------------------------------------------------------
@@ -103,6 +103,27 @@ class Aggregate:
     options: dict = field(default_factory=dict)
     reference: BlobRef | None = None
     max_norm: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SliceWork:
+    """Reduce-scatter work on models cut into `count` slices (fl/slices.py), shaped by
+    the model `reference`; answer SliceWorked with the same token. token.kind:
+    cut: the update refs[0] -> its `count` slice blobs;
+    reduce: slice token.index of each update (refs, in order) combined by `method`
+      (weights, options as for Aggregate) -> one blob, or the first malformed input;
+    assemble: the `count` combined slices (refs, slice order) -> the model;
+    distances (Krum): slice token.index of each update -> their n x n squared distances;
+    krum: the `count` distance matrices (slice order), n = len(weights), options f -> the
+      position Krum chooses (SliceWorked.chosen)."""
+
+    refs: tuple[BlobRef, ...]
+    count: int
+    reference: BlobRef
+    token: SliceToken
+    method: str = "fedavg"
+    weights: tuple[float, ...] = ()
+    options: dict = field(default_factory=dict)
 
 
 class EventKind(enum.Enum):
@@ -202,6 +223,7 @@ Command = (
     | CheckArchive
     | RunJob
     | Aggregate
+    | SliceWork
     | Emit
     | TaskEnded
     | Audit
@@ -254,3 +276,12 @@ class Aggregated:
     ref: BlobRef | None
     reason: str = ""  # non-empty when aggregation failed
     dropped: tuple[tuple[str, str], ...] = ()  # (cid, why) of updates left out
+
+
+@dataclass(frozen=True, slots=True)
+class SliceWorked:
+    token: SliceToken
+    refs: tuple[BlobRef, ...] = ()  # cut: the slices; reduce, assemble: one blob
+    reason: str = ""  # non-empty: the work failed (a bug or a bad assembled slice)
+    bad: int = -1  # reduce, distances: position of a malformed input; assemble, krum: index
+    chosen: int = -1  # krum: the position of the update Krum picks

@@ -17,10 +17,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from p2pfl.core.commands import Audit, CancelTimer, Command, EventKind, Log, Publish, SetTimer
+from p2pfl.core.commands import (
+    Aggregated,
+    Audit,
+    CancelTimer,
+    Command,
+    EventKind,
+    Log,
+    Publish,
+    SetTimer,
+    SliceWorked,
+)
+from p2pfl.core.hierarchy import Hierarchy, group_size
 from p2pfl.core.messages import TOPIC_TASKS, RoundClose, RoundUpdate
-from p2pfl.core.phase import ACTIVE, Phase
+from p2pfl.core.phase import ACTIVE, BlobOutcome, Phase
+from p2pfl.core.round_messages import GroupDone, SliceAsk, SliceDone, SliceOffer
 from p2pfl.core.rounds_base import RoundsBase
+from p2pfl.core.scatter import Scatter, slice_count
 from p2pfl.core.tokens import TaskTimer, TimerKind
 from p2pfl.store.blobref import BlobRef
 
@@ -35,6 +48,31 @@ class FedAvgRounds(RoundsBase):
         self.held: dict[int, dict[str, RoundClose]] = {}  # closes not (yet) from the duty
         self.waiting_close: RoundClose | None = None  # accepted, announcements missing
         self.deadline_waits: dict[int, int] = {}  # round -> graces waited
+        # Reduce-scatter (core/scatter.py) when the rule says so for this roster.
+        self.slice_blobs: set[str] = set()  # slice blobs this node holds
+        self._scatter: Scatter | None = None
+        self._hierarchy: Hierarchy | None = None
+        self.redone: set[tuple[int, int]] = set()  # (round, attempt) we asked to re-close
+
+    @property
+    def scatter(self) -> Scatter | None:
+        if self._scatter is None and self.task.roster is not None:
+            count = slice_count(self.task.offer, self.task.participants)
+            if count:
+                self._scatter = Scatter(self, count)
+        return self._scatter
+
+    @property
+    def hierarchy(self) -> Hierarchy | None:
+        if self._hierarchy is None and self.task.roster is not None:
+            size = group_size(self.task.offer)
+            if size:
+                self._hierarchy = Hierarchy(self, size)
+        return self._hierarchy
+
+    def stage(self) -> Scatter | Hierarchy | None:
+        """The aggregation stage after the close, when the rule asks for one."""
+        return self.hierarchy or self.scatter
 
     # --- our own update ------------------------------------------------------------------
 
@@ -43,9 +81,18 @@ class FedAvgRounds(RoundsBase):
         if rnd in self.closes:
             return []
         ref: BlobRef | None = result.get("ref")
-        metrics = dict(result.get("metrics") or {})
         if ref is None:
             return task.withdraw(now, f"round {rnd}: training produced no update")
+        if self.scatter is not None:  # cut it into slices first, then announce it
+            return self.scatter.cut(rnd, ref, result)
+        return self.announce(now, rnd, result)
+
+    def announce(self, now: float, rnd: int, result: dict[str, Any]) -> list[Command]:
+        task = self.task
+        if rnd in self.closes or rnd != task.round:
+            return []
+        ref: BlobRef = result["ref"]
+        metrics = dict(result.get("metrics") or {})
         state = task.node(task.my_id)
         state.absorb(metrics)
         state.state = "waiting"
@@ -193,6 +240,10 @@ class FedAvgRounds(RoundsBase):
                     task.timer(TimerKind.RECLOSE, close.round), now + task.offer.round_timeout_s
                 )
             ]
+        stage = self.stage()
+        if stage is not None:
+            task.phase = Phase.AGGREGATING
+            return stage.start(now, close)
         refs = [updates[p].ref for p in close.included]
         weights = [float(updates[p].num_samples) for p in close.included]
         agg = self.aggregate(
@@ -206,6 +257,8 @@ class FedAvgRounds(RoundsBase):
 
     def on_aggregated(self, now: float, event: Any) -> list[Command]:
         task = self.task
+        if event.token.stage and self._hierarchy is not None:
+            return self._hierarchy.on_aggregated(now, event)
         close = self.closes.get(event.token.round)
         if (
             event.token.round != task.round
@@ -221,7 +274,24 @@ class FedAvgRounds(RoundsBase):
         task = self.task
         if key.kind is TimerKind.ROUND:
             return self._on_round_deadline(now, key.round)
+        if key.kind is TimerKind.SLICES and self._scatter is not None:
+            return self._scatter.ask_again(now, key.round)
+        if (
+            key.kind is TimerKind.REFETCH
+            and self.scatter is not None
+            and key.cid in self.scatter.later
+        ):
+            return self.scatter.refetch(key.cid)
         if key.kind is TimerKind.RECLOSE:
+            scatter = self._scatter
+            if (
+                scatter is not None
+                and scatter.close is not None
+                and key.round == task.round == scatter.close.round
+                and task.phase is Phase.AGGREGATING
+                and scatter.deadlines < 2
+            ):
+                return scatter.on_deadline(now)
             if key.round == task.round and task.phase is Phase.AGGREGATING:
                 return task.withdraw(
                     now, f"round {key.round}: the round's updates stayed out of reach"
@@ -266,7 +336,86 @@ class FedAvgRounds(RoundsBase):
         live = task.live()
         if task.acting() == task.my_id and len(live) < task.offer.min_nodes:
             return out + task.fail(now, _too_few(task, live))
-        return out + self._check_complete(now)
+        return out + self._scatter_lost(now) + self._check_complete(now)
+
+    def _scatter_lost(self, now: float) -> list[Command]:
+        """An included participant was lost while the round's stage is incomplete: the
+        acting coordinator re-closes the round without it, which reassigns its slices
+        (reduce-scatter) or hands its group to the next in rank (hierarchical)."""
+        task, stage = self.task, self.stage()
+        if stage is None or stage.close is None or task.phase is not Phase.AGGREGATING:
+            return []
+        out = stage.on_view_changed(now) if isinstance(stage, Hierarchy) else []
+        close = stage.close
+        if close.round != task.round or stage.complete() or task.acting() != task.my_id:
+            return out
+        gone = {p for p in close.included if p in task.dead or p in task.withdrawn}
+        return out + (self.redo(now, gone, "participants lost mid-round") if gone else [])
+
+    def redo(self, now: float, without: set[str], why: str) -> list[Command]:
+        """The round cannot close as it stands (a slice owner lost or silent, a malformed
+        slice): the acting coordinator re-closes it without `without` (and every lost
+        participant); anyone else waits for that re-close until its RECLOSE deadline."""
+        task = self.task
+        close = self.closes.get(task.round)
+        if close is None or (close.round, close.attempt) in self.redone:
+            return []
+        if task.acting() != task.my_id:
+            return [
+                Log(
+                    "info",
+                    f"task {task.task_id[:12]}: round {close.round}: {why}; waiting for a re-close",
+                )
+            ]
+        self.redone.add((close.round, close.attempt))
+        gone = without | task.dead | set(task.withdrawn)
+        included = tuple(p for p in close.included if p not in gone)
+        if not included or len(task.live()) < task.offer.min_nodes:
+            return task.fail(now, f"round {close.round}: too few participants remain ({why})")
+        redo = RoundClose(
+            task.task_id,
+            close.round,
+            task.my_id,
+            included,
+            tuple(sorted(task.dead)),
+            close.attempt + 1,
+        )
+        left = ", ".join(sorted(p[-8:] for p in set(close.included) - set(included)))
+        return [
+            Log(
+                "warning",
+                f"task {task.task_id[:12]}: re-closing round {close.round} without {left}: {why}",
+            ),
+            Publish(TOPIC_TASKS, redo),
+        ]
+
+    # --- reduce-scatter messages ---------------------------------------------------------
+
+    def on_stage_message(
+        self, now: float, msg: SliceOffer | SliceAsk | SliceDone | GroupDone
+    ) -> list[Command]:
+        scatter = self.scatter
+        if isinstance(msg, SliceOffer) and scatter is not None:
+            return scatter.on_offer(now, msg)
+        if isinstance(msg, SliceAsk) and scatter is not None:
+            return scatter.on_ask(now, msg)
+        if isinstance(msg, GroupDone) and self.hierarchy is not None:
+            return self.hierarchy.on_done(now, msg)
+        if isinstance(msg, SliceDone) and scatter is not None:
+            return scatter.on_done(now, msg)
+        return self.task._refuse(type(msg), "not part of this task's aggregation")
+
+    def on_slice_worked(self, now: float, event: SliceWorked) -> list[Command]:
+        return self.scatter.on_worked(now, event) if self.scatter is not None else []
+
+    def assembled(self, now: float, event: Aggregated) -> list[Command]:
+        return self.on_aggregated(now, event)
+
+    def on_blob(self, now: float, event: BlobOutcome) -> list[Command]:
+        stage = self._scatter or self._hierarchy
+        if stage is not None and stage.wants(event.cid):
+            return stage.on_blob(now, event.cid, event.ok, event.reason)
+        return super().on_blob(now, event)
 
     # --- unfetchable updates -----------------------------------------------------------
 

@@ -55,6 +55,7 @@ def _check_task(task_id: str, peer: str) -> None:
     check_peer_id(peer)
 
 
+LABEL_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # site label names and values
 MAX_REASON = 2000  # characters of a decline's, withdrawal's or cancel's reason
 
 
@@ -180,6 +181,10 @@ class Volunteer:
     num_samples: int
     commit: bytes
     cid: str = ""  # a rollout's volunteer: the archive (version) it runs, by the rule
+    # Hierarchical offers grouped by a site label (aggregation.group_by): the volunteer's
+    # value of that label ("" if it has none); carried in the roster, so every node can
+    # form the same groups (core/hierarchy.py).
+    group: str = ""
 
     def __post_init__(self) -> None:
         _check_task(self.task_id, self.peer)
@@ -189,6 +194,8 @@ class Volunteer:
             raise ValueError("commit must be 32 bytes")
         if len(self.cid) > 128:
             raise ValueError("cid longer than 128 characters")
+        if self.group and not LABEL_RE.fullmatch(self.group):
+            raise ValueError("group must be 1-64 letters, digits, '.', '_', '-'")
 
 
 @message("task.reveal")

@@ -26,6 +26,7 @@ from p2pfl.core.commands import (
     Log,
     Publish,
     SetTimer,
+    SliceWorked,
     TimerFired,
 )
 from p2pfl.core.election import commitment
@@ -62,6 +63,7 @@ from p2pfl.core.phase import (
     PolicyRevoked,
     TaskpackState,
 )
+from p2pfl.core.round_messages import GroupDone, SliceAsk, SliceDone, SliceOffer
 from p2pfl.core.snapshot import open_snapshot
 from p2pfl.core.task import Incoming, LocalContext, TaskMachine
 from p2pfl.core.taskpacks import TaskpackBook
@@ -94,11 +96,13 @@ _ON_TOPIC: dict[str | None, tuple[type, ...]] = {
         Roster,
         RoundUpdate,
         RoundClose,
+        SliceDone,
+        GroupDone,
         TaskResult,
         Cancel,
     ),
     # A result also comes directly: to a peer that reconnects after the task ended.
-    None: (TaskpackSync, GossipPush, Progress, FinalPartial, TaskResult),
+    None: (TaskpackSync, GossipPush, Progress, FinalPartial, TaskResult, SliceOffer, SliceAsk),
 }
 _PENDING_TASKS = 256
 MAX_TASKS_PER_PUBLISHER = 16  # unfinished tasks one publisher may have on this node
@@ -154,7 +158,11 @@ class NodeCore:
         self.book = TaskpackBook(self.me, policy, capabilities)
         self.tasks: dict[str, TaskMachine] = {}
         self._forgotten: dict[str, None] = {}  # expired offers (insertion-ordered, bounded)
-        self.local = LocalContext({d.name: d.rows for d in datasets.values()}, min_records)
+        self.local = LocalContext(
+            {d.name: d.rows for d in datasets.values()},
+            min_records,
+            labels=capabilities.get("labels"),
+        )
         self.connected: dict[str, tuple[str, ...]] = {}
         self.peer_caps: dict[str, Capability] = {}
         self._pending: dict[str, list[tuple[str, Incoming]]] = defaultdict(list)
@@ -470,7 +478,7 @@ class NodeCore:
                     if machine.cid == event.cid and machine.phase is Phase.PENDING:
                         out += self._run(machine, self._state_of(machine, entry), now)
             return out
-        if isinstance(event, JobDone | JobFailed | Aggregated):
+        if isinstance(event, JobDone | JobFailed | Aggregated | SliceWorked):
             owner = self.tasks.get(event.token.task_id)
             return self._run(owner, event, now) if owner is not None else []
         if isinstance(event, FetchDone | FetchFailed):

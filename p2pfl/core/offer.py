@@ -12,6 +12,7 @@ import hashlib
 from dataclasses import replace
 from typing import Any
 
+from p2pfl.core.aggregation import aggregation_problem
 from p2pfl.core.flowrec import FlowRecord, flow_offer_problem
 from p2pfl.core.messages import NONCE_BYTES, TASK_ID_HEX, TaskOffer
 from p2pfl.core.versions import Arm, arms_problem
@@ -57,6 +58,9 @@ def offer_problem(offer: TaskOffer) -> str | None:
     run_problem = run_options_problem(offer.run)
     if run_problem is not None:
         return run_problem
+    problem = aggregation_problem(offer.params)
+    if problem is not None:
+        return problem
     dp = offer.dp
     if dp is not None:
         if not isinstance(dp, dict) or set(dp) != {"epsilon", "delta", "max_grad_norm"}:

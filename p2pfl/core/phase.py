@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
+from p2pfl.core.commands import SliceWorked
 from p2pfl.core.messages import (
     Cancel,
     Decline,
@@ -24,6 +25,7 @@ from p2pfl.core.messages import (
     TaskResult,
     Volunteer,
 )
+from p2pfl.core.round_messages import GroupDone, SliceAsk, SliceDone, SliceOffer
 from p2pfl.core.tokens import JobStep, TimerKind
 
 
@@ -121,6 +123,8 @@ _FOLLOW: frozenset[EventKey] = frozenset(
         Roster,
         RoundUpdate,
         RoundClose,
+        SliceDone,
+        GroupDone,
         Progress,
         TaskResult,
         PeerLost,
@@ -138,6 +142,10 @@ _FOLLOW: frozenset[EventKey] = frozenset(
 )
 _PARTICIPATE: frozenset[EventKey] = _FOLLOW | {
     GossipPush,
+    SliceOffer,
+    SliceAsk,
+    SliceWorked,
+    TimerKind.SLICES,
     FinalPartial,
     BlobOutcome,
     AggregatedKey,
@@ -156,7 +164,7 @@ ACCEPTS: dict[Phase, frozenset[EventKey]] = {
     Phase.PENDING: _FOLLOW,
     Phase.VALIDATING: _FOLLOW | {JobStep.VALIDATE},
     # A fast peer's direct round messages can come before the roster: held until it does.
-    Phase.VOLUNTEERED: _FOLLOW | {TimerKind.REPUBLISH_ROSTER, GossipPush, FinalPartial},
+    Phase.VOLUNTEERED: _FOLLOW | {TimerKind.REPUBLISH_ROSTER, GossipPush, FinalPartial, SliceOffer},
     Phase.DECLINED: _FOLLOW,
     Phase.OBSERVING: _FOLLOW,
     Phase.INIT: _PARTICIPATE,

@@ -238,6 +238,9 @@ class RoundsBase:
         ref = self.task.global_ref
         keep = keep | ({ref.cid} if ref is not None else set())
         cids = set().union(*(self.round_blobs.pop(r) for r in stale)) - keep
+        # A blob of an old round may be one of a newer round's too (equal bytes: a slice
+        # of a layer that did not change): it stays.
+        cids -= set().union(*self.round_blobs.values())
         return [ForgetBlobs(tuple(sorted(cids)))] if cids else []
 
     def on_view_changed(self, now: float) -> list[Command]:

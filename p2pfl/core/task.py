@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from p2pfl.core.aggregation import aggregation
 from p2pfl.core.commands import (
     Aggregated,
     Audit,
@@ -37,6 +38,7 @@ from p2pfl.core.commands import (
     RunJob,
     Send,
     SetTimer,
+    SliceWorked,
     TaskEnded,
     TaskEvent,
     TimerFired,
@@ -81,6 +83,7 @@ from p2pfl.core.phase import (
     TaskpackState,
 )
 from p2pfl.core.pushsum_rounds import PushSumRounds
+from p2pfl.core.round_messages import GroupDone, SliceAsk, SliceDone, SliceOffer
 from p2pfl.core.snapshot import make_snapshot
 from p2pfl.core.tokens import JobStep, JobToken, TaskTimer, TimerKind
 from p2pfl.core.versions import my_cid, roster_rollout_problem, volunteer_problem
@@ -120,9 +123,12 @@ class Incoming:
 class LocalContext:
     """What the owning node knows that the task needs (datasets, k)."""
 
-    def __init__(self, datasets: dict[str, int], min_records: int = 10) -> None:
+    def __init__(
+        self, datasets: dict[str, int], min_records: int = 10, labels: dict[str, str] | None = None
+    ) -> None:
         self.datasets = datasets  # name -> record count
         self.min_records = min_records
+        self.labels = dict(labels or {})  # site labels (region=eu): hierarchical groups
         # Derived datasets an earlier flow step wrote here (p2pfl/data/derived.py), kept in
         # step by the driver: (flow id, name) -> (records, the site datasets it came from).
         self.derived: dict[tuple[str, str], tuple[int, tuple[str, ...]]] = {}
@@ -390,7 +396,11 @@ class TaskMachine:
         self.volunteered_at = now
         self.my_nonce = self.rng.randbytes(NONCE_BYTES)
         named = self.cid if self.offer.rollout else ""
-        record = Volunteer(self.task_id, self.my_id, samples, commitment(self.my_nonce), named)
+        group_by = aggregation(self.offer).get("group_by")
+        group = self.local.labels.get(group_by, "") if isinstance(group_by, str) else ""
+        record = Volunteer(
+            self.task_id, self.my_id, samples, commitment(self.my_nonce), named, group
+        )
         signed = seal(self.me, record)
         out: list[Command] = [
             Publish(TOPIC_TASKS, signed),
@@ -951,6 +961,10 @@ class TaskMachine:
             return self.rounds.on_update(now, msg)
         if isinstance(msg, RoundClose) and isinstance(self.rounds, FedAvgRounds):
             return self.rounds.on_close(now, msg)
+        if isinstance(self.rounds, FedAvgRounds) and isinstance(
+            msg, SliceOffer | SliceAsk | SliceDone | GroupDone
+        ):
+            return self.rounds.on_stage_message(now, msg)
         if isinstance(msg, GossipPush) and isinstance(self.rounds, PushSumRounds):
             return self.rounds.on_push(now, msg)
         return self._refuse(type(msg), f"not part of the {self.offer.protocol} protocol")
@@ -1030,6 +1044,11 @@ class TaskMachine:
         if self.rounds is not None:
             out += self.rounds.on_blob(now, event)
         return out
+
+    def on_slice_worked(self, now: float, event: SliceWorked) -> list[Command]:
+        if isinstance(self.rounds, FedAvgRounds):
+            return self.rounds.on_slice_worked(now, event)
+        return []
 
     def on_aggregated(self, now: float, event: Aggregated) -> list[Command]:
         if event.token.final:
@@ -1148,6 +1167,11 @@ HANDLERS: dict[EventKey, Handler] = {
     RoundUpdate: TaskMachine.on_round_message,
     RoundClose: TaskMachine.on_round_message,
     GossipPush: TaskMachine.on_round_message,
+    SliceOffer: TaskMachine.on_round_message,
+    SliceAsk: TaskMachine.on_round_message,
+    SliceDone: TaskMachine.on_round_message,
+    GroupDone: TaskMachine.on_round_message,
+    SliceWorked: TaskMachine.on_slice_worked,
     Progress: TaskMachine.on_round_message,
     FinalPartial: TaskMachine.on_round_message,
     TaskResult: TaskMachine.on_result,

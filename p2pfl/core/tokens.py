@@ -22,6 +22,7 @@ class TimerKind(enum.Enum):
     ROUND = "round"  # a round's deadline (and each takeover grace after it)
     RECLOSE = "reclose"  # waiting for a re-close after an unfetchable update
     REFETCH = "refetch"  # retry a failed fetch from a live author
+    SLICES = "slices"  # reduce-scatter: ask again for slice offers still missing
     REDUCE = "reduce"  # the reducer's deadline (and each failover grace after it)
     EXPIRE = "expire"  # an offer that never got a roster is forgotten
 
@@ -75,3 +76,16 @@ class AggToken:
     round: int
     attempt: int = 0
     final: bool = False
+    stage: str = ""  # hierarchical rounds: "group" or "global" (core/hierarchy.py)
+
+
+@dataclass(frozen=True, slots=True)
+class SliceToken:
+    """Reduce-scatter work (core/scatter.py) of round `round` under close `attempt`:
+    `kind` cut | reduce | assemble, `index` the slice (reduce)."""
+
+    task_id: str
+    round: int
+    attempt: int
+    kind: str
+    index: int = 0

@@ -46,6 +46,8 @@ __all__ = [
     "init_state",
     "krum",
     "median",
+    "scores_from_distances",
+    "squared_distances",
     "merge_shares",
     "split_shares",
     "trimmed_mean",
@@ -144,11 +146,25 @@ def krum_scores(updates: Updates, f: int) -> np.ndarray:
             f"krum: needs n >= 2f+3 updates to tolerate f={f} Byzantine peers, got n={n}"
         )
     flat = np.stack([_flatten(w, keys) for w, _ in updates], axis=0)
-    # Pairwise squared distances computed row by row: exact, deterministic, O(n^2 * d).
+    return scores_from_distances(squared_distances(flat), f)
+
+
+def squared_distances(flat: np.ndarray) -> np.ndarray:
+    """Pairwise squared distances of the rows of `flat` (float64), row by row: exact,
+    deterministic, O(n^2 * d). Reduce-scatter sums these over slices (fl/slices.py)."""
+    n = flat.shape[0]
     dist = np.empty((n, n), dtype=np.float64)
     for i in range(n):
         diff = flat - flat[i]
         dist[i] = np.einsum("ij,ij->i", diff, diff)
+    return dist
+
+
+def scores_from_distances(dist: np.ndarray, f: int) -> np.ndarray:
+    """Krum scores from an n x n matrix of squared distances."""
+    n = dist.shape[0]
+    if f < 0 or n < 2 * f + 3:
+        raise ValueError(f"krum: needs n >= 2f+3 updates and f >= 0 (n={n}, f={f})")
     closest = n - f - 2
     scores = np.empty(n, dtype=np.float64)
     for i in range(n):

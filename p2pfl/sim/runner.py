@@ -95,15 +95,21 @@ def cluster_spec_kwargs(
     executor: Executor | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments of p2pfl.sim.cluster.ClusterSpec for this scenario."""
+    topology = scenario.topology.as_dict()
+    params = scenario.params.as_dict()
+    if scenario.topology.kind == "hierarchical":
+        # A full mesh whose rounds aggregate in groups of group_size (core/hierarchy.py).
+        topology = {"kind": "full"}
+        params["aggregation"] = {"kind": "hierarchical", "group_size": scenario.topology.group_size}
     kwargs = {
         "seed": seed,
         "nodes": scenario.nodes,
-        "topology": scenario.topology.as_dict(),
+        "topology": topology,
         "link": scenario.network.as_dict(),
         "taskpack_dir": scenario.taskpack,
         "node_data": list(node_data),
         "input_name": input_name(scenario),
-        "params": scenario.params.as_dict(),
+        "params": params,
         "faults": [f.as_dict() for f in scenario.faults],
         "byzantine": None if scenario.byzantine is None else scenario.byzantine.as_dict(),
         "dp": None if scenario.dp is None else scenario.dp.as_dict(),

@@ -25,9 +25,11 @@ from typing import Any
 
 import yaml
 
+from p2pfl.core.aggregation import MAX_GROUP_SIZE, aggregation_problem
 from p2pfl.errors import ValidationError
 
-TOPOLOGIES = ("full", "ring", "line", "random-regular", "small-world")
+# "hierarchical": a full mesh whose fedavg rounds aggregate in groups (core/hierarchy.py).
+TOPOLOGIES = ("full", "ring", "line", "random-regular", "small-world", "hierarchical")
 PARTITIONS = ("iid", "dirichlet", "shards", "natural")
 PROTOCOLS = ("fedavg", "fedprox", "gossip")
 # `gossip` and `fedprox` are accepted as aggregator names too: they then pick the protocol
@@ -54,9 +56,13 @@ class Topology:
     kind: str = "full"
     degree: int | None = None  # random-regular, small-world
     rewire: float | None = None  # small-world
+    group_size: int | None = None  # hierarchical
 
     def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "degree": self.degree, "rewire": self.rewire}
+        out = {"kind": self.kind, "degree": self.degree, "rewire": self.rewire}
+        if self.group_size is not None:
+            out["group_size"] = self.group_size
+        return out
 
 
 @dataclass(frozen=True)
@@ -329,7 +335,7 @@ KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
          "faults", "byzantine", "dp", "flow", "executor"),
         ("name", "nodes", "dataset", "params"),  # and a taskpack or a flow
     ),
-    "topology": (("kind", "degree", "rewire"), ("kind",)),
+    "topology": (("kind", "degree", "rewire", "group_size"), ("kind",)),
     "dataset": (("name", "partition", "test_fraction"), ("name",)),
     "dataset.partition": (("kind", "alpha", "per_node"), ("kind",)),
     "network": (("latency_ms", "bandwidth_mbps", "loss"), ()),
@@ -584,9 +590,16 @@ def _parse_topology(c: _Checker, value: Any, nodes: int | None) -> Topology | No
         rewire = c.number(m, "rewire", "topology.rewire", lo=0.0, hi=1.0)
     elif kind == "small-world":
         rewire = 0.1
+    group_size = None
+    if kind == "hierarchical":
+        group_size = c.integer(
+            m, "group_size", "topology.group_size", default=8, lo=2, hi=MAX_GROUP_SIZE
+        )
+    elif "group_size" in m:
+        c.err("topology.group_size", f"only for hierarchical, not {kind}")
     if kind is None:
         return None
-    return Topology(kind=kind, degree=degree, rewire=rewire)
+    return Topology(kind=kind, degree=degree, rewire=rewire, group_size=group_size)
 
 
 def _parse_dataset(c: _Checker, value: Any, nodes: int | None) -> DatasetSpec | None:
@@ -673,6 +686,12 @@ def _parse_params(c: _Checker, value: Any, nodes: int | None) -> Params | None:
                 extra.append((key, v))
         elif key == "lr":
             if c.number(value, "lr", path, lo=0.0, lo_open=True) is not None:
+                extra.append((key, v))
+        elif key == "aggregation":
+            problem = aggregation_problem({key: v})
+            if problem is not None:
+                c.err(path, problem)
+            else:
                 extra.append((key, v))
         elif not _plain(v):
             c.err(path, "must be a number, string, boolean or a list of them")

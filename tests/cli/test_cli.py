@@ -279,6 +279,8 @@ def test_node_builds_config(tmp_path: Path, fake_run_node: list[NodeConfig]) -> 
         trusted,
         "--min-records",
         "5",
+        "--label",
+        "region=eu-west",
         "--log-level",
         "DEBUG",
     )
@@ -290,6 +292,7 @@ def test_node_builds_config(tmp_path: Path, fake_run_node: list[NodeConfig]) -> 
     assert config.datasets == {"wages": data.resolve()}
     assert config.trusted == frozenset({trusted}) and config.trust_any is False
     assert config.min_records == 5 and config.log_level == "debug"
+    assert config.labels == {"region": "eu-west"}
 
 
 def test_node_defaults_and_trust_any(tmp_path: Path, fake_run_node: list[NodeConfig]) -> None:
@@ -311,6 +314,8 @@ def test_node_defaults_and_trust_any(tmp_path: Path, fake_run_node: list[NodeCon
         (["--bootstrap", "/ip4/999.1.1.1/tcp/1"], "is not a multiaddr"),
         (["--trust", "12D3KooWnotapeerid"], "is not an Ed25519 peer id"),
         (["--min-records", "0"], "--min-records"),
+        (["--label", "region"], "is not KEY=VALUE"),
+        (["--label", "region=eu/west"], "is not KEY=VALUE"),
     ],
 )
 def test_node_rejects_bad_arguments(

@@ -39,6 +39,8 @@ from p2pfl.core.commands import (
     RunJob,
     Send,
     SetTimer,
+    SliceWork,
+    SliceWorked,
     TaskEnded,
     TimerFired,
 )
@@ -48,6 +50,7 @@ from p2pfl.core.phase import Phase
 from p2pfl.core.task import TaskMachine
 from p2pfl.core.tokens import JobStep
 from p2pfl.fl.aggregate import aggregate_checked
+from p2pfl.fl.slices import slice_work
 from p2pfl.identity import Identity
 from p2pfl.net.base import Message, PeerConnected, PeerDisconnected
 from p2pfl.store.blobref import make_blob_ref
@@ -89,6 +92,7 @@ class Harness:
         seed: int = 1,
         full_mesh: bool = True,
         sites: dict[int, Callable[[list[str]], Any]] | None = None,
+        labels: dict[int, dict[str, str]] | None = None,
     ) -> None:
         self.now = 0.0
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
@@ -96,10 +100,13 @@ class Harness:
         self._timers: dict[tuple[int, Any], int] = {}  # (node, key) -> live seq
         self.blobs: dict[str, bytes] = {}
         self.outgoing: Callable[[Node, Any], Any] | None = None  # (node, cmd) -> cmd | None
+        self.slice_works: list[SliceWork] = []  # reduce-scatter steps asked for, in order
+        self.fetched: list[tuple[int, str]] = []  # (node, cid) of every FetchBlob
         self.manifest = load_manifest(ROOT / "taskpacks" / taskpack)
         self.rows = rows or [100] * n
         self.seed, self.full_mesh = seed, full_mesh
         self.sites = sites or {}  # node -> (peer ids of all nodes -> its SitePolicy)
+        self.labels = labels or {}  # node -> its site labels (region=eu)
         self.peer_ids = [
             Identity.from_seed(hashlib.sha256(f"harness|{seed}|{i}".encode()).digest()).peer_id
             for i in range(n)
@@ -123,7 +130,7 @@ class Harness:
         core = NodeCore(
             identity,
             policy=TrustPolicy(frozenset(), True),
-            capabilities={},
+            capabilities={"labels": self.labels.get(i, {})},
             datasets={"data": DatasetInfo("data", self.rows[i], [])},
             caps_interval_s=None,
             rng=random.Random(self.seed * 1000 + i + 7919 * restarts),
@@ -177,7 +184,8 @@ class Harness:
             "differential_privacy": {"enabled": False},
         }
         fed.update(federated)
-        params = {"max_update_norm": fed.pop("max_update_norm")} if "max_update_norm" in fed else {}
+        # Task parameters the core reads (not manifest fields): moved to the offer's params.
+        params = {k: fed.pop(k) for k in ("max_update_norm", "aggregation") if k in fed}
         core = self.nodes[node].core
         task_id, cmds = core.create_task(
             self.cid, params, fed, ("data",), self.now, volunteer_window_s=3.0
@@ -249,6 +257,7 @@ class Harness:
             self._timers.pop((node.index, cmd.key), None)
         elif isinstance(cmd, FetchBlob):
             cid = cmd.ref.cid
+            self.fetched.append((node.index, cid))
             ok = cid in self.blobs
             event = BlobReady(cid) if ok else BlobFailed(cid, "no provider holds it")
             self.at(LATENCY_S, lambda: self._feed(node, event))
@@ -259,6 +268,8 @@ class Harness:
             self.at(delay, lambda: self._feed(node, self._job(node, cmd)))
         elif isinstance(cmd, Aggregate):
             self.at(0, lambda: self._feed(node, self._aggregate(node, cmd)))
+        elif isinstance(cmd, SliceWork):
+            self.at(0, lambda: self._feed(node, self._slice_work(node, cmd)))
         elif isinstance(cmd, Emit):
             node.events.append(cmd.event.as_dict())
         elif isinstance(cmd, TaskEnded):
@@ -319,6 +330,28 @@ class Harness:
             total = sum(p["num_samples"] for p in job["partials"])
             return JobDone(cmd.token, {"num_samples": total, "nodes": len(job["partials"])})
         raise AssertionError(step)
+
+    def _slice_work(self, node: Node, cmd: SliceWork) -> SliceWorked:
+        if node.fail_aggregate and cmd.token.kind != "cut":
+            return SliceWorked(cmd.token, (), "MemoryError: out of memory")
+        blobs, bad, reason, chosen = slice_work(
+            cmd.token.kind,
+            [self.blobs[r.cid] for r in cmd.refs],
+            self.blobs[cmd.reference.cid],
+            cmd.count,
+            cmd.token.index,
+            cmd.method,
+            cmd.weights,
+            cmd.options,
+        )
+        self.slice_works.append(cmd)
+        refs = tuple(self.put_bytes(b) for b in blobs)
+        return SliceWorked(cmd.token, refs, reason, bad, chosen)
+
+    def put_bytes(self, data: bytes) -> Any:
+        ref = make_blob_ref(data)
+        self.blobs[ref.cid] = data
+        return ref
 
     def _aggregate(self, node: Node, cmd: Aggregate) -> Aggregated:
         if node.fail_aggregate:

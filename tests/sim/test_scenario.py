@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "scenarios").glob("*.yaml"))
 EXPECTED = {
     "quickstart", "fashion-mnist-noniid", "hospitals", "churn", "byzantine", "dp", "scale-1000",
+    "scale-1000-hierarchical",
 }  # fmt: skip
 
 
@@ -204,3 +205,45 @@ def test_apply_override() -> None:
         apply_override(raw, "nodes.x", 1)
     with pytest.raises(ValidationError, match="not a dotted path"):
         apply_override(raw, "params..x", 1)
+
+
+def test_hierarchical_topology_becomes_a_full_mesh_with_grouped_rounds() -> None:
+    from p2pfl.sim.runner import cluster_spec_kwargs
+
+    raw = dict(base(), topology={"kind": "hierarchical", "group_size": 4})
+    s = parse(raw, check_files=False)
+    assert (s.topology.kind, s.topology.group_size) == ("hierarchical", 4)
+    kw = cluster_spec_kwargs(s, seed=1, network="sim", node_data=[], test_path=Path("t"))
+    assert kw["topology"] == {"kind": "full"}
+    assert kw["params"]["aggregation"] == {"kind": "hierarchical", "group_size": 4}
+    assert (
+        parse(
+            dict(base(), topology={"kind": "hierarchical"}), check_files=False
+        ).topology.group_size
+        == 8
+    )
+    scale = load_scenario(REPO / "scenarios/scale-1000-hierarchical.yaml", check_files=False)
+    assert scale.nodes == 1000 and scale.topology.group_size == 32
+
+
+@pytest.mark.parametrize(
+    ("topology", "params", "problem"),
+    [
+        ({"kind": "hierarchical", "group_size": 1}, {}, "topology.group_size"),
+        ({"kind": "ring", "group_size": 4}, {}, "topology.group_size: only for hierarchical"),
+        (
+            {"kind": "full"},
+            {"aggregation": {"kind": "tree"}},
+            "params.aggregation: aggregation kind",
+        ),
+        (
+            {"kind": "full"},
+            {"aggregation": {"kind": "allgather", "group_size": 3}},
+            "params.aggregation",
+        ),
+    ],
+)
+def test_bad_aggregation_settings_are_named(topology: dict, params: dict, problem: str) -> None:
+    raw = dict(base(), topology=topology, params={"rounds": 2, **params})
+    problems = scenario_problems(raw)
+    assert any(problem in p for p in problems), problems
