@@ -16,7 +16,6 @@ from p2pfl.fl import slices
 from p2pfl.fl.aggregate import fedavg, median, trimmed_mean
 from tests.core.harness import Harness, done
 
-
 RS = {"kind": "reduce-scatter"}  # asked for: all-gather is the default
 
 
