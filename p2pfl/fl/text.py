@@ -34,7 +34,7 @@ _FOLDERS = {
     "roman": "tragedy",
 }
 _ROLE = re.compile(r"^\*\*(.+?)\*\*\s*$")
-PER_CLASS = 800  # speeches drawn per genre: enough to learn from, small enough for a CPU
+PER_CLASS = 400  # speeches drawn per genre: enough to learn from, small enough for a CPU
 MIN_WORDS, MAX_WORDS = 8, 80  # shorter speeches carry no style; longer ones get truncated
 _SAMPLE_SEED = 20_161  # fixed: the dataset is the same everywhere
 MAX_TEXT_CHARS = 4000  # a text table's longest sample (a bound on what a row may hold)

@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.cluster import CLI_TIMEOUT, REPO, Cluster, p2pfl_argv, trust_first
-from tests.e2e.test_tasks import result_on_each, run_task, wait_ok
+from tests.e2e.test_tasks import result_on_each, run_task
 
 LORA = REPO / "taskpacks" / "lora-text"
+# s for `p2pfl wait`: each node's sandboxed worker loads the model and trains on the CPU
+# of a loaded 2-core machine.
+TASK_TIMEOUT = 1200
 WHY = "needs the [llm] extra: pip install -e '.[llm]'"
 pytestmark = [
     pytest.mark.llm,
@@ -49,7 +52,10 @@ def test_lora_text_three_nodes_two_rounds(cluster: Cluster, tmp_path: Path) -> N
     )
     n0 = nodes[0]
     task_id = run_task(cluster, n0, LORA, "rounds=2", "max_steps=4", "max_length=32", "lr=0.003")
-    wait_ok(cluster, n0, task_id)
+    proc = cluster.cli(
+        "wait", task_id, "--timeout", str(TASK_TIMEOUT), node=n0, timeout=TASK_TIMEOUT + 30
+    )
+    assert proc.returncode == 0, f"wait: {proc.stderr}\n{cluster.diagnostics()}"
 
     model_file = tmp_path / "adapter.p2tn"
     result = cluster.cli_json("result", task_id, "--model-out", str(model_file), node=n0)

