@@ -69,13 +69,14 @@ _BUILD_LOCK = threading.Lock()
 
 
 def imports_ok() -> str | None:
-    """None when transformers and peft import; else the reason, naming the fix."""
-    try:
-        import peft  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as exc:
-        return f"{NEEDS} ({exc})"
-    return None
+    """None when transformers and peft are installed; else the reason, naming the fix.
+
+    Looked up, not imported: importing them takes seconds, and validate_inputs must answer
+    within the offer's volunteer window."""
+    import importlib.util
+
+    missing = [m for m in ("transformers", "peft") if importlib.util.find_spec(m) is None]
+    return f"{NEEDS} (missing: {', '.join(missing)})" if missing else None
 
 
 def check_base(settings: LoRASettings) -> None:
