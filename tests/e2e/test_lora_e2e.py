@@ -51,6 +51,8 @@ def test_lora_text_three_nodes_two_rounds(cluster: Cluster, tmp_path: Path) -> N
         trust=trust_first,
     )
     n0 = nodes[0]
+    # The workers run confined (no network, read-only site-packages holding the model).
+    assert all("sandbox: bubblewrap" in n.stderr() for n in nodes), n0.stderr_tail()
     task_id = run_task(cluster, n0, LORA, "rounds=2", "max_steps=4", "max_length=32", "lr=0.003")
     proc = cluster.cli(
         "wait", task_id, "--timeout", str(TASK_TIMEOUT), node=n0, timeout=TASK_TIMEOUT + 30
