@@ -149,7 +149,8 @@ def split_cmd(
     }
     for i, idx in enumerate(parts):
         path = out_dir / f"node-{i}" / f"{source}.{fmt}"
-        write_table(path, train.X[idx], train.y[idx], train.feature_names)
+        texts = None if train.texts is None else train.texts[idx]
+        write_table(path, train.X[idx], train.y[idx], train.feature_names, texts=texts)
         node: dict[str, Any] = {
             "node": i,
             "path": str(path),
@@ -160,7 +161,7 @@ def split_cmd(
             node["site"] = sites[i]
         summary["nodes"].append(node)
     test_path = out_dir / f"test.{fmt}"
-    write_table(test_path, test.X, test.y, test.feature_names)
+    write_table(test_path, test.X, test.y, test.feature_names, texts=test.texts)
     summary["test"] = {
         "path": str(test_path),
         "samples": len(test),

@@ -41,6 +41,7 @@ class Dataset:
     classes: int
     name: str = ""
     scaling: str = "fixed"  # "fixed": ready to use; "standardize": fit on train first
+    texts: np.ndarray | None = None  # str per sample (text datasets; X is then zero-width)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -48,7 +49,8 @@ class Dataset:
     def subset(self, idx: np.ndarray) -> Dataset:
         idx = np.asarray(idx, dtype=np.int64)
         sites = None if self.sites is None else self.sites[idx]
-        return replace(self, X=self.X[idx], y=self.y[idx], sites=sites)
+        texts = None if self.texts is None else self.texts[idx]
+        return replace(self, X=self.X[idx], y=self.y[idx], sites=sites, texts=texts)
 
 
 @dataclass(frozen=True)
@@ -212,6 +214,14 @@ def _heart_disease() -> Dataset:
     return Dataset(X, y, names, sites, 2, "heart-disease", "standardize")
 
 
+def _shakespeare() -> Dataset:
+    from p2pfl.fl.text import GENRES, shakespeare
+
+    texts, y, roles = shakespeare()
+    X = np.zeros((len(y), 0), dtype=np.float32)  # no numeric features: the text is the input
+    return Dataset(X, y, [], roles, len(GENRES), "shakespeare", "fixed", texts)
+
+
 _LOADERS = {
     "digits": lambda: _sklearn("digits"),
     "breast-cancer": lambda: _sklearn("breast-cancer"),
@@ -220,6 +230,7 @@ _LOADERS = {
     "fashion-mnist": _fashion_mnist,
     "mnist-5k": _mnist_5k,
     "heart-disease": _heart_disease,
+    "shakespeare": _shakespeare,
 }
 
 DATASETS: tuple[str, ...] = tuple(_LOADERS)
@@ -242,21 +253,33 @@ def load_dataset(name: str) -> Dataset:
 # Table files: features + a `label` column.
 
 
-def write_table(path: str | os.PathLike, X: np.ndarray, y: np.ndarray, feature_names) -> None:
-    """Write `.csv` (header row, features then `label`) or `.npz`, atomically."""
+def write_table(
+    path: str | os.PathLike,
+    X: np.ndarray,
+    y: np.ndarray,
+    feature_names,
+    texts: np.ndarray | None = None,
+) -> None:
+    """Write `.csv` (header row, features then `label`) or `.npz`, atomically.
+
+    `texts` (one str per row, text datasets) go in a `text` column / array beside them."""
     path = Path(path)
     X = np.asarray(X, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
     names = [str(n) for n in feature_names]
     if X.ndim != 2 or X.shape[0] != y.shape[0] or X.shape[1] != len(names):
         raise ValueError(f"write_table: X {X.shape}, y {y.shape}, {len(names)} names disagree")
-    if "label" in names:
-        raise ValueError("write_table: a feature may not be called 'label'")
+    if "label" in names or "text" in names:
+        raise ValueError("write_table: a feature may not be called 'label' or 'text'")
+    if texts is not None and len(texts) != y.shape[0]:
+        raise ValueError(f"write_table: {len(texts)} texts for {y.shape[0]} rows")
     suffix = path.suffix.lower()
     if suffix == ".csv":
         import pandas as pd
 
         df = pd.DataFrame(X, columns=names)
+        if texts is not None:
+            df["text"] = [str(t) for t in texts]
         df["label"] = y
 
         def write(tmp: str) -> None:
@@ -267,7 +290,10 @@ def write_table(path: str | os.PathLike, X: np.ndarray, y: np.ndarray, feature_n
 
         def write(tmp: str) -> None:
             with open(tmp, "wb") as fh:
-                np.savez(fh, X=X, y=y, feature_names=np.array(names, dtype=str))
+                arrays = {"X": X, "y": y, "feature_names": np.array(names, dtype=str)}
+                if texts is not None:
+                    arrays["text"] = np.asarray(texts, dtype=str)
+                np.savez(fh, **arrays)  # type: ignore[arg-type]
 
     else:
         raise ValueError(f"write_table: {path}: unsupported format (use .csv or .npz)")
@@ -297,7 +323,8 @@ def load_table(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[st
         df = pd.read_csv(path)
         if "label" not in df.columns:
             raise ValueError(f"{path}: no 'label' column (columns: {', '.join(df.columns[:8])})")
-        features = df.drop(columns=["label"])
+        # A `text` column is a text table's input, not a numeric feature (fl/text.py).
+        features = df.drop(columns=[c for c in ("label", "text") if c in df.columns])
         non_numeric = [c for c in features.columns if not pd.api.types.is_numeric_dtype(df[c])]
         if non_numeric:
             raise ValueError(f"{path}: non-numeric feature columns {non_numeric[:5]}")

@@ -72,10 +72,11 @@ def prepare_node_data(
     paths: list[Path] = []
     for i, idx in enumerate(parts):
         path = work / f"node-{i:04d}.{fmt}"
-        fl_datasets.write_table(path, train.X[idx], train.y[idx], names)
+        texts = None if train.texts is None else train.texts[idx]
+        fl_datasets.write_table(path, train.X[idx], train.y[idx], names, texts=texts)
         paths.append(path)
     test_path = work / f"test.{fmt}"
-    fl_datasets.write_table(test_path, test.X, test.y, names)
+    fl_datasets.write_table(test_path, test.X, test.y, names, texts=test.texts)
     return paths, test_path
 
 

@@ -79,6 +79,7 @@ class Summary:
     status: str | None = None
     reason: str = ""  # why it failed or stopped, if it did
     warnings: list[str] = field(default_factory=list)  # e.g. settings a network ignored
+    bytes_sent_per_round: float | None = None  # all nodes' bytes sent / rounds completed
 
     @property
     def failed(self) -> bool:
@@ -190,6 +191,8 @@ def summarize(
 ) -> Summary:
     stats = round_stats(records)
     eps = [s.epsilon_max for s in stats if s.epsilon_max is not None]
+    completed = max((s.round for s in stats), default=0)
+    sent = sum(s.bytes_sent for s in stats)
     return Summary(
         scenario=scenario,
         seed=seed,
@@ -197,11 +200,11 @@ def summarize(
         rounds=rounds,
         network=network,
         final=final_stats(stats),
-        bytes_sent_total=sum(s.bytes_sent for s in stats),
+        bytes_sent_total=sent,
         bytes_received_total=sum(s.bytes_received for s in stats),
         wall_s=round(float(wall_s), 3),
         virtual_s=None if virtual_s is None else round(float(virtual_s), 6),
-        rounds_completed=max((s.round for s in stats), default=0),
+        rounds_completed=completed,
         test={k: float(v) for k, v in (test or {}).items() if _num(v)},
         result=_jsonable(dict(result or {})),
         epsilon_max=max(eps) if eps else None,
@@ -209,6 +212,7 @@ def summarize(
         status=None if result is None or result.get("status") is None else str(result["status"]),
         reason=str((result or {}).get("reason") or ""),
         warnings=[str(w) for w in warnings],
+        bytes_sent_per_round=round(sent / completed, 1) if completed else None,
     )
 
 

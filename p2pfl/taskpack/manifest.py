@@ -34,7 +34,9 @@ __all__ = [
     "DifferentialPrivacy",
     "Federated",
     "IOSpec",
+    "LLMConfig",
     "Limits",
+    "LoRAConfig",
     "Manifest",
     "Metadata",
     "Requirements",
@@ -111,6 +113,26 @@ class Federated:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    r: int
+    target_modules: tuple[str, ...]  # module names to adapt, e.g. (q_proj, v_proj)
+    lora_alpha: float = 8.0  # peft's defaults where the manifest says nothing
+    lora_dropout: float = 0.0
+    bias: str = "none"  # none | all | lora_only
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """A pretrained language model the task fine-tunes (spec.llm_config)."""
+
+    base_model: str  # e.g. sentence-transformers/all-MiniLM-L6-v2
+    training_method: str  # lora
+    lora: LoRAConfig | None = None
+    base_model_package: str = ""  # the package that ships the weights offline
+    base_model_sha256: str = ""  # of the weights file: every node fine-tunes the same base
+
+
+@dataclass(frozen=True)
 class Spec:
     type: str  # training | analysis | inference | preprocessing
     framework: str
@@ -118,6 +140,7 @@ class Spec:
     inputs: tuple[IOSpec, ...]
     outputs: tuple[IOSpec, ...]
     federated: Federated
+    llm_config: LLMConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -187,6 +210,10 @@ def _problems(doc: Any) -> list[str]:
     spec = doc.get("spec") if isinstance(doc, dict) else None
     if isinstance(spec, dict):
         problems += federated_problems(spec.get("federated"), "spec.federated")
+        if "llm_config" in spec and spec.get("type") != "training":
+            problems.append(
+                f"spec.llm_config: only a training task fine-tunes a model (type is {spec.get('type')!r})"
+            )
         for key in ("inputs", "outputs"):
             items = spec.get(key)
             if isinstance(items, list):
@@ -245,6 +272,27 @@ def _io(items: list[dict[str, Any]]) -> tuple[IOSpec, ...]:
     return tuple(IOSpec(i["name"], i["type"], i["format"]) for i in items)
 
 
+def _llm(raw: dict[str, Any] | None) -> LLMConfig | None:
+    if raw is None:
+        return None
+    lora = raw.get("lora_config")
+    return LLMConfig(
+        base_model=raw["base_model"],
+        training_method=raw["training_method"],
+        lora=None
+        if lora is None
+        else LoRAConfig(
+            r=lora["r"],
+            target_modules=tuple(lora["target_modules"]),
+            lora_alpha=float(lora.get("lora_alpha", 8.0)),
+            lora_dropout=float(lora.get("lora_dropout", 0.0)),
+            bias=lora.get("bias", "none"),
+        ),
+        base_model_package=raw.get("base_model_package", ""),
+        base_model_sha256=raw.get("base_model_sha256", ""),
+    )
+
+
 def _build(doc: dict[str, Any]) -> Manifest:
     """The typed view of a *valid* document, defaults filled in."""
     meta, spec = doc["metadata"], doc["spec"]
@@ -268,6 +316,7 @@ def _build(doc: dict[str, Any]) -> Manifest:
             inputs=_io(spec["inputs"]),
             outputs=_io(spec.get("outputs", [])),
             federated=Federated(differential_privacy=dp, **fed),
+            llm_config=_llm(spec.get("llm_config")),
         ),
         limits=Limits(
             cpu_seconds=lim.get("cpu_seconds"),

@@ -75,6 +75,9 @@ def test_run_writes_report_and_is_deterministic(tmp_path: Path) -> None:
     )
     assert summary["network"] == "sim" and summary["virtual_s"] == 4.5
     assert summary["bytes_sent_total"] == sum(int(r["bytes_sent"]) for r in rows)
+    assert summary["bytes_sent_per_round"] == pytest.approx(
+        summary["bytes_sent_total"] / 3, abs=0.1
+    )
     assert summary["result"]["model_cid"] == "0102"  # bytes made JSON-able
     assert summary["epsilon_max"] == pytest.approx(8.0)
     # Final stats come from the last round's live nodes only (node 1 is down).

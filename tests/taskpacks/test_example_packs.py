@@ -91,3 +91,29 @@ def test_federated_stats_pack_tests_in_process(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_pack_tests_pass_from_pack_dir(name: str) -> None:
     _run_pack_tests(name)
+
+
+def test_lora_pack_layout_manifest_and_task_without_the_llm_extra() -> None:
+    """lora-text validates and its Task loads (the runtime's way: it imports a helper module
+    relatively) without transformers or peft: they are imported only when a hook runs."""
+    from p2pfl.runtime.loader import load_task_class
+
+    root = PACKS / "lora-text"
+    for rel in LAYOUT:
+        assert (root / rel).is_file(), rel
+    manifest = load_manifest(root / "manifest.yaml")
+    llm = manifest.spec.llm_config
+    assert manifest.name == "lora-text" and manifest.spec.requirements.gpu == "optional"
+    assert llm is not None and llm.training_method == "lora" and llm.lora is not None
+    assert llm.lora.r == 16 and llm.lora.lora_alpha == 32
+    params = load_params(root, {"r": "4", "target_modules": "[query]"})
+    assert params["r"] == 4 and params["target_modules"] == ["query"]
+    assert load_task_class(root).__name__ == "LoRAText"
+
+
+@pytest.mark.slow
+@pytest.mark.llm
+def test_lora_pack_tests_pass_from_pack_dir() -> None:
+    if any(importlib.util.find_spec(m) is None for m in ("peft", "transformers")):
+        pytest.skip("needs the [llm] extra: pip install -e '.[llm]'")
+    _run_pack_tests("lora-text")

