@@ -30,6 +30,7 @@ from p2pfl.driver import Driver
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError, TaskFailed, TaskNotFinished
 from p2pfl.fsutil import atomic_write
 from p2pfl.identity import Identity
+from p2pfl.net.advertised import save_addrs
 from p2pfl.policy import (
     AUDIT_FILE,
     LEDGER_FILE,
@@ -516,7 +517,13 @@ async def run_node(config: NodeConfig) -> None:
 
             network = Libp2pNetwork(
                 identity,
-                Libp2pConfig(listen=list(config.listen), bootstrap=list(config.bootstrap)),
+                Libp2pConfig(
+                    listen=list(config.listen),
+                    bootstrap=list(config.bootstrap),
+                    announce=list(config.announce),
+                    bulk_tcp=config.bulk_port is not None,
+                    bulk_port=config.bulk_port or 0,
+                ),
                 sink=lambda event: deliver(event),
                 blob_reader=store.read,
                 # Who may fetch which blob (issue 9 item 6): everyone, until the core's rule
@@ -551,6 +558,7 @@ async def run_node(config: NodeConfig) -> None:
             node.restore()
             await nursery.start(ControlServer(config.control_socket, node).serve)
             addrs = network.listen_addrs()
+            save_addrs(data_dir, identity.peer_id, addrs)
             log.info("node %s listening on %s", identity.peer_id, " ".join(addrs))
             print(f"p2pfl node {identity.peer_id} listening on {' '.join(addrs)}", flush=True)
             stop = (signal.SIGINT, signal.SIGTERM)

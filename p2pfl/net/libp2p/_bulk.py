@@ -38,7 +38,7 @@ import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from p2pfl.errors import RemoteProtocolError
+from p2pfl.errors import LocalProtocolError, RemoteProtocolError
 from p2pfl.net.base import NOT_ALLOWED, MayServe, allow_all
 from p2pfl.net.libp2p._blob import (
     _MAX_REQUEST,
@@ -98,14 +98,20 @@ class _Pending:
 class BulkServer:
     """The TCP side of the bulk path: one listener, one-time tickets."""
 
-    def __init__(self, bind_host: str) -> None:
+    def __init__(self, bind_host: str, port: int = 0) -> None:
         self.bind_host = bind_host
-        self.port = 0
+        self.port = port  # 0: a free one, chosen at start
         self._pending: dict[bytes, _Pending] = {}
         self.bytes_sent = 0  # over every connection (each range's own: _Pending.sent)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host=self.bind_host)
+        try:
+            listeners = await trio.open_tcp_listeners(self.port, host=self.bind_host)
+        except OSError as exc:
+            raise LocalProtocolError(
+                f"cannot open the bulk port {self.bind_host}:{self.port}: {exc.strerror}"
+                " (--bulk-port picks another, --bulk-port off disables the bulk path)"
+            ) from None
         self.port = listeners[0].socket.getsockname()[1]
         task_status.started()
         await trio.serve_listeners(self._handle, listeners)

@@ -31,6 +31,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID, Transport a
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID, Yamux
 
 from p2pfl.limits import LOG_EVERY_S, OUTBOUND_GOSSIP_PEER_BYTES
+from p2pfl.net.libp2p._addrs import addrs_factory, exclusive_tcp_bind
 from p2pfl.net.libp2p._config import Libp2pConfig
 
 # Called for every gossip message we accept: (topic, originator peer id bytes, data).
@@ -43,6 +44,7 @@ GossipAdmit = Callable[[bytes, int], bool]
 
 def build_host(keypair: Any, config: Libp2pConfig) -> Any:
     """A BasicHost with Noise as the only security, yamux as the only muxer."""
+    exclusive_tcp_bind()
     host = new_host(
         key_pair=keypair,
         # Noise only: a host offering plaintext would otherwise be accepted.
@@ -53,9 +55,10 @@ def build_host(keypair: Any, config: Libp2pConfig) -> Any:
             max_connections_per_peer=1, dial_timeout=config.dial_timeout_s
         ),
         listen_addrs=[multiaddr.Multiaddr(a) for a in config.listen],
-        # We advertise our listen addresses ourselves (peer exchange); identify's observed
-        # addresses on loopback or behind NAT are ephemeral ports nobody can dial.
+        # Identify's observed addresses on loopback or behind NAT are ephemeral ports
+        # nobody can dial: we advertise the announce list, or our interfaces' addresses.
         disable_identify_address_discovery=True,
+        addrs_factory=addrs_factory(config.announce),
     )
 
     # The swarm's AutoConnector dials every peerstore peer until ~150 connections; our own

@@ -28,6 +28,8 @@ HARMLESS = (
     "error reading response",
     # A peer that is down is redialled with backoff by our own dialer, which logs it.
     "all attempts to connect",
+    # A listen address that cannot be bound: the node stops with its own clear error.
+    "Failed to start TCP listener",
 )
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import multiaddr
@@ -40,7 +42,7 @@ from p2pfl.net.base import (
     allow_all,
 )
 from p2pfl.net.inbound import InboundBudget
-from p2pfl.net.libp2p import _blob, _bulk, _fetch, _px
+from p2pfl.net.libp2p import _addrs, _blob, _bulk, _fetch, _px
 from p2pfl.net.libp2p._config import Libp2pConfig
 from p2pfl.net.libp2p._framing import (
     StageTimeout,
@@ -65,6 +67,22 @@ PX_FAST_S = 0.5
 # One gossip RPC read from a peer: one message at the cap plus its envelope (ids,
 # signature, topic, a sender record, control messages).
 MAX_GOSSIP_RPC_BYTES = MAX_GOSSIP_BYTES + 64 * 1024
+
+
+@asynccontextmanager
+async def _listening(host: Any, listen: list[Any], texts: list[str]) -> AsyncIterator[None]:
+    """host.run(), listening on every address or failing with one clear error.
+
+    py-libp2p's Swarm.listen logs a bind failure and carries on (it returns False), so a
+    node on a port in use would run without listening at all; each address is therefore
+    listened on here, one at a time, and the first failure is raised with its cause.
+    """
+    async with host.run(listen_addrs=[]):
+        network = host.get_network()
+        for maddr, text in zip(listen, texts, strict=True):
+            if not await network.listen(maddr):
+                raise LocalProtocolError(f"cannot listen on {text}: {_addrs.bind_problem(text)}")
+        yield
 
 
 class Libp2pNetwork:
@@ -195,11 +213,12 @@ class Libp2pNetwork:
         host.get_network().register_notifee(ConnNotifee(self._on_conn_up, self._on_conn_down))
         listen = [multiaddr.Multiaddr(a) for a in self._config.listen]
         try:
-            async with host.run(listen_addrs=listen):
+            async with _listening(host, listen, list(self._config.listen)):
                 async with background_trio_service(pubsub), background_trio_service(gossipsub):
                     await pubsub.wait_until_ready()
-                    suffix = f"/p2p/{self.peer_id}"
-                    self._own_addrs = [str(a) + suffix for a in host.get_transport_addrs()]
+                    # What the host advertises (identify, signed records): the announce
+                    # list, or the listen addresses with wildcards expanded (_addrs).
+                    self._own_addrs = [str(a) for a in host.get_addrs()]
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
                         self._kick = trio.Event()
@@ -221,7 +240,7 @@ class Libp2pNetwork:
         ip4 = [a.split("/")[2] for a in self._config.listen if a.startswith("/ip4/")]
         if not ip4:
             return
-        bulk = _bulk.BulkServer(ip4[0])
+        bulk = _bulk.BulkServer(ip4[0], self._config.bulk_port)
         await nursery.start(bulk.run)
         self._bulk = bulk
         self._host.set_stream_handler(TProtocol(_bulk.BULK_PROTOCOL), self._handle_bulk_stream)
