@@ -52,6 +52,7 @@ from p2pfl.net.libp2p._blob import (
     encode_request,
 )
 from p2pfl.net.libp2p._framing import (
+    StageTimeout,
     deadline,
     read_exactly,
     read_frame,
@@ -81,6 +82,10 @@ OFFER_TIMEOUT_S = SLOT_TIMEOUT_S + 5.0
 THREAD_CRYPTO_BYTES = 64 * 1024
 # Copying in bounded slices keeps each socket call reasonable and lets trio interleave.
 _IO_CHUNK = 1024 * 1024
+
+
+class BulkUnreachable(Exception):
+    """The server's bulk port cannot be reached from here (a firewall, NAT, relay)."""
 
 
 @dataclass
@@ -268,9 +273,14 @@ async def fetch_bulk(stream: Any, cid: str, offset: int, length: int) -> tuple[b
         raise RemoteProtocolError("no remote address for the bulk connection")
     sock = None
     try:
-        with deadline("bulk connect", CONNECT_TIMEOUT_S):
-            sock = await trio.open_tcp_stream(remote[0], port)
-            await sock.send_all(token)
+        try:
+            with deadline("bulk connect", CONNECT_TIMEOUT_S):
+                sock = await trio.open_tcp_stream(remote[0], port)
+                await sock.send_all(token)
+        except (StageTimeout, OSError) as exc:
+            # A firewall that drops the port looks like a timeout, one that refuses it
+            # like an error: either way the path is closed, not the server overloaded.
+            raise BulkUnreachable(f"{remote[0]}:{port}: {exc}") from None
         # The server seals the range before its length goes out: that is in this stage.
         with deadline(f"bulk transfer of {data_len} bytes", transfer_deadline(data_len)):
             (sealed_len,) = _LEN.unpack(await _receive_exactly(sock, _LEN.size))

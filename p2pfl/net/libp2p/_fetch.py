@@ -43,6 +43,17 @@ REACH_POLL_S = 0.25
 CLOSE_TIMEOUT_S = 2.0
 
 
+def lacks_protocol(exc: BaseException) -> bool:
+    """Whether a failed new_stream means the peer does not speak the protocol (it said
+    "na" in multistream-select), as opposed to a broken connection."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if "not supported" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class Unreachable(Exception):
     """No connection to the peer could be made; str() says why."""
 
@@ -104,14 +115,30 @@ class Reacher:
         return out
 
 
+# Peers remembered as having no reachable bulk path (a bound on our memory of them).
+_MAX_NO_BULK = 4096
+
+
 async def fetch_range(
-    host: Any, peer: str, cid: str, offset: int, length: int, bulk: bool, extra: dict[str, int]
+    host: Any,
+    peer: str,
+    cid: str,
+    offset: int,
+    length: int,
+    bulk: bool,
+    extra: dict[str, int],
+    no_bulk: set[str] | None = None,
 ) -> tuple[bytes, int]:
     """(data, wire bytes) of one range from a connected peer; counts into `extra`.
 
+    A peer whose bulk path is unreachable or missing is added to `no_bulk` and not tried
+    over it again: behind a firewall, each try would cost a connect timeout.
     Raises FetchRefused, StageTimeout, RemoteProtocolError or another Exception."""
-    if bulk:
-        result = await _fetch_via(host, peer, _bulk.BULK_PROTOCOL, cid, offset, length, extra)
+    no_bulk = set() if no_bulk is None else no_bulk
+    if bulk and peer not in no_bulk:
+        result = await _fetch_via(
+            host, peer, _bulk.BULK_PROTOCOL, cid, offset, length, extra, no_bulk
+        )
         if result is not None:
             return result
     result = await _fetch_via(host, peer, _blob.BLOB_PROTOCOL, cid, offset, length, extra)
@@ -120,7 +147,14 @@ async def fetch_range(
 
 
 async def _fetch_via(
-    host: Any, peer: str, protocol: str, cid: str, offset: int, length: int, extra: dict[str, int]
+    host: Any,
+    peer: str,
+    protocol: str,
+    cid: str,
+    offset: int,
+    length: int,
+    extra: dict[str, int],
+    no_bulk: set[str] | None = None,
 ) -> tuple[bytes, int] | None:
     """One range over `protocol`. For the bulk path, None means "fall back"."""
     stream = None
@@ -150,7 +184,11 @@ async def _fetch_via(
             or isinstance(exc, StageTimeout)
         ):
             raise
-        if isinstance(exc, RemoteProtocolError):
+        if no_bulk is not None and (isinstance(exc, _bulk.BulkUnreachable) or lacks_protocol(exc)):
+            if len(no_bulk) < _MAX_NO_BULK:
+                no_bulk.add(peer)
+            LOG.info("no bulk path to %s (%s): blobs from it use the stream protocol", peer, exc)
+        elif isinstance(exc, RemoteProtocolError):
             LOG.warning("bulk fetch from %s failed (%s); using the stream protocol", peer, exc)
         else:
             LOG.info("bulk fetch from %s failed (%r); using the stream protocol", peer, exc)

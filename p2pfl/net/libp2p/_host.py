@@ -8,6 +8,7 @@ when full, a 120 s heartbeat.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 import time
@@ -36,6 +37,8 @@ from p2pfl.net.libp2p._config import Libp2pConfig
 
 # Called for every gossip message we accept: (topic, originator peer id bytes, data).
 GossipHandler = Callable[[str, bytes, bytes], None]
+# Called for every gossip message dropped for its signature: (forwarding peer, reason).
+BadGossip = Callable[[str, str], None]
 # Asked first for every gossip message received: (originator peer id bytes, data length)
 # -> whether to go on. False drops it before signature checks, the message cache, relaying
 # and delivery (an oversized message, or its originator over its inbound byte budget).
@@ -125,6 +128,32 @@ class _DeepQueues(dict[Any, Any]):
         super().__setitem__(peer, queue)
 
 
+# py-libp2p drops a message whose signature is missing or wrong with a debug log line
+# only. Its check is wrapped (once, for the process) to tell the Pubsub that is handling
+# the message, and from which neighbour: a context variable, so concurrent messages on
+# other trio tasks never see each other's.
+_handling: contextvars.ContextVar[tuple[SinkPubsub, Any] | None] = contextvars.ContextVar(
+    "p2pfl_gossip_handling", default=None
+)
+_original_signature_validator = _pubsub_mod.signature_validator
+
+
+def _counting_signature_validator(msg: rpc_pb2.Message) -> bool:
+    try:
+        ok = bool(_original_signature_validator(msg))
+    except Exception:
+        ok = False  # a malformed key or id: as bad as a wrong signature
+    if not ok:
+        handling = _handling.get()
+        if handling is not None:
+            pubsub, forwarder = handling
+            pubsub.bad_signature(forwarder, "unsigned" if not msg.signature else "badly signed")
+    return ok
+
+
+_pubsub_mod.signature_validator = _counting_signature_validator
+
+
 class SinkPubsub(Pubsub):
     """Pubsub that hands accepted messages straight to a callback.
 
@@ -139,12 +168,14 @@ class SinkPubsub(Pubsub):
         on_message: GossipHandler,
         admit: GossipAdmit | None = None,
         max_rpc_bytes: int = 1 << 20,
+        on_bad: BadGossip | None = None,
     ) -> None:
         # strict_signing: every message carries the originator's signature, so `from_id`
         # is authenticated, not just the forwarding neighbour's claim.
         super().__init__(host, router, strict_signing=True)
         self._on_message = on_message
         self._admit = admit
+        self._on_bad = on_bad
         self.peer_queues = _DeepQueues()
         # One RPC read from a peer holds at most this much (py-libp2p's own outbound limit
         # is about 1 MiB, so an honest peer never sends more); a larger one ends its stream.
@@ -155,7 +186,15 @@ class SinkPubsub(Pubsub):
         # is neither verified, nor cached for gossip, nor relayed, nor delivered.
         if self._admit is not None and not self._admit(msg.from_id, len(msg.data)):
             return
-        await super().push_msg(msg_forwarder, msg)
+        token = _handling.set((self, msg_forwarder))
+        try:
+            await super().push_msg(msg_forwarder, msg)
+        finally:
+            _handling.reset(token)
+
+    def bad_signature(self, forwarder: Any, reason: str) -> None:
+        if self._on_bad is not None:
+            self._on_bad(str(forwarder), reason)
 
     def notify_subscriptions(self, publish_message: rpc_pb2.Message) -> None:
         for topic in publish_message.topicIDs:
@@ -245,6 +284,7 @@ def build_pubsub(
     on_message: GossipHandler,
     admit: GossipAdmit | None = None,
     max_rpc_bytes: int = 1 << 20,
+    on_bad: BadGossip | None = None,
 ) -> tuple[Any, Any]:
     gossipsub = _GossipSub(
         protocols=[PROTOCOL_ID_V11, PROTOCOL_ID],
@@ -260,7 +300,7 @@ def build_pubsub(
         # Keep the heartbeat where we set it.
         adaptive_gossip_enabled=False,
     )
-    pubsub = SinkPubsub(host, gossipsub, on_message, admit, max_rpc_bytes)
+    pubsub = SinkPubsub(host, gossipsub, on_message, admit, max_rpc_bytes, on_bad)
     return pubsub, gossipsub
 
 

@@ -42,7 +42,7 @@ from p2pfl.net.base import (
     allow_all,
 )
 from p2pfl.net.inbound import InboundBudget
-from p2pfl.net.libp2p import _addrs, _blob, _bulk, _fetch, _px
+from p2pfl.net.libp2p import _addrs, _blob, _bulk, _discovery, _fetch, _px
 from p2pfl.net.libp2p._config import Libp2pConfig
 from p2pfl.net.libp2p._framing import (
     StageTimeout,
@@ -67,6 +67,9 @@ PX_FAST_S = 0.5
 # One gossip RPC read from a peer: one message at the cap plus its envelope (ids,
 # signature, topic, a sender record, control messages).
 MAX_GOSSIP_RPC_BYTES = MAX_GOSSIP_BYTES + 64 * 1024
+# Per-peer bookkeeping (bad gossip counts, protocols a peer lacks) remembers at most
+# this many peers.
+_MAX_TRACKED_PEERS = 4096
 
 
 @asynccontextmanager
@@ -77,12 +80,31 @@ async def _listening(host: Any, listen: list[Any], texts: list[str]) -> AsyncIte
     node on a port in use would run without listening at all; each address is therefore
     listened on here, one at a time, and the first failure is raised with its cause.
     """
+    network = host.get_network()
     async with host.run(listen_addrs=[]):
-        network = host.get_network()
-        for maddr, text in zip(listen, texts, strict=True):
-            if not await network.listen(maddr):
-                raise LocalProtocolError(f"cannot listen on {text}: {_addrs.bind_problem(text)}")
-        yield
+        try:
+            for maddr, text in zip(listen, texts, strict=True):
+                if not await network.listen(maddr):
+                    problem = _addrs.bind_problem(text)
+                    raise LocalProtocolError(f"cannot listen on {text}: {problem}")
+            yield
+        finally:
+            # py-libp2p leaves its listening sockets open after the host stops (with
+            # exclusive binds, a node restarted in one process could not listen again).
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                for listener in list(network.listeners.values()):
+                    try:
+                        await listener.close()
+                    except Exception as exc:
+                        LOG.debug("closing a listener failed: %r", exc)
+
+
+def _remember(peers: set[str], peer: str) -> None:
+    """Add to a per-peer set, bounded: a peer's behaviour is remembered for at most
+    _MAX_TRACKED_PEERS peers (forgetting one only costs a repeated question)."""
+    if len(peers) >= _MAX_TRACKED_PEERS:
+        peers.clear()
+    peers.add(peer)
 
 
 class Libp2pNetwork:
@@ -125,8 +147,11 @@ class Libp2pNetwork:
                 "blob_served": 0,
                 "gossip_refused": 0,
                 "direct_streams_refused": 0,
+                "gossip_bad_signature": 0,
             }
         )
+        # Neighbour -> gossip messages it sent us unsigned or badly signed (each dropped).
+        self._bad_gossip: dict[str, int] = {}
         self._host: Any = None
         self._pubsub: Any = None
         self._nursery: trio.Nursery | None = None
@@ -147,7 +172,17 @@ class Libp2pNetwork:
         self._serve_limits: dict[str, trio.Semaphore] = {}
         self._sender_ids: dict[bytes, str] = {}
         self._bulk: _bulk.BulkServer | None = None
+        # Peers found not to speak a protocol (multistream-select answered "na"): any
+        # libp2p peer may connect to us (a bootstrap node, a DHT peer), and asking it
+        # again on every connect or timer would only cost both sides.
+        self._no_px: set[str] = set()
+        self._no_ping: set[str] = set()  # liveness rests on the connection alone
+        self._no_bulk: set[str] = set()  # also: bulk port unreachable (_fetch)
+        # Peers that close a ping stream after each ping (js-libp2p does): a fresh stream
+        # per ping, instead of failing on the kept one first every time.
+        self._ping_oneshot: set[str] = set()
         self._reacher: _fetch.Reacher | None = None
+        self._dht: _discovery.DhtDiscovery | None = None
 
     # --- the Network interface ----------------------------------------------------------
 
@@ -203,7 +238,12 @@ class Libp2pNetwork:
         route_libp2p_logs(self._config.libp2p_log_level)
         host = build_host(self._identity.libp2p_keypair(), self._config)
         pubsub, gossipsub = build_pubsub(
-            host, self._config, self._on_gossip, self._admit_gossip, MAX_GOSSIP_RPC_BYTES
+            host,
+            self._config,
+            self._on_gossip,
+            self._admit_gossip,
+            MAX_GOSSIP_RPC_BYTES,
+            self._on_bad_gossip,
         )
         self._host, self._pubsub = host, pubsub
         self._reacher = _fetch.Reacher(host, self._book.addrs)
@@ -223,6 +263,11 @@ class Libp2pNetwork:
                         self._nursery = nursery
                         self._kick = trio.Event()
                         await self._start_bulk(nursery)
+                        if self._config.dht:
+                            self._dht = _discovery.DhtDiscovery(
+                                host, self._on_dht_found, self._config.dht_interval_s
+                            )
+                            await nursery.start(self._dht.run)
                         nursery.start_soon(self._command_loop)
                         nursery.start_soon(self._dial_loop)
                         nursery.start_soon(self._liveness_loop)
@@ -325,6 +370,27 @@ class Libp2pNetwork:
         else:
             LOG.debug("dropped a %s of %d bytes from %s", what, n, sender)
         return False
+
+    def bad_gossip(self) -> dict[str, int]:
+        """Per neighbouring peer: gossip messages dropped for a missing or bad signature."""
+        return dict(self._bad_gossip)
+
+    def _on_bad_gossip(self, peer: str, reason: str) -> None:
+        """Counted per peer; the first from a peer is logged at warning, the rest only
+        counted (a peer sending unsigned gossip, such as a libp2p node configured with
+        StrictNoSign, would otherwise fill the log, or drop its messages unseen)."""
+        self._stats.extra["gossip_bad_signature"] += 1
+        count = self._bad_gossip.get(peer, 0)
+        if count == 0 and len(self._bad_gossip) >= _MAX_TRACKED_PEERS:
+            return  # only counted in the total: a bound on what peers make us remember
+        self._bad_gossip[peer] = count + 1
+        if count == 0:
+            LOG.warning(
+                "dropping %s gossip from peer %s: p2pfl requires every message signed by"
+                " its originator (StrictSign); further ones from it are only counted",
+                reason,
+                peer,
+            )
 
     def _on_gossip(self, topic: str, from_id: bytes, data: bytes) -> None:
         sender = self._sender(from_id)
@@ -484,7 +550,14 @@ class Libp2pNetwork:
                     raise _fetch.Unreachable("network not running")
                 await self._reacher.reach(peer, self._config.dial_timeout_s)
                 data, wire = await _fetch.fetch_range(
-                    self._host, peer, cid, offset, length, self._bulk is not None, self._stats.extra
+                    self._host,
+                    peer,
+                    cid,
+                    offset,
+                    length,
+                    self._bulk is not None,
+                    self._stats.extra,
+                    self._no_bulk,
                 )
         except trio.TooSlowError:
             reason = f"timeout after {self._config.fetch_timeout_s:.0f} s"
@@ -538,11 +611,19 @@ class Libp2pNetwork:
         """Peer exchange with a newly connected peer; then it counts as connected."""
         pid = ID.from_base58(peer)
         try:
-            with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
-                await self._ask_px(peer)
+            if peer not in self._no_px:
+                with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+                    await self._ask_px(peer)
         finally:
             self._handshaking.discard(peer)
         if not self._host.get_network().get_connections(pid) or peer in self._connected:
+            return
+        if self._dht is not None:
+            self._dht.wake()
+        if peer in self._no_px and not self._book.is_bootstrap(peer):
+            # Not a p2pfl node (a DHT peer, say): useful to libp2p, not to the core, and
+            # never a dial target of ours again.
+            self._book.forget(peer)
             return
         addrs = self._book.addrs(peer)
         if not addrs:  # a peer that does not speak px (or failed it): what libp2p knows
@@ -572,12 +653,23 @@ class Libp2pNetwork:
             await _reset(stream)
             return
         except Exception as exc:
-            LOG.debug("peer exchange with %s failed: %r", peer, exc)
             await _reset(stream)
+            if _fetch.lacks_protocol(exc):
+                _remember(self._no_px, peer)
+                LOG.info("peer %s does not speak p2pfl peer exchange; not asked again", peer)
+            else:
+                LOG.debug("peer exchange with %s failed: %r", peer, exc)
             return
         self._alive(peer)
         self._book.learn(peer, own)
         if any(self._book.learn(p, a) for p, a in peers.items()):
+            self._kick_dialer()
+
+    def _on_dht_found(self, peer: str, addrs: list[str]) -> None:
+        """A peer found through the DHT: a dial candidate like a peer-exchange answer."""
+        if peer in self._no_px or peer in self._connected:
+            return
+        if self._book.learn(peer, _px.clean_addrs(peer, addrs)):
             self._kick_dialer()
 
     async def _handle_px_stream(self, stream: Any) -> None:
@@ -603,8 +695,9 @@ class Libp2pNetwork:
                 delay = PX_FAST_S
                 continue
             peers = list(self._connected)
-            if peers:
-                self._spawn(self._ask_px, self._book.rng.choice(peers))
+            askable = [p for p in peers if p not in self._no_px]
+            if askable:
+                self._spawn(self._ask_px, self._book.rng.choice(askable))
             if len(peers) < self._config.target_peers:
                 delay = min(delay * 2, self._config.px_interval_s)
             else:
@@ -648,6 +741,12 @@ class Libp2pNetwork:
             await trio.sleep(cfg.liveness_interval_s)
             now = trio.current_time()
             for peer in list(self._connected):
+                if (
+                    peer in self._no_ping
+                    and self._reacher
+                    and self._reacher.connected(ID.from_base58(peer))
+                ):
+                    self._alive(peer)  # no ping protocol: the open connection must do
                 silent = now - self._last_alive.get(peer, now)
                 if silent > cfg.liveness_timeout_s:
                     self._peer_gone(peer, f"no answer for {silent:.1f} s")
@@ -674,12 +773,22 @@ class Libp2pNetwork:
                         await _reset(stream)
                         stream = None
                         if fresh:
+                            if _fetch.lacks_protocol(exc):
+                                _remember(self._no_ping, peer)
+                                LOG.info("peer %s does not answer pings; not pinged again", peer)
                             return
+                        # The kept stream was closed by the peer after its last pong:
+                        # some implementations do that every time.
+                        _remember(self._ping_oneshot, peer)
                         continue
                     self._alive(peer)
-                    if peer in self._connected:
+                    if peer in self._connected and peer not in self._ping_oneshot:
                         self._ping_streams[peer] = stream
                         stream = None  # kept for the next ping
+                    else:
+                        with trio.move_on_after(1):
+                            await _close(stream)
+                        stream = None
                     return
         finally:
             self._pinging.discard(peer)
