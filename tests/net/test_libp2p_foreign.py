@@ -87,3 +87,18 @@ async def test_nodes_sharing_only_a_foreign_bootstrap_find_and_dial_each_other(
         assert js.id in a.net._no_px and js.id in b.net._no_px
         a.stop()
         b.stop()
+
+
+@pytest.mark.slow
+async def test_peer_without_ping_protocol_stays_connected(nursery: trio.Nursery) -> None:
+    """Its "na" to each ping stream shows it is alive (a frozen peer would not answer)."""
+    from libp2p.host.ping import ID as PING_ID
+
+    async with foreign_peer(dht=False) as js:
+        js.host.remove_stream_handler(PING_ID)
+        node = await start_node(nursery, bootstrap=[js.addr], dht=False)
+        await node.rec.wait_for(lambda ev: js.id in node.rec.connected())
+        await _wait(lambda: js.id in node.net._no_ping)
+        await trio.sleep(3 * 2.0)  # several liveness timeouts
+        assert js.id in node.rec.connected()
+        node.stop()

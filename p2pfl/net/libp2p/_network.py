@@ -176,7 +176,8 @@ class Libp2pNetwork:
         # libp2p peer may connect to us (a bootstrap node, a DHT peer), and asking it
         # again on every connect or timer would only cost both sides.
         self._no_px: set[str] = set()
-        self._no_ping: set[str] = set()  # liveness rests on the connection alone
+        # No ping protocol: its "na" answer to each ping stream is the sign of life.
+        self._no_ping: set[str] = set()
         self._no_bulk: set[str] = set()  # also: bulk port unreachable (_fetch)
         # Peers that close a ping stream after each ping (js-libp2p does): a fresh stream
         # per ping, instead of failing on the kept one first every time.
@@ -741,12 +742,6 @@ class Libp2pNetwork:
             await trio.sleep(cfg.liveness_interval_s)
             now = trio.current_time()
             for peer in list(self._connected):
-                if (
-                    peer in self._no_ping
-                    and self._reacher
-                    and self._reacher.connected(ID.from_base58(peer))
-                ):
-                    self._alive(peer)  # no ping protocol: the open connection must do
                 silent = now - self._last_alive.get(peer, now)
                 if silent > cfg.liveness_timeout_s:
                     self._peer_gone(peer, f"no answer for {silent:.1f} s")
@@ -774,8 +769,11 @@ class Libp2pNetwork:
                         stream = None
                         if fresh:
                             if _fetch.lacks_protocol(exc):
-                                _remember(self._no_ping, peer)
-                                LOG.info("peer %s does not answer pings; not pinged again", peer)
+                                # It answered "na" just now: that is the sign of life.
+                                self._alive(peer)
+                                if peer not in self._no_ping:
+                                    _remember(self._no_ping, peer)
+                                    LOG.info("peer %s has no ping protocol", peer)
                             return
                         # The kept stream was closed by the peer after its last pong:
                         # some implementations do that every time.
