@@ -22,6 +22,8 @@ import trio
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.tools.anyio_service import background_trio_service
 
+from p2pfl.net.libp2p._addrs import strip_p2p
+
 LOG = logging.getLogger("p2pfl.net.libp2p")
 
 # First lookup after a new DHT peer connects; then doubling up to the configured interval.
@@ -94,7 +96,9 @@ class DhtDiscovery:
             except Exception:
                 continue
             peer = str(pid)
-            full = [f"{a}/p2p/{peer}" for a in addrs[:MAX_FOUND_ADDRS] if "/p2p/" not in str(a)]
+            # Stored with or without /p2p/ (identify keeps it): ours is appended to the
+            # transport part; _px.clean_addrs then checks each address names this peer.
+            full = [f"{strip_p2p(str(a))}/p2p/{peer}" for a in addrs[:MAX_FOUND_ADDRS]]
             if full:
                 self._on_found(peer, full)
                 reported += 1
