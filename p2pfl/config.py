@@ -18,6 +18,8 @@ class NodeConfig:
     bootstrap: list[str] = field(default_factory=list)
     announce: list[str] = field(default_factory=list)  # advertised instead of listen addrs
     bulk_port: int | None = 0  # the bulk path's TCP port; 0 any free one, None: off
+    relay_via: list[str] = field(default_factory=list)  # relays to be reachable through
+    relay_service: bool = False  # relay for others (circuit relay v2)
     datasets: dict[str, Path] = field(default_factory=dict)  # NAME -> PATH (csv / npz)
     trusted: frozenset[str] = frozenset()  # publisher peer ids whose taskpacks we run
     trust_any: bool = False  # development only: run anyone's taskpacks (loud warning)

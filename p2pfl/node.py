@@ -523,6 +523,8 @@ async def run_node(config: NodeConfig) -> None:
                     announce=list(config.announce),
                     bulk_tcp=config.bulk_port is not None,
                     bulk_port=config.bulk_port or 0,
+                    relay_via=list(config.relay_via),
+                    relay_service=config.relay_service,
                 ),
                 sink=lambda event: deliver(event),
                 blob_reader=store.read,

@@ -91,6 +91,16 @@ def check_announce(text: str) -> str:
     return text
 
 
+def check_relay(text: str) -> str:
+    check_multiaddr(text, "--relay-via")
+    if "/p2p/" not in text or "/p2p-circuit" in text:
+        raise click.BadParameter(
+            f"{text!r} must be the relay's address ending in /p2p/PEER_ID",
+            param_hint="--relay-via",
+        )
+    return text
+
+
 def parse_bulk_port(text: str) -> int | None:
     """'off' -> None (no bulk listener); else a port number, 0 meaning any free port."""
     if text.strip().lower() == "off":
@@ -148,6 +158,19 @@ def check_peer_id(text: str) -> str:
     help="A peer to join through, with its /p2p/PEER_ID (repeatable).",
 )
 @click.option(
+    "--relay-via",
+    multiple=True,
+    metavar="MULTIADDR",
+    help="Behind a NAT: a relay (a node run with --relay-service, with its /p2p/PEER_ID)"
+    " to reserve a slot at; peers that cannot dial this node reach it through the relay"
+    " (repeatable).",
+)
+@click.option(
+    "--relay-service",
+    is_flag=True,
+    help="Relay connections for nodes behind NATs (circuit relay v2; bounded per circuit).",
+)
+@click.option(
     "--dataset",
     "datasets",
     multiple=True,
@@ -191,6 +214,8 @@ def node_cmd(
     announce: tuple[str, ...],
     bulk_port: str,
     bootstrap: tuple[str, ...],
+    relay_via: tuple[str, ...],
+    relay_service: bool,
     datasets: tuple[str, ...],
     trust: tuple[str, ...],
     trust_any: bool,
@@ -216,6 +241,8 @@ def node_cmd(
         listen=[check_multiaddr(a, "--listen") for a in listen] or [DEFAULT_LISTEN],
         bootstrap=[check_multiaddr(a, "--bootstrap") for a in bootstrap],
         announce=[check_announce(a) for a in announce],
+        relay_via=[check_relay(a) for a in relay_via],
+        relay_service=relay_service,
         bulk_port=parse_bulk_port(bulk_port),
         datasets=ds,
         trusted=frozenset(check_peer_id(p) for p in trust),

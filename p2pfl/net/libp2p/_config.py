@@ -16,6 +16,11 @@ class Libp2pConfig:
     # its listen addresses: e.g. a NAT's public address. Empty: the listen addresses, with
     # a wildcard (0.0.0.0, ::) replaced by each interface's address (see _addrs).
     announce: list[str] = field(default_factory=list)
+    # Circuit relay v2 (see _relay): relays to reserve a slot at and be reachable through
+    # (full multiaddrs with /p2p/<relay id>; kept connected like bootstrap peers), and
+    # whether this node serves as a relay for others.
+    relay_via: list[str] = field(default_factory=list)
+    relay_service: bool = False
     # Full multiaddrs ending in /p2p/<peer id>; redialled with backoff whenever not connected.
     bootstrap: list[str] = field(default_factory=list)
     # How many peers discovery tries to stay connected to (bootstrap peers always count).
@@ -65,6 +70,9 @@ class Libp2pConfig:
         for addr in self.bootstrap:
             if "/p2p/" not in addr:
                 problems.append(f"bootstrap: {addr!r} lacks /p2p/<peer id>")
+        for addr in self.relay_via:
+            if "/p2p/" not in addr or "/p2p-circuit" in addr:
+                problems.append(f"relay_via: {addr!r} must be a relay's address with /p2p/<id>")
         if not 0 <= self.bulk_port < 65536:
             problems.append("bulk_port: must be 0..65535")
         if self.target_peers < 1:

@@ -16,7 +16,7 @@ connection: it dials the peer's known addresses, or waits for discovery to learn
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import multiaddr
@@ -61,9 +61,17 @@ class Unreachable(Exception):
 class Reacher:
     """Connects to a peer before a fetch; one dial per peer at a time."""
 
-    def __init__(self, host: Any, known_addrs: Callable[[str], tuple[str, ...]]) -> None:
+    def __init__(
+        self,
+        host: Any,
+        known_addrs: Callable[[str], tuple[str, ...]],
+        connect: Callable[[str], Awaitable[bool]] | None = None,
+    ) -> None:
+        """`connect(peer)`, when given, dials the peer's known addresses (relayed ones
+        too) and says whether it worked; else the host dials the direct ones."""
         self._host = host
         self._known_addrs = known_addrs
+        self._connect = connect
         self._dialing: dict[str, trio.Event] = {}
 
     def connected(self, pid: ID) -> bool:
@@ -82,14 +90,20 @@ class Reacher:
                     await busy.wait()
                     continue
                 addrs = self._addrs(pid, peer)
-                if not addrs:
+                if not addrs and not (self._connect and self._known_addrs(peer)):
                     await trio.sleep(REACH_POLL_S)
                     continue
                 done = self._dialing[peer] = trio.Event()
                 try:
+                    if self._connect is not None:
+                        if not await self._connect(peer):
+                            raise Unreachable("no known address answered")
+                        continue
                     # A peer that failed before is in the swarm's 60 s negative cache.
                     self._host.get_network().unblock_peer(pid)
                     await self._host.connect(L2PeerInfo(pid, addrs))
+                except Unreachable as exc:
+                    raise Unreachable(f"dial failed: {exc}") from None
                 except Exception as exc:
                     raise Unreachable(f"dial failed: {exc}") from None
                 finally:
@@ -101,6 +115,8 @@ class Reacher:
     def _addrs(self, pid: ID, peer: str) -> list[Any]:
         out = []
         for a in self._known_addrs(peer):
+            if "/p2p-circuit/" in a:
+                continue  # dialled through the relay transport (see _relay), not the host
             try:
                 info = info_from_p2p_addr(multiaddr.Multiaddr(a))
             except Exception:

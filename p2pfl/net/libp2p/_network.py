@@ -42,7 +42,7 @@ from p2pfl.net.base import (
     allow_all,
 )
 from p2pfl.net.inbound import InboundBudget
-from p2pfl.net.libp2p import _addrs, _blob, _bulk, _discovery, _fetch, _px
+from p2pfl.net.libp2p import _addrs, _blob, _bulk, _discovery, _fetch, _px, _relay
 from p2pfl.net.libp2p._config import Libp2pConfig
 from p2pfl.net.libp2p._framing import (
     StageTimeout,
@@ -139,6 +139,10 @@ class Libp2pNetwork:
         )
         for addr in config.bootstrap:
             self._book.add_bootstrap(addr.rsplit("/p2p/", 1)[1], addr)
+        # Relays we reserve at are kept connected like bootstrap peers.
+        self._relays = {addr.rsplit("/p2p/", 1)[1]: addr for addr in config.relay_via}
+        for relay, addr in self._relays.items():
+            self._book.add_bootstrap(relay, addr)
         self._stats = NetStats(
             extra={
                 "fetch_done": 0,
@@ -184,6 +188,8 @@ class Libp2pNetwork:
         self._ping_oneshot: set[str] = set()
         self._reacher: _fetch.Reacher | None = None
         self._dht: _discovery.DhtDiscovery | None = None
+        self._relay: _relay.Relay | None = None
+        self._relay_wake = trio.Event()
 
     # --- the Network interface ----------------------------------------------------------
 
@@ -247,7 +253,7 @@ class Libp2pNetwork:
             self._on_bad_gossip,
         )
         self._host, self._pubsub = host, pubsub
-        self._reacher = _fetch.Reacher(host, self._book.addrs)
+        self._reacher = _fetch.Reacher(host, self._book.addrs, self._connect)
         host.set_stream_handler(TProtocol(MSG_PROTOCOL), self._handle_msg_stream)
         host.set_stream_handler(TProtocol(_blob.BLOB_PROTOCOL), self._handle_blob_stream)
         host.set_stream_handler(TProtocol(_px.PX_PROTOCOL), self._handle_px_stream)
@@ -260,10 +266,21 @@ class Libp2pNetwork:
                     # What the host advertises (identify, signed records): the announce
                     # list, or the listen addresses with wildcards expanded (_addrs).
                     self._own_addrs = [str(a) for a in host.get_addrs()]
+                    # Reachable through each relay we reserve at (py-libp2p's get_addrs
+                    # would cut a circuit address at its first /p2p/: peer exchange
+                    # carries these).
+                    self._own_addrs += [
+                        f"{addr}{_relay.CIRCUIT}/p2p/{self.peer_id}"
+                        for addr in self._config.relay_via
+                    ]
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
                         self._kick = trio.Event()
                         await self._start_bulk(nursery)
+                        self._relay = _relay.Relay(host, self._config.relay_service)
+                        await nursery.start(self._relay.run)
+                        if self._relays:
+                            nursery.start_soon(self._reserve_loop)
                         if self._config.dht:
                             self._dht = _discovery.DhtDiscovery(
                                 host, self._on_dht_found, self._config.dht_interval_s
@@ -603,6 +620,8 @@ class Libp2pNetwork:
         sender = self._senders.pop(peer, None)
         if sender is not None:
             sender.close()
+        if peer in self._relays:
+            self._relay_wake.set()
         if self._connected.pop(peer, None) is not None:
             LOG.info("peer %s disconnected: %s", peer, reason)
             self._emit(PeerDisconnected(peer, reason))
@@ -621,6 +640,8 @@ class Libp2pNetwork:
             return
         if self._dht is not None:
             self._dht.wake()
+        if peer in self._relays:
+            self._relay_wake.set()
         if peer in self._no_px and not self._book.is_bootstrap(peer):
             # Not a p2pfl node (a DHT peer, say): useful to libp2p, not to the core, and
             # never a dial target of ours again.
@@ -715,26 +736,80 @@ class Libp2pNetwork:
                 await self._kick.wait()
 
     async def _dial(self, peer: str) -> None:
-        ok = False
         try:
-            pid = ID.from_base58(peer)
-            addrs = []
-            for a in self._book.addrs(peer):
-                info = info_from_p2p_addr(multiaddr.Multiaddr(a))
-                if info.peer_id == pid:
-                    addrs.extend(info.addrs)
-            # A peer that failed before is in the swarm's 60 s negative cache; it may
-            # have come back, and our own backoff already paces the attempts.
-            self._host.get_network().unblock_peer(pid)
-            with trio.move_on_after(self._config.dial_timeout_s):
-                await self._host.connect(L2PeerInfo(pid, addrs))
-                ok = True
+            ok = await self._connect(peer)
         except Exception as exc:
             LOG.debug("dial %s failed: %r", peer, exc)
+            ok = False
         self._book.dial_finished(peer, ok, trio.current_time())
         if ok and peer not in self._connected:
             self._on_conn_up(peer)  # in case the notifee ran before we knew the peer
         self._kick_dialer()
+
+    async def _connect(self, peer: str) -> bool:
+        """Dial `peer` at its direct addresses, then through the relays it advertises."""
+        pid = ID.from_base58(peer)
+        direct, relayed = [], []
+        for a in self._book.addrs(peer):
+            if _relay.is_circuit(a):
+                relayed.append(a)
+                continue
+            try:
+                info = info_from_p2p_addr(multiaddr.Multiaddr(a))
+            except Exception:
+                continue
+            if info.peer_id == pid:
+                direct.extend(info.addrs)
+        if direct:
+            # A peer that failed before is in the swarm's 60 s negative cache; it may
+            # have come back, and our own backoff already paces the attempts.
+            self._host.get_network().unblock_peer(pid)
+            with trio.move_on_after(self._config.dial_timeout_s):
+                try:
+                    await self._host.connect(L2PeerInfo(pid, direct))
+                    return True
+                except Exception as exc:
+                    LOG.debug("direct dial %s failed: %r", peer, exc)
+        for addr in relayed:
+            if self._relay is None:
+                break
+            with trio.move_on_after(self._config.dial_timeout_s):
+                try:
+                    await self._relay.dial(addr)
+                    # Its only route is the relay: the bulk port is out of reach.
+                    _remember(self._no_bulk, peer)
+                    LOG.info("connected to %s through a relay", peer)
+                    return True
+                except Exception as exc:
+                    LOG.debug("relayed dial %s via %s failed: %r", peer, addr, exc)
+        return False
+
+    async def _reserve_loop(self) -> None:
+        """Hold a reservation at each --relay-via relay: asked once connected to it,
+        renewed before it expires, asked again after the relay comes back."""
+        assert self._relay is not None
+        while True:
+            wake = self._relay_wake
+            now = trio.current_time()
+            next_at = math.inf
+            for relay in self._relays:
+                connected = relay in self._connected
+                at = self._relay.reserved.get(relay)
+                if not connected:
+                    self._relay.reserved.pop(relay, None)
+                    continue
+                if at is None or now - at >= _relay.RENEW_EVERY_S:
+                    if await self._relay.reserve(relay):
+                        LOG.info("relay slot reserved at %s: reachable through it", relay)
+                        at = self._relay.reserved[relay]
+                    else:
+                        LOG.warning("relay %s refused or did not answer a reservation", relay)
+                        at = now - _relay.RENEW_EVERY_S + self._config.dial_backoff_max_s
+                next_at = min(next_at, at + _relay.RENEW_EVERY_S)
+            with trio.move_on_at(next_at):
+                await wake.wait()
+            if wake.is_set():
+                self._relay_wake = trio.Event()
 
     async def _liveness_loop(self) -> None:
         cfg = self._config
