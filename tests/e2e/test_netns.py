@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.cluster import Cluster, NodeProc, shard_datasets
-from tests.e2e.netns import Lan, netns_unavailable
+from tests.e2e.cluster import Cluster, NodeProc, shard_datasets, split_digits
+from tests.e2e.netns import Lan, nat_unavailable, netns_unavailable
 from tests.e2e.test_tasks import FEDAVG, run_task, wait_ok
 
 PORT = 4110
@@ -86,3 +86,70 @@ def test_fedavg_across_three_hosts(cluster: Cluster, lan: Lan, digits_split: Pat
     assert result["status"] == "succeeded", result
     assert sorted(result["participants"]) == sorted(n.peer_id for n in nodes)
     assert result["rounds"] == 2 and result["model_cid"]
+
+
+@pytest.fixture
+def nat_lan() -> Iterator[Lan]:
+    reason = netns_unavailable() or nat_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    net = Lan(2)
+    try:
+        yield net
+    finally:
+        net.close()
+
+
+@pytest.mark.slow
+def test_fedavg_with_two_nodes_behind_nats_through_a_relay(
+    cluster: Cluster, nat_lan: Lan, tmp_path: Path
+) -> None:
+    """n0 (a relay) and n1 on the LAN; n2 and n3 each behind a NAT of its own. Nothing can
+    dial n2 or n3; they dial out, and reach each other only through n0's relay."""
+    lan = nat_lan
+    datasets = shard_datasets(split_digits(tmp_path / "split4", nodes=4))
+    n0 = cluster.spawn(
+        "n0",
+        prefix=lan.host_prefix(0),
+        listen=[f"/ip4/0.0.0.0/tcp/{PORT}"],
+        datasets=datasets(0),
+        extra=["--relay-service"],
+    )
+    n0.wait_ready()
+    relay = f"/ip4/{lan.ip(0)}/tcp/{PORT}/p2p/{n0.peer_id}"
+    n1 = cluster.spawn(
+        "n1",
+        prefix=lan.host_prefix(1),
+        listen=[f"/ip4/0.0.0.0/tcp/{PORT}"],
+        datasets=datasets(1),
+        bootstrap=[relay],
+        trust=[n0.peer_id],
+    )
+    natted = []
+    for i in (2, 3):
+        k = lan.add_natted_host()
+        natted.append(
+            cluster.spawn(
+                f"n{i}",
+                prefix=lan.host_prefix(k),
+                listen=[f"/ip4/0.0.0.0/tcp/{PORT}"],
+                datasets=datasets(i),
+                bootstrap=[relay],
+                trust=[n0.peer_id],
+                extra=["--relay-via", relay],
+            )
+        )
+    nodes = [n0, n1, *natted]
+    cluster.wait_ready(nodes[1:])
+    cluster.wait_connected(nodes, timeout=180)
+
+    # The NATed nodes know each other only by their circuit addresses through n0.
+    n2, n3 = natted
+    peers = {p["peer_id"]: p for p in cluster.cli_json("peers", node=n2)["peers"]}
+    assert f"{relay}/p2p-circuit/p2p/{n3.peer_id}" in peers[n3.peer_id]["addrs"]
+
+    task_id = run_task(cluster, n0, FEDAVG, "rounds=2")
+    wait_ok(cluster, n0, task_id)
+    result = cluster.cli_json("result", task_id, node=n0)
+    assert result["status"] == "succeeded", result
+    assert sorted(result["participants"]) == sorted(n.peer_id for n in nodes)

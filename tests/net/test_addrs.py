@@ -21,13 +21,15 @@ def test_wildcards_become_interface_addresses_loopback_last() -> None:
         ["/ip4/127.0.0.1/tcp/9", "/ip4/0.0.0.0/tcp/4110/p2p/12D3KooWx", "/ip6/::/tcp/4111"],
         IPS,
     )
+    # A wildcard's loopback addresses are left out (a peer elsewhere dialling 127.0.0.1
+    # reaches its own machine); an explicit loopback listener stays, last.
     assert got == [
         "/ip4/192.0.2.10/tcp/4110",
         "/ip6/2001:db8::1/tcp/4111",
         "/ip4/127.0.0.1/tcp/9",
-        "/ip4/127.0.0.1/tcp/4110",
-        "/ip6/::1/tcp/4111",
     ]
+    only_loopback = {"ip4": ["127.0.0.1"], "ip6": []}
+    assert expand_wildcards(["/ip4/0.0.0.0/tcp/1"], only_loopback) == ["/ip4/127.0.0.1/tcp/1"]
     assert not any("0.0.0.0" in a or "/::/" in a for a in got)
 
 
@@ -61,9 +63,8 @@ async def test_wildcard_listener_advertises_interfaces_not_0000(nursery: trio.Nu
     a = await start_node(nursery, listen=["/ip4/0.0.0.0/tcp/0"])
     own = a.net.listen_addrs()
     assert own and not any("/0.0.0.0/" in x for x in own)
-    assert any(x.startswith("/ip4/127.0.0.1/") for x in own)
     # What identify tells a peer: the same addresses.
-    b = await start_node(nursery, bootstrap=[own[-1]])
+    b = await start_node(nursery, bootstrap=[own[0]])
     await b.rec.wait_for(lambda ev: a.id in b.rec.connected())
     with trio.fail_after(WAIT_S):
         while not b.net._host.get_peerstore().addrs(ID.from_base58(a.id)):

@@ -80,7 +80,7 @@ def check_announce(addrs: Sequence[str], peer_id: str) -> list[str]:
 
 
 def expand_wildcards(addrs: Sequence[str], ips: dict[str, list[str]]) -> list[str]:
-    """Each wildcard listen address replaced by one address per interface."""
+    """Each wildcard listen address replaced by one address per (non-loopback) interface."""
     out: list[str] = []
     for addr in addrs:
         parts = strip_p2p(addr).split("/")
@@ -90,8 +90,26 @@ def expand_wildcards(addrs: Sequence[str], ips: dict[str, list[str]]) -> list[st
         else:
             candidates = ["/".join([*parts[:2], ip, *parts[3:]]) for ip in ips[kind]]
         out += [c for c in candidates if c not in out]
-    # Loopback addresses after every other one, whichever listen address they came from.
+    # A wildcard's loopback address is left out when the machine has another one: a peer
+    # elsewhere that dials 127.0.0.1 reaches a node of its own machine (on the same port,
+    # often itself). Loopback listen addresses given explicitly stay, last.
+    explicit = {strip_p2p(a) for a in addrs}
+    if any(not _is_loopback(a) for a in out):
+        out = [a for a in out if not _is_loopback(a) or a in explicit]
     return sorted(out, key=_is_loopback)
+
+
+def local_addrs(transport: Sequence[str], advertised: Sequence[str]) -> set[str]:
+    """Every address (without /p2p/) that reaches this node: what it listens on, a
+    wildcard as each interface's address, loopback included, and what it advertises."""
+    ips = interface_ips()
+    out = {strip_p2p(a) for a in [*transport, *advertised]}
+    for addr in transport:
+        parts = strip_p2p(addr).split("/")
+        kind = _WILDCARDS.get(parts[2]) if len(parts) > 2 else None
+        if kind is not None and parts[1] == kind:
+            out |= {"/".join([*parts[:2], ip, *parts[3:]]) for ip in ips[kind]}
+    return out
 
 
 def _is_loopback(addr: str) -> bool:

@@ -192,6 +192,17 @@ class SinkPubsub(Pubsub):
         finally:
             _handling.reset(token)
 
+    def resend_subscriptions(self, peer_id: Any) -> bool:
+        """Tell a peer our topics again, through its outbound queue (never a second writer
+        on the stream). py-libp2p sends them once per pubsub stream, and a peer that does
+        not know them sends us nothing on those topics (flood publish included); when two
+        nodes dial each other at once, one connection and its streams are dropped. Sent
+        once per new p2pfl peer; idempotent on the receiving side."""
+        queue = self.peer_queues.get(peer_id)
+        if queue is None:
+            return False  # not registered yet: its hello is still to come
+        return bool(queue.push(self.get_hello_packet(), priority=True))
+
     def bad_signature(self, forwarder: Any, reason: str) -> None:
         if self._on_bad is not None:
             self._on_bad(str(forwarder), reason)
@@ -234,6 +245,22 @@ class _GossipSub(GossipSub):
                 self.scorer.penalize_equivocation(ID(msg.from_id), 100.0)
             return False
         return True
+
+    def _get_peers_to_send(
+        self, topic_ids: Any, msg_forwarder: Any, origin: Any, msg_id: bytes | None = None
+    ) -> Any:
+        """Flood-publish our own messages (go-libp2p's default, floodPublish): to every
+        peer subscribed to the topic, not only our mesh. py-libp2p sends to the mesh
+        alone, and a mesh still forming, or emptied by a PRUNE backoff, lost a node's
+        messages to peers it was connected to (a task's volunteers never reached its
+        publisher). Relayed messages still follow the mesh."""
+        peers = set(super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id))
+        pubsub = self.pubsub
+        if pubsub is not None and origin == pubsub.my_id:
+            for topic in topic_ids:
+                peers |= set(pubsub.peer_topics.get(topic, ()))
+            peers.discard(origin)
+        return peers
 
     async def handle_prune(self, prune_msg: Any, sender_peer_id: Any) -> None:
         topic = prune_msg.topicID

@@ -164,6 +164,7 @@ class Libp2pNetwork:
         self._stopped = False
         self._topics: set[str] = set()
         self._own_addrs: list[str] = []
+        self._own_transport: set[str] = set()  # every address that reaches us, no /p2p/
         # Peers announced with PeerConnected, with the addresses they advertise.
         self._connected: dict[str, tuple[str, ...]] = {}
         self._handshaking: set[str] = set()
@@ -266,6 +267,9 @@ class Libp2pNetwork:
                     # What the host advertises (identify, signed records): the announce
                     # list, or the listen addresses with wildcards expanded (_addrs).
                     self._own_addrs = [str(a) for a in host.get_addrs()]
+                    self._own_transport = _addrs.local_addrs(
+                        [str(a) for a in host.get_transport_addrs()], self._own_addrs
+                    )
                     # Reachable through each relay we reserve at (py-libp2p's get_addrs
                     # would cut a circuit address at its first /p2p/: peer exchange
                     # carries these).
@@ -657,6 +661,7 @@ class Libp2pNetwork:
         self._book.on_connected(peer)
         self._alive(peer)
         LOG.info("peer %s connected", peer)
+        self._pubsub.resend_subscriptions(pid)
         self._emit(PeerConnected(peer, addrs))
         self._kick_dialer()
         self._px_wake.set()
@@ -749,7 +754,8 @@ class Libp2pNetwork:
     async def _connect(self, peer: str) -> bool:
         """Dial `peer` at its direct addresses, then through the relays it advertises."""
         pid = ID.from_base58(peer)
-        direct, relayed = [], []
+        direct: list[Any] = []
+        relayed: list[str] = []
         for a in self._book.addrs(peer):
             if _relay.is_circuit(a):
                 relayed.append(a)
@@ -759,7 +765,11 @@ class Libp2pNetwork:
             except Exception:
                 continue
             if info.peer_id == pid:
-                direct.extend(info.addrs)
+                # Never one of our own addresses: that would dial ourselves (a peer may
+                # advertise 127.0.0.1, which is us on our machine).
+                direct.extend(x for x in info.addrs if str(x) not in self._own_transport)
+        if self._host.get_network().get_connections(pid):
+            return True
         if direct:
             # A peer that failed before is in the swarm's 60 s negative cache; it may
             # have come back, and our own backoff already paces the attempts.
@@ -773,6 +783,9 @@ class Libp2pNetwork:
         for addr in relayed:
             if self._relay is None:
                 break
+            if self._host.get_network().get_connections(pid):
+                return True  # it dialled us meanwhile: a second, relayed connection
+                # would only compete with that one (one connection per peer)
             with trio.move_on_after(self._config.dial_timeout_s):
                 try:
                     await self._relay.dial(addr)
