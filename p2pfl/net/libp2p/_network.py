@@ -816,8 +816,10 @@ class Libp2pNetwork:
                         LOG.info("relay slot reserved at %s: reachable through it", relay)
                         at = self._relay.reserved[relay]
                     else:
-                        LOG.warning("relay %s refused or did not answer a reservation", relay)
-                        at = now - _relay.RENEW_EVERY_S + self._config.dial_backoff_max_s
+                        LOG.info("relay %s refused or did not answer a reservation", relay)
+                        # Often only too early (identify has not told it the relay's
+                        # protocols yet): again soon.
+                        at = now - _relay.RENEW_EVERY_S + _relay.RETRY_S
                 next_at = min(next_at, at + _relay.RENEW_EVERY_S)
             with trio.move_on_at(next_at):
                 await wake.wait()

@@ -46,6 +46,8 @@ LIMITS = RelayLimits(
 # A reservation is renewed this long before its relay's limit runs out.
 RENEW_EVERY_S = LIMITS.duration / 2
 RESERVE_TIMEOUT_S = 15.0
+# A refused or unanswered reservation is asked again after this.
+RETRY_S = 5.0
 
 
 def is_circuit(addr: str) -> bool:
