@@ -32,6 +32,10 @@ HARMLESS = (
     # client does) or a lookup meets a peer that left.
     "Failed to read DHT message",
     "Query to peer",
+    # py-libp2p's relay logs each reservation stream its client closes at ERROR, and a
+    # reservation asked before identify finished (we ask again, see _network).
+    "Error reading from hop stream",
+    "Cannot make reservation with unknown relay",
     # A listen address that cannot be bound: the node stops with its own clear error.
     "Failed to start TCP listener",
 )
