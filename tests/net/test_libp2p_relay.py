@@ -16,9 +16,7 @@ UNREACHABLE = "/ip4/127.0.0.1/tcp/1"
 @pytest.mark.slow
 async def test_node_behind_nat_is_reached_through_its_relay(nursery: trio.Nursery) -> None:
     relay = await start_node(nursery, relay_service=True, dht=False)
-    hidden = await start_node(
-        nursery, announce=[UNREACHABLE], relay_via=[relay.addr], dht=False
-    )
+    hidden = await start_node(nursery, announce=[UNREACHABLE], relay_via=[relay.addr], dht=False)
     await relay.rec.wait_for(lambda ev: hidden.id in relay.rec.connected())
     circuit = f"{relay.addr}/p2p-circuit/p2p/{hidden.id}"
     assert circuit in hidden.net.listen_addrs()

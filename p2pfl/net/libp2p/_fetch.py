@@ -40,6 +40,8 @@ LOG = logging.getLogger("p2pfl.net.libp2p")
 OPEN_TIMEOUT_S = 10.0
 # How often a fetch looks again for a peer it has no address of (discovery may learn it).
 REACH_POLL_S = 0.25
+# Dials of one peer before a fetch gives up on it (within its reach timeout).
+DIAL_ATTEMPTS = 2
 CLOSE_TIMEOUT_S = 2.0
 
 
@@ -83,6 +85,7 @@ class Reacher:
         pid = ID.from_base58(peer)
         if self.connected(pid):
             return
+        failures = 0
         with trio.move_on_after(timeout):
             while not self.connected(pid):
                 busy = self._dialing.get(peer)
@@ -97,7 +100,12 @@ class Reacher:
                 try:
                     if self._connect is not None:
                         if not await self._connect(peer):
-                            raise Unreachable("no known address answered")
+                            failures += 1
+                            if failures >= DIAL_ATTEMPTS:
+                                raise Unreachable("no known address answered")
+                            # Two peers dialling each other at once (a round's fetches,
+                            # a DHT lookup) can fail both dials: once more, shortly.
+                            await trio.sleep(REACH_POLL_S)
                         continue
                     # A peer that failed before is in the swarm's 60 s negative cache.
                     self._host.get_network().unblock_peer(pid)

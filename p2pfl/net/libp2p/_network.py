@@ -795,7 +795,9 @@ class Libp2pNetwork:
                     return True
                 except Exception as exc:
                     LOG.debug("relayed dial %s via %s failed: %r", peer, addr, exc)
-        return False
+        # A dial of ours can fail because the peer dialled us at the same moment (one
+        # connection per peer): connected is what counts.
+        return bool(self._host.get_network().get_connections(pid))
 
     async def _reserve_loop(self) -> None:
         """Hold a reservation at each --relay-via relay: asked once connected to it,
