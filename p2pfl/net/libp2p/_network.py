@@ -17,6 +17,7 @@ import multiaddr
 import trio
 from libp2p.custom_types import TProtocol
 from libp2p.host.ping import ID as PING_PROTOCOL, perform_ping_roundtrip
+from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo as L2PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
@@ -564,14 +565,14 @@ class Libp2pNetwork:
         self._stats.bytes_sent += sent
         self._stats.extra["blob_served"] += 1
 
-    async def _fetch(self, peer: str, cid: str, offset: int, length: int, token: object) -> None:
-        reason = ""
-        try:
-            with trio.fail_after(self._config.fetch_timeout_s):
-                if self._reacher is None:
-                    raise _fetch.Unreachable("network not running")
-                await self._reacher.reach(peer, self._config.dial_timeout_s)
-                data, wire = await _fetch.fetch_range(
+    async def _reach_and_fetch(
+        self, peer: str, cid: str, offset: int, length: int
+    ) -> tuple[bytes, int]:
+        assert self._reacher is not None
+        for attempt in range(2):
+            await self._reacher.reach(peer, self._config.dial_timeout_s)
+            try:
+                return await _fetch.fetch_range(
                     self._host,
                     peer,
                     cid,
@@ -581,6 +582,21 @@ class Libp2pNetwork:
                     self._stats.extra,
                     self._no_bulk,
                 )
+            except SwarmException as exc:
+                # The connection we reached was the one dropped of two crossed dials
+                # (one connection per peer): reach the one that stays, once.
+                if attempt or "connection" not in str(exc).lower():
+                    raise
+                await trio.sleep(_fetch.REACH_POLL_S)
+        raise AssertionError("unreachable")
+
+    async def _fetch(self, peer: str, cid: str, offset: int, length: int, token: object) -> None:
+        reason = ""
+        try:
+            with trio.fail_after(self._config.fetch_timeout_s):
+                if self._reacher is None:
+                    raise _fetch.Unreachable("network not running")
+                data, wire = await self._reach_and_fetch(peer, cid, offset, length)
         except trio.TooSlowError:
             reason = f"timeout after {self._config.fetch_timeout_s:.0f} s"
         except _blob.FetchRefused as exc:
@@ -642,8 +658,8 @@ class Libp2pNetwork:
             self._handshaking.discard(peer)
         if not self._host.get_network().get_connections(pid) or peer in self._connected:
             return
-        if self._dht is not None:
-            self._dht.wake()
+        if self._dht is not None and len(self._connected) < self._config.target_peers:
+            self._dht.wake()  # a new peer may know others; only while we need more
         if peer in self._relays:
             self._relay_wake.set()
         if peer in self._no_px and not self._book.is_bootstrap(peer):
