@@ -319,10 +319,17 @@ class LocalNet:
         trust_any: bool = False,
         extra: Iterable[str] = (),
         data_dir: Path | None = None,
+        listen: Sequence[str] = (LISTEN_ADDR,),
+        prefix: Sequence[str] = (),
     ) -> LocalNode:
-        """Start `p2pfl node` without waiting for it; data dir root/<name> unless given."""
+        """Start `p2pfl node` without waiting for it; data dir root/<name> unless given.
+
+        `prefix` goes before the command (e.g. `ip netns exec NS` to run the node as if
+        on another host)."""
         data_dir = Path(data_dir) if data_dir is not None else self.root / name
-        argv = p2pfl_argv("node", "--data-dir", str(data_dir), "--listen", LISTEN_ADDR)
+        argv = [*prefix, *p2pfl_argv("node", "--data-dir", str(data_dir))]
+        for addr in listen:
+            argv += ["--listen", addr]
         argv += self.node_args
         for addr in bootstrap:
             argv += ["--bootstrap", addr]

@@ -32,6 +32,7 @@ from p2pfl.errors import LocalProtocolError, RemoteProtocolError, TaskFailed, Ta
 from p2pfl.flow.api import FlowAPI
 from p2pfl.fsutil import atomic_write
 from p2pfl.identity import Identity
+from p2pfl.net.advertised import save_addrs
 from p2pfl.policy import (
     AUDIT_FILE,
     LEDGER_FILE,
@@ -568,7 +569,15 @@ async def run_node(config: NodeConfig) -> None:
 
             network = Libp2pNetwork(
                 identity,
-                Libp2pConfig(listen=list(config.listen), bootstrap=list(config.bootstrap)),
+                Libp2pConfig(
+                    listen=list(config.listen),
+                    bootstrap=list(config.bootstrap),
+                    announce=list(config.announce),
+                    bulk_tcp=config.bulk_port is not None,
+                    bulk_port=config.bulk_port or 0,
+                    relay_via=list(config.relay_via),
+                    relay_service=config.relay_service,
+                ),
                 sink=lambda event: deliver(event),
                 blob_reader=store.read,
                 # Who may fetch which blob (issue 9 item 6): everyone, until the core's rule
@@ -607,6 +616,7 @@ async def run_node(config: NodeConfig) -> None:
             node.flows_api.start()
             await nursery.start(ControlServer(config.control_socket, node).serve)
             addrs = network.listen_addrs()
+            save_addrs(data_dir, identity.peer_id, addrs)
             log.info("node %s listening on %s", identity.peer_id, " ".join(addrs))
             print(f"p2pfl node {identity.peer_id} listening on {' '.join(addrs)}", flush=True)
             stop = (signal.SIGINT, signal.SIGTERM)

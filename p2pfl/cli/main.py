@@ -22,6 +22,7 @@ import click
 COMMANDS: dict[str, tuple[str, str]] = {
     "node": ("p2pfl.cli.node_cmds:node_cmd", "Run a node (until Ctrl-C)."),
     "peers": ("p2pfl.cli.node_cmds:peers_cmd", "List the peers a node knows."),
+    "id": ("p2pfl.cli.id_cmd:id_cmd", "Print a node's peer id and dialable addresses."),
     "publish": ("p2pfl.cli.node_cmds:publish_cmd", "Publish a taskpack (and run it with --run)."),
     "taskpacks": ("p2pfl.cli.node_cmds:taskpacks_cmd", "List the taskpacks a node knows."),
     "tasks": ("p2pfl.cli.node_cmds:tasks_cmd", "List the tasks a node knows."),

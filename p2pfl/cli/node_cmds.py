@@ -123,6 +123,41 @@ def check_multiaddr(text: str, option: str) -> str:
     return text
 
 
+def check_announce(text: str) -> str:
+    check_multiaddr(text, "--announce")
+    parts = text.split("/")
+    if len(parts) > 2 and parts[2] in ("0.0.0.0", "::"):
+        raise click.BadParameter(
+            f"{text!r}: {parts[2]} is not an address a peer can dial", param_hint="--announce"
+        )
+    return text
+
+
+def check_relay(text: str) -> str:
+    check_multiaddr(text, "--relay-via")
+    if "/p2p/" not in text or "/p2p-circuit" in text:
+        raise click.BadParameter(
+            f"{text!r} must be the relay's address ending in /p2p/PEER_ID",
+            param_hint="--relay-via",
+        )
+    return text
+
+
+def parse_bulk_port(text: str) -> int | None:
+    """'off' -> None (no bulk listener); else a port number, 0 meaning any free port."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise click.BadParameter(
+            f"{text!r} is neither a port (0-65535) nor 'off'", param_hint="--bulk-port"
+        )
+    return port
+
+
 def check_peer_id(text: str) -> str:
     from p2pfl.identity import public_bytes_from_peer_id
 
@@ -142,10 +177,40 @@ def check_peer_id(text: str) -> str:
     help="Address to listen on (repeatable) [default: /ip4/127.0.0.1/tcp/0].",
 )
 @click.option(
+    "--announce",
+    multiple=True,
+    metavar="MULTIADDR",
+    help="Advertise this address instead of the listen addresses (repeatable): what peers"
+    " elsewhere can dial, e.g. a NAT's public address [default: the listen addresses, a"
+    " 0.0.0.0 one as each interface's address].",
+)
+@click.option(
+    "--bulk-port",
+    default="0",
+    show_default=True,
+    metavar="PORT|off",
+    help="TCP port of the fast blob path (a second listener on the first /ip4 listen"
+    " address): 0 picks a free one; set and open it behind a firewall, or 'off' to move"
+    " blobs over the main connection (slower).",
+)
+@click.option(
     "--bootstrap",
     multiple=True,
     metavar="MULTIADDR",
     help="A peer to join through, with its /p2p/PEER_ID (repeatable).",
+)
+@click.option(
+    "--relay-via",
+    multiple=True,
+    metavar="MULTIADDR",
+    help="Behind a NAT: a relay (a node run with --relay-service, with its /p2p/PEER_ID)"
+    " to reserve a slot at; peers that cannot dial this node reach it through the relay"
+    " (repeatable).",
+)
+@click.option(
+    "--relay-service",
+    is_flag=True,
+    help="Relay connections for nodes behind NATs (circuit relay v2; bounded per circuit).",
 )
 @click.option(
     "--dataset",
@@ -195,7 +260,11 @@ def check_peer_id(text: str) -> str:
 def node_cmd(
     data_dir: Path,
     listen: tuple[str, ...],
+    announce: tuple[str, ...],
+    bulk_port: str,
     bootstrap: tuple[str, ...],
+    relay_via: tuple[str, ...],
+    relay_service: bool,
     datasets: tuple[str, ...],
     labels: tuple[str, ...],
     trust: tuple[str, ...],
@@ -231,6 +300,10 @@ def node_cmd(
         labels=site_labels,
         listen=[check_multiaddr(a, "--listen") for a in listen] or [DEFAULT_LISTEN],
         bootstrap=[check_multiaddr(a, "--bootstrap") for a in bootstrap],
+        announce=[check_announce(a) for a in announce],
+        relay_via=[check_relay(a) for a in relay_via],
+        relay_service=relay_service,
+        bulk_port=parse_bulk_port(bulk_port),
         datasets=ds,
         trusted=frozenset(check_peer_id(p) for p in trust),
         trust_any=trust_any,

@@ -80,6 +80,7 @@ class Node:
     scope: trio.CancelScope
     identity: Identity
     blobs: dict[str, bytes] = field(default_factory=dict)
+    stopped: trio.Event = field(default_factory=trio.Event)  # set once run() has returned
 
     @property
     def id(self) -> str:
@@ -133,12 +134,17 @@ async def start_node(
     )
     scope = trio.CancelScope()
 
+    stopped = trio.Event()
+
     async def runner(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with scope:
-            await net.run(task_status=task_status)
+        try:
+            with scope:
+                await net.run(task_status=task_status)
+        finally:
+            stopped.set()
 
     await nursery.start(runner)
-    return Node(net, rec, scope, identity, blobs)
+    return Node(net, rec, scope, identity, blobs, stopped)
 
 
 # --- tests ------------------------------------------------------------------------------
@@ -358,7 +364,10 @@ async def test_stopped_peer_disconnects_and_restart_reconnects(nursery: trio.Nur
     a.stop()
     await b.rec.wait_for(lambda ev: a.id not in b.rec.connected(), timeout=2.0 + 5)
     assert b.net.connected_peers() == []
-    # The same identity comes back on the same address; b redials its bootstrap peer.
+    # The same identity comes back on the same address (once the first has closed it: the
+    # port is bound exclusively); b redials its bootstrap peer.
+    with trio.fail_after(WAIT_S):
+        await a.stopped.wait()
     a2 = await start_node(nursery, a.identity, listen=[port_addr])
     await b.rec.wait_for(lambda ev: a.id in b.rec.connected())
     await a2.rec.wait_for(lambda ev: b.id in a2.rec.connected())
@@ -405,13 +414,21 @@ async def test_silent_peer_is_dropped_by_liveness(nursery: trio.Nursery) -> None
     """A peer whose connection stays up but that never answers pings (a frozen process)."""
     from libp2p import new_host
     from libp2p.host.ping import ID as PING_ID
-    from libp2p.peer.peerinfo import info_from_p2p_addr
 
-    a = await start_node(nursery, liveness_interval_s=0.25, liveness_timeout_s=1.0)
     mute = new_host(key_pair=Identity.generate().libp2p_keypair())
-    mute.remove_stream_handler(PING_ID)
+
+    async def frozen(stream: object) -> None:
+        await trio.sleep_forever()  # takes the ping stream, never answers
+
+    mute.set_stream_handler(PING_ID, frozen)
     async with mute.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
-        await mute.connect(info_from_p2p_addr(multiaddr.Multiaddr(a.addr)))
+        # A bootstrap peer: a non-p2pfl peer that merely connects is not announced.
+        a = await start_node(
+            nursery,
+            bootstrap=[str(mute.get_addrs()[0])],
+            liveness_interval_s=0.25,
+            liveness_timeout_s=1.0,
+        )
         mute_id = str(mute.get_id())
         await a.rec.wait_for(lambda ev: mute_id in a.rec.connected())
         # Within the liveness timeout plus a few intervals of slack.

@@ -38,7 +38,7 @@ import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from p2pfl.errors import RemoteProtocolError
+from p2pfl.errors import LocalProtocolError, RemoteProtocolError
 from p2pfl.net.base import NOT_ALLOWED, MayServe, allow_all
 from p2pfl.net.libp2p._blob import (
     _MAX_REQUEST,
@@ -52,6 +52,7 @@ from p2pfl.net.libp2p._blob import (
     encode_request,
 )
 from p2pfl.net.libp2p._framing import (
+    StageTimeout,
     deadline,
     read_exactly,
     read_frame,
@@ -83,6 +84,10 @@ THREAD_CRYPTO_BYTES = 64 * 1024
 _IO_CHUNK = 1024 * 1024
 
 
+class BulkUnreachable(Exception):
+    """The server's bulk port cannot be reached from here (a firewall, NAT, relay)."""
+
+
 @dataclass
 class _Pending:
     key: bytes
@@ -98,14 +103,20 @@ class _Pending:
 class BulkServer:
     """The TCP side of the bulk path: one listener, one-time tickets."""
 
-    def __init__(self, bind_host: str) -> None:
+    def __init__(self, bind_host: str, port: int = 0) -> None:
         self.bind_host = bind_host
-        self.port = 0
+        self.port = port  # 0: a free one, chosen at start
         self._pending: dict[bytes, _Pending] = {}
         self.bytes_sent = 0  # over every connection (each range's own: _Pending.sent)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host=self.bind_host)
+        try:
+            listeners = await trio.open_tcp_listeners(self.port, host=self.bind_host)
+        except OSError as exc:
+            raise LocalProtocolError(
+                f"cannot open the bulk port {self.bind_host}:{self.port}: {exc.strerror}"
+                " (--bulk-port picks another, --bulk-port off disables the bulk path)"
+            ) from None
         self.port = listeners[0].socket.getsockname()[1]
         task_status.started()
         await trio.serve_listeners(self._handle, listeners)
@@ -262,9 +273,14 @@ async def fetch_bulk(stream: Any, cid: str, offset: int, length: int) -> tuple[b
         raise RemoteProtocolError("no remote address for the bulk connection")
     sock = None
     try:
-        with deadline("bulk connect", CONNECT_TIMEOUT_S):
-            sock = await trio.open_tcp_stream(remote[0], port)
-            await sock.send_all(token)
+        try:
+            with deadline("bulk connect", CONNECT_TIMEOUT_S):
+                sock = await trio.open_tcp_stream(remote[0], port)
+                await sock.send_all(token)
+        except (StageTimeout, OSError) as exc:
+            # A firewall that drops the port looks like a timeout, one that refuses it
+            # like an error: either way the path is closed, not the server overloaded.
+            raise BulkUnreachable(f"{remote[0]}:{port}: {exc}") from None
         # The server seals the range before its length goes out: that is in this stage.
         with deadline(f"bulk transfer of {data_len} bytes", transfer_deadline(data_len)):
             (sealed_len,) = _LEN.unpack(await _receive_exactly(sock, _LEN.size))

@@ -12,6 +12,15 @@ from p2pfl.errors import LocalProtocolError
 class Libp2pConfig:
     # Multiaddrs to listen on; tcp/0 picks a free port (see Libp2pNetwork.listen_addrs()).
     listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    # What the node advertises (identify, signed peer records, peer exchange) instead of
+    # its listen addresses: e.g. a NAT's public address. Empty: the listen addresses, with
+    # a wildcard (0.0.0.0, ::) replaced by each interface's address (see _addrs).
+    announce: list[str] = field(default_factory=list)
+    # Circuit relay v2 (see _relay): relays to reserve a slot at and be reachable through
+    # (full multiaddrs with /p2p/<relay id>; kept connected like bootstrap peers), and
+    # whether this node serves as a relay for others.
+    relay_via: list[str] = field(default_factory=list)
+    relay_service: bool = False
     # Full multiaddrs ending in /p2p/<peer id>; redialled with backoff whenever not connected.
     bootstrap: list[str] = field(default_factory=list)
     # How many peers discovery tries to stay connected to (bootstrap peers always count).
@@ -38,6 +47,17 @@ class Libp2pConfig:
     # Move blob ranges over the fast bulk path (TCP + AES-GCM keyed over a libp2p stream),
     # falling back to the blob stream protocol when it fails. Needs an /ip4 listen address.
     bulk_tcp: bool = True
+    # The bulk path's TCP port, on the first /ip4 listen address's interface: 0 picks a
+    # free port at start (fine on one machine; behind a firewall, fix it and open it).
+    bulk_port: int = 0
+    # Ask peers that speak Kademlia (/ipfs/kad/1.0.0: js-libp2p, go-libp2p, IPFS nodes)
+    # for the peers close to us, so nodes that share only a non-p2pfl bootstrap peer
+    # find each other; and answer such lookups (peer routing only: no values, no
+    # provider records are stored for anyone).
+    dht: bool = True
+    # Lookups while below target_peers: soon after each new DHT peer, then backing off
+    # to this interval.
+    dht_interval_s: float = 30.0
     # A fetch that has not completed by then fails with reason "timeout".
     fetch_timeout_s: float = 60.0
     # Level of the routed `libp2p` loggers (quiet by default).
@@ -50,6 +70,11 @@ class Libp2pConfig:
         for addr in self.bootstrap:
             if "/p2p/" not in addr:
                 problems.append(f"bootstrap: {addr!r} lacks /p2p/<peer id>")
+        for addr in self.relay_via:
+            if "/p2p/" not in addr or "/p2p-circuit" in addr:
+                problems.append(f"relay_via: {addr!r} must be a relay's address with /p2p/<id>")
+        if not 0 <= self.bulk_port < 65536:
+            problems.append("bulk_port: must be 0..65535")
         if self.target_peers < 1:
             problems.append("target_peers: must be >= 1")
         if self.liveness_timeout_s <= self.liveness_interval_s:

@@ -16,7 +16,7 @@ connection: it dials the peer's known addresses, or waits for discovery to learn
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import multiaddr
@@ -40,7 +40,20 @@ LOG = logging.getLogger("p2pfl.net.libp2p")
 OPEN_TIMEOUT_S = 10.0
 # How often a fetch looks again for a peer it has no address of (discovery may learn it).
 REACH_POLL_S = 0.25
+# Dials of one peer before a fetch gives up on it (within its reach timeout).
+DIAL_ATTEMPTS = 2
 CLOSE_TIMEOUT_S = 2.0
+
+
+def lacks_protocol(exc: BaseException) -> bool:
+    """Whether a failed new_stream means the peer does not speak the protocol (it said
+    "na" in multistream-select), as opposed to a broken connection."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if "not supported" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class Unreachable(Exception):
@@ -50,9 +63,17 @@ class Unreachable(Exception):
 class Reacher:
     """Connects to a peer before a fetch; one dial per peer at a time."""
 
-    def __init__(self, host: Any, known_addrs: Callable[[str], tuple[str, ...]]) -> None:
+    def __init__(
+        self,
+        host: Any,
+        known_addrs: Callable[[str], tuple[str, ...]],
+        connect: Callable[[str], Awaitable[bool]] | None = None,
+    ) -> None:
+        """`connect(peer)`, when given, dials the peer's known addresses (relayed ones
+        too) and says whether it worked; else the host dials the direct ones."""
         self._host = host
         self._known_addrs = known_addrs
+        self._connect = connect
         self._dialing: dict[str, trio.Event] = {}
 
     def connected(self, pid: ID) -> bool:
@@ -64,6 +85,7 @@ class Reacher:
         pid = ID.from_base58(peer)
         if self.connected(pid):
             return
+        failures = 0
         with trio.move_on_after(timeout):
             while not self.connected(pid):
                 busy = self._dialing.get(peer)
@@ -71,14 +93,25 @@ class Reacher:
                     await busy.wait()
                     continue
                 addrs = self._addrs(pid, peer)
-                if not addrs:
+                if not addrs and not (self._connect and self._known_addrs(peer)):
                     await trio.sleep(REACH_POLL_S)
                     continue
                 done = self._dialing[peer] = trio.Event()
                 try:
+                    if self._connect is not None:
+                        if not await self._connect(peer):
+                            failures += 1
+                            if failures >= DIAL_ATTEMPTS:
+                                raise Unreachable("no known address answered")
+                            # Two peers dialling each other at once (a round's fetches,
+                            # a DHT lookup) can fail both dials: once more, shortly.
+                            await trio.sleep(REACH_POLL_S)
+                        continue
                     # A peer that failed before is in the swarm's 60 s negative cache.
                     self._host.get_network().unblock_peer(pid)
                     await self._host.connect(L2PeerInfo(pid, addrs))
+                except Unreachable as exc:
+                    raise Unreachable(f"dial failed: {exc}") from None
                 except Exception as exc:
                     raise Unreachable(f"dial failed: {exc}") from None
                 finally:
@@ -90,6 +123,8 @@ class Reacher:
     def _addrs(self, pid: ID, peer: str) -> list[Any]:
         out = []
         for a in self._known_addrs(peer):
+            if "/p2p-circuit/" in a:
+                continue  # dialled through the relay transport (see _relay), not the host
             try:
                 info = info_from_p2p_addr(multiaddr.Multiaddr(a))
             except Exception:
@@ -104,14 +139,30 @@ class Reacher:
         return out
 
 
+# Peers remembered as having no reachable bulk path (a bound on our memory of them).
+_MAX_NO_BULK = 4096
+
+
 async def fetch_range(
-    host: Any, peer: str, cid: str, offset: int, length: int, bulk: bool, extra: dict[str, int]
+    host: Any,
+    peer: str,
+    cid: str,
+    offset: int,
+    length: int,
+    bulk: bool,
+    extra: dict[str, int],
+    no_bulk: set[str] | None = None,
 ) -> tuple[bytes, int]:
     """(data, wire bytes) of one range from a connected peer; counts into `extra`.
 
+    A peer whose bulk path is unreachable or missing is added to `no_bulk` and not tried
+    over it again: behind a firewall, each try would cost a connect timeout.
     Raises FetchRefused, StageTimeout, RemoteProtocolError or another Exception."""
-    if bulk:
-        result = await _fetch_via(host, peer, _bulk.BULK_PROTOCOL, cid, offset, length, extra)
+    no_bulk = set() if no_bulk is None else no_bulk
+    if bulk and peer not in no_bulk:
+        result = await _fetch_via(
+            host, peer, _bulk.BULK_PROTOCOL, cid, offset, length, extra, no_bulk
+        )
         if result is not None:
             return result
     result = await _fetch_via(host, peer, _blob.BLOB_PROTOCOL, cid, offset, length, extra)
@@ -120,7 +171,14 @@ async def fetch_range(
 
 
 async def _fetch_via(
-    host: Any, peer: str, protocol: str, cid: str, offset: int, length: int, extra: dict[str, int]
+    host: Any,
+    peer: str,
+    protocol: str,
+    cid: str,
+    offset: int,
+    length: int,
+    extra: dict[str, int],
+    no_bulk: set[str] | None = None,
 ) -> tuple[bytes, int] | None:
     """One range over `protocol`. For the bulk path, None means "fall back"."""
     stream = None
@@ -150,7 +208,11 @@ async def _fetch_via(
             or isinstance(exc, StageTimeout)
         ):
             raise
-        if isinstance(exc, RemoteProtocolError):
+        if no_bulk is not None and (isinstance(exc, _bulk.BulkUnreachable) or lacks_protocol(exc)):
+            if len(no_bulk) < _MAX_NO_BULK:
+                no_bulk.add(peer)
+            LOG.info("no bulk path to %s (%s): blobs from it use the stream protocol", peer, exc)
+        elif isinstance(exc, RemoteProtocolError):
             LOG.warning("bulk fetch from %s failed (%s); using the stream protocol", peer, exc)
         else:
             LOG.info("bulk fetch from %s failed (%r); using the stream protocol", peer, exc)

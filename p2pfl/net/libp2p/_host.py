@@ -8,6 +8,7 @@ when full, a 120 s heartbeat.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 import time
@@ -31,10 +32,13 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID, Transport a
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID, Yamux
 
 from p2pfl.limits import LOG_EVERY_S, OUTBOUND_GOSSIP_PEER_BYTES
+from p2pfl.net.libp2p._addrs import addrs_factory, exclusive_tcp_bind
 from p2pfl.net.libp2p._config import Libp2pConfig
 
 # Called for every gossip message we accept: (topic, originator peer id bytes, data).
 GossipHandler = Callable[[str, bytes, bytes], None]
+# Called for every gossip message dropped for its signature: (forwarding peer, reason).
+BadGossip = Callable[[str, str], None]
 # Asked first for every gossip message received: (originator peer id bytes, data length)
 # -> whether to go on. False drops it before signature checks, the message cache, relaying
 # and delivery (an oversized message, or its originator over its inbound byte budget).
@@ -43,6 +47,7 @@ GossipAdmit = Callable[[bytes, int], bool]
 
 def build_host(keypair: Any, config: Libp2pConfig) -> Any:
     """A BasicHost with Noise as the only security, yamux as the only muxer."""
+    exclusive_tcp_bind()
     host = new_host(
         key_pair=keypair,
         # Noise only: a host offering plaintext would otherwise be accepted.
@@ -53,9 +58,10 @@ def build_host(keypair: Any, config: Libp2pConfig) -> Any:
             max_connections_per_peer=1, dial_timeout=config.dial_timeout_s
         ),
         listen_addrs=[multiaddr.Multiaddr(a) for a in config.listen],
-        # We advertise our listen addresses ourselves (peer exchange); identify's observed
-        # addresses on loopback or behind NAT are ephemeral ports nobody can dial.
+        # Identify's observed addresses on loopback or behind NAT are ephemeral ports
+        # nobody can dial: we advertise the announce list, or our interfaces' addresses.
         disable_identify_address_discovery=True,
+        addrs_factory=addrs_factory(config.announce),
     )
 
     # The swarm's AutoConnector dials every peerstore peer until ~150 connections; our own
@@ -122,6 +128,32 @@ class _DeepQueues(dict[Any, Any]):
         super().__setitem__(peer, queue)
 
 
+# py-libp2p drops a message whose signature is missing or wrong with a debug log line
+# only. Its check is wrapped (once, for the process) to tell the Pubsub that is handling
+# the message, and from which neighbour: a context variable, so concurrent messages on
+# other trio tasks never see each other's.
+_handling: contextvars.ContextVar[tuple[SinkPubsub, Any] | None] = contextvars.ContextVar(
+    "p2pfl_gossip_handling", default=None
+)
+_original_signature_validator = _pubsub_mod.signature_validator
+
+
+def _counting_signature_validator(msg: rpc_pb2.Message) -> bool:
+    try:
+        ok = bool(_original_signature_validator(msg))
+    except Exception:
+        ok = False  # a malformed key or id: as bad as a wrong signature
+    if not ok:
+        handling = _handling.get()
+        if handling is not None:
+            pubsub, forwarder = handling
+            pubsub.bad_signature(forwarder, "unsigned" if not msg.signature else "badly signed")
+    return ok
+
+
+_pubsub_mod.signature_validator = _counting_signature_validator
+
+
 class SinkPubsub(Pubsub):
     """Pubsub that hands accepted messages straight to a callback.
 
@@ -136,12 +168,14 @@ class SinkPubsub(Pubsub):
         on_message: GossipHandler,
         admit: GossipAdmit | None = None,
         max_rpc_bytes: int = 1 << 20,
+        on_bad: BadGossip | None = None,
     ) -> None:
         # strict_signing: every message carries the originator's signature, so `from_id`
         # is authenticated, not just the forwarding neighbour's claim.
         super().__init__(host, router, strict_signing=True)
         self._on_message = on_message
         self._admit = admit
+        self._on_bad = on_bad
         self.peer_queues = _DeepQueues()
         # One RPC read from a peer holds at most this much (py-libp2p's own outbound limit
         # is about 1 MiB, so an honest peer never sends more); a larger one ends its stream.
@@ -152,7 +186,26 @@ class SinkPubsub(Pubsub):
         # is neither verified, nor cached for gossip, nor relayed, nor delivered.
         if self._admit is not None and not self._admit(msg.from_id, len(msg.data)):
             return
-        await super().push_msg(msg_forwarder, msg)
+        token = _handling.set((self, msg_forwarder))
+        try:
+            await super().push_msg(msg_forwarder, msg)
+        finally:
+            _handling.reset(token)
+
+    def resend_subscriptions(self, peer_id: Any) -> bool:
+        """Tell a peer our topics again, through its outbound queue (never a second writer
+        on the stream). py-libp2p sends them once per pubsub stream, and a peer that does
+        not know them sends us nothing on those topics (flood publish included); when two
+        nodes dial each other at once, one connection and its streams are dropped. Sent
+        once per new p2pfl peer; idempotent on the receiving side."""
+        queue = self.peer_queues.get(peer_id)
+        if queue is None:
+            return False  # not registered yet: its hello is still to come
+        return bool(queue.push(self.get_hello_packet(), priority=True))
+
+    def bad_signature(self, forwarder: Any, reason: str) -> None:
+        if self._on_bad is not None:
+            self._on_bad(str(forwarder), reason)
 
     def notify_subscriptions(self, publish_message: rpc_pb2.Message) -> None:
         for topic in publish_message.topicIDs:
@@ -192,6 +245,22 @@ class _GossipSub(GossipSub):
                 self.scorer.penalize_equivocation(ID(msg.from_id), 100.0)
             return False
         return True
+
+    def _get_peers_to_send(
+        self, topic_ids: Any, msg_forwarder: Any, origin: Any, msg_id: bytes | None = None
+    ) -> Any:
+        """Flood-publish our own messages (go-libp2p's default, floodPublish): to every
+        peer subscribed to the topic, not only our mesh. py-libp2p sends to the mesh
+        alone, and a mesh still forming, or emptied by a PRUNE backoff, lost a node's
+        messages to peers it was connected to (a task's volunteers never reached its
+        publisher). Relayed messages still follow the mesh."""
+        peers = set(super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id))
+        pubsub = self.pubsub
+        if pubsub is not None and origin == pubsub.my_id:
+            for topic in topic_ids:
+                peers |= set(pubsub.peer_topics.get(topic, ()))
+            peers.discard(origin)
+        return peers
 
     async def handle_prune(self, prune_msg: Any, sender_peer_id: Any) -> None:
         topic = prune_msg.topicID
@@ -242,6 +311,7 @@ def build_pubsub(
     on_message: GossipHandler,
     admit: GossipAdmit | None = None,
     max_rpc_bytes: int = 1 << 20,
+    on_bad: BadGossip | None = None,
 ) -> tuple[Any, Any]:
     gossipsub = _GossipSub(
         protocols=[PROTOCOL_ID_V11, PROTOCOL_ID],
@@ -257,7 +327,7 @@ def build_pubsub(
         # Keep the heartbeat where we set it.
         adaptive_gossip_enabled=False,
     )
-    pubsub = SinkPubsub(host, gossipsub, on_message, admit, max_rpc_bytes)
+    pubsub = SinkPubsub(host, gossipsub, on_message, admit, max_rpc_bytes, on_bad)
     return pubsub, gossipsub
 
 

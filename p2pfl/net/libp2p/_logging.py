@@ -28,6 +28,16 @@ HARMLESS = (
     "error reading response",
     # A peer that is down is redialled with backoff by our own dialer, which logs it.
     "all attempts to connect",
+    # py-libp2p's DHT server, when a querier closes its stream after its answer (its own
+    # client does) or a lookup meets a peer that left.
+    "Failed to read DHT message",
+    "Query to peer",
+    # py-libp2p's relay logs each reservation stream its client closes at ERROR, and a
+    # reservation asked before identify finished (we ask again, see _network).
+    "Error reading from hop stream",
+    "Cannot make reservation with unknown relay",
+    # A listen address that cannot be bound: the node stops with its own clear error.
+    "Failed to start TCP listener",
 )
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import multiaddr
 import trio
 from libp2p.custom_types import TProtocol
 from libp2p.host.ping import ID as PING_PROTOCOL, perform_ping_roundtrip
+from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo as L2PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
@@ -40,7 +43,7 @@ from p2pfl.net.base import (
     allow_all,
 )
 from p2pfl.net.inbound import InboundBudget
-from p2pfl.net.libp2p import _blob, _bulk, _fetch, _px
+from p2pfl.net.libp2p import _addrs, _blob, _bulk, _discovery, _fetch, _px, _relay
 from p2pfl.net.libp2p._config import Libp2pConfig
 from p2pfl.net.libp2p._framing import (
     StageTimeout,
@@ -65,6 +68,44 @@ PX_FAST_S = 0.5
 # One gossip RPC read from a peer: one message at the cap plus its envelope (ids,
 # signature, topic, a sender record, control messages).
 MAX_GOSSIP_RPC_BYTES = MAX_GOSSIP_BYTES + 64 * 1024
+# Per-peer bookkeeping (bad gossip counts, protocols a peer lacks) remembers at most
+# this many peers.
+_MAX_TRACKED_PEERS = 4096
+
+
+@asynccontextmanager
+async def _listening(host: Any, listen: list[Any], texts: list[str]) -> AsyncIterator[None]:
+    """host.run(), listening on every address or failing with one clear error.
+
+    py-libp2p's Swarm.listen logs a bind failure and carries on (it returns False), so a
+    node on a port in use would run without listening at all; each address is therefore
+    listened on here, one at a time, and the first failure is raised with its cause.
+    """
+    network = host.get_network()
+    async with host.run(listen_addrs=[]):
+        try:
+            for maddr, text in zip(listen, texts, strict=True):
+                if not await network.listen(maddr):
+                    problem = _addrs.bind_problem(text)
+                    raise LocalProtocolError(f"cannot listen on {text}: {problem}")
+            yield
+        finally:
+            # py-libp2p leaves its listening sockets open after the host stops (with
+            # exclusive binds, a node restarted in one process could not listen again).
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                for listener in list(network.listeners.values()):
+                    try:
+                        await listener.close()
+                    except Exception as exc:
+                        LOG.debug("closing a listener failed: %r", exc)
+
+
+def _remember(peers: set[str], peer: str) -> None:
+    """Add to a per-peer set, bounded: a peer's behaviour is remembered for at most
+    _MAX_TRACKED_PEERS peers (forgetting one only costs a repeated question)."""
+    if len(peers) >= _MAX_TRACKED_PEERS:
+        peers.clear()
+    peers.add(peer)
 
 
 class Libp2pNetwork:
@@ -99,6 +140,10 @@ class Libp2pNetwork:
         )
         for addr in config.bootstrap:
             self._book.add_bootstrap(addr.rsplit("/p2p/", 1)[1], addr)
+        # Relays we reserve at are kept connected like bootstrap peers.
+        self._relays = {addr.rsplit("/p2p/", 1)[1]: addr for addr in config.relay_via}
+        for relay, addr in self._relays.items():
+            self._book.add_bootstrap(relay, addr)
         self._stats = NetStats(
             extra={
                 "fetch_done": 0,
@@ -107,8 +152,11 @@ class Libp2pNetwork:
                 "blob_served": 0,
                 "gossip_refused": 0,
                 "direct_streams_refused": 0,
+                "gossip_bad_signature": 0,
             }
         )
+        # Neighbour -> gossip messages it sent us unsigned or badly signed (each dropped).
+        self._bad_gossip: dict[str, int] = {}
         self._host: Any = None
         self._pubsub: Any = None
         self._nursery: trio.Nursery | None = None
@@ -117,6 +165,7 @@ class Libp2pNetwork:
         self._stopped = False
         self._topics: set[str] = set()
         self._own_addrs: list[str] = []
+        self._own_transport: set[str] = set()  # every address that reaches us, no /p2p/
         # Peers announced with PeerConnected, with the addresses they advertise.
         self._connected: dict[str, tuple[str, ...]] = {}
         self._handshaking: set[str] = set()
@@ -129,7 +178,20 @@ class Libp2pNetwork:
         self._serve_limits: dict[str, trio.Semaphore] = {}
         self._sender_ids: dict[bytes, str] = {}
         self._bulk: _bulk.BulkServer | None = None
+        # Peers found not to speak a protocol (multistream-select answered "na"): any
+        # libp2p peer may connect to us (a bootstrap node, a DHT peer), and asking it
+        # again on every connect or timer would only cost both sides.
+        self._no_px: set[str] = set()
+        # No ping protocol: its "na" answer to each ping stream is the sign of life.
+        self._no_ping: set[str] = set()
+        self._no_bulk: set[str] = set()  # also: bulk port unreachable (_fetch)
+        # Peers that close a ping stream after each ping (js-libp2p does): a fresh stream
+        # per ping, instead of failing on the kept one first every time.
+        self._ping_oneshot: set[str] = set()
         self._reacher: _fetch.Reacher | None = None
+        self._dht: _discovery.DhtDiscovery | None = None
+        self._relay: _relay.Relay | None = None
+        self._relay_wake = trio.Event()
 
     # --- the Network interface ----------------------------------------------------------
 
@@ -185,25 +247,50 @@ class Libp2pNetwork:
         route_libp2p_logs(self._config.libp2p_log_level)
         host = build_host(self._identity.libp2p_keypair(), self._config)
         pubsub, gossipsub = build_pubsub(
-            host, self._config, self._on_gossip, self._admit_gossip, MAX_GOSSIP_RPC_BYTES
+            host,
+            self._config,
+            self._on_gossip,
+            self._admit_gossip,
+            MAX_GOSSIP_RPC_BYTES,
+            self._on_bad_gossip,
         )
         self._host, self._pubsub = host, pubsub
-        self._reacher = _fetch.Reacher(host, self._book.addrs)
+        self._reacher = _fetch.Reacher(host, self._book.addrs, self._connect)
         host.set_stream_handler(TProtocol(MSG_PROTOCOL), self._handle_msg_stream)
         host.set_stream_handler(TProtocol(_blob.BLOB_PROTOCOL), self._handle_blob_stream)
         host.set_stream_handler(TProtocol(_px.PX_PROTOCOL), self._handle_px_stream)
         host.get_network().register_notifee(ConnNotifee(self._on_conn_up, self._on_conn_down))
         listen = [multiaddr.Multiaddr(a) for a in self._config.listen]
         try:
-            async with host.run(listen_addrs=listen):
+            async with _listening(host, listen, list(self._config.listen)):
                 async with background_trio_service(pubsub), background_trio_service(gossipsub):
                     await pubsub.wait_until_ready()
-                    suffix = f"/p2p/{self.peer_id}"
-                    self._own_addrs = [str(a) + suffix for a in host.get_transport_addrs()]
+                    # What the host advertises (identify, signed records): the announce
+                    # list, or the listen addresses with wildcards expanded (_addrs).
+                    self._own_addrs = [str(a) for a in host.get_addrs()]
+                    self._own_transport = _addrs.local_addrs(
+                        [str(a) for a in host.get_transport_addrs()], self._own_addrs
+                    )
+                    # Reachable through each relay we reserve at (py-libp2p's get_addrs
+                    # would cut a circuit address at its first /p2p/: peer exchange
+                    # carries these).
+                    self._own_addrs += [
+                        f"{addr}{_relay.CIRCUIT}/p2p/{self.peer_id}"
+                        for addr in self._config.relay_via
+                    ]
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
                         self._kick = trio.Event()
                         await self._start_bulk(nursery)
+                        self._relay = _relay.Relay(host, self._config.relay_service)
+                        await nursery.start(self._relay.run)
+                        if self._relays:
+                            nursery.start_soon(self._reserve_loop)
+                        if self._config.dht:
+                            self._dht = _discovery.DhtDiscovery(
+                                host, self._on_dht_found, self._config.dht_interval_s
+                            )
+                            await nursery.start(self._dht.run)
                         nursery.start_soon(self._command_loop)
                         nursery.start_soon(self._dial_loop)
                         nursery.start_soon(self._liveness_loop)
@@ -221,7 +308,7 @@ class Libp2pNetwork:
         ip4 = [a.split("/")[2] for a in self._config.listen if a.startswith("/ip4/")]
         if not ip4:
             return
-        bulk = _bulk.BulkServer(ip4[0])
+        bulk = _bulk.BulkServer(ip4[0], self._config.bulk_port)
         await nursery.start(bulk.run)
         self._bulk = bulk
         self._host.set_stream_handler(TProtocol(_bulk.BULK_PROTOCOL), self._handle_bulk_stream)
@@ -306,6 +393,27 @@ class Libp2pNetwork:
         else:
             LOG.debug("dropped a %s of %d bytes from %s", what, n, sender)
         return False
+
+    def bad_gossip(self) -> dict[str, int]:
+        """Per neighbouring peer: gossip messages dropped for a missing or bad signature."""
+        return dict(self._bad_gossip)
+
+    def _on_bad_gossip(self, peer: str, reason: str) -> None:
+        """Counted per peer; the first from a peer is logged at warning, the rest only
+        counted (a peer sending unsigned gossip, such as a libp2p node configured with
+        StrictNoSign, would otherwise fill the log, or drop its messages unseen)."""
+        self._stats.extra["gossip_bad_signature"] += 1
+        count = self._bad_gossip.get(peer, 0)
+        if count == 0 and len(self._bad_gossip) >= _MAX_TRACKED_PEERS:
+            return  # only counted in the total: a bound on what peers make us remember
+        self._bad_gossip[peer] = count + 1
+        if count == 0:
+            LOG.warning(
+                "dropping %s gossip from peer %s: p2pfl requires every message signed by"
+                " its originator (StrictSign); further ones from it are only counted",
+                reason,
+                peer,
+            )
 
     def _on_gossip(self, topic: str, from_id: bytes, data: bytes) -> None:
         sender = self._sender(from_id)
@@ -457,16 +565,38 @@ class Libp2pNetwork:
         self._stats.bytes_sent += sent
         self._stats.extra["blob_served"] += 1
 
+    async def _reach_and_fetch(
+        self, peer: str, cid: str, offset: int, length: int
+    ) -> tuple[bytes, int]:
+        assert self._reacher is not None
+        for attempt in range(2):
+            await self._reacher.reach(peer, self._config.dial_timeout_s)
+            try:
+                return await _fetch.fetch_range(
+                    self._host,
+                    peer,
+                    cid,
+                    offset,
+                    length,
+                    self._bulk is not None,
+                    self._stats.extra,
+                    self._no_bulk,
+                )
+            except SwarmException as exc:
+                # The connection we reached was the one dropped of two crossed dials
+                # (one connection per peer): reach the one that stays, once.
+                if attempt or "connection" not in str(exc).lower():
+                    raise
+                await trio.sleep(_fetch.REACH_POLL_S)
+        raise AssertionError("unreachable")
+
     async def _fetch(self, peer: str, cid: str, offset: int, length: int, token: object) -> None:
         reason = ""
         try:
             with trio.fail_after(self._config.fetch_timeout_s):
                 if self._reacher is None:
                     raise _fetch.Unreachable("network not running")
-                await self._reacher.reach(peer, self._config.dial_timeout_s)
-                data, wire = await _fetch.fetch_range(
-                    self._host, peer, cid, offset, length, self._bulk is not None, self._stats.extra
-                )
+                data, wire = await self._reach_and_fetch(peer, cid, offset, length)
         except trio.TooSlowError:
             reason = f"timeout after {self._config.fetch_timeout_s:.0f} s"
         except _blob.FetchRefused as exc:
@@ -510,6 +640,8 @@ class Libp2pNetwork:
         sender = self._senders.pop(peer, None)
         if sender is not None:
             sender.close()
+        if peer in self._relays:
+            self._relay_wake.set()
         if self._connected.pop(peer, None) is not None:
             LOG.info("peer %s disconnected: %s", peer, reason)
             self._emit(PeerDisconnected(peer, reason))
@@ -519,11 +651,21 @@ class Libp2pNetwork:
         """Peer exchange with a newly connected peer; then it counts as connected."""
         pid = ID.from_base58(peer)
         try:
-            with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
-                await self._ask_px(peer)
+            if peer not in self._no_px:
+                with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+                    await self._ask_px(peer)
         finally:
             self._handshaking.discard(peer)
         if not self._host.get_network().get_connections(pid) or peer in self._connected:
+            return
+        if self._dht is not None and len(self._connected) < self._config.target_peers:
+            self._dht.wake()  # a new peer may know others; only while we need more
+        if peer in self._relays:
+            self._relay_wake.set()
+        if peer in self._no_px and not self._book.is_bootstrap(peer):
+            # Not a p2pfl node (a DHT peer, say): useful to libp2p, not to the core, and
+            # never a dial target of ours again.
+            self._book.forget(peer)
             return
         addrs = self._book.addrs(peer)
         if not addrs:  # a peer that does not speak px (or failed it): what libp2p knows
@@ -535,6 +677,7 @@ class Libp2pNetwork:
         self._book.on_connected(peer)
         self._alive(peer)
         LOG.info("peer %s connected", peer)
+        self._pubsub.resend_subscriptions(pid)
         self._emit(PeerConnected(peer, addrs))
         self._kick_dialer()
         self._px_wake.set()
@@ -553,12 +696,23 @@ class Libp2pNetwork:
             await _reset(stream)
             return
         except Exception as exc:
-            LOG.debug("peer exchange with %s failed: %r", peer, exc)
             await _reset(stream)
+            if _fetch.lacks_protocol(exc):
+                _remember(self._no_px, peer)
+                LOG.info("peer %s does not speak p2pfl peer exchange; not asked again", peer)
+            else:
+                LOG.debug("peer exchange with %s failed: %r", peer, exc)
             return
         self._alive(peer)
         self._book.learn(peer, own)
         if any(self._book.learn(p, a) for p, a in peers.items()):
+            self._kick_dialer()
+
+    def _on_dht_found(self, peer: str, addrs: list[str]) -> None:
+        """A peer found through the DHT: a dial candidate like a peer-exchange answer."""
+        if peer in self._no_px or peer in self._connected:
+            return
+        if self._book.learn(peer, _px.clean_addrs(peer, addrs)):
             self._kick_dialer()
 
     async def _handle_px_stream(self, stream: Any) -> None:
@@ -584,8 +738,9 @@ class Libp2pNetwork:
                 delay = PX_FAST_S
                 continue
             peers = list(self._connected)
-            if peers:
-                self._spawn(self._ask_px, self._book.rng.choice(peers))
+            askable = [p for p in peers if p not in self._no_px]
+            if askable:
+                self._spawn(self._ask_px, self._book.rng.choice(askable))
             if len(peers) < self._config.target_peers:
                 delay = min(delay * 2, self._config.px_interval_s)
             else:
@@ -602,26 +757,92 @@ class Libp2pNetwork:
                 await self._kick.wait()
 
     async def _dial(self, peer: str) -> None:
-        ok = False
         try:
-            pid = ID.from_base58(peer)
-            addrs = []
-            for a in self._book.addrs(peer):
-                info = info_from_p2p_addr(multiaddr.Multiaddr(a))
-                if info.peer_id == pid:
-                    addrs.extend(info.addrs)
-            # A peer that failed before is in the swarm's 60 s negative cache; it may
-            # have come back, and our own backoff already paces the attempts.
-            self._host.get_network().unblock_peer(pid)
-            with trio.move_on_after(self._config.dial_timeout_s):
-                await self._host.connect(L2PeerInfo(pid, addrs))
-                ok = True
+            ok = await self._connect(peer)
         except Exception as exc:
             LOG.debug("dial %s failed: %r", peer, exc)
+            ok = False
         self._book.dial_finished(peer, ok, trio.current_time())
         if ok and peer not in self._connected:
             self._on_conn_up(peer)  # in case the notifee ran before we knew the peer
         self._kick_dialer()
+
+    async def _connect(self, peer: str) -> bool:
+        """Dial `peer` at its direct addresses, then through the relays it advertises."""
+        pid = ID.from_base58(peer)
+        direct: list[Any] = []
+        relayed: list[str] = []
+        for a in self._book.addrs(peer):
+            if _relay.is_circuit(a):
+                relayed.append(a)
+                continue
+            try:
+                info = info_from_p2p_addr(multiaddr.Multiaddr(a))
+            except Exception:
+                continue
+            if info.peer_id == pid:
+                # Never one of our own addresses: that would dial ourselves (a peer may
+                # advertise 127.0.0.1, which is us on our machine).
+                direct.extend(x for x in info.addrs if str(x) not in self._own_transport)
+        if self._host.get_network().get_connections(pid):
+            return True
+        if direct:
+            # A peer that failed before is in the swarm's 60 s negative cache; it may
+            # have come back, and our own backoff already paces the attempts.
+            self._host.get_network().unblock_peer(pid)
+            with trio.move_on_after(self._config.dial_timeout_s):
+                try:
+                    await self._host.connect(L2PeerInfo(pid, direct))
+                    return True
+                except Exception as exc:
+                    LOG.debug("direct dial %s failed: %r", peer, exc)
+        for addr in relayed:
+            if self._relay is None:
+                break
+            if self._host.get_network().get_connections(pid):
+                return True  # it dialled us meanwhile: a second, relayed connection
+                # would only compete with that one (one connection per peer)
+            with trio.move_on_after(self._config.dial_timeout_s):
+                try:
+                    await self._relay.dial(addr)
+                    # Its only route is the relay: the bulk port is out of reach.
+                    _remember(self._no_bulk, peer)
+                    LOG.info("connected to %s through a relay", peer)
+                    return True
+                except Exception as exc:
+                    LOG.debug("relayed dial %s via %s failed: %r", peer, addr, exc)
+        # A dial of ours can fail because the peer dialled us at the same moment (one
+        # connection per peer): connected is what counts.
+        return bool(self._host.get_network().get_connections(pid))
+
+    async def _reserve_loop(self) -> None:
+        """Hold a reservation at each --relay-via relay: asked once connected to it,
+        renewed before it expires, asked again after the relay comes back."""
+        assert self._relay is not None
+        while True:
+            wake = self._relay_wake
+            now = trio.current_time()
+            next_at = math.inf
+            for relay in self._relays:
+                connected = relay in self._connected
+                at = self._relay.reserved.get(relay)
+                if not connected:
+                    self._relay.reserved.pop(relay, None)
+                    continue
+                if at is None or now - at >= _relay.RENEW_EVERY_S:
+                    if await self._relay.reserve(relay):
+                        LOG.info("relay slot reserved at %s: reachable through it", relay)
+                        at = self._relay.reserved[relay]
+                    else:
+                        LOG.info("relay %s refused or did not answer a reservation", relay)
+                        # Often only too early (identify has not told it the relay's
+                        # protocols yet): again soon.
+                        at = now - _relay.RENEW_EVERY_S + _relay.RETRY_S
+                next_at = min(next_at, at + _relay.RENEW_EVERY_S)
+            with trio.move_on_at(next_at):
+                await wake.wait()
+            if wake.is_set():
+                self._relay_wake = trio.Event()
 
     async def _liveness_loop(self) -> None:
         cfg = self._config
@@ -655,12 +876,25 @@ class Libp2pNetwork:
                         await _reset(stream)
                         stream = None
                         if fresh:
+                            if _fetch.lacks_protocol(exc):
+                                # It answered "na" just now: that is the sign of life.
+                                self._alive(peer)
+                                if peer not in self._no_ping:
+                                    _remember(self._no_ping, peer)
+                                    LOG.info("peer %s has no ping protocol", peer)
                             return
+                        # The kept stream was closed by the peer after its last pong:
+                        # some implementations do that every time.
+                        _remember(self._ping_oneshot, peer)
                         continue
                     self._alive(peer)
-                    if peer in self._connected:
+                    if peer in self._connected and peer not in self._ping_oneshot:
                         self._ping_streams[peer] = stream
                         stream = None  # kept for the next ping
+                    else:
+                        with trio.move_on_after(1):
+                            await _close(stream)
+                        stream = None
                     return
         finally:
             self._pinging.discard(peer)

@@ -50,6 +50,16 @@ class PeerBook:
         entry.addrs = tuple(merged)
         return False
 
+    def is_bootstrap(self, peer: str) -> bool:
+        entry = self._peers.get(peer)
+        return entry is not None and entry.bootstrap
+
+    def forget(self, peer: str) -> None:
+        """Never dial `peer` again (unless learned anew); bootstrap peers stay."""
+        entry = self._peers.get(peer)
+        if entry is not None and not entry.bootstrap and not entry.dialing:
+            del self._peers[peer]
+
     def addrs(self, peer: str) -> tuple[str, ...]:
         entry = self._peers.get(peer)
         return entry.addrs if entry else ()

@@ -34,6 +34,11 @@ def _clean_addrs(peer: str, addrs: object) -> list[str]:
     ]
 
 
+def clean_addrs(peer: str, addrs: list[str]) -> list[str]:
+    """Addresses of `peer` learned elsewhere (the DHT), held to the same rules."""
+    return _clean_addrs(peer, addrs)
+
+
 def decode_px(answerer: str, raw: bytes) -> tuple[list[str], dict[str, list[str]]]:
     """(answerer's own addrs, {peer: addrs}) with every address checked."""
     try:
