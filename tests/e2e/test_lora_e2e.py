@@ -34,7 +34,7 @@ def split_shakespeare(out: Path, nodes: int) -> Path:
 
     subprocess.run(
         p2pfl_argv(
-            "datasets", "split", "shakespeare", "--nodes", str(nodes), "--out", str(out),
+            "datasets", "split", "shakespeare-plays", "--nodes", str(nodes), "--out", str(out),
             "--partition", "dirichlet:1.0", "--format", "npz",
         ),
         check=True, capture_output=True, timeout=CLI_TIMEOUT, env=node_env(),
@@ -47,7 +47,7 @@ def test_lora_text_three_nodes_two_rounds(cluster: Cluster, tmp_path: Path) -> N
     split = split_shakespeare(tmp_path / "split", 3)
     nodes = cluster.start(
         3,
-        datasets=lambda i: {"text": split / f"node-{i}" / "shakespeare.npz"},
+        datasets=lambda i: {"text": split / f"node-{i}" / "shakespeare-plays.npz"},
         trust=trust_first,
     )
     n0 = nodes[0]
@@ -67,7 +67,7 @@ def test_lora_text_three_nodes_two_rounds(cluster: Cluster, tmp_path: Path) -> N
     adapter = metrics["adapter"]
     assert adapter["training_method"] == "lora" and adapter["r"] == 16
     assert adapter["target_modules"] == ["query", "value"]
-    for key in ("accuracy", "base_accuracy", "head_only_accuracy", "loss", "base_loss"):
+    for key in ("accuracy", "base_accuracy", "loss", "base_loss"):
         assert 0.0 <= metrics[key] < 100.0, (key, metrics)
     # What travelled is the adapter: the model blob is a small fraction of the base model.
     size = model_file.stat().st_size
@@ -91,15 +91,15 @@ def test_lora_text_three_nodes_two_rounds(cluster: Cluster, tmp_path: Path) -> N
 
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from p2pfl.fl.lora import base_model_dir
+    from p2pfl.fl.lora import base_model_dir, mean_pooled_classifier
 
     base_dir = base_model_dir(adapter["base_model"])
-    base = AutoModelForSequenceClassification.from_pretrained(str(base_dir), num_labels=3)
+    base = mean_pooled_classifier(base_dir, num_labels=adapter["num_labels"])
     model = PeftModel.from_pretrained(base, str(out)).eval()
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     enc = tok(["Now is the winter of our discontent"], return_tensors="pt")
     with torch.no_grad():
         logits = model(**enc).logits
-    assert logits.shape == (1, 3) and torch.isfinite(logits).all()
+    assert logits.shape == (1, 4) and torch.isfinite(logits).all()

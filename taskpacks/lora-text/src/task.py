@@ -5,16 +5,17 @@ Input: one text table (npz or csv with `text` and an integer `label` in 0..class
 `spec.llm_config.base_model`, loaded offline from the package that ships it; its weights'
 sha256 must match `base_model_sha256`, so every node fine-tunes the same base.
 
-The model the network sees is the adapter only (LoRA A/B on `target_modules` plus the
-classification head), named as peft saves it: `initial_weights`, `execute` and `evaluate`
-take and return exactly those tensors, so FedAvg averages adapters and only adapters
-travel. The result carries an `adapter` entry (rank, alpha, modules, labels) with which
+The model the network sees is the adapter (LoRA A/B on `target_modules` plus the
+classification head, named as peft saves it) and the baseline's linear probe
+(`baseline_probe.weight`/`.bias`, see src/model.py): `initial_weights`, `execute` and
+`evaluate` take and return exactly those tensors, so FedAvg averages them and nothing of
+the base model travels. The result carries an `adapter` entry (rank, alpha, modules, labels) with which
 `python -m p2pfl.fl.lora` writes a peft adapter directory for `PeftModel.from_pretrained`.
 
-`evaluate` reports, on the local held-out rows: `accuracy`/`loss` of the fine-tuned model,
-`base_accuracy`/`base_loss` of the base model without adapters (peft's adapters disabled:
-the head as initialised), `head_only_accuracy` (LoRA off, the trained head kept), and the
-sizes `adapter_bytes` (what one update weighs) and `full_model_bytes`.
+`evaluate` reports, on the local held-out rows: `accuracy`/`loss` (cross-entropy) of the
+LoRA model, `base_accuracy`/`base_loss` of the base model without adapters (a linear probe
+on the frozen base's mean-pooled embeddings, trained the same way), and the sizes
+`adapter_bytes` (the adapter in one update) and `full_model_bytes`.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def settings(ctx: Context) -> lm.LoRASettings:
     return lm.LoRASettings(
         base_model=cfg.base_model,
         sha256=cfg.base_model_sha256,
-        classes=int(p.get("classes", 3)),
+        classes=int(p.get("classes", 4)),
         r=int(pick("r", cfg.lora.r)),
         lora_alpha=float(pick("lora_alpha", cfg.lora.lora_alpha)),
         lora_dropout=float(pick("lora_dropout", cfg.lora.lora_dropout)),
@@ -97,7 +98,7 @@ class LoRAText(Task):
         min_rows = int(ctx.params.get("min_rows", 10))
         if len(texts) < min_rows:
             raise ValueError(f"input has {len(texts)} rows, fewer than min_rows={min_rows}")
-        classes = int(ctx.params.get("classes", 3))
+        classes = int(ctx.params.get("classes", 4))
         if labels.min() < 0 or labels.max() >= classes:
             raise ValueError(
                 f"labels must be in 0..{classes - 1}, found {labels.min()}..{labels.max()}"
@@ -124,24 +125,28 @@ class LoRAText(Task):
         built = lm.build(settings(ctx))
         p = ctx.params
         with built.lock:
-            lm.load_adapter_state(built, weights if weights is not None else built.initial)
-            loss, steps = lm.train(
+            lm.load_state(built, weights if weights is not None else built.initial)
+            loss, base_loss, steps = lm.train(
                 built,
                 data["texts"],
                 data["y"],
                 lr=float(p.get("lr", 3e-3)),
-                batch_size=int(p.get("batch_size", 8)),
-                max_length=int(p.get("max_length", 32)),
+                batch_size=int(p.get("batch_size", 16)),
+                max_length=int(p.get("max_length", 64)),
                 epochs=int(p.get("local_epochs", 1)),
                 max_steps=int(p.get("max_steps", 10)),
                 seed=_round_seed(ctx),
             )
-            adapter = lm.adapter_state(built.model)
-        ctx.log(f"round {ctx.round}: {steps} steps, loss {loss:.4f}")
+            weights_out = lm.state(built)
+        ctx.log(f"round {ctx.round}: {steps} steps, loss {loss:.4f} (probe {base_loss:.4f})")
         return Update(
             num_samples=len(data["texts"]),
-            weights=adapter,
-            metrics={"loss": loss, "adapter_bytes": float(sum(a.nbytes for a in adapter.values()))},
+            weights=weights_out,
+            metrics={
+                "loss": loss,
+                "base_loss": base_loss,
+                "adapter_bytes": float(built.adapter_bytes),
+            },
         )
 
     def evaluate(self, ctx: Context, data: dict[str, Any], weights: Weights | None) -> Metrics:
@@ -149,25 +154,20 @@ class LoRAText(Task):
         texts, y = data["texts_val"], data["y_val"]
         if len(y) == 0:  # no hold-out: report on the training rows rather than nothing
             texts, y = data["texts"], data["y"]
-        kw = {
-            "batch_size": int(ctx.params.get("eval_batch_size", 64)),
-            "max_length": int(ctx.params.get("max_length", 32)),
-        }
+        max_length = int(ctx.params.get("max_length", 64))
+        batch = int(ctx.params.get("eval_batch_size", 64))
         with built.lock:
-            lm.load_adapter_state(built, weights if weights is not None else built.initial)
-            acc, loss = lm.evaluate(built, texts, y, **kw)
-            with lm.lora_b_zeroed(built):
-                head_acc, head_loss = lm.evaluate(built, texts, y, **kw)
-            base_acc, base_loss = lm.base_metrics(built, texts, y, **kw)
+            lm.load_state(built, weights if weights is not None else built.initial)
+            acc, loss = lm.evaluate(built, texts, y, batch_size=batch, max_length=max_length)
+            base_acc, base_loss = lm.base_metrics(built, texts, y, max_length=max_length)
             full = built.full_model_bytes
         return {
             "accuracy": acc,
             "loss": loss,
-            "head_only_accuracy": head_acc,
-            "head_only_loss": head_loss,
             "base_accuracy": base_acc,
             "base_loss": base_loss,
-            "adapter_bytes": float(sum(a.nbytes for a in built.initial.values())),
+            "accuracy_gain": acc - base_acc,
+            "adapter_bytes": float(built.adapter_bytes),
             "full_model_bytes": float(full),
             "num_samples": float(len(y)),
         }

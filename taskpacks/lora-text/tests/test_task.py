@@ -47,7 +47,7 @@ def ctx(**params: str) -> Context:
 def test_validate_inputs_refuses_with_reasons(tmp_path: Path) -> None:
     task = load_task_class(ROOT)()
     task.validate_inputs(ctx(), table(tmp_path / "ok.npz", [0, 1, 2]))
-    with pytest.raises(ValueError, match="labels must be in 0..2"):
+    with pytest.raises(ValueError, match="labels must be in 0..3"):
         task.validate_inputs(ctx(), table(tmp_path / "bad.npz", [0, 1, 5]))
     with pytest.raises(ValueError, match="fewer than min_rows"):
         task.validate_inputs(ctx(min_rows="100"), table(tmp_path / "few.npz", [0, 1, 2]))
@@ -62,10 +62,15 @@ def test_one_round_returns_an_adapter_of_the_same_shape(tmp_path: Path) -> None:
     c = ctx(r="4")
     data = task.preprocess(c, table(tmp_path / "t.npz", [0, 1, 2]))
     initial = task.initial_weights(c)
-    assert all("lora_" in k or "classifier" in k for k in initial)
+    assert all(
+        "lora_" in k or "classifier" in k or k.startswith("baseline_probe.") for k in initial
+    )
     update = task.execute(c, data, initial)
     assert update.weights is not None and update.weights.keys() == initial.keys()
     assert all(update.weights[k].shape == initial[k].shape for k in initial)
     assert update.weights[next(k for k in initial if "lora_A" in k)].shape[0] == 4  # r=4
     metrics = task.evaluate(c, data, update.weights)
-    assert {"accuracy", "base_accuracy", "head_only_accuracy", "adapter_bytes"} <= set(metrics)
+    # Both the LoRA model's and the base model's (the probe's) accuracy and cross-entropy.
+    assert {"accuracy", "loss", "base_accuracy", "base_loss", "adapter_bytes"} <= set(metrics)
+    assert metrics["accuracy_gain"] == metrics["accuracy"] - metrics["base_accuracy"]
+    assert all(metrics[k] > 0 for k in ("loss", "base_loss"))
