@@ -16,12 +16,14 @@ asked for explicitly once connected to the relay, and renewed before it expires.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import multiaddr
 import trio
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.discovery import RelayInfo
 from libp2p.relay.circuit_v2.protocol import (
     PROTOCOL_ID as HOP_PROTOCOL,
     STOP_PROTOCOL_ID,
@@ -81,8 +83,16 @@ class Relay:
         ok = False
         with trio.move_on_after(RESERVE_TIMEOUT_S):
             try:
-                # It only considers relays it found itself, among connected peers.
-                await discovery.discover_relays()
+                # It only reserves at relays it found itself, and it finds them by the
+                # protocols identify stored: asked before identify finished, it caches
+                # "no relay protocol" for that peer for good (seen under load in CI).
+                # The operator named this relay: forget any such verdict and take it as
+                # a relay; the reservation itself is the real test.
+                discovery._protocol_cache.pop(pid, None)
+                if pid not in discovery._discovered_relays:
+                    discovery._discovered_relays[pid] = RelayInfo(
+                        peer_id=pid, discovered_at=time.time(), last_seen=time.time()
+                    )
                 ok = bool(await discovery.make_reservation(pid))
             except Exception as exc:
                 LOG.debug("reservation at %s failed: %r", relay, exc)
