@@ -37,7 +37,8 @@ class NodeState:
                 setattr(self, name, float(value))
 
 
-def result_dict(result: TaskResult, signer: str, offer: Any) -> dict[str, Any]:
+def result_fields(result: TaskResult) -> dict[str, Any]:
+    """The fields of a signed result every view shows (tasks and flow steps alike)."""
     return {
         "task_id": result.task_id,
         "status": result.status,
@@ -47,6 +48,12 @@ def result_dict(result: TaskResult, signer: str, offer: Any) -> dict[str, Any]:
         "metrics": result.metrics,
         "model_cid": result.model.cid if result.model else None,
         "reducer": result.reducer,
+    }
+
+
+def result_dict(result: TaskResult, signer: str, offer: Any) -> dict[str, Any]:
+    return {
+        **result_fields(result),
         "signer": signer,
         "signature_ok": True,  # unsealed with a valid signature, or it would not be here
         "name": offer.name,

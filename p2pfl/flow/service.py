@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from p2pfl.core.flowrec import FlowRecord, flow_id_of
+from p2pfl.core.view import result_fields
 from p2pfl.flow.machine import (
     FlowEnded,
     FlowMachine,
@@ -339,15 +340,4 @@ def _percent(state: StepState, summary: dict[str, Any] | None) -> int:
 
 
 def _result(result: Any) -> dict[str, Any] | None:
-    if result is None:
-        return None
-    return {
-        "task_id": result.task_id,
-        "status": result.status,
-        "reason": result.reason,
-        "participants": list(result.participants),
-        "rounds": result.rounds,
-        "metrics": result.metrics,
-        "model_cid": result.model.cid if result.model else None,
-        "reducer": result.reducer,
-    }
+    return None if result is None else result_fields(result)

@@ -63,6 +63,20 @@ LATENCY_S = 0.01
 JOB_S = 0.5
 
 
+# The federated settings a harness task runs with unless a test says otherwise.
+FED = {
+    "protocol": "fedavg",
+    "aggregator": "fedavg",
+    "rounds": 2,
+    "min_nodes": 1,
+    "max_nodes": 100,
+    "fanout": 2,
+    "mu": 0.0,
+    "deadline_s": 10.0,
+    "differential_privacy": {"enabled": False},
+}
+
+
 @dataclass
 class Node:
     index: int
@@ -172,18 +186,7 @@ class Harness:
         assert steps < max_steps, "harness: no quiescence (a loop?)"
 
     def offer(self, node: int = 0, **federated: Any) -> str:
-        fed = {
-            "protocol": "fedavg",
-            "aggregator": "fedavg",
-            "rounds": 2,
-            "min_nodes": 1,
-            "max_nodes": 100,
-            "fanout": 2,
-            "mu": 0.0,
-            "deadline_s": 10.0,
-            "differential_privacy": {"enabled": False},
-        }
-        fed.update(federated)
+        fed = {**FED, **federated}
         # Task parameters the core reads (not manifest fields): moved to the offer's params.
         params = {k: fed.pop(k) for k in ("max_update_norm", "aggregation") if k in fed}
         core = self.nodes[node].core

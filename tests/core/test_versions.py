@@ -34,20 +34,9 @@ from p2pfl.store.blobref import make_blob_ref
 from p2pfl.taskpack._schema import canonical_json
 from p2pfl.taskpack.manifest import load_manifest
 from p2pfl.wire import encode, seal, unseal
-from tests.core.harness import Harness, Node, done
+from tests.core.harness import FED, Harness, Node, done
 
 NAME = "fedavg-mlp-digits"
-FED = {
-    "protocol": "fedavg",
-    "aggregator": "fedavg",
-    "rounds": 2,
-    "min_nodes": 1,
-    "max_nodes": 100,
-    "fanout": 2,
-    "mu": 0.0,
-    "deadline_s": 10.0,
-    "differential_privacy": {"enabled": False},
-}
 
 
 def publish_versions(h: Harness, versions: dict[str, str | None]) -> dict[str, str]:

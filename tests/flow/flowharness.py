@@ -12,19 +12,7 @@ from p2pfl.flow.store import FlowStore
 from p2pfl.net.base import Message
 from p2pfl.store.blobref import BlobRef
 from p2pfl.wire import Signed, encode
-from tests.core.harness import Harness, Node
-
-FED = {
-    "protocol": "fedavg",
-    "aggregator": "fedavg",
-    "rounds": 2,
-    "min_nodes": 1,
-    "max_nodes": 100,
-    "fanout": 2,
-    "mu": 0.0,
-    "deadline_s": 10.0,
-    "differential_privacy": {"enabled": False},
-}
+from tests.core.harness import FED, Harness, Node
 
 
 class FlowHarness(Harness):
