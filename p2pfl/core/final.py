@@ -267,7 +267,7 @@ class FinalStep:
             status="succeeded",
             reason="",
             reducer=task.my_id,
-            participants=contributors or task.participants,
+            **task.members(contributors or task.participants),
             rounds=task.round if task.is_training else 1,
             metrics=jsonable(metrics if isinstance(metrics, dict) else {}),
             model=task.global_ref if task.is_training else None,
@@ -325,9 +325,8 @@ class FinalStep:
             return task._refuse(TaskResult, f"result from {signer[-8:]} before any roster")
         if result.model is not None and blob_too_big("result", result.model.size):
             return task._refuse(TaskResult, f"result model of {result.model.size} bytes")
-        if signer not in task.participants or not set(result.participants) <= set(
-            task.participants
-        ):
+        roster = set(task.participants)
+        if signer not in roster or not (set(result.participants) | set(result.absent)) <= roster:
             return task._refuse(TaskResult, f"result from {signer[-8:]} outside the roster")
         if not task.may_act(signer):
             if len(self.held) < len(task.participants):
@@ -350,10 +349,14 @@ class FinalStep:
         task.result = result
         task.result_signer = signer
         self.held.clear()
-        # Followers see where everyone ended, even participants they heard little from.
-        for peer in task.participants:
+        # Followers see where everyone ended, even participants they heard little from
+        # (in a large task only its publisher: a NodeState per participant per node
+        # would be N^2 of them in a simulation).
+        included = task.contributors(result)
+        large = task.large and task.my_id != task.offer.publisher
+        for peer in () if large else task.participants:
             state = task.nodes.setdefault(peer, NodeState())
-            contributed = peer in result.participants
+            contributed = peer in included
             state.state = "done" if contributed else ("lost" if peer in task.dead else "left out")
             if contributed and result.status == "succeeded":
                 state.round = max(state.round, result.rounds)

@@ -29,6 +29,7 @@ class PushSumRounds(RoundsBase):
         self.pushes: dict[int, dict[str, GossipPush]] = {}
         self.merged: set[int] = set()  # rounds whose shares we merged
         self.masses: dict[str, float] = {}  # cid -> mass of the share being merged
+        self.cap: float | None = None  # all participants' signed counts together
 
     def _fanout(self, live: list[str]) -> int:
         return max(1, min(self.task.offer.fanout, len(live) - 1))
@@ -69,7 +70,9 @@ class PushSumRounds(RoundsBase):
             return []
         if not 1 <= push.round <= task.offer.rounds or push.peer in self.pushes.get(push.round, {}):
             return []
-        cap = float(sum(task.samples.get(p, 0) for p in task.participants))
+        if self.cap is None:  # the roster is fixed: sum once, not per share (O(N) each)
+            self.cap = float(sum(task.samples.get(p, 0) for p in task.participants))
+        cap = self.cap
         if push.mass > cap:
             return [
                 Log(
