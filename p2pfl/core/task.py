@@ -433,11 +433,11 @@ class TaskMachine:
             self.task_id, self.my_id, samples, commitment(self.my_nonce), named, group
         )
         signed = seal(self.me, record)
-        if self.large and self.my_id != self.offer.publisher:
-            send: Command = Send(self.offer.publisher, signed)  # core/call.py
-        else:
-            send = Publish(TOPIC_TASKS, signed)
-        out: list[Command] = [send, Log("info", f"task {self.task_id[:12]}: volunteered")]
+        out: list[Command] = [Log("info", f"task {self.task_id[:12]}: volunteered")]
+        if not self.large:
+            out.append(Publish(TOPIC_TASKS, signed))
+        elif self.my_id != self.offer.publisher:
+            out.append(Send(self.offer.publisher, signed))  # core/call.py
         if self.large and self.call is not None:
             return out + self.decline(now, "too late: the call was out before our checks ended")
         dp = self.offer.dp
@@ -589,15 +589,21 @@ class TaskMachine:
         out: list[Command] = [
             self.event(EventKind.NODE, now, f"declined: {decline.reason}", peer=decline.peer)
         ]
-        if self._everyone_answered():
+        if self.large:
+            if self.my_id == self.offer.publisher and self._everyone_answered():
+                out += self._publish_call(now)
+        elif self._everyone_answered():
             out += self._reveal(now)
         return out + self._maybe_all_declined(now) + self._maybe_roster(now)
 
     def _everyone_answered(self) -> bool:
-        """True when waiting for the deadline is moot: the roster is full already (max_nodes
-        volunteers), or every peer we are connected to has answered and nobody we do not
-        know answered (then no volunteer can still come)."""
-        if len(self.volunteers) >= self.offer.max_nodes:
+        """True when waiting for the deadline is moot: every peer we are connected to has
+        answered and nobody we do not know answered (then no volunteer can still come);
+        for a large task's publisher also once its call is full (max_nodes records: it
+        alone decides the call). Not "max_nodes records seen" in the all-to-all setup:
+        nodes see the records in different orders, and revealing at different sets of
+        volunteers gave them different beacons, hence different rosters (a split task)."""
+        if self.large and len(self.volunteers) >= self.offer.max_nodes:
             return True
         if not self.full_mesh:
             return False
@@ -616,7 +622,10 @@ class TaskMachine:
     # --- reveals and the roster --------------------------------------------------------
 
     def _reveal(self, now: float) -> list[Command]:
-        """Volunteering is over for us: publish our ranking nonce (once we have one)."""
+        """Volunteering is over for us: publish our ranking nonce (once we have one). In a
+        large task only the committee does, once the call is in."""
+        if self.large and (self.call is None or self.my_id not in self.call.committee):
+            return []
         out: list[Command] = []
         if not self.revealed:
             self.revealed = True
@@ -751,7 +760,10 @@ class TaskMachine:
             if len(self.waiting_rosters) < MAX_HELD:
                 self.waiting_rosters.append(event)
             return []
-        held = [p for p in self.nonces if p not in self.dead]
+        # Our own reveal is not held against a roster: it may have been lost on its way
+        # (nobody else then holds it either). Had it reached the others, they refuse a
+        # roster that drops it, so a coordinator still cannot pick its beacon.
+        held = [p for p in self.nonces if p not in self.dead and p != self.my_id]
         problem, participants = call_roster_problem(
             self.task_id, roster, self.call, held, self.offer.min_nodes, self.offer.max_nodes
         )
