@@ -39,6 +39,7 @@ roster, and holds the same immutable view of them (one copy per process, not per
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -169,6 +170,21 @@ def call_participants(
             if len(out) >= max_nodes:
                 break
     return tuple(out)
+
+
+def with_participants(roster: Roster, participants: tuple[str, ...]) -> Roster:
+    """The compact roster with the participants this node derived. Not re-validated: they
+    come from the call's checked records, and checking 10,000 peer ids again on every node
+    of a simulation would cost N^2."""
+    full = copy.copy(roster)
+    object.__setattr__(full, "participants", participants)
+    return full
+
+
+@functools.lru_cache(maxsize=8)
+def signed_total(view: CallView, participants: tuple[str, ...]) -> float:
+    """All participants' signed sample counts together (what caps a share's mass)."""
+    return float(sum(view.samples.get(p, 0) for p in participants))
 
 
 def roster_nonces(roster: Roster, view: CallView) -> dict[str, bytes] | str:

@@ -51,6 +51,7 @@ class FinalStep:
         self.merge = ""  # gossip reducer: "" -> "merging" -> "merged" (or "skipped")
         self.gather: Gather | None = None
         self.held: dict[str, TaskResult] = {}  # results not (yet) from the duty
+        self.cap: float | None = None  # all participants' signed counts together
 
     @property
     def gathering(self) -> bool:
@@ -156,7 +157,9 @@ class FinalStep:
                     f"task {task.task_id[:12]}: oversize final model from {partial.peer[-8:]}",
                 )
             ]
-        cap = float(sum(task.samples.get(p, 0) for p in task.participants))
+        if self.cap is None:  # the roster is fixed: sum once, not per partial (O(N) each)
+            self.cap = task.signed_total()
+        cap = self.cap
         if partial.mass > cap or partial.num_samples > task.samples.get(partial.peer, 0):
             return [
                 Log(
@@ -175,7 +178,10 @@ class FinalStep:
             return []  # we reduce only after our own final step
         if task.acting() != task.my_id:
             return []
-        waiting = [p for p in task.live() if p not in self.partials]
+        live = task.live()
+        if not deadline_passed and len(self.partials) < len(live):
+            return []  # someone live has not sent one yet (O(1): asked on every partial)
+        waiting = [p for p in live if p not in self.partials]
         if waiting and not deadline_passed:
             return []
         usable = [p for p in self.partials.values() if not p.refused]

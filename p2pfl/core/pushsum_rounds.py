@@ -71,7 +71,7 @@ class PushSumRounds(RoundsBase):
         if not 1 <= push.round <= task.offer.rounds or push.peer in self.pushes.get(push.round, {}):
             return []
         if self.cap is None:  # the roster is fixed: sum once, not per share (O(N) each)
-            self.cap = float(sum(task.samples.get(p, 0) for p in task.participants))
+            self.cap = task.signed_total()
         cap = self.cap
         if push.mass > cap:
             return [

@@ -15,7 +15,6 @@ participant is held until this node's own deadlines have passed the ones above i
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import random
 from collections import Counter
@@ -31,8 +30,10 @@ from p2pfl.core.call import (
     call_view,
     check_part,
     committee_seed,
+    signed_total,
     split_records,
     uses_call,
+    with_participants,
 )
 from p2pfl.core.commands import (
     Aggregated,
@@ -749,7 +750,7 @@ class TaskMachine:
             SetTimer(self.timer(TimerKind.REPUBLISH_ROSTER), now + GRACE_S / 2),
             Log("info", f"task {self.task_id[:12]}: coordinating {len(participants)} participants"),
         ]
-        full = dataclasses.replace(roster, participants=participants)
+        full = with_participants(roster, participants)
         return out + self._accept_roster(now, full, {})
 
     def _on_compact_roster(self, now: float, event: Incoming) -> list[Command]:
@@ -786,7 +787,7 @@ class TaskMachine:
                 )
                 out += self._maybe_roster(now, deadline_passed=True)
             return out
-        full = dataclasses.replace(roster, participants=participants)
+        full = with_participants(roster, participants)
         if roster.epoch > self.takeover_epoch and not self._better_ranked_gone(full):
             if len(self.held_rosters) < MAX_HELD:
                 self.held_rosters[roster.epoch] = event
@@ -998,7 +999,7 @@ class TaskMachine:
             raise RemoteProtocolError(f"snapshot roster: {problem}")
         self.call = view
         self.samples = view.samples  # type: ignore[assignment]
-        return dataclasses.replace(roster, participants=participants)
+        return with_participants(roster, participants)
 
     # --- timers ------------------------------------------------------------------------
 
@@ -1423,6 +1424,13 @@ class TaskMachine:
         if len(absent) > MAX_SKIPPED and len(contributors) <= MAX_SKIPPED:
             return {"participants": tuple(contributors)}
         return {"participants": (), "absent": absent}
+
+    def signed_total(self) -> float:
+        """Every participant's signed sample count together (shared by every node of a
+        simulation in a large task: it is O(roster))."""
+        if self.call is not None:
+            return signed_total(self.call, self.participants)
+        return float(sum(self.samples.get(p, 0) for p in self.participants))
 
     def contributors(self, result: TaskResult) -> set[str]:
         if result.participants or not self.large:
