@@ -247,3 +247,68 @@ def test_a_volunteer_skipping_the_best_ranked_to_coordinate_does_not_displace_it
     assert first.peer in machines[0].participants
     if epoch == 0:
         assert any("claims takeover epoch 0" in t for t in h.logs("warning"))
+
+
+# --- the call's pure rules ---------------------------------------------------------------
+
+
+def _records(task_id: str, n: int) -> list[tuple[str, bytes]]:
+    from p2pfl.identity import Identity
+    from p2pfl.wire import encode
+
+    out = []
+    for i in range(n):
+        me = Identity.from_seed(bytes([i % 256, i // 256]) * 16)
+        vol = Volunteer(task_id, me.peer_id, 10 + i, bytes([i % 256]) * 32)
+        out.append((me.peer_id, encode(seal(me, vol))))
+    return sorted(out)
+
+
+def test_call_parts_fit_a_gossip_message_and_keep_every_record():
+    from p2pfl.limits import MAX_GOSSIP_BYTES
+    from p2pfl.wire import encode
+
+    task_id = "ab" * 16
+    records = [raw for _, raw in _records(task_id, 3000)]
+    parts = call.split_records(records)
+    assert len(parts) > 1 and [r for p in parts for r in p] == records
+    from p2pfl.identity import Identity
+
+    me = Identity.from_seed(b"p" * 32)
+    for i, chunk in enumerate(parts):
+        envelope = seal(me, CallPart(task_id, me.peer_id, i, len(parts), chunk))
+        assert len(encode(envelope)) <= MAX_GOSSIP_BYTES
+    view = call.call_view(task_id, tuple(parts), 3000)
+    assert len(view.peers) == 3000 and view.samples[view.peers[0]] >= 10
+    assert len(view.committee) == 3  # the fixture's committee size
+
+
+def test_a_call_out_of_order_duplicated_over_full_or_for_another_task_is_refused():
+    from p2pfl.errors import RemoteProtocolError
+
+    task_id = "cd" * 16
+    records = [raw for _, raw in _records(task_id, 5)]
+    with pytest.raises(RemoteProtocolError, match="strict peer order"):
+        call.call_view(task_id, (tuple(reversed(records)),), 10)
+    with pytest.raises(RemoteProtocolError, match="strict peer order"):
+        call.call_view(task_id, ((records[0], records[0]),), 10)
+    with pytest.raises(RemoteProtocolError, match="over max_nodes 4"):
+        call.call_view(task_id, (tuple(records),), 4)
+    with pytest.raises(RemoteProtocolError, match="someone else"):
+        call.call_view("ef" * 16, (tuple(records),), 10)
+
+
+def test_call_part_fields_are_bounded():
+    from p2pfl.identity import Identity
+
+    me = Identity.from_seed(b"q" * 32)
+    with pytest.raises(ValueError, match="parts are 1 to"):
+        CallPart("ab" * 16, me.peer_id, 0, 10_000, (b"x",))
+    with pytest.raises(ValueError, match="part 3 of 2"):
+        CallPart("ab" * 16, me.peer_id, 3, 2, (b"x",))
+    with pytest.raises(ValueError, match="1 to"):
+        CallPart("ab" * 16, me.peer_id, 0, 1, ())
+    with pytest.raises(ValueError, match="longer than 2048"):
+        CallPart("ab" * 16, me.peer_id, 0, 1, (b"x" * 4096,))
+    with pytest.raises(ValueError, match="committee"):
+        Roster("ab" * 16, me.peer_id, 0, (), (), (), call=b"\0" * 32, committee=(b"short",))
