@@ -103,7 +103,7 @@ class FinalStep:
         return [task.job(JobStep.FINALIZE, job)]
 
     def _candidates(self) -> list[str]:
-        return self.task.live()[:REDUCER_CANDIDATES]
+        return list(self.task.live()[:REDUCER_CANDIDATES])
 
     def _send_partial(self, now: float, partial: Any) -> list[Command]:
         task = self.task

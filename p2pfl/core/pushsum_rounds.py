@@ -11,6 +11,7 @@ so nobody dominates the average beyond its signed record.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from p2pfl.core.commands import Aggregated, CancelTimer, Command, Log, Send
@@ -31,7 +32,7 @@ class PushSumRounds(RoundsBase):
         self.masses: dict[str, float] = {}  # cid -> mass of the share being merged
         self.cap: float | None = None  # all participants' signed counts together
 
-    def _fanout(self, live: list[str]) -> int:
+    def _fanout(self, live: Sequence[str]) -> int:
         return max(1, min(self.task.offer.fanout, len(live) - 1))
 
     def on_trained(self, now: float, rnd: int, result: dict[str, Any]) -> list[Command]:

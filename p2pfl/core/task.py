@@ -227,7 +227,9 @@ class TaskMachine:
         self.model_ready = False  # an evaluating step holds the model its offer names
         # A large task sets up through its publisher's call (core/call.py).
         self.large = uses_call(offer.max_nodes)
-        self._live: list[str] = []
+        self._live: Sequence[str] = ()
+        self._participating = False
+        self._participating_in: Roster | None = None
         self._live_key: tuple[int, frozenset[str], frozenset[str]] | None = None
         self.call: CallView | None = None
         self.call_parts: dict[int, CallPart] = {}
@@ -259,15 +261,29 @@ class TaskMachine:
 
     @property
     def participating(self) -> bool:
-        return self.my_id in self.participants
+        # Asked on most events; a scan of a 10,000-name roster each time was N^2 overall.
+        roster = self.roster
+        if roster is None:
+            return False
+        if self._participating_in is not roster:
+            self._participating = self.my_id in roster.participants
+            self._participating_in = roster
+        return self._participating
 
-    def live(self) -> list[str]:
+    def live(self) -> Sequence[str]:
         """Roster members still expected to contribute, in rank order. Memoised on who is
-        gone: at scale it is asked on every message, and it is O(roster)."""
+        gone: at scale it is asked on every message, and it is O(roster) (while nobody is
+        gone it is the roster itself, shared by every node of a simulation)."""
         key = (id(self.roster), frozenset(self.dead), frozenset(self.withdrawn))
         if key != self._live_key:
-            gone = self.dead | set(self.withdrawn)
-            self._live = [p for p in self.participants if p not in gone]
+            gone = (
+                (self.dead | set(self.withdrawn)) & set(self.participants)
+                if (self.dead or self.withdrawn)
+                else set()
+            )
+            self._live = (
+                [p for p in self.participants if p not in gone] if gone else self.participants
+            )
             self._live_key = key
         return self._live  # read-only for callers
 
