@@ -188,8 +188,10 @@ class LiveCluster(ClusterBase):
                 io = PooledIO(nursery, self.pool)
                 await nursery.start(io.run)
                 holder: list[Driver] = []
+                # Every other node, and no more: a target above what exists keeps the
+                # discovery loops (peer exchange, DHT lookups) asking through the rounds.
                 config = Libp2pConfig(
-                    bootstrap=bootstrap, target_peers=max(8, spec.nodes), **self.net_options
+                    bootstrap=bootstrap, target_peers=max(1, spec.nodes - 1), **self.net_options
                 )
 
                 def sink(event: Any) -> None:

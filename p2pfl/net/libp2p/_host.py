@@ -32,8 +32,12 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID, Transport a
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID, Yamux
 
 from p2pfl.limits import LOG_EVERY_S, OUTBOUND_GOSSIP_PEER_BYTES
+from p2pfl.net.libp2p import _yamux
 from p2pfl.net.libp2p._addrs import addrs_factory, exclusive_tcp_bind
 from p2pfl.net.libp2p._config import Libp2pConfig
+
+# A WINDOW_UPDATE per half window consumed, not per read (see _yamux).
+_yamux.install()
 
 # Called for every gossip message we accept: (topic, originator peer id bytes, data).
 GossipHandler = Callable[[str, bytes, bytes], None]
