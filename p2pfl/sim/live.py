@@ -322,11 +322,17 @@ class LiveCluster(ClusterBase):
 
     async def _offer(self) -> None:
         publisher = self.nodes[0].driver
+        for extra in self.spec.extra_taskpacks:  # other versions, for a rollout
+            more = await trio.to_thread.run_sync(publisher.publish_taskpack, extra)
+            publisher.announce_taskpack(more["announce"])
         info = await trio.to_thread.run_sync(publisher.publish_taskpack, self.spec.taskpack_dir)
         # Signed over the whole BlobRef (see taskpack.signing; a no-op once the driver is).
         publisher.announce_taskpack(info["announce"])
         created = publisher.create_task(
-            info["cid"], self._offer_overrides(), volunteer_window_s=self.volunteer_window_s
+            info["cid"],
+            self._offer_overrides(),
+            volunteer_window_s=self.volunteer_window_s,
+            rollout=self.spec.rollout,
         )
         self.task_id = created["task_id"]
 
