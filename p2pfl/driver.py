@@ -304,6 +304,8 @@ class Driver:
         self.io.call_soon(lambda: self.on_event(event))
 
     def put_blob(self, data: bytes) -> BlobRef:
+        """Hash and store `data` (also called from worker threads: the store's writes are
+        whole-blob and idempotent, see store/blobs.py)."""
         ref = make_blob_ref(data)
         if not self.store.has(ref.cid):
             self.store.put(data)
@@ -733,10 +735,10 @@ class Driver:
     def _aggregate(self, cmd: Aggregate) -> None:
         store = self.store
 
-        def work() -> tuple[bytes, tuple[tuple[str, str], ...]]:
+        def work() -> tuple[BlobRef, tuple[tuple[str, str], ...]]:
             from p2pfl.fl.aggregate import aggregate_checked
 
-            return aggregate_checked(
+            data, dropped = aggregate_checked(
                 cmd.method,
                 [
                     (ref.cid, store.get(ref.cid), w)
@@ -746,13 +748,15 @@ class Driver:
                 max_norm=cmd.max_norm,
                 options=cmd.options,
             )
+            # Hashed and stored here, off the event path (three passes over the model).
+            return self.put_blob(data), dropped
 
         def done(result: Any, error: BaseException | None) -> None:
             if error is not None:
                 self.on_event(Aggregated(cmd.token, None, f"{type(error).__name__}: {error}"))
                 return
-            data, dropped = result
-            self.on_event(Aggregated(cmd.token, self.put_blob(data), dropped=dropped))
+            ref, dropped = result
+            self.on_event(Aggregated(cmd.token, ref, dropped=dropped))
 
         self.io.run_blocking(work, done)
 
@@ -760,10 +764,10 @@ class Driver:
         """Reduce-scatter steps (cut, reduce, assemble: fl/slices.py) off the event path."""
         store = self.store
 
-        def work() -> tuple[list[bytes], int, str, int]:
+        def work() -> tuple[tuple[BlobRef, ...], int, str, int]:
             from p2pfl.fl.slices import slice_work
 
-            return slice_work(
+            blobs, bad, reason, chosen = slice_work(
                 cmd.token.kind,
                 [store.get(ref.cid) for ref in cmd.refs],
                 store.get(cmd.reference.cid),
@@ -773,13 +777,14 @@ class Driver:
                 cmd.weights,
                 cmd.options,
             )
+            # Hashed and stored here, off the event path (a cut makes n blobs).
+            return tuple(self.put_blob(data) for data in blobs), bad, reason, chosen
 
         def done(result: Any, error: BaseException | None) -> None:
             if error is not None:
                 self.on_event(SliceWorked(cmd.token, (), f"{type(error).__name__}: {error}"))
                 return
-            blobs, bad, reason, chosen = result
-            refs = tuple(self.put_blob(data) for data in blobs)
+            refs, bad, reason, chosen = result
             self.on_event(SliceWorked(cmd.token, refs, reason, bad, chosen))
 
         self.io.run_blocking(work, done)

@@ -87,6 +87,52 @@ def taskpack_problems(scenario: Scenario) -> list[str]:
     return problems
 
 
+def rollout_problems(scenario: Scenario) -> list[str]:
+    """A rollout's versions against the manifests: the scenario's taskpack is one of the
+    shares' versions, and each other directory is a taskpack of the same name at the
+    version it is listed under."""
+    from p2pfl.taskpack.manifest import load_manifest
+
+    rollout = scenario.rollout
+    if rollout is None:
+        return []
+    try:
+        main = load_manifest(scenario.taskpack).metadata
+    except ValidationError:
+        return []  # taskpack_problems says why
+    versions = [v for v, _ in rollout.shares]
+    listed = dict(rollout.taskpacks)
+    problems = []
+    if main.version not in versions:
+        problems.append(
+            f"rollout.shares: the scenario's taskpack is {main.name}@{main.version}, which"
+            f" is not among the versions ({', '.join(versions)})"
+        )
+    elif main.version in listed:
+        problems.append(
+            f"rollout.taskpacks.{main.version}: that version is the scenario's taskpack"
+            f" ({scenario.taskpack}); list only the others"
+        )
+    for version, path in rollout.taskpacks:
+        where = f"rollout.taskpacks.{version}"
+        if not path.is_dir():
+            problems.append(f"{where}: no such directory: {path}")
+            continue
+        try:
+            meta = load_manifest(path).metadata
+        except ValidationError as exc:
+            problems += [f"{where}: {p}" for p in exc.problems]
+            continue
+        if meta.name != main.name:
+            problems.append(
+                f"{where}: {path} is taskpack {meta.name!r}; a rollout runs versions of"
+                f" {main.name!r}"
+            )
+        elif meta.version != version:
+            problems.append(f"{where}: {path} is version {meta.version}, not {version}")
+    return problems
+
+
 def unknown_param_problems(taskpack: Path, params: dict[Any, Any]) -> list[str]:
     """`params` keys that the taskpack's schema does not take (when its schema says
     `additionalProperties: false`), for a scenario whose other parts are broken."""

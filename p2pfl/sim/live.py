@@ -188,8 +188,10 @@ class LiveCluster(ClusterBase):
                 io = PooledIO(nursery, self.pool)
                 await nursery.start(io.run)
                 holder: list[Driver] = []
+                # Every other node, and no more: a target above what exists keeps the
+                # discovery loops (peer exchange, DHT lookups) asking through the rounds.
                 config = Libp2pConfig(
-                    bootstrap=bootstrap, target_peers=max(8, spec.nodes), **self.net_options
+                    bootstrap=bootstrap, target_peers=max(1, spec.nodes - 1), **self.net_options
                 )
 
                 def sink(event: Any) -> None:
@@ -320,11 +322,17 @@ class LiveCluster(ClusterBase):
 
     async def _offer(self) -> None:
         publisher = self.nodes[0].driver
+        for extra in self.spec.extra_taskpacks:  # other versions, for a rollout
+            more = await trio.to_thread.run_sync(publisher.publish_taskpack, extra)
+            publisher.announce_taskpack(more["announce"])
         info = await trio.to_thread.run_sync(publisher.publish_taskpack, self.spec.taskpack_dir)
         # Signed over the whole BlobRef (see taskpack.signing; a no-op once the driver is).
         publisher.announce_taskpack(info["announce"])
         created = publisher.create_task(
-            info["cid"], self._offer_overrides(), volunteer_window_s=self.volunteer_window_s
+            info["cid"],
+            self._offer_overrides(),
+            volunteer_window_s=self.volunteer_window_s,
+            rollout=self.spec.rollout,
         )
         self.task_id = created["task_id"]
 

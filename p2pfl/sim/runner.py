@@ -116,6 +116,14 @@ def cluster_spec_kwargs(
         "test_path": test_path,
         "network": network,
         **({"flow": scenario.flow} if scenario.flow is not None else {}),
+        **(
+            {
+                "rollout": scenario.rollout.spec(),
+                "extra_taskpacks": [path for _, path in scenario.rollout.taskpacks],
+            }
+            if scenario.rollout is not None
+            else {}
+        ),
     }
     chosen = executor or scenario.executor
     if chosen.kind != "local":  # a local run's spec stays what it always was

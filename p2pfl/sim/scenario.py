@@ -173,6 +173,28 @@ class Executor:
 
 
 @dataclass(frozen=True)
+class Rollout:
+    """A partial rollout: several versions of the taskpack's name in one task, each node
+    on one of them by a rule every node checks (core/versions.py). `shares` are the
+    versions' fractions in file order (the first version's parameters are the task's);
+    `taskpacks` are the directories of the versions other than the scenario's own
+    taskpack, published beside it."""
+
+    shares: tuple[tuple[str, float], ...]
+    taskpacks: tuple[tuple[str, Path], ...] = ()
+
+    def spec(self) -> str:
+        """The CLI's form, `1.0.0=0.8,1.1.0=0.2` (what ClusterSpec.rollout takes)."""
+        return ",".join(f"{version}={share:g}" for version, share in self.shares)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "shares": dict(self.shares),
+            "taskpacks": {v: str(p) for v, p in self.taskpacks},
+        }
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     seed: int
@@ -188,6 +210,7 @@ class Scenario:
     source: Path | None = None  # the YAML file it came from, if any
     flow: Path | None = None  # a flow file: the run is the whole flow (taskpack: its first step's)
     executor: Executor = Executor()
+    rollout: Rollout | None = None
 
     @property
     def rounds(self) -> int:
@@ -293,6 +316,7 @@ def parse(
             problems += checks.flow_param_problems(scenario)
         elif scenario is not None:
             problems += checks.taskpack_problems(scenario)
+            problems += checks.rollout_problems(scenario)
         elif isinstance(raw.get("taskpack"), str) and isinstance(raw.get("params"), dict):
             # Other parts are broken: still name the params keys the taskpack would refuse.
             taskpack = resolve_taskpack(raw["taskpack"], base_dir)
@@ -332,7 +356,7 @@ _MISSING: Any = object()
 KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "": (
         ("name", "seed", "nodes", "topology", "dataset", "taskpack", "params", "network",
-         "faults", "byzantine", "dp", "flow", "executor"),
+         "faults", "byzantine", "dp", "flow", "executor", "rollout"),
         ("name", "nodes", "dataset", "params"),  # and a taskpack or a flow
     ),
     "topology": (("kind", "degree", "rewire", "group_size"), ("kind",)),
@@ -342,6 +366,7 @@ KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "faults[]": (("round", *FAULT_ACTIONS), ("round",)),
     "byzantine": (("nodes", "attack", "scale", "std"), ("nodes", "attack")),
     "dp": (("epsilon", "delta", "max_grad_norm"), ("epsilon",)),
+    "rollout": (("shares", "taskpacks"), ("shares", "taskpacks")),
 }  # fmt: skip
 # `params` keys the simulator itself reads (typed fields of Params); `rounds` is required.
 PARAM_KEYS = ("rounds", "local_epochs", "aggregator", "protocol")
@@ -522,6 +547,9 @@ def _parse_scenario(
     byz = _parse_byzantine(c, doc.get("byzantine"), nodes)
     dp = _parse_dp(c, doc.get("dp"))
     executor = _parse_executor(c, doc.get("executor"))
+    rollout = _parse_rollout(c, doc.get("rollout"), base_dir)
+    if rollout is not None and "flow" in doc:
+        c.err("rollout", "a flow's steps name their own taskpacks; a rollout is for a taskpack")
 
     if c.problems:
         return None, c.problems
@@ -531,7 +559,7 @@ def _parse_scenario(
         name=str(name), seed=seed, nodes=nodes, topology=topology, dataset=dataset,
         taskpack=taskpack, params=params, network=link, faults=faults or (),
         byzantine=byz, dp=dp, source=source, flow=flow[0] if flow else None,
-        executor=executor or Executor(),
+        executor=executor or Executor(), rollout=rollout,
     )  # fmt: skip
     return scenario, c.problems
 
@@ -855,3 +883,60 @@ def _parse_executor(c: _Checker, value: Any) -> Executor | None:
     if kind is None or cpus is None:
         return None
     return Executor(kind, address, cpus)
+
+
+def _parse_rollout(c: _Checker, value: Any, base_dir: Path | None) -> Rollout | None:
+    """`rollout: {shares: {"1.0.0": 0.8, "1.1.0": 0.2}, taskpacks: {"1.1.0": DIR}}`: the
+    fractions (checked as the CLI's --rollout is), and a directory for every version but
+    one, the scenario's own taskpack (whose manifest version checks.rollout_problems
+    matches against the shares, with the other directories' names and versions)."""
+    if value is None:
+        return None
+    m = c.section(value, "rollout")
+    if m is None:
+        return None
+    shares_raw, dirs_raw = m.get("shares"), m.get("taskpacks")
+    shares: list[tuple[str, float]] = []
+    if "shares" in m and not isinstance(shares_raw, dict):
+        c.err("rollout.shares", 'must be a mapping of version to fraction, e.g. {"1.0.0": 0.8}')
+    elif isinstance(shares_raw, dict):
+        from p2pfl.core.versions import parse_rollout
+
+        for version, share in shares_raw.items():
+            path = f"rollout.shares.{version}"
+            if not isinstance(version, str):
+                c.err(path, f'versions must be quoted strings ("1.0.0"), got {version!r}')
+            elif not is_finite_number(share):
+                c.err(path, f"must be a fraction in (0, 1], got {share!r}")
+            else:
+                shares.append((version, float(share)))
+        if len(shares) == len(shares_raw):
+            try:
+                parse_rollout(",".join(f"{v}={share!r}" for v, share in shares))
+            except ValueError as exc:
+                c.err("rollout.shares", str(exc).removeprefix("--rollout: "))
+                shares = []
+        else:
+            shares = []
+    dirs: list[tuple[str, Path]] = []
+    if "taskpacks" in m and not isinstance(dirs_raw, dict):
+        c.err("rollout.taskpacks", "must be a mapping of version to taskpack directory")
+    elif isinstance(dirs_raw, dict):
+        known = {v for v, _ in shares}
+        for version, ref in dirs_raw.items():
+            path = f"rollout.taskpacks.{version}"
+            if shares and version not in known:
+                c.err(path, f"version not in rollout.shares ({', '.join(sorted(known))})")
+            elif not (isinstance(ref, str) and ref.strip()):
+                c.err(path, "must be a taskpack directory path (string)")
+            else:
+                dirs.append((str(version), resolve_taskpack(ref, base_dir)))
+        if shares and len(dirs_raw) != len(shares) - 1:
+            c.err(
+                "rollout.taskpacks",
+                f"name a directory for each version but the scenario's taskpack: "
+                f"{len(shares) - 1} for {len(shares)} shares, got {len(dirs_raw)}",
+            )
+    if not shares or len(dirs) != len(shares) - 1:
+        return None
+    return Rollout(tuple(shares), tuple(dirs))

@@ -96,7 +96,8 @@ async def test_bulk_offer_that_never_comes_fails_fast_without_fallback(
         stuck.append(stream)
         await trio.sleep_forever()
 
-    a.net._host.set_stream_handler(TProtocol(_bulk.BULK_PROTOCOL), hang)
+    for protocol in (_bulk.BULK_PROTOCOL, _bulk.BULK_SESSION_PROTOCOL):
+        a.net._host.set_stream_handler(TProtocol(protocol), hang)
     a.blobs["x"] = b"data"
     b.net.fetch(a.id, "x", 0, 4, "t")
     with trio.fail_after(10):  # far below fetch_timeout_s

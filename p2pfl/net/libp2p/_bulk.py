@@ -63,6 +63,19 @@ from p2pfl.net.libp2p._framing import (
 LOG = logging.getLogger("p2pfl.net.libp2p")
 
 BULK_PROTOCOL = "/p2pfl/bulk/1.0.0"
+# The same exchange, several times on one stream, one request at a time: a fetcher keeps
+# the stream for its next range from that peer (see BulkStreams). Opening a stream costs
+# yamux frames both ways and a multistream-select exchange, which in pure Python was as
+# much event-loop time as the range's bytes for 1 MiB ranges. 1.0.0 is one range per stream.
+BULK_SESSION_PROTOCOL = "/p2pfl/bulk/1.1.0"
+# A kept stream with no request for this long is closed by the server; a fetcher reuses
+# one only while it has been idle for less than FETCHER_IDLE_S.
+SESSION_IDLE_S = 30.0
+FETCHER_IDLE_S = 15.0
+# Idle streams a fetcher keeps per peer (a blob fetch asks a peer for at most 2 ranges at
+# once, and a round fetches a few blobs from one peer), and peers it keeps them for.
+KEEP_PER_PEER = 4
+MAX_KEPT_PEERS = 1024
 TOKEN_LEN = 16
 _NONCE = bytes(12)
 _TAG = 16
@@ -167,7 +180,7 @@ async def serve_bulk_stream(
     limit: trio.Semaphore,
     may_serve: MayServe = allow_all,
 ) -> tuple[int, int]:
-    """Answer one bulk request on a libp2p stream.
+    """Answer one bulk request on a libp2p stream (BULK_PROTOCOL).
 
     Returns (received, sent): the request's bytes, and this serve's own bytes out (the
     answer on the stream, then the range on its TCP connection), which is exactly what
@@ -180,21 +193,7 @@ async def serve_bulk_stream(
             raw = await read_frame(stream, _MAX_REQUEST) or b""
         if not raw:
             raise RemoteProtocolError("bulk stream closed before a request")
-        cid, offset, length = decode_request(raw)
-        if not allowed(may_serve, peer, cid):
-            # Refused before a slot or a read; FetchRefused on the fetcher (no fallback).
-            sent = await _answer(stream, FORBIDDEN, NOT_ALLOWED.encode())
-            with trio.move_on_after(2):
-                await _close(stream)
-            return len(raw), sent
-        # A slot is held until the range is collected: it bounds memory per peer. Every
-        # holder is bounded in time, so this wait is too; past it the answer is "busy"
-        # (the fetcher then asks another provider rather than this overloaded one again).
-        async with serve_slot(limit, SLOT_TIMEOUT_S) as got:
-            if not got:
-                sent = await _answer(stream, SERVER_ERROR, b"busy")
-            else:
-                sent = await _offer_range(stream, server, reader, raw, cid, offset, length)
+        sent = await _serve_request(stream, peer, server, reader, limit, may_serve, raw)
         with trio.move_on_after(2):
             await _close(stream)
     except RemoteProtocolError as exc:
@@ -204,6 +203,63 @@ async def serve_bulk_stream(
         LOG.debug("bulk stream from %s failed: %r", peer, exc)
         await _reset(stream)
     return len(raw), sent
+
+
+async def serve_bulk_session(
+    stream: Any,
+    peer: str,
+    server: BulkServer,
+    reader: Any,
+    limit: trio.Semaphore,
+    count: Any,
+    may_serve: MayServe = allow_all,
+) -> None:
+    """Answer bulk requests on one stream (BULK_SESSION_PROTOCOL), one at a time, until
+    the fetcher closes it or sends nothing for SESSION_IDLE_S. `count(received, sent)` is
+    called per request, with what serve_bulk_stream returns."""
+    try:
+        while True:
+            raw: bytes | None = None
+            with trio.move_on_after(SESSION_IDLE_S):
+                raw = await read_frame(stream, _MAX_REQUEST)
+            if raw is None:
+                break  # idle, or the fetcher closed its side between requests
+            sent = 0
+            try:
+                sent = await _serve_request(stream, peer, server, reader, limit, may_serve, raw)
+            finally:
+                count(len(raw), sent)
+        with trio.move_on_after(2):
+            await _close(stream)
+    except RemoteProtocolError as exc:
+        LOG.warning("bulk stream from %s reset: %s", peer, exc)
+        await _reset(stream)
+    except Exception as exc:
+        LOG.debug("bulk stream from %s failed: %r", peer, exc)
+        await _reset(stream)
+
+
+async def _serve_request(
+    stream: Any,
+    peer: str,
+    server: BulkServer,
+    reader: Any,
+    limit: trio.Semaphore,
+    may_serve: MayServe,
+    raw: bytes,
+) -> int:
+    """Answer one request (its frame's body `raw`); bytes this serve sent."""
+    cid, offset, length = decode_request(raw)
+    if not allowed(may_serve, peer, cid):
+        # Refused before a slot or a read; FetchRefused on the fetcher (no fallback).
+        return await _answer(stream, FORBIDDEN, NOT_ALLOWED.encode())
+    # A slot is held until the range is collected: it bounds memory per peer. Every
+    # holder is bounded in time, so this wait is too; past it the answer is "busy"
+    # (the fetcher then asks another provider rather than this overloaded one again).
+    async with serve_slot(limit, SLOT_TIMEOUT_S) as got:
+        if not got:
+            return await _answer(stream, SERVER_ERROR, b"busy")
+        return await _offer_range(stream, server, reader, raw, cid, offset, length)
 
 
 async def _offer_range(

@@ -143,6 +143,50 @@ class Reacher:
 _MAX_NO_BULK = 4096
 
 
+class BulkStreams:
+    """Bulk session streams (BULK_SESSION_PROTOCOL) idle between two ranges, per peer.
+
+    A stream goes back here only after a whole exchange (offer read, range collected or
+    refused cleanly), so the next request starts on a clean stream. At most KEEP_PER_PEER
+    per peer and MAX_KEPT_PEERS peers; one idle for FETCHER_IDLE_S or more is closed, not
+    reused (the server closes its side after SESSION_IDLE_S)."""
+
+    def __init__(self) -> None:
+        self._idle: dict[str, list[tuple[Any, float]]] = {}
+
+    async def take(self, peer: str) -> Any | None:
+        kept = self._idle.get(peer)
+        now = trio.current_time()
+        while kept:
+            stream, at = kept.pop()
+            if not kept:
+                del self._idle[peer]
+            if now - at < _bulk.FETCHER_IDLE_S:
+                return stream
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                await close_quietly(stream)
+        return None
+
+    def give(self, peer: str, stream: Any) -> bool:
+        """Keep `stream` for the next range from `peer`; False: the caller closes it."""
+        kept = self._idle.get(peer)
+        if kept is None:
+            if len(self._idle) >= _bulk.MAX_KEPT_PEERS:
+                return False
+            kept = self._idle[peer] = []
+        if len(kept) >= _bulk.KEEP_PER_PEER:
+            return False
+        kept.append((stream, trio.current_time()))
+        return True
+
+    def forget(self, peer: str) -> None:
+        """The peer is gone: its streams went with the connection."""
+        self._idle.pop(peer, None)
+
+    def idle(self, peer: str) -> int:
+        return len(self._idle.get(peer, ()))
+
+
 async def fetch_range(
     host: Any,
     peer: str,
@@ -152,17 +196,31 @@ async def fetch_range(
     bulk: bool,
     extra: dict[str, int],
     no_bulk: set[str] | None = None,
+    streams: BulkStreams | None = None,
 ) -> tuple[bytes, int]:
     """(data, wire bytes) of one range from a connected peer; counts into `extra`.
 
     A peer whose bulk path is unreachable or missing is added to `no_bulk` and not tried
-    over it again: behind a firewall, each try would cost a connect timeout.
+    over it again: behind a firewall, each try would cost a connect timeout. With
+    `streams`, the bulk request goes on a kept session stream when one is idle, and its
+    stream is kept for the next range (a peer without the session protocol gets one
+    BULK_PROTOCOL stream per range, as before).
     Raises FetchRefused, StageTimeout, RemoteProtocolError or another Exception."""
     no_bulk = set() if no_bulk is None else no_bulk
     if bulk and peer not in no_bulk:
-        result = await _fetch_via(
-            host, peer, _bulk.BULK_PROTOCOL, cid, offset, length, extra, no_bulk
-        )
+        result = None
+        if streams is not None:
+            stream = await streams.take(peer)
+            if stream is not None:
+                extra["bulk_streams_reused"] = extra.get("bulk_streams_reused", 0) + 1
+                result = await _fetch_via(
+                    host, peer, _bulk.BULK_PROTOCOL, cid, offset, length, extra, no_bulk,
+                    streams, stream,
+                )  # fmt: skip
+        if result is None:
+            result = await _fetch_via(
+                host, peer, _bulk.BULK_PROTOCOL, cid, offset, length, extra, no_bulk, streams
+            )
         if result is not None:
             return result
     result = await _fetch_via(host, peer, _blob.BLOB_PROTOCOL, cid, offset, length, extra)
@@ -179,19 +237,28 @@ async def _fetch_via(
     length: int,
     extra: dict[str, int],
     no_bulk: set[str] | None = None,
+    streams: BulkStreams | None = None,
+    kept: Any = None,
 ) -> tuple[bytes, int] | None:
-    """One range over `protocol`. For the bulk path, None means "fall back"."""
-    stream = None
+    """One range over `protocol` (on the `kept` session stream, if given). For the bulk
+    path, None means "fall back" (or, for a kept stream, "try a fresh one")."""
+    stream = kept
     try:
-        with deadline(f"opening a {protocol} stream", OPEN_TIMEOUT_S):
-            stream = await host.new_stream(ID.from_base58(peer), [TProtocol(protocol)])
+        if stream is None:
+            wanted = [protocol]
+            if protocol == _bulk.BULK_PROTOCOL and streams is not None:
+                wanted = [_bulk.BULK_SESSION_PROTOCOL, protocol]  # the first both speak
+            with deadline(f"opening a {protocol} stream", OPEN_TIMEOUT_S):
+                stream = await host.new_stream(ID.from_base58(peer), [TProtocol(p) for p in wanted])
         if protocol == _bulk.BULK_PROTOCOL:
             result = await _bulk.fetch_bulk(stream, cid, offset, length)
             extra["bulk_fetches"] = extra.get("bulk_fetches", 0) + 1
         else:
             result = await _blob.request_range(stream, cid, offset, length)
-        with trio.move_on_after(CLOSE_TIMEOUT_S):  # the data is in: never wait long here
-            await close_quietly(stream)
+        session = str(stream.get_protocol()) == _bulk.BULK_SESSION_PROTOCOL
+        if not (session and streams is not None and streams.give(peer, stream)):
+            with trio.move_on_after(CLOSE_TIMEOUT_S):  # the data is in: never wait long
+                await close_quietly(stream)
         return result
     except _blob.FetchRefused:
         with trio.move_on_after(CLOSE_TIMEOUT_S):
@@ -199,6 +266,11 @@ async def _fetch_via(
         raise
     except BaseException as exc:
         await reset_quietly(stream)
+        if kept is not None and isinstance(exc, Exception) and not isinstance(exc, StageTimeout):
+            # A kept stream that broke (its connection was replaced, say): the caller
+            # opens a fresh one rather than blaming the peer's bulk path.
+            LOG.debug("kept bulk stream to %s failed (%r); opening a fresh one", peer, exc)
+            return None
         # A timeout means an overloaded server or link: the stream path would load it
         # more, so the fetch fails and the fetcher asks another provider. A broken bulk
         # path (an old peer, a firewalled port, a withdrawn offer) falls back.

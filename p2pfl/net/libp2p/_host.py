@@ -32,8 +32,14 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID, Transport a
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID, Yamux
 
 from p2pfl.limits import LOG_EVERY_S, OUTBOUND_GOSSIP_PEER_BYTES
+from p2pfl.net.libp2p import _gossip_io, _yamux
 from p2pfl.net.libp2p._addrs import addrs_factory, exclusive_tcp_bind
 from p2pfl.net.libp2p._config import Libp2pConfig
+
+# A WINDOW_UPDATE per half window consumed, not per read (see _yamux); gossip RPCs read
+# in whole pieces, not a byte at a time (see _gossip_io).
+_yamux.install()
+_gossip_io.install()
 
 # Called for every gossip message we accept: (topic, originator peer id bytes, data).
 GossipHandler = Callable[[str, bytes, bytes], None]
@@ -191,6 +197,13 @@ class SinkPubsub(Pubsub):
             await super().push_msg(msg_forwarder, msg)
         finally:
             _handling.reset(token)
+
+    def _is_subscribed_to_msg(self, msg: rpc_pb2.Message) -> bool:
+        """Asked by the RPC read loop for each received message before it starts a task
+        (with a uuid4 id) for push_msg. GossipSub hands a node each message about D times
+        (every mesh peer relays it); a copy already seen is skipped here, which is what
+        push_msg does with it first thing anyway (it neither scores nor relays it)."""
+        return super()._is_subscribed_to_msg(msg) and not self._is_msg_seen(msg)
 
     def resend_subscriptions(self, peer_id: Any) -> bool:
         """Tell a peer our topics again, through its outbound queue (never a second writer
