@@ -760,7 +760,7 @@ class Driver:
         """Reduce-scatter steps (cut, reduce, assemble: fl/slices.py) off the event path."""
         store = self.store
 
-        def work() -> tuple[list[bytes], int, str, int]:
+        def work() -> tuple[list[bytes], int, str, int, tuple[float, ...]]:
             from p2pfl.fl.slices import slice_work
 
             return slice_work(
@@ -778,9 +778,9 @@ class Driver:
             if error is not None:
                 self.on_event(SliceWorked(cmd.token, (), f"{type(error).__name__}: {error}"))
                 return
-            blobs, bad, reason, chosen = result
+            blobs, bad, reason, chosen, values = result
             refs = tuple(self.put_blob(data) for data in blobs)
-            self.on_event(SliceWorked(cmd.token, refs, reason, bad, chosen))
+            self.on_event(SliceWorked(cmd.token, refs, reason, bad, chosen, values))
 
         self.io.run_blocking(work, done)
 

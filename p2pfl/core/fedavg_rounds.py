@@ -31,11 +31,19 @@ from p2pfl.core.commands import (
 from p2pfl.core.hierarchy import Hierarchy, group_size
 from p2pfl.core.messages import TOPIC_TASKS, RoundClose, RoundUpdate
 from p2pfl.core.phase import ACTIVE, BlobOutcome, Phase
-from p2pfl.core.round_messages import GroupDone, SliceAsk, SliceDone, SliceOffer
+from p2pfl.core.round_messages import (
+    GroupDone,
+    SketchProof,
+    SliceAsk,
+    SliceDone,
+    SliceOffer,
+    SliceSketch,
+)
 from p2pfl.core.rounds_base import RoundsBase
 from p2pfl.core.scatter import Scatter, slice_count
 from p2pfl.core.tokens import TaskTimer, TimerKind
 from p2pfl.store.blobref import BlobRef
+from p2pfl.wire import Signed
 
 GRACE_S = 2.0
 
@@ -392,11 +400,19 @@ class FedAvgRounds(RoundsBase):
     # --- reduce-scatter messages ---------------------------------------------------------
 
     def on_stage_message(
-        self, now: float, msg: SliceOffer | SliceAsk | SliceDone | GroupDone
+        self,
+        now: float,
+        msg: SliceOffer | SliceAsk | SliceDone | GroupDone | SliceSketch | SketchProof,
+        envelope: Signed | None = None,
     ) -> list[Command]:
         scatter = self.scatter
         if isinstance(msg, SliceOffer) and scatter is not None:
-            return scatter.on_offer(now, msg)
+            return scatter.on_offer(now, msg, envelope)
+        check = scatter.check if scatter is not None else None
+        if isinstance(msg, SliceSketch) and check is not None:
+            return check.on_sketch(now, msg, envelope)
+        if isinstance(msg, SketchProof) and check is not None:
+            return check.on_proof(now, msg)
         if isinstance(msg, SliceAsk) and scatter is not None:
             return scatter.on_ask(now, msg)
         if isinstance(msg, GroupDone) and self.hierarchy is not None:

@@ -63,7 +63,14 @@ from p2pfl.core.phase import (
     PolicyRevoked,
     TaskpackState,
 )
-from p2pfl.core.round_messages import GroupDone, SliceAsk, SliceDone, SliceOffer
+from p2pfl.core.round_messages import (
+    GroupDone,
+    SketchProof,
+    SliceAsk,
+    SliceDone,
+    SliceOffer,
+    SliceSketch,
+)
 from p2pfl.core.snapshot import open_snapshot
 from p2pfl.core.task import Incoming, LocalContext, TaskMachine
 from p2pfl.core.taskpacks import TaskpackBook
@@ -84,7 +91,17 @@ if TYPE_CHECKING:
     from p2pfl.policy import SitePolicy
 
 # Which messages may arrive where, and whether they must be signed.
-_SIGNED = (TaskOffer, Volunteer, Reveal, Roster, TaskResult, Capability, Decline, Cancel)
+_SIGNED = (
+    TaskOffer,
+    Volunteer,
+    Reveal,
+    Roster,
+    TaskResult,
+    Capability,
+    Decline,
+    Cancel,
+    SliceSketch,
+)
 _ON_TOPIC: dict[str | None, tuple[type, ...]] = {
     TOPIC_TASKPACKS: (TaskpackAnnounce, TaskpackHave),
     TOPIC_CAPABILITIES: (Capability,),
@@ -97,6 +114,8 @@ _ON_TOPIC: dict[str | None, tuple[type, ...]] = {
         RoundUpdate,
         RoundClose,
         SliceDone,
+        SliceSketch,
+        SketchProof,
         GroupDone,
         TaskResult,
         Cancel,

@@ -1,0 +1,163 @@
+"""Random linear sketches that let every node check a reduce-scatter round's combined
+slices without holding their inputs (linear aggregators: fedavg, fedprox).
+
+Pure functions, no I/O, deterministic: every node evaluates them on the same inputs.
+
+The check. FedAvg is linear: slice j of the model is a_j = sum_i f_i * s_ij, where s_ij is
+slice j of participant i's update and f_i its normalised weight (its signed sample count,
+capped as the rounds cap it, over the included total). Once every owner has published its
+combined slice (SliceDone, naming a_j by content id), a seed R follows from the task, the
+round, the close attempt and every combined slice's cid, in slice order (`sketch_seed`).
+From R come K pseudo-random vectors per slice (`challenge`). Each participant then
+publishes <R_j^m, s_ij> for every slice j and m < K (and the L1 norm of s_ij, for the
+tolerance); every node, holding every a_j, checks <R_j^m, a_j> = sum_i f_i <R_j^m, s_ij>.
+
+Why it catches an owner: R is fixed only after every a_j is (its cid is in the seed), so an
+owner that publishes a_j + d cannot choose d orthogonal to R; <R, d> is then a Gaussian of
+standard deviation |d|, far outside the tolerance unless d is below float32 rounding.
+
+The owner's own contribution to its slice is not taken from the owner (it could make up a
+value that hides its shift): the owner offers that slice to a witness, the next included
+participant after it in rank order, which publishes its sketch instead.
+
+The randomness here is a public challenge, not privacy noise: anyone can recompute it, and
+it must be reproducible (numpy's PCG64 seeded by sha256), not drawn from a CSPRNG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from p2pfl.fl.aggregate import Weights
+
+K = 4  # challenge vectors per slice
+# Floats one participant's sketch carries per slice: K inner products and one L1 norm.
+PER_SLICE = K + 1
+# The float64 sums behind an inner product (over at most 2**31 coordinates and 256
+# updates) are off by far less than this fraction of the sum of |terms|; see `tolerance`.
+FLOAT64_SLACK = 2.0**-24
+# An integer or bool coordinate of the aggregate is rounded (fedavg rints it): off by up
+# to 0.5 (bool: up to 1).
+INTEGER_SLACK = 1.0
+ROUNDING_MARGIN = 4.0  # times the dtype's worst rounding error (eps / 2)
+
+
+def sketch_seed(task_id: str, rnd: int, attempt: int, combined: Sequence[str]) -> bytes:
+    """The round's public challenge seed: fixed by every combined slice's cid."""
+    h = hashlib.sha256(b"p2pfl sketch v1\0")
+    h.update(f"{task_id}\0{rnd}\0{attempt}\0".encode())
+    for cid in combined:
+        h.update(cid.encode() + b"\0")
+    return h.digest()
+
+
+def challenge(seed: bytes, index: int, m: int, length: int) -> np.ndarray:
+    """The m-th challenge vector of slice `index` (float64, standard normal)."""
+    digest = hashlib.sha256(seed + f"|{index}|{m}".encode()).digest()
+    gen = np.random.Generator(np.random.PCG64(int.from_bytes(digest, "big")))
+    return gen.standard_normal(length)
+
+
+def _flat(piece: Weights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A slice as one float64 vector, each coordinate's rounding unit, and whether it is
+    an integer (or bool) coordinate."""
+    values, units, ints = [], [], []
+    for value in piece.values():
+        arr = np.asarray(value).reshape(-1)
+        values.append(arr.astype(np.float64))
+        integer = not np.issubdtype(arr.dtype, np.floating)
+        unit = 0.0 if integer else float(np.finfo(arr.dtype).eps) / 2
+        units.append(np.full(arr.size, unit))
+        ints.append(np.full(arr.size, integer))
+    if not values:
+        return np.empty(0), np.empty(0), np.empty(0, dtype=bool)
+    return np.concatenate(values), np.concatenate(units), np.concatenate(ints)
+
+
+def sketch(seed: bytes, index: int, piece: Weights) -> tuple[float, ...]:
+    """What a participant publishes for its slice `index`: K inner products with the
+    challenge vectors, then the slice's L1 norm (all float64); then rmax (see
+    aggregate_sketch), which is not published (everyone derives it): K + 2 floats."""
+    flat, _, _ = _flat(piece)
+    dots, rmax = [], 0.0
+    for m in range(K):
+        r = challenge(seed, index, m, flat.size)
+        dots.append(float(r @ flat))
+        rmax = max(rmax, float(np.abs(r).max()) if r.size else 0.0)
+    return (*dots, float(np.abs(flat).sum()), rmax)
+
+
+def aggregate_sketch(seed: bytes, index: int, piece: Weights) -> tuple[float, ...]:
+    """The combined slice's K inner products; for each m the bound on how far the honest
+    cast to the tensors' dtypes may move it (ROUNDING_MARGIN times eps/2 per float
+    coordinate, INTEGER_SLACK per integer one, weighted by |R_c|); then rmax, the largest
+    |R_j^m[c]| (it bounds sum_c |R_c x_c| by rmax * |x|_1): 2K + 1 floats."""
+    flat, units, ints = _flat(piece)
+    dots, bounds, rmax = [], [], 0.0
+    for m in range(K):
+        r = challenge(seed, index, m, flat.size)
+        dots.append(float(r @ flat))
+        rounding = ROUNDING_MARGIN * (np.abs(r) * units) @ np.abs(flat)
+        bounds.append(float(rounding + INTEGER_SLACK * np.abs(r[ints]).sum()))
+        rmax = max(rmax, float(np.abs(r).max()) if r.size else 0.0)
+    return (*dots, *bounds, rmax)
+
+
+def rmax_of(checked: Sequence[float]) -> float:
+    """rmax from an aggregate_sketch."""
+    return float(checked[2 * K])
+
+
+def tolerance(rounding: float, rmax: float, weighted_norm: float) -> float:
+    """How far <R, a_j> may honestly be from sum_i f_i <R, s_ij>.
+
+    `rounding`: the cast of the float64 mean to the model's dtypes (aggregate_sketch: a
+    float32 coordinate is rounded by at most 2**-24 of itself; 4x that is allowed).
+    The float64 sums (fedavg's accumulation over <= 256 updates, numpy's dot products over
+    the slice) are exact to far better than FLOAT64_SLACK of sum_c |R_c| sum_i f_i
+    |s_ic|, bounded by rmax * sum_i f_i |s_ij|_1 (`weighted_norm`). The absolute floor
+    keeps an all-zero slice checkable. A relative 1e-5 of |R||a| (the first idea) would let
+    an owner hide a shift of about sqrt(slice length) * 1e-5 of the slice per coordinate;
+    this bound is as tight as float32 rounding allows."""
+    return rounding + FLOAT64_SLACK * rmax * weighted_norm + 1e-30
+
+
+def weights_of(counts: Sequence[float]) -> list[float]:
+    """The normalised weights fedavg uses (fl/aggregate.py fedavg): n_i / total, or equal
+    weights when every count is 0."""
+    total = sum(counts)
+    return [c / total for c in counts] if total > 0 else [1.0 / len(counts)] * len(counts)
+
+
+def slice_fails(
+    combined: Sequence[float], contributions: Sequence[tuple[float, Sequence[float]]]
+) -> str | None:
+    """Why slice j's check fails, or None. `combined`: aggregate_sketch of a_j;
+    `contributions`: (f_i, sketch of s_ij) of every included update, in close order."""
+    rmax = rmax_of(combined)
+    norm = sum(f * s[K] for f, s in contributions)
+    for m in range(K):
+        expected = sum(f * s[m] for f, s in contributions)
+        got = combined[m]
+        tol = tolerance(combined[K + m], rmax, norm)
+        diff = abs(got - expected)
+        if not np.isfinite(diff) or not diff <= tol:
+            return f"<R{m}, slice> is {got:.9g}, the updates' sketches say {expected:.9g} (tolerance {tol:.3g})"
+    return None
+
+
+def sketch_lies(claimed: Sequence[float], actual: Sequence[float]) -> str | None:
+    """Why a participant's published sketch of a slice is not that slice's (`actual`, the
+    sketch() recomputed from the slice it signed an offer for, rmax last), or None. A lie big enough to make a
+    slice check fail alone is bigger than this tolerance (the check allows the same
+    FLOAT64_SLACK term), so an honest owner can always prove it."""
+    slack = FLOAT64_SLACK * actual[PER_SLICE] * actual[K] + 1e-30
+    for m in range(K):
+        if not abs(claimed[m] - actual[m]) <= slack:
+            return f"<R{m}, slice> claimed {claimed[m]:.9g}, the slice gives {actual[m]:.9g}"
+    if not abs(claimed[K] - actual[K]) <= 2.0**-30 * actual[K] + 1e-30:
+        return f"L1 norm claimed {claimed[K]:.9g}, the slice gives {actual[K]:.9g}"
+    return None
