@@ -171,7 +171,7 @@ class Scatter:
         out: list[Command] = []
         check = self.check
         if check is not None:
-            check.start()
+            out += check.start(now)
         mine = self.mine.get(close.round)
         if me in close.included and mine is not None:
             for j, owner in enumerate(self.owner):
@@ -318,6 +318,8 @@ class Scatter:
         out: list[Command] = []
         for j in self.my_indices():
             out += self._try_reduce(j)
+        if self.check is not None:
+            out += self.check.check_proofs()
         return out + self.try_assemble(now)
 
     def _fetch_failed(
@@ -543,6 +545,9 @@ class Scatter:
         if close is None or close.round != rnd or task.phase is not Phase.AGGREGATING:
             return []
         lacking = self._lacking_authors(every=True)
+        # A witness asks the owner for its own slice too (core/verify.py).
+        for j in self.check.lacking_witnessed() if self.check is not None else []:
+            lacking.setdefault(j, []).append(self.owner[j])
         if not lacking:
             return []
         self.asks += 1
@@ -561,7 +566,13 @@ class Scatter:
         mine = self.mine.get(ask.round)
         if close is None or close.round != ask.round or mine is None or ask.index >= self.count:
             return []
-        if self.owner[ask.index] != ask.peer or task.my_id not in close.included:
+        check = self.check
+        witness = check is not None and check.witness[ask.index] == ask.peer
+        if self.owner[ask.index] != ask.peer and not (
+            witness and self.owner[ask.index] == task.my_id
+        ):
+            return []
+        if task.my_id not in close.included:
             return []
         # Answered a bounded number of times per close: asks cannot make us a megaphone.
         key = (ask.peer, ask.index)
@@ -585,7 +596,7 @@ class Scatter:
         acting = task.acting() == task.my_id
         out: list[Command] = []
         if self.check is not None and self.complete() and not self.check.verified:
-            out += self.check.on_deadline(now)
+            out += self.check.on_deadline(now, first=self.deadlines == 1)
         if self.deadlines == 1:
             lacking = {j: a[0] for j, a in self._lacking_authors().items()}
             if acting and lacking:

@@ -39,9 +39,6 @@ PER_SLICE = K + 1
 # The float64 sums behind an inner product (over at most 2**31 coordinates and 256
 # updates) are off by far less than this fraction of the sum of |terms|; see `tolerance`.
 FLOAT64_SLACK = 2.0**-24
-# An integer or bool coordinate of the aggregate is rounded (fedavg rints it): off by up
-# to 0.5 (bool: up to 1).
-INTEGER_SLACK = 1.0
 ROUNDING_MARGIN = 4.0  # times the dtype's worst rounding error (eps / 2)
 
 
@@ -61,27 +58,31 @@ def challenge(seed: bytes, index: int, m: int, length: int) -> np.ndarray:
     return gen.standard_normal(length)
 
 
-def _flat(piece: Weights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A slice as one float64 vector, each coordinate's rounding unit, and whether it is
-    an integer (or bool) coordinate."""
-    values, units, ints = [], [], []
+def _flat(piece: Weights) -> tuple[np.ndarray, np.ndarray]:
+    """A slice's floating-point coordinates as one float64 vector, and each one's
+    rounding unit (eps / 2 of its dtype).
+
+    Integer and bool tensors (e.g. BatchNorm's step counter) are left out: fedavg rounds
+    them, which is not linear, and their rounding slack (0.5 per coordinate) would hide a
+    float shift of that size in the same inner product. They are not checked (see
+    docs/architecture.md)."""
+    values, units = [], []
     for value in piece.values():
         arr = np.asarray(value).reshape(-1)
+        if not np.issubdtype(arr.dtype, np.floating):
+            continue
         values.append(arr.astype(np.float64))
-        integer = not np.issubdtype(arr.dtype, np.floating)
-        unit = 0.0 if integer else float(np.finfo(arr.dtype).eps) / 2
-        units.append(np.full(arr.size, unit))
-        ints.append(np.full(arr.size, integer))
+        units.append(np.full(arr.size, float(np.finfo(arr.dtype).eps) / 2))
     if not values:
-        return np.empty(0), np.empty(0), np.empty(0, dtype=bool)
-    return np.concatenate(values), np.concatenate(units), np.concatenate(ints)
+        return np.empty(0), np.empty(0)
+    return np.concatenate(values), np.concatenate(units)
 
 
 def sketch(seed: bytes, index: int, piece: Weights) -> tuple[float, ...]:
     """What a participant publishes for its slice `index`: K inner products with the
     challenge vectors, then the slice's L1 norm (all float64); then rmax (see
     aggregate_sketch), which is not published (everyone derives it): K + 2 floats."""
-    flat, _, _ = _flat(piece)
+    flat, _ = _flat(piece)
     dots, rmax = [], 0.0
     for m in range(K):
         r = challenge(seed, index, m, flat.size)
@@ -92,16 +93,16 @@ def sketch(seed: bytes, index: int, piece: Weights) -> tuple[float, ...]:
 
 def aggregate_sketch(seed: bytes, index: int, piece: Weights) -> tuple[float, ...]:
     """The combined slice's K inner products; for each m the bound on how far the honest
-    cast to the tensors' dtypes may move it (ROUNDING_MARGIN times eps/2 per float
-    coordinate, INTEGER_SLACK per integer one, weighted by |R_c|); then rmax, the largest
-    |R_j^m[c]| (it bounds sum_c |R_c x_c| by rmax * |x|_1): 2K + 1 floats."""
-    flat, units, ints = _flat(piece)
+    cast to the tensors' dtypes may move it (ROUNDING_MARGIN times eps/2 per coordinate,
+    weighted by |R_c a_c|); then rmax, the largest |R_j^m[c]| (it bounds
+    sum_c |R_c x_c| by rmax * |x|_1): 2K + 1 floats."""
+    flat, units = _flat(piece)
     dots, bounds, rmax = [], [], 0.0
     for m in range(K):
         r = challenge(seed, index, m, flat.size)
         dots.append(float(r @ flat))
         rounding = ROUNDING_MARGIN * (np.abs(r) * units) @ np.abs(flat)
-        bounds.append(float(rounding + INTEGER_SLACK * np.abs(r[ints]).sum()))
+        bounds.append(float(rounding))
         rmax = max(rmax, float(np.abs(r).max()) if r.size else 0.0)
     return (*dots, *bounds, rmax)
 

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from p2pfl.core import sketch as sk
 from p2pfl.core.commands import Command, Publish, SliceWork, SliceWorked
-from p2pfl.core.messages import TOPIC_TASKS
+from p2pfl.core.messages import TOPIC_TASKS, RoundClose
 from p2pfl.core.round_messages import SketchProof, SliceOffer, SliceSketch
 from p2pfl.core.tokens import SliceToken
 from p2pfl.errors import RemoteProtocolError
@@ -98,18 +98,39 @@ class SliceCheck:
         # round -> (author, index) -> its signed SliceOffer (encoded), for proofs
         self.signed_offers: dict[int, dict[tuple[str, int], bytes]] = {}
         self.witness: list[str | None] = []
+        self.close: RoundClose | None = None
+        self.owner: list[str] = []
+        self.seed: bytes | None = None
+        self.verified = False
         self.start()
 
-    def start(self) -> None:
-        """A new close (or re-close): everything below is per close."""
+    def start(self, now: float = 0.0) -> list[Command]:
+        """A new close (or re-close): everything below is per close. A re-close that
+        leaves out whom the check of the close it replaces blames (the acting coordinator
+        acted at its deadline, before ours): they are excluded here too."""
         sc = self.scatter
         close = sc.close
+        out: list[Command] = []
+        before = getattr(self, "close", None)
+        if (
+            close is not None
+            and before is not None
+            and before.round == close.round
+            and close.attempt > before.attempt
+            and self.seed is not None
+            and not self.verified
+        ):
+            dropped = self._blame(before) - set(close.included)
+            out += self._mark(now, dropped, "the slice check failed; the round was re-closed")
+        self.close = close
+        self.owner = list(sc.owner)  # this close's owners (the scatter's move on first)
         if close is not None:
             self.witness = witnesses(self.task.participants, close.included, sc.owner)
             self.signed_offers = {r: o for r, o in self.signed_offers.items() if r >= close.round}
-        self.seed: bytes | None = None
+        self.seed = None
         self.sketches: dict[str, tuple[SliceSketch, bytes]] = {}
         self.mine_asked = self.check_asked = self.inputs_asked = False
+        self.give_up = False  # past the first deadline: sketch without missing witnessed slices
         self.checked: tuple[float, ...] = ()
         self.own: tuple[float, ...] = ()  # our sketch of our own slices (K + 2 each)
         self.inputs: dict[int, tuple[float, ...]] = {}  # our slice -> its inputs' sketches
@@ -118,6 +139,7 @@ class SliceCheck:
         self.excluded: set[str] = set()
         self.proofs: list[Proof] = []
         self.proven: set[tuple[str, int]] = set()
+        return out
 
     # --- what we hold for proofs -----------------------------------------------------------
 
@@ -159,7 +181,7 @@ class SliceCheck:
             self.check_asked = True
             refs = tuple(sc.done[j].ref for j in range(sc.count))
             out.append(self._work("check", refs, list(range(sc.count))))  # type: ignore[arg-type]
-        out += self._check_proofs()
+        out += self.check_proofs()
         return out + self._decide(now)
 
     def _sketch_mine(self) -> list[Command]:
@@ -173,8 +195,10 @@ class SliceCheck:
         refs, indices = list(mine), list(range(sc.count))
         for j in self.witnessed():
             ref = offers.get((sc.owner[j], j))
-            if ref is None:
+            if ref is None and self.give_up:
                 continue  # never offered: slice j cannot be checked; its owner answers for it
+            if ref is None:
+                return []  # asked for again (core/scatter.py ask_again) until the deadline
             if ref.cid not in sc.rounds.slice_blobs:
                 return []  # still on its way (a failed fetch re-closes without the owner)
             refs.append(ref)
@@ -373,7 +397,8 @@ class SliceCheck:
         self.proofs.append(Proof(claimant, proof.index, claimed, ref, proof.peer))
         if ref.cid not in sc.rounds.slice_blobs and not sc.wants(ref.cid):
             out += sc.fetch(ref, (proof.peer, author))
-        return out + self.advance(now)
+        # Checked even once this node's checks passed: a proven liar is excluded for good.
+        return out + self.check_proofs() + self.advance(now)
 
     def _open_proof(self, proof: SketchProof) -> tuple[str, tuple[float, ...], BlobRef, str]:
         """(claimant, its claimed sketch, the slice's ref, its author) of a proof whose
@@ -412,7 +437,7 @@ class SliceCheck:
             raise RemoteProtocolError(too_big)
         return msg.peer, claimed, offer.ref, offer.peer
 
-    def _check_proofs(self) -> list[Command]:
+    def check_proofs(self) -> list[Command]:
         out: list[Command] = []
         for slot, proof in enumerate(self.proofs):
             if not proof.asked and proof.ref.cid in self.scatter.rounds.slice_blobs:
@@ -505,33 +530,57 @@ class SliceCheck:
 
     # --- deciding who goes ---------------------------------------------------------------
 
-    def on_deadline(self, now: float) -> list[Command]:
+    def lacking_witnessed(self) -> list[int]:
+        """Slices we witness whose owner's offer has not come (to ask for again)."""
+        sc = self.scatter
+        close = sc.close
+        if close is None or self.mine_asked:
+            return []
+        got = sc.offers.get(close.round, {})
+        return [j for j in self.witnessed() if (sc.owner[j], j) not in got]
+
+    def on_deadline(self, now: float, first: bool) -> list[Command]:
         """The round's deadline under this close, every combined slice announced but the
-        check not passed: participants with no sketch, and owners of slices that fail
-        with no proven liar, are excluded."""
+        check not passed. First deadline: a witness still missing its owner's slice
+        sketches without it. Second: participants with no sketch, and owners of slices
+        that fail with no proven liar (or that their witness could not sketch), are
+        excluded."""
         sc = self.scatter
         close = sc.close
         assert close is not None
+        if first:
+            self.give_up = True
+            return self.advance(now)
         if self.verified or self.excluded:
             return []  # a liar was proven: the re-close is on its way
-        culprits = {p for p in close.included if p not in self.sketches}
-        if self.decided:
-            culprits |= {sc.owner[j] for j in self.failed}
-        culprits.discard(self.task.my_id)
+        culprits = self._blame(close)
         if not culprits:
             return []
         return self.exclude(now, culprits, "the slice check failed at the round's deadline")
 
+    def _blame(self, close: RoundClose) -> set[str]:
+        """Who the check blames at the deadline: participants with no sketch, and owners
+        of slices that fail with no proven liar (or that their witness could not sketch)."""
+        culprits = {p for p in close.included if p not in self.sketches}
+        if self.decided:
+            culprits |= {self.owner[j] for j in self.failed}
+        culprits.discard(self.task.my_id)
+        return culprits
+
     def exclude(self, now: float, peers: set[str], why: str) -> list[Command]:
         """`peers` misbehaved (a rule every honest node evaluates the same way): they are
         withdrawn for the rest of the task, and the round is re-closed without them."""
-        task, sc = self.task, self.scatter
-        peers = {p for p in peers if p != task.my_id and p not in self.excluded}
+        peers = {p for p in peers if p != self.task.my_id and p not in self.excluded}
         if not peers:
             return []
+        return self._mark(now, peers, why) + self.scatter.rounds.redo(now, peers, why)
+
+    def _mark(self, now: float, peers: set[str], why: str) -> list[Command]:
+        task, sc = self.task, self.scatter
+        peers = {p for p in peers if p != task.my_id and p not in self.excluded}
         self.excluded |= peers
         out: list[Command] = []
         for peer in sorted(peers):
             out.append(sc.warn(f"{peer[-8:]} excluded: {why}"))
             out += task._on_withdraw(now, peer, f"excluded by the slice check: {why}")
-        return out + sc.rounds.redo(now, peers, why)
+        return out
