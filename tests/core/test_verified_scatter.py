@@ -403,3 +403,25 @@ def test_oversized_or_inconsistent_sketches_and_proofs_do_not_decode() -> None:
     }
     with pytest.raises(RemoteProtocolError, match="signed sketch of"):
         decode(msgpack.packb(big))
+
+
+# --- the simulated network: real node code, the driver's slice work -------------------------
+
+
+def test_sim_fedavg_defaults_to_verified_reduce_scatter(tmp_path) -> None:  # noqa: ANN001
+    """Four simulated nodes, real training, the driver's slice work: every round moved by
+    reduce-scatter, every slice checked, every node with the same model. (Equality with
+    all-gather's bytes is the harness test's: another `aggregation` parameter is another
+    task id, so another training seed.)"""
+    from tests.core.simhelp import digits_split, run, spec
+
+    paths, test = digits_split(tmp_path, 4, per_node=100)
+    cluster, _ = run(spec(paths, test, params={"rounds": 2}))
+    assert cluster.result["status"] == "succeeded", cluster.result
+    machines = [n.core.tasks[cluster.task_id] for n in cluster.nodes]
+    for m in machines:
+        scatter = m.rounds.scatter
+        assert scatter is not None and scatter.count == 4
+        assert scatter.check is not None and scatter.check.verified and not m.withdrawn
+        assert all(c.attempt == 0 and len(c.included) == 4 for c in m.rounds.closes.values())
+    assert {m.global_ref.cid for m in machines} == {cluster.result["model_cid"]}
