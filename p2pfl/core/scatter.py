@@ -1,13 +1,14 @@
 """Reduce-scatter + all-gather of one fedavg/fedprox round at one node.
 
 The rule (every node evaluates it from the offer and the roster, so nobody announces it):
-a task that asks for it (`aggregation: {kind: reduce-scatter}`), of n participants,
-4 <= n <= MAX_SLICES, whose aggregator is coordinate-wise
-(fedavg, median, trimmed mean) and that sets no max_update_norm, moves its updates by
-reduce-scatter: each model is cut into n slices (fl/slices.py). Under a RoundClose the
-owner of slice j is the first participant, in rank order cyclically from participant j,
-whose update the close includes; so a participant lost mid-round has its slices
-reassigned by the coordinator's re-close, which leaves it out.
+a task of n participants, 4 <= n <= MAX_SLICES, that sets no max_update_norm, moves its
+updates by reduce-scatter when its aggregator is fedavg (fedprox rounds aggregate with
+fedavg) and `aggregation` is auto (the default) or reduce-scatter; or, asked for with
+`aggregation: {kind: reduce-scatter}`, when it is median, trimmed mean or Krum. Each model
+is cut into n slices (fl/slices.py). Under a RoundClose the owner of slice j is the first
+participant, in rank order cyclically from participant j, whose update the close
+includes; so a participant lost mid-round has its slices reassigned by the coordinator's
+re-close, which leaves it out.
 
 1. After training, a participant cuts its update into n slice blobs, then announces the
    update (RoundUpdate) as before.
@@ -16,7 +17,8 @@ reassigned by the coordinator's re-close, which leaves it out.
    combines them in the close's order (`included`, sorted) with the offer's aggregator
    and publishes SliceDone. Honest owners hold identical inputs, so the slice is a pure
    function of the close.
-3. Everyone fetches the n combined slices from their owners and assembles the model:
+3. Everyone fetches the n combined slices from their owners and (fedavg: once every
+   slice passes its check, core/verify.py) assembles the model:
    the slices' bytes end to end in slice order (verified by cid), so every node holds
    the bit-identical model; it equals, bit for bit, what all-gather computes.
 
@@ -24,17 +26,21 @@ Each node sends and receives about 2(n-1)/n models per round instead of n-1.
 
 Who may say what is checked here: a SliceDone counts only from the owner of its slice
 under the close; an offer only from the author itself (the transport authenticates the
-sender); a slice or combined slice larger than the model is refused unread, and one whose
+sender; under fedavg it is signed too, and an owner offers its own slice to its
+witness); a slice or combined slice larger than the model is refused unread, and one whose
 tensors do not fit the slice's place is refused when combined (the coordinator re-closes
 without its author) or assembled (re-closed without its owner).
 
-What it trusts, and why it is not the default: a combined slice is as trustworthy as its
-owner. Nobody else holds that slice's inputs, so an owner can set its 1/n of the model to
-anything, which a robust aggregator cannot bound (the owner publishes the aggregate, not
-an input to it). Under all-gather every node combines every update itself and a
-participant can only move the average within its signed record (THREATS.md). So
-reduce-scatter (and hierarchical groups, whose leaders combine for their group) is for
-consortia that accept that trust in exchange for 2(n-1)/n models per node per round.
+What it trusts. A combined slice is as trustworthy as its owner: nobody else holds that
+slice's inputs. Under fedavg every node checks every combined slice against the
+participants' random linear sketches before assembling (core/sketch.py, core/verify.py):
+an owner that shifts its slice, or a participant that lies in its sketch, is caught and
+excluded, unless two of them collude. Median, trimmed mean and Krum are not linear: an
+owner can set its 1/n of the model to anything, which a robust aggregator cannot bound
+(the owner publishes the aggregate, not an input to it), so for them reduce-scatter is
+only used when asked for, by consortia that accept that trust in exchange for 2(n-1)/n
+models per node per round (as for hierarchical groups, whose leaders combine for their
+group).
 """
 
 from __future__ import annotations
