@@ -27,6 +27,8 @@ it must be reproducible (numpy's PCG64 seeded by sha256), not drawn from a CSPRN
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -51,11 +53,34 @@ def sketch_seed(task_id: str, rnd: int, attempt: int, combined: Sequence[str]) -
     return h.digest()
 
 
+# Challenge vectors recently made, up to this many bytes: a node sketches its own slices
+# and then the combined ones under the same seed, and simulated nodes share a process.
+CACHE_BYTES = 64 * 1024 * 1024
+_cache: OrderedDict[tuple[bytes, int, int, int], np.ndarray] = OrderedDict()
+_cached = [0]
+_lock = threading.Lock()  # slice work runs in worker threads (driver.py)
+
+
 def challenge(seed: bytes, index: int, m: int, length: int) -> np.ndarray:
-    """The m-th challenge vector of slice `index` (float64, standard normal)."""
+    """The m-th challenge vector of slice `index` (float64, standard normal; read-only)."""
+    key = (seed, index, m, length)
+    with _lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            return hit
     digest = hashlib.sha256(seed + f"|{index}|{m}".encode()).digest()
     gen = np.random.Generator(np.random.PCG64(int.from_bytes(digest, "big")))
-    return gen.standard_normal(length)
+    out = gen.standard_normal(length)
+    out.flags.writeable = False
+    if out.nbytes <= CACHE_BYTES // 4:
+        with _lock:
+            if key not in _cache:
+                _cache[key] = out
+                _cached[0] += out.nbytes
+            while _cached[0] > CACHE_BYTES:
+                _cached[0] -= _cache.popitem(last=False)[1].nbytes
+    return out
 
 
 def _flat(piece: Weights) -> tuple[np.ndarray, np.ndarray]:

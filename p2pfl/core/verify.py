@@ -31,6 +31,7 @@ rule is about one participant; see docs/architecture.md.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -490,6 +491,9 @@ class SliceCheck:
         sc, task = self.scatter, self.task
         close = sc.close
         assert close is not None
+        if not all(math.isfinite(x) for x in values):
+            # NaN/Inf in our update (all-gather would leave it out): we cannot take part.
+            return task.withdraw(now, f"round {close.round}: our update is not finite")
         width = PS + 1  # sketch() adds rmax, which is not published
         chunks = [values[p * width : p * width + PS] for p in range(len(values) // width)]
         self.own = values[: sc.count * width]
