@@ -147,11 +147,12 @@ def shift_slice(h: Harness, done_msg: SliceDone) -> SliceDone:
     return replace(done_msg, ref=h.put(moved))
 
 
-def test_an_owner_shifting_its_slice_is_excluded_and_its_slice_recomputed() -> None:
+@pytest.mark.parametrize("index", [2, 0])  # node 0 ranks first here: the coordinator
+def test_an_owner_shifting_its_slice_is_excluded_and_its_slice_recomputed(index: int) -> None:
     n = 6
     h = Harness(n)
     task_id = h.offer(rounds=2)
-    rogue = h.nodes[2]
+    rogue = h.nodes[index]
     shifted: list[SliceDone] = []
 
     def rogue_owner(node: Node, cmd: Any) -> Any:
@@ -165,6 +166,7 @@ def test_an_owner_shifting_its_slice_is_excluded_and_its_slice_recomputed() -> N
     h.run()
     machines = done(h, task_id)
     assert shifted and machines[0].result.status == "succeeded"
+    assert (machines[0].participants[0] == rogue.peer) == (index == 0)
     # Every honest node saw the slice fail its check and excluded its owner.
     excluded_everywhere(h, task_id, rogue, "the slice check failed")
     assert any("fails its check" in line for line in h.logs("warning"))
@@ -182,8 +184,8 @@ def test_an_owner_shifting_its_slice_is_excluded_and_its_slice_recomputed() -> N
     models = final_models(h, task_id, rogue)
     assert len(models) == 1
     final = h.model(next(iter(models)))
-    assert is_honest_w(h, final["w"], 2, {2})
-    last = machines[0].rounds
+    assert is_honest_w(h, final["w"], 2, {index})
+    last = next(m for m in machines if m.my_id != rogue.peer).rounds
     ups = [
         (h.model(last.updates[2][p].ref.cid), float(last.updates[2][p].num_samples))
         for p in last.closes[2].included
@@ -314,7 +316,10 @@ def test_forged_proofs_are_refused_and_exclude_nobody() -> None:
             offer = unseal(seen["offer"], SliceOffer)
             j = offer.index
             raw_sketch, raw_offer = encode(envelope), encode(seen["offer"])
-            forged_offer = seal(forger.identity, offer)  # the victim's offer, signed by another
+            # The victim's offer naming another cid (a slice its sketch does not match),
+            # signed by the forger.
+            other = h.put({k: v + 1 for k, v in h.model(offer.ref.cid).items()})
+            forged_offer = seal(forger.identity, replace(offer, ref=other))
             own_offer = seal(forger.identity, replace(offer, peer=forger.peer))
             fake_sketch = seal(forger.identity, msg)  # claims to be the victim's
             proofs = [
