@@ -8,11 +8,12 @@ leader), checked on receipt by the stage, never taken from the message.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from p2pfl.core.messages import _check_task, check_peers
-from p2pfl.core.sketch import PER_SLICE
+from p2pfl.core.sketch import PER_SLICE, WIRE
 from p2pfl.limits import MAX_SIGNED_OFFER_BYTES, MAX_SKETCH_BYTES
 from p2pfl.store.blobref import BlobRef
 from p2pfl.wire import message
@@ -92,37 +93,43 @@ class SliceDone:
 @dataclass(frozen=True, slots=True)
 class SliceSketch:
     """A participant's sketches (core/sketch.py) of the slices of its update under close
-    `attempt`: `values` holds PER_SLICE floats per slice, in slice order; `witnessed` the
-    slices whose owner's own contribution it holds as witness, `witness_values` their
-    sketches (PER_SLICE floats each). Signed: an owner or witness may show it in a
+    `attempt`: `values` holds PER_SLICE float32s per slice (core/sketch.py pack), in slice
+    order; `witnessed` the slices whose owner's own contribution it holds as witness,
+    `witness_values` their sketches. Signed: an owner or witness may show it in a
     SketchProof."""
 
     task_id: str
     round: int
     attempt: int
     peer: str
-    values: tuple[float, ...]
+    values: bytes
     witnessed: tuple[int, ...] = ()
-    witness_values: tuple[float, ...] = ()
+    witness_values: bytes = b""
 
     def __post_init__(self) -> None:
         _check_task(self.task_id, self.peer)
         _check_round(self.round, self.attempt, 0)
+        size = PER_SLICE * WIRE.itemsize
         n = len(self.values)
-        if n == 0 or n % PER_SLICE or n > MAX_SLICES * PER_SLICE:
+        if n == 0 or n % size or n > MAX_SLICES * size:
             raise ValueError(
-                f"{n} values: expected {PER_SLICE} per slice, at most {MAX_SLICES} slices"
+                f"{n} value bytes: expected {size} per slice, at most {MAX_SLICES} slices"
             )
         if len(self.witnessed) > MAX_SLICES or len(set(self.witnessed)) != len(self.witnessed):
             raise ValueError("witnessed slices must be distinct, at most MAX_SLICES")
         if any(not 0 <= j < MAX_SLICES for j in self.witnessed):
             raise ValueError(f"a witnessed slice index outside [0, {MAX_SLICES})")
-        if len(self.witness_values) != PER_SLICE * len(self.witnessed):
-            raise ValueError(f"{PER_SLICE} witness values per witnessed slice")
+        if len(self.witness_values) != size * len(self.witnessed):
+            raise ValueError(f"{size} witness value bytes per witnessed slice")
         for block in (self.values, self.witness_values):
-            norms = block[PER_SLICE - 1 :: PER_SLICE]
-            if any(not (math.isfinite(x) and x >= 0) for x in norms):
-                raise ValueError("a slice's L1 norm must be finite and >= 0")
+            floats = np.frombuffer(block, dtype=WIRE)
+            if not np.all(np.isfinite(floats)):
+                raise ValueError("sketch values must be finite")
+            if np.any(floats[PER_SLICE - 1 :: PER_SLICE] < 0):
+                raise ValueError("a slice's L1 norm must be >= 0")
+
+    def slices(self) -> int:
+        return len(self.values) // (PER_SLICE * WIRE.itemsize)
 
 
 @message("task.sketch-proof")

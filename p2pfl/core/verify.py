@@ -35,6 +35,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from p2pfl.core import sketch as sk
 from p2pfl.core.commands import Command, Publish, SliceWork, SliceWorked
 from p2pfl.core.messages import TOPIC_TASKS, RoundClose
@@ -63,6 +65,21 @@ class Proof:
     ref: BlobRef
     prover: str
     asked: bool = False
+
+
+def claim(msg: SliceSketch, author: str, j: int) -> tuple[float, ...] | None:
+    """What `msg` says of slice j of `author`'s update (PER_SLICE floats): its own slice
+    when `author` signed it, else the slice it witnessed (None if it did not)."""
+    if author == msg.peer:
+        data = msg.values
+        k = j
+    elif j in msg.witnessed:
+        data = msg.witness_values
+        k = msg.witnessed.index(j)
+    else:
+        return None
+    size = PS * sk.WIRE.itemsize
+    return sk.unpack(data[k * size : (k + 1) * size])
 
 
 def witnesses(
@@ -228,19 +245,30 @@ class SliceCheck:
         self.decided = True
         updates = sc.rounds.updates.get(close.round, {})
         factors = sk.weights_of([float(updates[p].num_samples) for p in close.included])
-        width = 2 * sk.K + 1
-        for j in range(sc.count):
-            terms = []
-            for f, author in zip(factors, close.included, strict=True):
-                entry = self._entry(author, j)
-                if entry is None:
-                    self.failed[j] = "its witness published no sketch of the owner's own slice"
-                    break
-                terms.append((f, entry))
+        # Every included participant's sketches, (participants, slices, PER_SLICE); each
+        # owner's own entry replaced by its witness's.
+        claims = np.stack(
+            [
+                np.frombuffer(self.sketches[p][0].values, dtype=sk.WIRE).reshape(sc.count, PS)
+                for p in close.included
+            ]
+        ).astype(np.float64)
+        position = {p: k for k, p in enumerate(close.included)}
+        unverifiable = set()
+        for j, (owner, witness) in enumerate(zip(sc.owner, self.witness, strict=True)):
+            if witness is None:
+                continue
+            entry = claim(self.sketches[witness][0], owner, j)
+            if entry is None:
+                unverifiable.add(j)
             else:
-                why = sk.slice_fails(self.checked[j * width : (j + 1) * width], terms)
-                if why is not None:
-                    self.failed[j] = why
+                claims[position[owner], j] = entry
+        checked = np.asarray(self.checked, dtype=np.float64).reshape(sc.count, 2 * sk.K + 1)
+        for j, why in enumerate(sk.slices_fail(checked, claims, np.asarray(factors))):
+            if j in unverifiable:
+                self.failed[j] = "its witness published no sketch of the owner's own slice"
+            elif why is not None:
+                self.failed[j] = why
         if not self.failed:
             self.verified = True
             return sc.try_assemble(now)
@@ -255,12 +283,8 @@ class SliceCheck:
         the owner's own slice, whose witness's sketch counts."""
         witness = self.witness[j]
         if author == self.scatter.owner[j] and witness is not None:
-            msg = self.sketches[witness][0]
-            if j not in msg.witnessed:
-                return None
-            k = msg.witnessed.index(j)
-            return msg.witness_values[k * PS : (k + 1) * PS]
-        return self.sketches[author][0].values[j * PS : (j + 1) * PS]
+            return claim(self.sketches[witness][0], author, j)
+        return claim(self.sketches[author][0], author, j)
 
     # --- an owner finds the lie ---------------------------------------------------------------
 
@@ -365,8 +389,8 @@ class SliceCheck:
 
     def _sketch_problem(self, msg: SliceSketch) -> str | None:
         sc = self.scatter
-        if len(msg.values) != PS * sc.count:
-            return f"{len(msg.values)} values for {sc.count} slices (expected {PS * sc.count})"
+        if msg.slices() != sc.count:
+            return f"sketches of {msg.slices()} slices, for {sc.count}"
         allowed = {j for j, w in enumerate(self.witness) if w == msg.peer}
         if not set(msg.witnessed) <= allowed:
             return (
@@ -424,12 +448,12 @@ class SliceCheck:
         if problem is not None:
             raise RemoteProtocolError(f"the sketch is malformed: {problem}")
         owner, witness = sc.owner[j], self.witness[j]
+        claimed: tuple[float, ...] | None = None
         if msg.peer == offer.peer and msg.peer != owner:
-            claimed = msg.values[j * PS : (j + 1) * PS]
+            claimed = claim(msg, offer.peer, j)
         elif offer.peer == owner and msg.peer == witness and j in msg.witnessed:
-            k = msg.witnessed.index(j)
-            claimed = msg.witness_values[k * PS : (k + 1) * PS]
-        else:
+            claimed = claim(msg, owner, j)
+        if claimed is None:
             raise RemoteProtocolError(
                 f"the sketch's signer is neither the offer's author nor slice {j}'s witness"
             )
@@ -505,9 +529,9 @@ class SliceCheck:
             close.round,
             close.attempt,
             task.my_id,
-            tuple(x for c in chunks[: sc.count] for x in c),
+            sk.pack([x for c in chunks[: sc.count] for x in c]),
             tuple(witnessed),
-            tuple(x for c in chunks[sc.count :] for x in c),
+            sk.pack([x for c in chunks[sc.count :] for x in c]),
         )
         envelope = seal(task.me, msg)
         self.sketches.setdefault(task.my_id, (msg, encode(envelope)))

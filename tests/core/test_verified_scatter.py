@@ -80,10 +80,14 @@ def test_the_check_passes_honest_float32_sums_and_fails_a_tiny_shift() -> None:
         factors = sk.weights_of([c for _, c in ups])
         terms = [(f, sk.sketch(seed, 3, u)[:PS]) for f, (u, _) in zip(factors, ups, strict=True)]
         assert sk.slice_fails(sk.aggregate_sketch(seed, 3, agg), terms) is None, trial
+        # As published: float32 on the wire.
+        wire = [(f, sk.unpack(sk.pack(t))) for f, t in terms]
+        assert sk.slice_fails(sk.aggregate_sketch(seed, 3, agg), wire) is None, trial
         # One coordinate moved by 1e-4 of the slice's largest value: caught.
         shifted = {k: v.copy() for k, v in agg.items()}
         shifted["w"][int(rng.integers(0, 300))] += np.float32(1e-4 * np.abs(agg["w"]).max())
         assert sk.slice_fails(sk.aggregate_sketch(seed, 3, shifted), terms) is not None
+        assert sk.slice_fails(sk.aggregate_sketch(seed, 3, shifted), wire) is not None
 
 
 def test_a_lie_that_fails_a_check_is_always_provable() -> None:
@@ -92,6 +96,8 @@ def test_a_lie_that_fails_a_check_is_always_provable() -> None:
     piece = {"w": rng.standard_normal(50).astype(np.float32)}
     actual = sk.sketch(seed, 0, piece)
     assert sk.sketch_lies(actual[:PS], actual) is None
+    # What travels is float32 (norms rounded up): still no lie.
+    assert sk.sketch_lies(sk.unpack(sk.pack(actual[:PS])), actual) is None
     for m in range(PS):
         lied = list(actual[:PS])
         lied[m] += 1e-3 * (abs(lied[m]) + 1)
@@ -221,11 +227,11 @@ def test_an_owner_covering_its_shift_with_its_own_sketch_is_still_caught() -> No
             before = sk.sketch(seed, j, h.model(state["orig"].cid))
             after = sk.sketch(seed, j, h.model(state["moved"].cid))
             f = 1.0 / n  # equal sample counts
-            values = list(msg.values)
+            values = list(sk.unpack(msg.values))
             for m in range(sk.K):
                 values[j * PS + m] += (after[m] - before[m]) / f
             state["covered"] = True
-            return replace(cmd, msg=seal(rogue.identity, replace(msg, values=tuple(values))))
+            return replace(cmd, msg=seal(rogue.identity, replace(msg, values=sk.pack(values))))
         return cmd
 
     h.outgoing = cover
@@ -254,10 +260,10 @@ def test_a_participant_lying_in_its_sketch_is_proven_and_excluded_by_every_node(
             msg, _ = found
             machine = next(m for m in h.machines(task_id) if m.my_id == liar.peer)
             j = (slice_of(machine, liar.peer) + 2) % n  # a slice someone else owns
-            values = list(msg.values)
+            values = list(sk.unpack(msg.values))
             values[j * PS] += 1000.0
             lied.append(j)
-            return replace(cmd, msg=seal(liar.identity, replace(msg, values=tuple(values))))
+            return replace(cmd, msg=seal(liar.identity, replace(msg, values=sk.pack(values))))
         return cmd
 
     h.outgoing = lie
@@ -368,7 +374,7 @@ def test_a_malformed_sketch_is_refused_with_a_reason_and_does_not_displace_the_g
         if node is sender and found is not None and not sent:
             sent.append(True)
             msg, _ = found
-            bad = replace(msg, values=msg.values[:PS])  # one slice's worth, for n slices
+            bad = replace(msg, values=msg.values[: PS * 4])  # one slice's worth, for n slices
             h.inject(sender, TOPIC_TASKS, seal(sender.identity, bad))
         return cmd
 
@@ -376,22 +382,24 @@ def test_a_malformed_sketch_is_refused_with_a_reason_and_does_not_displace_the_g
     h.run()
     machines = done(h, task_id)
     assert sent and machines[0].result.status == "succeeded"
-    assert any(f"{PS} values for {n} slices" in line for line in h.logs("warning"))
+    assert any(f"sketches of 1 slices, for {n}" in line for line in h.logs("warning"))
     assert all(not m.withdrawn for m in machines)
 
 
 def test_oversized_or_inconsistent_sketches_and_proofs_do_not_decode() -> None:
     peer = Harness(1).nodes[0].peer
     base = {"v": 1, "t": "task.slice-sketch", "task_id": "a" * 32, "round": 1, "attempt": 0}
-    too_many = {**base, "peer": peer, "values": [0.0] * (PS * (MAX_SLICES + 1))}
-    not_whole = {**base, "peer": peer, "values": [0.0] * (PS + 1)}
-    negative_norm = {**base, "peer": peer, "values": [0.0] * (PS - 1) + [-1.0]}
+    too_many = {**base, "peer": peer, "values": sk.pack([0.0] * (PS * (MAX_SLICES + 1)))}
+    not_whole = {**base, "peer": peer, "values": sk.pack([0.0] * (PS + 1))}
+    negative_norm = {**base, "peer": peer, "values": sk.pack([0.0] * (PS - 1) + [-1.0])}
+    nan = {**base, "peer": peer, "values": sk.pack([float("nan")] + [0.0] * (PS - 1))}
     import msgpack
 
     for fields, why in (
         (too_many, "at most 256 slices"),
-        (not_whole, f"expected {PS} per slice"),
+        (not_whole, f"expected {PS * 4} per slice"),
         (negative_norm, "L1 norm"),
+        (nan, "finite"),
     ):
         with pytest.raises(RemoteProtocolError, match=why):
             decode(msgpack.packb(fields))
