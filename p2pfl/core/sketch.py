@@ -148,12 +148,12 @@ def aggregate_sketch(seed: bytes, index: int, piece: Weights) -> tuple[float, ..
     weighted by |R_c a_c|); then rmax, the largest |R_j^m[c]| (it bounds
     sum_c |R_c x_c| by rmax * |x|_1): 2K + 1 floats."""
     flat, units = _flat(piece)
+    rounding = ROUNDING_MARGIN * units * np.abs(flat)  # each coordinate's worst rounding
     dots, bounds, rmax = [], [], 0.0
     for m in range(K):
         r = challenge(seed, index, m, flat.size)
         dots.append(float(r @ flat))
-        rounding = ROUNDING_MARGIN * (np.abs(r) * units) @ np.abs(flat)
-        bounds.append(float(rounding))
+        bounds.append(float(np.abs(r) @ rounding))
         rmax = max(rmax, float(np.abs(r).max()) if r.size else 0.0)
     return (*dots, *bounds, rmax)
 
