@@ -138,7 +138,14 @@ class SliceCheck:
             and self.seed is not None
             and not self.verified
         ):
-            dropped = self._blame(before) - set(close.included)
+            # A proof still being checked here (its slice on its way) counts too: its
+            # signatures held, and the re-close left its claimant out.
+            kept = set(close.included)
+            for proof in self.proofs:
+                if proof.claimant not in kept:
+                    why = f"its sketch of slice {proof.index} lies (a proof was shown)"
+                    out += self._mark(now, {proof.claimant}, f"{why}; the round was re-closed")
+            dropped = self._blame(before) - kept
             out += self._mark(now, dropped, "the slice check failed; the round was re-closed")
         self.close = close
         self.owner = list(sc.owner)  # this close's owners (the scatter's move on first)

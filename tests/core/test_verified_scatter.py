@@ -286,6 +286,38 @@ def test_a_participant_lying_in_its_sketch_is_proven_and_excluded_by_every_node(
     assert is_honest_w(h, final["w"], 2, {4})
 
 
+def test_a_witness_lying_about_its_owners_slice_is_proven_by_the_owner() -> None:
+    """The owner shows its own signed offer to the witness and the witness's sketch."""
+    n = 5
+    h = Harness(n)
+    task_id = h.offer(rounds=1)
+    witness = h.nodes[0]
+    lied: list[int] = []
+
+    def lie(node: Node, cmd: Any) -> Any:
+        found = sketch_in(cmd)
+        if node is witness and found is not None and found[0].witnessed and not lied:
+            msg, _ = found
+            values = list(sk.unpack(msg.witness_values))
+            values[1] -= 50.0
+            lied.append(msg.witnessed[0])
+            forged = replace(msg, witness_values=sk.pack(values))
+            return replace(cmd, msg=seal(witness.identity, forged))
+        return cmd
+
+    h.outgoing = lie
+    h.run()
+    machines = done(h, task_id)
+    assert lied and machines[0].result.status == "succeeded"
+    j = lied[0]
+    owner = next(m for m in machines if m.my_id != witness.peer).participants[j]
+    excluded_everywhere(h, task_id, witness, f"its sketch of slice {j} lies")
+    assert all(owner not in m.withdrawn for m in machines)
+    models = final_models(h, task_id, witness)
+    assert len(models) == 1
+    assert is_honest_w(h, h.model(next(iter(models)))["w"], 1, {0})
+
+
 def test_a_participant_that_publishes_no_sketch_is_excluded_at_the_deadline() -> None:
     h = Harness(5)
     task_id = h.offer(rounds=1)
