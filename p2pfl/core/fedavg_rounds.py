@@ -355,9 +355,16 @@ class FedAvgRounds(RoundsBase):
             return []
         out = stage.on_view_changed(now) if isinstance(stage, Hierarchy) else []
         close = stage.close
-        if close.round != task.round or stage.complete() or task.acting() != task.my_id:
+        if close.round != task.round or task.acting() != task.my_id:
             return out
         gone = {p for p in close.included if p in task.dead or p in task.withdrawn}
+        if stage.complete():
+            # Every slice combined; under a slice check, a participant lost before its
+            # sketch still stalls the round (core/verify.py).
+            check = stage.check if isinstance(stage, Scatter) else None
+            if check is None or check.verified:
+                return out
+            gone -= set(check.sketches)
         return out + (self.redo(now, gone, "participants lost mid-round") if gone else [])
 
     def redo(self, now: float, without: set[str], why: str) -> list[Command]:

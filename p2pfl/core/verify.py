@@ -145,7 +145,7 @@ class SliceCheck:
                 if proof.claimant not in kept:
                     why = f"its sketch of slice {proof.index} lies (a proof was shown)"
                     out += self._mark(now, {proof.claimant}, f"{why}; the round was re-closed")
-            dropped = self._blame(before) - kept
+            dropped = self._blame(before) - kept - self.task.dead  # the lost may come back
             out += self._mark(now, dropped, "the slice check failed; the round was re-closed")
         self.close = close
         self.owner = list(sc.owner)  # this close's owners (the scatter's move on first)
@@ -589,9 +589,11 @@ class SliceCheck:
         if self.verified or self.excluded:
             return []  # a liar was proven: the re-close is on its way
         culprits = self._blame(close)
+        lost = culprits & self.task.dead  # unreachable, not lying: left out, not excluded
         if not culprits:
             return []
-        return self.exclude(now, culprits, "the slice check failed at the round's deadline")
+        why = "the slice check failed at the round's deadline"
+        return self.exclude(now, culprits - lost, why, also=lost)
 
     def _blame(self, close: RoundClose) -> set[str]:
         """Who the check blames at the deadline: participants with no sketch, and owners
@@ -602,13 +604,17 @@ class SliceCheck:
         culprits.discard(self.task.my_id)
         return culprits
 
-    def exclude(self, now: float, peers: set[str], why: str) -> list[Command]:
+    def exclude(
+        self, now: float, peers: set[str], why: str, also: frozenset[str] | set[str] = frozenset()
+    ) -> list[Command]:
         """`peers` misbehaved (a rule every honest node evaluates the same way): they are
-        withdrawn for the rest of the task, and the round is re-closed without them."""
+        withdrawn for the rest of the task, and the round is re-closed without them (and
+        without `also`, participants lost on the way)."""
         peers = {p for p in peers if p != self.task.my_id and p not in self.excluded}
-        if not peers:
+        if not peers and not also:
             return []
-        return self._mark(now, peers, why) + self.scatter.rounds.redo(now, peers, why)
+        out = self._mark(now, peers, why)
+        return out + self.scatter.rounds.redo(now, peers | set(also), why)
 
     def _mark(self, now: float, peers: set[str], why: str) -> list[Command]:
         task, sc = self.task, self.scatter

@@ -332,6 +332,28 @@ def test_a_participant_that_publishes_no_sketch_is_excluded_at_the_deadline() ->
     assert is_honest_w(h, h.model(next(iter(models)))["w"], 1, {3})
 
 
+def test_a_participant_lost_before_its_sketch_is_left_out_not_excluded() -> None:
+    n = 6
+    h = Harness(n)
+    task_id = h.offer(rounds=2)
+    victim = h.nodes[4]
+
+    def crash(node: Node, cmd: Any) -> Any:
+        if node is victim and sketch_in(cmd) is not None:
+            h.at(0, lambda: h.crash(victim.index))
+            return None
+        return cmd
+
+    h.outgoing = crash
+    h.run()
+    machines = done(h, task_id)
+    assert machines[0].result.status == "succeeded"
+    for m in machines:
+        assert victim.peer not in m.withdrawn  # lost, not a liar: it may come back
+        assert m.rounds.closes[1].attempt == 1 and victim.peer not in m.rounds.closes[1].included
+    assert any("participants lost mid-round" in line for line in h.logs("warning"))
+
+
 # --- forged proofs and malformed sketches ---------------------------------------------------------
 
 
