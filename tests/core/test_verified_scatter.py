@@ -475,6 +475,7 @@ def test_oversized_or_inconsistent_sketches_and_proofs_do_not_decode() -> None:
 # --- the simulated network: real node code, the driver's slice work -------------------------
 
 
+@pytest.mark.slow
 def test_sim_fedavg_defaults_to_verified_reduce_scatter(tmp_path) -> None:  # noqa: ANN001
     """Four simulated nodes, real training, the driver's slice work: every round moved by
     reduce-scatter, every slice checked, every node with the same model. (Equality with
