@@ -18,11 +18,14 @@ over signed or transport-authenticated messages that all nodes receive).
    signatures do not hold, whose offer is not for that slice, or whose slice matches the
    sketch is refused and excludes nobody. Two different signed sketches from one
    participant for one close exclude it at once.
-4. At the round's deadline a slice that still fails without a proven liar excludes its
+4. At the round's second deadline (the first lets a witness still missing its owner's
+   slice sketch without it) a slice that still fails without a proven liar excludes its
    owner, and a participant that published no sketch is excluded (like an author that
-   never offered its slice). Excluded participants are treated as withdrawn for the rest
-   of the task; the acting coordinator re-closes the round without them, which reassigns
-   their slices (core/scatter.py).
+   never offered its slice; one lost meanwhile is only left out, and at once). Excluded
+   participants are treated as withdrawn for the rest of the task; the acting coordinator
+   re-closes the round without them, which reassigns their slices (core/scatter.py); a
+   node that gets that re-close before its own deadline (or before its own check of a
+   proof) excludes whom the re-close leaves out and its own check blames.
 
 What this does not catch: an owner and a participant that collude (the participant's
 sketch can then cover the owner's shift; or a witness covering its owner). THREATS.md's
@@ -125,11 +128,11 @@ class SliceCheck:
     def start(self, now: float = 0.0) -> list[Command]:
         """A new close (or re-close): everything below is per close. A re-close that
         leaves out whom the check of the close it replaces blames (the acting coordinator
-        acted at its deadline, before ours): they are excluded here too."""
+        acted at its deadline, or on a proof, before us): they are excluded here too."""
         sc = self.scatter
         close = sc.close
         out: list[Command] = []
-        before = getattr(self, "close", None)
+        before = self.close
         if (
             close is not None
             and before is not None
