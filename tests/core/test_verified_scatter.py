@@ -132,6 +132,16 @@ def test_the_default_for_fedavg_is_verified_reduce_scatter_bit_equal_to_all_gath
     assert is_honest_w(h, h.model(next(iter(models)))["w"], 2, set())
 
 
+def test_fedprox_rounds_are_verified_reduce_scatter_too() -> None:
+    h = Harness(5)
+    task_id = h.offer(rounds=1, protocol="fedprox", mu=0.1)
+    h.run()
+    machines = done(h, task_id)
+    assert machines[0].result.status == "succeeded" and machines[0].offer.protocol == "fedprox"
+    assert {"mine", "check"} <= {w.token.kind for w in h.slice_works}
+    assert all(m.rounds.scatter.check.verified for m in machines)
+
+
 def test_three_nodes_and_robust_aggregators_stay_all_gather_by_default() -> None:
     h = Harness(3)
     task_id = h.offer(rounds=1)
