@@ -80,7 +80,13 @@ class FedAvgRounds(RoundsBase):
 
     def stage(self) -> Scatter | Hierarchy | None:
         """The aggregation stage after the close, when the rule asks for one."""
-        return self.hierarchy or self.scatter
+        return self.hierarchy or self.sliced()
+
+    def sliced(self) -> Scatter | None:
+        """Reduce-scatter for this round: slices are cut along a reference model, so a
+        round without one (the first, when the taskpack starts from no initial weights:
+        the same at every node) moves whole updates."""
+        return self.scatter if self.task.global_ref is not None else None
 
     # --- our own update ------------------------------------------------------------------
 
@@ -91,8 +97,9 @@ class FedAvgRounds(RoundsBase):
         ref: BlobRef | None = result.get("ref")
         if ref is None:
             return task.withdraw(now, f"round {rnd}: training produced no update")
-        if self.scatter is not None:  # cut it into slices first, then announce it
-            return self.scatter.cut(rnd, ref, result)
+        scatter = self.sliced()
+        if scatter is not None:  # cut it into slices first, then announce it
+            return scatter.cut(rnd, ref, result)
         return self.announce(now, rnd, result)
 
     def announce(self, now: float, rnd: int, result: dict[str, Any]) -> list[Command]:
