@@ -221,7 +221,7 @@ class Driver:
                 self.site_sink(cmd)
         elif isinstance(cmd, Persist):
             if self.persist is not None:
-                self.persist(cmd.task_id, cmd.snapshot)
+                self.persist(cmd.task_id, cmd.data())
         elif isinstance(cmd, Log):
             getattr(log, cmd.level, log.info)("%s %s", self.me[-8:], cmd.text)
         else:  # pragma: no cover - a new command without a handler is a bug

@@ -8,6 +8,7 @@ The core never performs I/O: every handler returns a list of these commands. The
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,10 +203,15 @@ class ChargePrivacy:
 @dataclass(frozen=True, slots=True)
 class Persist:
     """Write what a restarted node needs to rejoin this task (atomically); None: forget
-    it (the task is over)."""
+    it (the task is over). `build`, when set, makes the bytes: a large task's snapshot
+    carries its call (megabytes), so it is only encoded where a driver writes it."""
 
     task_id: str
     snapshot: bytes | None
+    build: Callable[[], bytes] | None = None
+
+    def data(self) -> bytes | None:
+        return self.build() if self.build is not None else self.snapshot
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ than the offer's max_update_norm (core/commands.py Aggregate).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from p2pfl.core.commands import (
@@ -491,7 +492,7 @@ def _reasons(withdrawn: dict[str, str]) -> str:
     return f"; {len(withdrawn)} withdrew: " + "; ".join(parts)
 
 
-def _too_few(task: Any, live: list[str]) -> str:
+def _too_few(task: Any, live: Sequence[str]) -> str:
     return (
         f"{len(live)} of {len(task.participants)} participants remain, fewer than min_nodes "
         f"({task.offer.min_nodes})" + _reasons(task.withdrawn)

@@ -51,6 +51,7 @@ class FinalStep:
         self.merge = ""  # gossip reducer: "" -> "merging" -> "merged" (or "skipped")
         self.gather: Gather | None = None
         self.held: dict[str, TaskResult] = {}  # results not (yet) from the duty
+        self.cap: float | None = None  # all participants' signed counts together
 
     @property
     def gathering(self) -> bool:
@@ -102,7 +103,7 @@ class FinalStep:
         return [task.job(JobStep.FINALIZE, job)]
 
     def _candidates(self) -> list[str]:
-        return self.task.live()[:REDUCER_CANDIDATES]
+        return list(self.task.live()[:REDUCER_CANDIDATES])
 
     def _send_partial(self, now: float, partial: Any) -> list[Command]:
         task = self.task
@@ -156,7 +157,9 @@ class FinalStep:
                     f"task {task.task_id[:12]}: oversize final model from {partial.peer[-8:]}",
                 )
             ]
-        cap = float(sum(task.samples.get(p, 0) for p in task.participants))
+        if self.cap is None:  # the roster is fixed: sum once, not per partial (O(N) each)
+            self.cap = task.signed_total()
+        cap = self.cap
         if partial.mass > cap or partial.num_samples > task.samples.get(partial.peer, 0):
             return [
                 Log(
@@ -175,7 +178,10 @@ class FinalStep:
             return []  # we reduce only after our own final step
         if task.acting() != task.my_id:
             return []
-        waiting = [p for p in task.live() if p not in self.partials]
+        live = task.live()
+        if not deadline_passed and len(self.partials) < len(live):
+            return []  # someone live has not sent one yet (O(1): asked on every partial)
+        waiting = [p for p in live if p not in self.partials]
         if waiting and not deadline_passed:
             return []
         usable = [p for p in self.partials.values() if not p.refused]
@@ -267,7 +273,7 @@ class FinalStep:
             status="succeeded",
             reason="",
             reducer=task.my_id,
-            participants=contributors or task.participants,
+            **task.members(contributors or task.participants),
             rounds=task.round if task.is_training else 1,
             metrics=jsonable(metrics if isinstance(metrics, dict) else {}),
             model=task.global_ref if task.is_training else None,
@@ -325,9 +331,8 @@ class FinalStep:
             return task._refuse(TaskResult, f"result from {signer[-8:]} before any roster")
         if result.model is not None and blob_too_big("result", result.model.size):
             return task._refuse(TaskResult, f"result model of {result.model.size} bytes")
-        if signer not in task.participants or not set(result.participants) <= set(
-            task.participants
-        ):
+        roster = set(task.participants)
+        if signer not in roster or not (set(result.participants) | set(result.absent)) <= roster:
             return task._refuse(TaskResult, f"result from {signer[-8:]} outside the roster")
         if not task.may_act(signer):
             if len(self.held) < len(task.participants):
@@ -350,10 +355,14 @@ class FinalStep:
         task.result = result
         task.result_signer = signer
         self.held.clear()
-        # Followers see where everyone ended, even participants they heard little from.
-        for peer in task.participants:
+        # Followers see where everyone ended, even participants they heard little from
+        # (in a large task only its publisher: a NodeState per participant per node
+        # would be N^2 of them in a simulation).
+        included = task.contributors(result)
+        large = task.large and task.my_id != task.offer.publisher
+        for peer in () if large else task.participants:
             state = task.nodes.setdefault(peer, NodeState())
-            contributed = peer in result.participants
+            contributed = peer in included
             state.state = "done" if contributed else ("lost" if peer in task.dead else "left out")
             if contributed and result.status == "succeeded":
                 state.round = max(state.round, result.rounds)

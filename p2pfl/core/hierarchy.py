@@ -113,7 +113,12 @@ class Hierarchy:
         by = aggregation(self.task.offer).get("group_by")
         if isinstance(by, str):
             split = aggregation(self.task.offer).get("group_size")
-            labels = roster_labels(self.task.task_id, roster.volunteers)
+            call = self.task.call  # a large task's records are in its call
+            labels = (
+                dict(call.groups)
+                if call is not None
+                else roster_labels(self.task.task_id, roster.volunteers)
+            )
             self.groups = label_groups(roster.participants, labels, split)
         else:
             self.groups = groups(roster.participants, size)

@@ -55,6 +55,8 @@ def _check_task(task_id: str, peer: str) -> None:
     check_peer_id(peer)
 
 
+MAX_CALL_PARTS = 256  # a call of MAX_NODES records fits
+MAX_CALL_PART_RECORDS = 4096
 LABEL_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # site label names and values
 MAX_REASON = 2000  # characters of a decline's, withdrawal's or cancel's reason
 
@@ -242,12 +244,46 @@ class Roster:
     # signature of its own (16 bytes instead of a signed envelope: rosters of 1,000 nodes
     # stay well inside one gossip message).
     nonces: tuple[bytes, ...]
+    # A large task's compact roster (core/call.py): the call it ranks (its digest), the
+    # committee's revealed nonces (in committee order, b"" for one that did not reveal) and
+    # the volunteers skipped as gone. Participants and records are then left out on the
+    # wire: every node derives the participants from the call it holds.
+    call: bytes = b""
+    committee: tuple[bytes, ...] = ()
+    skipped: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_task(self.task_id, self.coordinator)
         check_peers(self.participants, "participant")
         if len(self.nonces) != len(self.volunteers):
             raise ValueError("one nonce per carried volunteer record")
+        if self.call and len(self.call) != 32:
+            raise ValueError("call must be a 32-byte digest")
+        if len(self.committee) > 64 or any(n and len(n) != NONCE_BYTES for n in self.committee):
+            raise ValueError(f"committee: at most 64 nonces of {NONCE_BYTES} bytes")
+        check_peers(self.skipped, "skipped peer")
+
+
+@message("task.call")
+@dataclass(frozen=True, slots=True)
+class CallPart:
+    """Part `part` of `parts` of a large task's call: the signed volunteer records its
+    publisher received, in peer order (core/call.py). Signed by the publisher."""
+
+    task_id: str
+    publisher: str
+    part: int
+    parts: int
+    records: tuple[bytes, ...]  # each an encoded Signed(Volunteer)
+
+    def __post_init__(self) -> None:
+        _check_task(self.task_id, self.publisher)
+        if not 0 <= self.part < self.parts <= MAX_CALL_PARTS:
+            raise ValueError(f"part {self.part} of {self.parts}: parts are 1 to {MAX_CALL_PARTS}")
+        if not 1 <= len(self.records) <= MAX_CALL_PART_RECORDS:
+            raise ValueError(f"a call part carries 1 to {MAX_CALL_PART_RECORDS} records")
+        if any(len(r) > 2048 for r in self.records):
+            raise ValueError("a volunteer record longer than 2048 bytes")
 
 
 @message("task.update")
@@ -352,10 +388,16 @@ class TaskResult:
     metrics: Json
     model: BlobRef | None
     created: float
+    # A large task (core/call.py) names who did NOT contribute instead: `participants` is
+    # then empty, and the contributors are the roster (which every node derives) less these.
+    absent: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_task(self.task_id, self.reducer)
         check_peers(self.participants, "participant")
+        check_peers(self.absent, "absent participant")
+        if self.participants and self.absent:
+            raise ValueError("a result names its contributors or its absentees, not both")
         if self.status not in ("succeeded", "failed"):
             raise ValueError("status must be succeeded or failed")
 

@@ -35,6 +35,7 @@ from p2pfl.core.messages import (
     TOPIC_CAPABILITIES,
     TOPIC_TASKPACKS,
     TOPIC_TASKS,
+    CallPart,
     Cancel,
     Capability,
     Decline,
@@ -96,6 +97,7 @@ _SIGNED = (
     Volunteer,
     Reveal,
     Roster,
+    CallPart,
     TaskResult,
     Capability,
     Decline,
@@ -111,6 +113,7 @@ _ON_TOPIC: dict[str | None, tuple[type, ...]] = {
         Reveal,
         Decline,
         Roster,
+        CallPart,
         RoundUpdate,
         RoundClose,
         SliceDone,
@@ -121,7 +124,17 @@ _ON_TOPIC: dict[str | None, tuple[type, ...]] = {
         Cancel,
     ),
     # A result also comes directly: to a peer that reconnects after the task ended.
-    None: (TaskpackSync, GossipPush, Progress, FinalPartial, TaskResult, SliceOffer, SliceAsk),
+    # A large task's volunteer records go to its publisher only (core/call.py).
+    None: (
+        TaskpackSync,
+        GossipPush,
+        Progress,
+        FinalPartial,
+        TaskResult,
+        SliceOffer,
+        SliceAsk,
+        Volunteer,
+    ),
 }
 _PENDING_TASKS = 256
 MAX_TASKS_PER_PUBLISHER = 16  # unfinished tasks one publisher may have on this node
@@ -419,6 +432,12 @@ class NodeCore:
             return []
         _nonces, samples = _roster_carried(offer.task_id, roster.volunteers, roster.nonces)
         machine = TaskMachine(offer, self.identity, self.local, now, self.rng)
+        if roster.call:
+            parts = []
+            for raw in snap.call:
+                env = decode(raw, expected=Signed)
+                parts.append((unseal(env, expected=CallPart), env))
+            roster = machine.resume_call(parts, roster)
         machine.offer_envelope, machine.roster_envelope = offer_env, roster_env
         machine.connected = set(self.connected)
         self.tasks[offer.task_id] = machine
@@ -702,7 +721,9 @@ def _decode_and_unseal(data: bytes) -> tuple[Any, Signed | None]:
     return msg, None
 
 
-_LARGE_KEEP = 8  # large rosters memoised (a 1,000-node roster is ~300 KB, held by every node)
+# Large rosters and call parts memoised (a 1,000-node roster is ~300 KB, held by every
+# node; a 10,000-node call is ~9 parts of ~380 KB): at most 64 of them, ~25 MB.
+_LARGE_KEEP = 64
 _large: collections.OrderedDict[bytes, tuple[Any, Signed | None]] = collections.OrderedDict()
 
 
@@ -715,7 +736,7 @@ def _decode_large(data: bytes) -> tuple[Any, Signed | None]:
         _large.move_to_end(data)
         return hit
     decoded = _decode_and_unseal.__wrapped__(data)
-    if isinstance(decoded[0], Roster):
+    if isinstance(decoded[0], Roster | CallPart):
         _large[data] = decoded
         while len(_large) > _LARGE_KEEP:
             _large.popitem(last=False)

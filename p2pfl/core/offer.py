@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from p2pfl.core.aggregation import aggregation_problem
+from p2pfl.core.call import CALL_MODE_OVER, uses_call
 from p2pfl.core.flowrec import FlowRecord, flow_offer_problem
 from p2pfl.core.messages import NONCE_BYTES, TASK_ID_HEX, TaskOffer
 from p2pfl.core.versions import Arm, arms_problem
@@ -41,6 +42,8 @@ def offer_problem(offer: TaskOffer) -> str | None:
         return "task_id is not derived from the offer's contents"
     if not 1 <= offer.min_nodes <= offer.max_nodes <= MAX_NODES:
         return f"node counts min {offer.min_nodes} max {offer.max_nodes} are inconsistent"
+    if offer.flow is not None and uses_call(offer.max_nodes):
+        return f"a flow step asks for at most {CALL_MODE_OVER} nodes (max_nodes {offer.max_nodes})"
     if not 1 <= offer.rounds <= MAX_ROUNDS:
         return f"rounds {offer.rounds} outside [1, {MAX_ROUNDS}]"
     if offer.protocol not in PROTOCOLS:

@@ -13,6 +13,7 @@ from typing import Any
 
 from p2pfl.core.commands import SliceWorked
 from p2pfl.core.messages import (
+    CallPart,
     Cancel,
     Decline,
     FinalPartial,
@@ -128,6 +129,7 @@ _FOLLOW: frozenset[EventKey] = frozenset(
         Decline,
         Cancel,
         Roster,
+        CallPart,
         RoundUpdate,
         RoundClose,
         SliceDone,

@@ -11,6 +11,7 @@ so nobody dominates the average beyond its signed record.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from p2pfl.core.commands import Aggregated, CancelTimer, Command, Log, Send
@@ -29,8 +30,9 @@ class PushSumRounds(RoundsBase):
         self.pushes: dict[int, dict[str, GossipPush]] = {}
         self.merged: set[int] = set()  # rounds whose shares we merged
         self.masses: dict[str, float] = {}  # cid -> mass of the share being merged
+        self.cap: float | None = None  # all participants' signed counts together
 
-    def _fanout(self, live: list[str]) -> int:
+    def _fanout(self, live: Sequence[str]) -> int:
         return max(1, min(self.task.offer.fanout, len(live) - 1))
 
     def on_trained(self, now: float, rnd: int, result: dict[str, Any]) -> list[Command]:
@@ -69,7 +71,9 @@ class PushSumRounds(RoundsBase):
             return []
         if not 1 <= push.round <= task.offer.rounds or push.peer in self.pushes.get(push.round, {}):
             return []
-        cap = float(sum(task.samples.get(p, 0) for p in task.participants))
+        if self.cap is None:  # the roster is fixed: sum once, not per share (O(N) each)
+            self.cap = task.signed_total()
+        cap = self.cap
         if push.mass > cap:
             return [
                 Log(

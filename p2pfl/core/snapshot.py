@@ -26,6 +26,8 @@ class TaskSnapshot:
     round: int  # the last round whose model we hold (0: the initial model, or none yet)
     model: BlobRef | None
     mass: float = 0.0
+    # A large task's call (core/call.py): each part as signed by the publisher, encoded.
+    call: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         check_task_id(self.task_id)
@@ -34,10 +36,18 @@ class TaskSnapshot:
 
 
 def make_snapshot(
-    offer: Signed, roster: Signed, rnd: int, model: BlobRef | None, mass: float
+    offer: Signed,
+    roster: Signed,
+    rnd: int,
+    model: BlobRef | None,
+    mass: float,
+    call: tuple[Signed, ...] = (),
 ) -> bytes:
     body = unseal(offer, expected=TaskOffer)
-    return encode(TaskSnapshot(body.task_id, encode(offer), encode(roster), rnd, model, mass))
+    parts = tuple(encode(part) for part in call)
+    return encode(
+        TaskSnapshot(body.task_id, encode(offer), encode(roster), rnd, model, mass, parts)
+    )
 
 
 def open_snapshot(data: bytes) -> tuple[TaskSnapshot, Signed, TaskOffer, Signed, Roster]:

@@ -15,12 +15,26 @@ participant is held until this node's own deadlines have passed the ones above i
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from p2pfl.core.aggregation import aggregation
+from p2pfl.core.call import (
+    MAX_SKIPPED,
+    CallView,
+    call_order,
+    call_roster_problem,
+    call_view,
+    check_part,
+    committee_seed,
+    signed_total,
+    split_records,
+    uses_call,
+    with_participants,
+)
 from p2pfl.core.commands import (
     Aggregated,
     Audit,
@@ -56,6 +70,7 @@ from p2pfl.core.flowrec import flow_id_of
 from p2pfl.core.messages import (
     NONCE_BYTES,
     TOPIC_TASKS,
+    CallPart,
     Cancel,
     Decline,
     FinalPartial,
@@ -95,6 +110,7 @@ from p2pfl.core.snapshot import make_snapshot
 from p2pfl.core.tokens import JobStep, JobToken, TaskTimer, TimerKind
 from p2pfl.core.versions import my_cid, roster_rollout_problem, volunteer_problem
 from p2pfl.core.view import NodeState, result_dict
+from p2pfl.errors import RemoteProtocolError
 from p2pfl.identity import Identity
 from p2pfl.limits import EARLY_BYTES_PER_TASK
 from p2pfl.store.blobref import BlobRef
@@ -216,6 +232,18 @@ class TaskMachine:
         self.decision: Any = None  # the site policy's Decision on this offer, once made
         self.volunteered_at: float | None = None  # when our volunteer record went out
         self.model_ready = False  # an evaluating step holds the model its offer names
+        # A large task sets up through its publisher's call (core/call.py).
+        self.large = uses_call(offer.max_nodes)
+        self._live: Sequence[str] = ()
+        self._participating = False
+        self._participating_in: Roster | None = None
+        self._live_key: tuple[int, frozenset[str], frozenset[str]] | None = None
+        self.call: CallView | None = None
+        self.call_parts: dict[int, CallPart] = {}
+        self.call_envelopes: dict[int, Signed] = {}  # as signed (snapshots carry them)
+        self.call_sent = False
+        self.early_reveals: dict[str, bytes] = {}  # committee reveals before the call
+        self.waiting_rosters: list[Incoming] = []  # compact rosters before the call
 
     # --- identity of the task ----------------------------------------------------------
 
@@ -240,11 +268,31 @@ class TaskMachine:
 
     @property
     def participating(self) -> bool:
-        return self.my_id in self.participants
+        # Asked on most events; a scan of a 10,000-name roster each time was N^2 overall.
+        roster = self.roster
+        if roster is None:
+            return False
+        if self._participating_in is not roster:
+            self._participating = self.my_id in roster.participants
+            self._participating_in = roster
+        return self._participating
 
-    def live(self) -> list[str]:
-        """Roster members still expected to contribute, in rank order."""
-        return [p for p in self.participants if p not in self.dead and p not in self.withdrawn]
+    def live(self) -> Sequence[str]:
+        """Roster members still expected to contribute, in rank order. Memoised on who is
+        gone: at scale it is asked on every message, and it is O(roster) (while nobody is
+        gone it is the roster itself, shared by every node of a simulation)."""
+        key = (id(self.roster), frozenset(self.dead), frozenset(self.withdrawn))
+        if key != self._live_key:
+            gone = (
+                (self.dead | set(self.withdrawn)) & set(self.participants)
+                if (self.dead or self.withdrawn)
+                else set()
+            )
+            self._live = (
+                [p for p in self.participants if p not in gone] if gone else self.participants
+            )
+            self._live_key = key
+        return self._live  # read-only for callers
 
     def acting(self) -> str | None:
         """Whose duty it is now (closing, failing, reducing): the first live participant."""
@@ -409,16 +457,21 @@ class TaskMachine:
             self.task_id, self.my_id, samples, commitment(self.my_nonce), named, group
         )
         signed = seal(self.me, record)
-        out: list[Command] = [
-            Publish(TOPIC_TASKS, signed),
-            Log("info", f"task {self.task_id[:12]}: volunteered"),
-        ]
+        out: list[Command] = [Log("info", f"task {self.task_id[:12]}: volunteered")]
+        if not self.large:
+            out.append(Publish(TOPIC_TASKS, signed))
+        elif self.my_id != self.offer.publisher:
+            out.append(Send(self.offer.publisher, signed))  # core/call.py
+        if self.large and self.call is not None:
+            return out + self.decline(now, "too late: the call was out before our checks ended")
         dp = self.offer.dp
         if isinstance(dp, dict) and self.decision is not None:
             # Volunteering commits our data to the task's DP budget (not refunded if the
             # roster leaves us out: the conservative side).
             out.append(ChargePrivacy(self.task_id, self.offer.inputs, float(dp["epsilon"])))
         out += self._take_volunteer(now, record, signed)
+        if self.large:
+            return out
         if self.revealed or now >= self.offer.volunteer_deadline:
             out += self._reveal(now)
         return out
@@ -427,6 +480,8 @@ class TaskMachine:
         vol: Volunteer = event.msg
         if vol.peer in self.volunteers or self.roster is not None or event.envelope is None:
             return []
+        if self.large:
+            return self._collect(now, vol, event.envelope)
         if self.revealed and vol.peer != self.my_id:
             # Too late: nonces are out, and a record made after seeing them could grind.
             return self._refuse(Volunteer, f"{vol.peer[-8:]} volunteered after the reveals")
@@ -441,9 +496,109 @@ class TaskMachine:
         self.commits[vol.peer] = vol.commit
         self.nodes.setdefault(vol.peer, NodeState("volunteered"))
         out: list[Command] = [self.event(EventKind.NODE, now, "volunteered", peer=vol.peer)]
+        if self.large:
+            if self.my_id == self.offer.publisher and self._everyone_answered():
+                out += self._publish_call(now)
+            return out
         if self._everyone_answered():
             out += self._reveal(now)
         return out + self._maybe_roster(now)
+
+    # --- a large task's call (core/call.py) ----------------------------------------------
+
+    def _collect(self, now: float, vol: Volunteer, signed: Signed) -> list[Command]:
+        """The publisher of a large task keeps the records sent to it, for its call."""
+        if self.my_id != self.offer.publisher:
+            return self._refuse(Volunteer, "a large task's records go to its publisher")
+        if self.call_sent or self.offer.volunteer_deadline <= now:
+            return self._refuse(Volunteer, f"{vol.peer[-8:]} volunteered after the call")
+        if len(self.volunteers) >= self.offer.max_nodes:
+            return self._refuse(Volunteer, "the call is full (max_nodes)")
+        wrong = volunteer_problem(self.offer, vol.peer, vol.cid)
+        if wrong is not None:
+            return self._refuse(Volunteer, wrong)
+        return self._take_volunteer(now, vol, signed)
+
+    def _publish_call(self, now: float) -> list[Command]:
+        """Volunteering is over: publish every record we hold, in peer order, in parts."""
+        if self.call_sent or not self.volunteers:
+            return []
+        self.call_sent = True
+        records = [encode(self.volunteers[p]) for p in sorted(self.volunteers)]
+        parts = split_records(records)
+        out: list[Command] = [
+            Log("info", f"task {self.task_id[:12]}: call of {len(records)} volunteers")
+        ]
+        for i, chunk in enumerate(parts):
+            part = CallPart(self.task_id, self.my_id, i, len(parts), chunk)
+            envelope = seal(self.me, part)
+            out.append(Publish(TOPIC_TASKS, envelope))
+            out += self.on_call_part(now, Incoming(part, self.my_id, envelope))
+        return out
+
+    def on_call_part(self, now: float, event: Incoming) -> list[Command]:
+        part: CallPart = event.msg
+        if not self.large:
+            return self._refuse(CallPart, "a call for a task that sets up all-to-all")
+        wrong = check_part(part, self.offer.publisher, event.signer)
+        if wrong is not None or event.envelope is None:
+            return self._refuse(CallPart, wrong or "unsigned call part")
+        if self.call is not None or self.roster is not None:
+            return []
+        if self.call_parts and part.parts != next(iter(self.call_parts.values())).parts:
+            return self._refuse(CallPart, "call parts disagree on their number")
+        if part.part in self.call_parts:
+            if self.call_parts[part.part] != part:
+                return [Log("warning", f"task {self.task_id[:12]}: the publisher sent two calls")]
+            return []
+        self.call_parts[part.part] = part
+        self.call_envelopes[part.part] = event.envelope
+        if len(self.call_parts) < part.parts:
+            return []
+        chunks = tuple(self.call_parts[i].records for i in range(part.parts))
+        try:
+            view = call_view(self.task_id, chunks, self.offer.max_nodes)
+        except (RemoteProtocolError, ValueError) as exc:
+            return [Log("warning", f"task {self.task_id[:12]}: call refused: {exc}")]
+        if self.offer.rollout:
+            for peer in view.peers:
+                wrong = volunteer_problem(self.offer, peer, view.cids.get(peer, ""))
+                if wrong is not None:
+                    return [Log("warning", f"task {self.task_id[:12]}: call refused: {wrong}")]
+        return self._take_call(now, view)
+
+    def _take_call(self, now: float, view: CallView) -> list[Command]:
+        self.call = view
+        self.revealed = True  # volunteering is over
+        if self.my_id != self.offer.publisher:
+            # Shared with every node of a simulation: never written after this point.
+            self.samples = view.samples  # type: ignore[assignment]
+        out: list[Command] = [
+            SetTimer(self.timer(TimerKind.REVEAL), now + GRACE_S),
+            self.event(EventKind.STATE, now, f"call: {len(view.peers)} volunteers"),
+        ]
+        if self.phase == Phase.VOLUNTEERED and self.my_id not in view.commits:
+            return out + self.decline(now, "left out of the call: it does not carry our record")
+        if self.phase == Phase.VOLUNTEERED and self.my_id in view.committee:
+            out += self._reveal(now)
+        early, self.early_reveals = self.early_reveals, {}
+        for peer, nonce in early.items():
+            out += self._take_committee_reveal(now, peer, nonce)
+        waiting, self.waiting_rosters = self.waiting_rosters, []
+        for incoming in waiting:
+            out += self.handle(incoming, now)
+        return out + self._maybe_roster(now)
+
+    def _take_committee_reveal(self, now: float, peer: str, nonce: bytes) -> list[Command]:
+        call = self.call
+        assert call is not None
+        if peer in self.nonces:
+            return []
+        if peer not in call.committee:
+            return self._refuse(Reveal, f"{peer[-8:]} is not on the committee")
+        if call.commits[peer] != commitment(nonce):
+            return self._refuse(Reveal, f"{peer[-8:]}: reveal without a matching record")
+        return self._take_reveal(now, peer, nonce)
 
     def on_decline(self, now: float, event: Incoming) -> list[Command]:
         decline: Decline = event.msg
@@ -458,15 +613,21 @@ class TaskMachine:
         out: list[Command] = [
             self.event(EventKind.NODE, now, f"declined: {decline.reason}", peer=decline.peer)
         ]
-        if self._everyone_answered():
+        if self.large:
+            if self.my_id == self.offer.publisher and self._everyone_answered():
+                out += self._publish_call(now)
+        elif self._everyone_answered():
             out += self._reveal(now)
         return out + self._maybe_all_declined(now) + self._maybe_roster(now)
 
     def _everyone_answered(self) -> bool:
-        """True when waiting for the deadline is moot: the roster is full already (max_nodes
-        volunteers), or every peer we are connected to has answered and nobody we do not
-        know answered (then no volunteer can still come)."""
-        if len(self.volunteers) >= self.offer.max_nodes:
+        """True when waiting for the deadline is moot: every peer we are connected to has
+        answered and nobody we do not know answered (then no volunteer can still come);
+        for a large task's publisher also once its call is full (max_nodes records: it
+        alone decides the call). Not "max_nodes records seen" in the all-to-all setup:
+        nodes see the records in different orders, and revealing at different sets of
+        volunteers gave them different beacons, hence different rosters (a split task)."""
+        if self.large and len(self.volunteers) >= self.offer.max_nodes:
             return True
         if not self.full_mesh:
             return False
@@ -485,7 +646,10 @@ class TaskMachine:
     # --- reveals and the roster --------------------------------------------------------
 
     def _reveal(self, now: float) -> list[Command]:
-        """Volunteering is over for us: publish our ranking nonce (once we have one)."""
+        """Volunteering is over for us: publish our ranking nonce (once we have one). In a
+        large task only the committee does, once the call is in."""
+        if self.large and (self.call is None or self.my_id not in self.call.committee):
+            return []
         out: list[Command] = []
         if not self.revealed:
             self.revealed = True
@@ -504,6 +668,12 @@ class TaskMachine:
         reveal: Reveal = event.msg
         if reveal.peer in self.nonces or event.envelope is None or self.roster is not None:
             return []  # a duplicate (we republish reveals once) or too late to matter
+        if self.large:
+            if self.call is None:  # gossip may bring it before the last call part
+                if len(self.early_reveals) < 2 * MAX_HELD:
+                    self.early_reveals[reveal.peer] = reveal.nonce
+                return []
+            return self._take_committee_reveal(now, reveal.peer, reveal.nonce)
         if self.commits.get(reveal.peer) != commitment(reveal.nonce):
             return self._refuse(Reveal, f"{reveal.peer[-8:]}: reveal without a matching record")
         return self._take_reveal(now, reveal.peer, reveal.nonce)
@@ -517,12 +687,19 @@ class TaskMachine:
         taken for a record we hold, and a decline drops both)."""
         return self.nonces
 
-    def _ranking(self) -> list[str]:
-        """Every eligible volunteer, best-ranked first under the beacon of their nonces.
+    def _ranking(self) -> Sequence[str]:
+        """Every eligible volunteer, best-ranked first under the beacon of their nonces
+        (a large task: every volunteer of the call, under the committee's beacon).
         Memoised per set of reveals: at scale it is asked once per message."""
         key = len(self.nonces)
         if self._ranked_for != key:
-            self._ranked = ranked(self.task_id, self.nonces, make_beacon(self.nonces))
+            if self.large:
+                if self.call is None or not self.nonces:
+                    return ()
+                seed = committee_seed(self.call, self.nonces)
+                self._ranked = call_order(self.task_id, self.call, seed)[0]  # type: ignore[assignment]
+            else:
+                self._ranked = ranked(self.task_id, self.nonces, make_beacon(self.nonces))
             self._ranked_for = key
         return self._ranked
 
@@ -531,6 +708,8 @@ class TaskMachine:
         every volunteer we know has revealed (or the reveal deadline passed)."""
         if self.roster is not None or self.phase != Phase.VOLUNTEERED or not self.revealed:
             return []
+        if self.large:
+            return self._maybe_compact_roster(now, deadline_passed)
         if not deadline_passed and len(self.nonces) < len(self.volunteers):
             return []  # reveals still to come (O(1): this runs on every record at scale)
         everyone = self._ranking()
@@ -557,6 +736,90 @@ class TaskMachine:
         signed = {p: self.samples[p] for p in everyone if p in self.samples}
         return out + self._accept_roster(now, roster, signed)
 
+    def _maybe_compact_roster(self, now: float, deadline_passed: bool) -> list[Command]:
+        """A large task: the roster names the call and carries the committee's nonces."""
+        call = self.call
+        if call is None or not self.nonces:
+            return []
+        if not deadline_passed and len(self.nonces) < len(call.committee):
+            return []
+        everyone = self._ranking()
+        first = next((p for p in everyone if p not in self.dead), None)
+        if first != self.my_id:
+            return []
+        place = call_order(self.task_id, call, committee_seed(call, self.nonces))[1]
+        gone = sorted((p for p in self.dead if p in place), key=place.__getitem__)
+        skipped = tuple(sorted(gone[:MAX_SKIPPED]))
+        roster = Roster(
+            task_id=self.task_id,
+            coordinator=self.my_id,
+            epoch=place[self.my_id],
+            participants=(),
+            volunteers=(),
+            nonces=(),
+            call=call.digest,
+            committee=tuple(self.nonces.get(p, b"") for p in call.committee),
+            skipped=skipped,
+        )
+        problem, participants = call_roster_problem(
+            self.task_id, roster, call, (), self.offer.min_nodes, self.offer.max_nodes
+        )
+        if problem is not None:
+            return [Log("info", f"task {self.task_id[:12]}: no roster yet: {problem}")]
+        self.roster_envelope = seal(self.me, roster)
+        self.roster_publish = Publish(TOPIC_TASKS, self.roster_envelope)
+        out: list[Command] = [
+            self.roster_publish,
+            SetTimer(self.timer(TimerKind.REPUBLISH_ROSTER), now + GRACE_S / 2),
+            Log("info", f"task {self.task_id[:12]}: coordinating {len(participants)} participants"),
+        ]
+        full = with_participants(roster, participants)
+        return out + self._accept_roster(now, full, {})
+
+    def _on_compact_roster(self, now: float, event: Incoming) -> list[Command]:
+        roster: Roster = event.msg
+        if not roster.call or roster.participants or roster.volunteers:
+            return self._refuse(Roster, "a large task's roster names its call and nothing else")
+        if self.call is None:
+            if len(self.waiting_rosters) < MAX_HELD:
+                self.waiting_rosters.append(event)
+            return []
+        # Our own reveal is not held against a roster: it may have been lost on its way
+        # (nobody else then holds it either). Had it reached the others, they refuse a
+        # roster that drops it, so a coordinator still cannot pick its beacon.
+        held = [p for p in self.nonces if p not in self.dead and p != self.my_id]
+        problem, participants = call_roster_problem(
+            self.task_id, roster, self.call, held, self.offer.min_nodes, self.offer.max_nodes
+        )
+        if problem is not None:
+            out: list[Command] = [
+                Log(
+                    "warning",
+                    f"task {self.task_id[:12]}: invalid roster from {event.signer}: {problem}",
+                )
+            ]
+            if self.phase == Phase.VOLUNTEERED and self.my_id in self.call.commits:
+                self.dead.add(roster.coordinator)
+                out.append(
+                    self.event(
+                        EventKind.STATE,
+                        now,
+                        f"rejected the roster of {roster.coordinator}: {problem}",
+                        peer=self.my_id,
+                    )
+                )
+                out += self._maybe_roster(now, deadline_passed=True)
+            return out
+        full = with_participants(roster, participants)
+        if roster.epoch > self.takeover_epoch and not self._better_ranked_gone(full):
+            if len(self.held_rosters) < MAX_HELD:
+                self.held_rosters[roster.epoch] = event
+            return []
+        if self.roster is not None and (self.round > 1 or self.phase not in _FRESH):
+            return []
+        self.roster_envelope = event.envelope
+        return self._accept_roster(now, full, {})
+
     def on_roster(self, now: float, event: Incoming, carried: dict[str, bytes]) -> list[Command]:
         """`carried`: peer -> nonce of every volunteer record + reveal the roster carries
         (signatures and commitments already checked by the node core)."""
@@ -565,6 +828,8 @@ class TaskMachine:
             return self._refuse(Roster, f"signed by {event.signer[-8:]}, not its coordinator")
         if self.roster is not None and roster.epoch >= self.roster.epoch:
             return []  # the one we have is at least as good
+        if self.large:
+            return self._on_compact_roster(now, event)
         held = [p for p in self._eligible() if p not in self.dead]
         if self.my_id in held and self.my_id not in carried and self._volunteered_late():
             # Our record went out so near the deadline that honest peers may have revealed
@@ -631,9 +896,14 @@ class TaskMachine:
         self.roster = roster
         # Every participant's signed sample count, from the records the roster carries
         # (we may have missed some Volunteer messages): each caps that peer's updates.
-        self.samples.update(samples)
+        # (A large task's come from its call, which every node holds.)
+        if samples:
+            self.samples.update(samples)
         self.held_rosters.clear()
-        self.nodes = {p: self.nodes.get(p, NodeState("volunteered")) for p in roster.participants}
+        if not self.large:
+            self.nodes = {
+                p: self.nodes.get(p, NodeState("volunteered")) for p in roster.participants
+            }
         out: list[Command] = [
             CancelTimer(self.timer(TimerKind.VOLUNTEER)),
             CancelTimer(self.timer(TimerKind.REVEAL)),
@@ -688,6 +958,18 @@ class TaskMachine:
         if not self.participating or self.offer_envelope is None or self.roster_envelope is None:
             return []
         mass = float(getattr(self.rounds, "mass", 0.0))
+        if self.large:
+            call = tuple(self.call_envelopes[i] for i in sorted(self.call_envelopes))
+            build = functools.partial(
+                make_snapshot,
+                self.offer_envelope,
+                self.roster_envelope,
+                self.round,
+                self.global_ref,
+                mass,
+                call,
+            )
+            return [Persist(self.task_id, None, build)]
         data = make_snapshot(
             self.offer_envelope, self.roster_envelope, self.round, self.global_ref, mass
         )
@@ -701,7 +983,8 @@ class TaskMachine:
         self.roster = roster
         self.samples.update(samples)
         self.revealed = True
-        self.nodes = {p: NodeState("volunteered") for p in roster.participants}
+        if not self.large:
+            self.nodes = {p: NodeState("volunteered") for p in roster.participants}
         out: list[Command] = [
             self.event(EventKind.STATE, now, f"resumed at round {rnd + 1}", peer=self.my_id)
         ]
@@ -719,6 +1002,28 @@ class TaskMachine:
             return out + self.final.finalize(now)
         return out + self.rounds.train(now, rnd + 1)
 
+    def resume_call(self, parts: list[tuple[CallPart, Signed]], roster: Roster) -> Roster:
+        """A large task's snapshot: re-check its call and derive the roster's participants
+        (RemoteProtocolError if the file does not hold together)."""
+        for part, envelope in parts:
+            if check_part(part, self.offer.publisher, envelope.signer) is not None:
+                raise RemoteProtocolError("snapshot call part not signed by the publisher")
+            self.call_parts[part.part] = part
+            self.call_envelopes[part.part] = envelope
+        n = len(self.call_parts)
+        if n == 0 or sorted(self.call_parts) != list(range(n)):
+            raise RemoteProtocolError("snapshot call is incomplete")
+        chunks = tuple(self.call_parts[i].records for i in range(n))
+        view = call_view(self.task_id, chunks, self.offer.max_nodes)
+        problem, participants = call_roster_problem(
+            self.task_id, roster, view, (), self.offer.min_nodes, self.offer.max_nodes
+        )
+        if problem is not None:
+            raise RemoteProtocolError(f"snapshot roster: {problem}")
+        self.call = view
+        self.samples = view.samples  # type: ignore[assignment]
+        return with_participants(roster, participants)
+
     # --- timers ------------------------------------------------------------------------
 
     def on_timer(self, now: float, event: TimerFired) -> list[Command]:
@@ -728,6 +1033,8 @@ class TaskMachine:
             return []
         kind = key.kind
         if kind is TimerKind.VOLUNTEER:
+            if self.large:
+                return self._publish_call(now) if self.my_id == self.offer.publisher else []
             return self._reveal(now)
         if kind is TimerKind.REVEAL:
             out = self._maybe_roster(now, deadline_passed=True)
@@ -776,7 +1083,7 @@ class TaskMachine:
     def _publisher_watch(self, now: float) -> list[Command]:
         if self.roster is not None:
             return []
-        n = len(self._eligible())
+        n = len(self.call.peers) if self.call is not None else len(self._eligible())
         if n < self.offer.min_nodes:
             why = f"only {n} volunteer{'s' if n != 1 else ''} by the deadline; min_nodes is {self.offer.min_nodes}"
             if self.declines:
@@ -798,7 +1105,7 @@ class TaskMachine:
     def on_peer_lost(self, now: float, event: PeerLost) -> list[Command]:
         peer = event.peer
         if self.roster is None:
-            if peer in self.volunteers:
+            if peer in self.volunteers or (self.call is not None and peer in self.call.commits):
                 self.dead.add(peer)
             return []
         if peer not in self.participants or peer in self.dead:
@@ -887,7 +1194,7 @@ class TaskMachine:
             status="failed",
             reason=reason[:4000],
             reducer=self.my_id,
-            participants=self.participants,
+            **self.members(self.participants),
             rounds=self.round,
             metrics={},
             model=None,
@@ -931,7 +1238,7 @@ class TaskMachine:
             status="failed",
             reason=f"cancelled by the publisher: {cancel.reason}"[:4000],
             reducer=self.offer.publisher,
-            participants=self.participants,
+            **self.members(self.participants),
             rounds=self.round,
             metrics={},
             model=None,
@@ -1125,7 +1432,33 @@ class TaskMachine:
     def result_dict(self) -> dict[str, Any] | None:
         if self.result is None:
             return None
-        return result_dict(self.result, self.result_signer, self.offer)
+        out = result_dict(self.result, self.result_signer, self.offer)
+        if self.result.absent or (self.large and not self.result.participants):
+            out["participants"] = sorted(self.contributors(self.result))
+        return out
+
+    def members(self, contributors: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        """A result's `participants` (or, a large task, `absent`) field: a 10,000-name
+        list would not fit one gossip message; the absentees usually do."""
+        if not self.large:
+            return {"participants": tuple(contributors)}
+        included = set(contributors)
+        absent = tuple(p for p in self.participants if p not in included)
+        if len(absent) > MAX_SKIPPED and len(contributors) <= MAX_SKIPPED:
+            return {"participants": tuple(contributors)}
+        return {"participants": (), "absent": absent}
+
+    def signed_total(self) -> float:
+        """Every participant's signed sample count together (shared by every node of a
+        simulation in a large task: it is O(roster))."""
+        if self.call is not None:
+            return signed_total(self.call, self.participants)
+        return float(sum(self.samples.get(p, 0) for p in self.participants))
+
+    def contributors(self, result: TaskResult) -> set[str]:
+        if result.participants or not self.large:
+            return set(result.participants)
+        return set(self.participants) - set(result.absent)
 
 
 _ACCOUNTING = frozenset({"epsilon", "delta"})
@@ -1171,6 +1504,7 @@ HANDLERS: dict[EventKey, Handler] = {
     Reveal: TaskMachine.on_reveal,
     Decline: TaskMachine.on_decline,
     Roster: lambda m, now, e: m.on_roster(now, e, e.carried),
+    CallPart: TaskMachine.on_call_part,
     RoundUpdate: TaskMachine.on_round_message,
     RoundClose: TaskMachine.on_round_message,
     GossipPush: TaskMachine.on_round_message,

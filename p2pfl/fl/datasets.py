@@ -18,6 +18,7 @@ simulation uses the pooled training statistics, the usual choice for benchmark s
 
 from __future__ import annotations
 
+import collections
 import functools
 import gzip
 import os
@@ -310,22 +311,59 @@ def write_table(
         write(str(tmp))
 
 
+# Small npz tables read recently, by (path, size, mtime): a simulation's thousands of nodes
+# each read their own few rows for every job, and parsing 784 feature names cost more than
+# the training. Bounded in bytes; callers get copies, so nothing shared can be changed.
+_TABLE_CACHE: collections.OrderedDict[
+    tuple[str, int, int], tuple[np.ndarray, np.ndarray, tuple[str, ...]]
+] = collections.OrderedDict()
+_TABLE_CACHE_BYTES = 256 * 1024 * 1024
+_TABLE_CACHE_MAX_FILE = 1024 * 1024
+_table_cache_used = 0
+_NAMES: dict[tuple[str, ...], tuple[str, ...]] = {}  # one copy of each list of names
+
+
 def load_table(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read a table written by `write_table` (or any CSV with a `label` column)."""
+    global _table_cache_used
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        # allow_pickle=False: a table may come from elsewhere; never unpickle it.
-        with np.load(path, allow_pickle=False) as z:
-            for key in ("X", "y"):
-                if key not in z:
-                    raise ValueError(f"{path}: npz table lacks array {key!r}")
-            X = np.asarray(z["X"], dtype=np.float32)
-            y = np.asarray(z["y"], dtype=np.int64)
-            names = [str(n) for n in z["feature_names"]] if "feature_names" in z else []
-        if X.ndim != 2 or X.shape[0] != y.shape[0]:
-            raise ValueError(f"{path}: X {X.shape} and y {y.shape} disagree")
-        return X, y, names or [f"f{i}" for i in range(X.shape[1])]
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        hit = _TABLE_CACHE.get(key)
+        if hit is not None:
+            _TABLE_CACHE.move_to_end(key)
+            return hit[0].copy(), hit[1].copy(), list(hit[2])
+        X, y, names = _load_npz(path)
+        if st.st_size <= _TABLE_CACHE_MAX_FILE:
+            shared = (
+                _NAMES.setdefault(tuple(names), tuple(names)) if len(_NAMES) < 64 else tuple(names)
+            )
+            _TABLE_CACHE[key] = (X.copy(), y.copy(), shared)
+            _table_cache_used += X.nbytes + y.nbytes
+            while _table_cache_used > _TABLE_CACHE_BYTES and _TABLE_CACHE:
+                _, (x0, y0, _n) = _TABLE_CACHE.popitem(last=False)
+                _table_cache_used -= x0.nbytes + y0.nbytes
+        return X, y, names
+    return _load_other(path, suffix)
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    # allow_pickle=False: a table may come from elsewhere; never unpickle it.
+    with np.load(path, allow_pickle=False) as z:
+        for key in ("X", "y"):
+            if key not in z:
+                raise ValueError(f"{path}: npz table lacks array {key!r}")
+        X = np.asarray(z["X"], dtype=np.float32)
+        y = np.asarray(z["y"], dtype=np.int64)
+        names = [str(n) for n in z["feature_names"]] if "feature_names" in z else []
+    if X.ndim != 2 or X.shape[0] != y.shape[0]:
+        raise ValueError(f"{path}: X {X.shape} and y {y.shape} disagree")
+    return X, y, names or [f"f{i}" for i in range(X.shape[1])]
+
+
+def _load_other(path: Path, suffix: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if suffix == ".csv":
         import pandas as pd
 

@@ -124,6 +124,7 @@ class ClusterBase:
         self.warnings: list[str] = []
         self._records: list[RoundRecord] = []
         self._seen: set[tuple[int, int]] = set()
+        self._seen_in: dict[int, int] = {}  # round -> nodes recorded in it
         self._last_bytes: dict[int, tuple[int, int]] = {}
         self._test_cache: dict[str, dict[str, Any]] = {}
         self._applied_faults: set[int] = set()
@@ -248,8 +249,11 @@ class ClusterBase:
             if rnd and "model_cid" in metrics and (index, rnd) not in self._seen:
                 self._seen.add((index, rnd))
                 self._collect(index, int(rnd), metrics)
-                live = [i for i in self._participants if i not in self._crashed]
-                if rnd > self._round_done and all((i, rnd) in self._seen for i in live):
+                seen = self._seen_in[rnd] = self._seen_in.get(rnd, 0) + 1
+                # The exact check is O(nodes): made only once enough nodes are in.
+                enough = seen >= len(self._participants) - len(self._crashed)
+                live = [i for i in self._participants if i not in self._crashed] if enough else []
+                if enough and rnd > self._round_done and all((i, rnd) in self._seen for i in live):
                     self._round_done = int(rnd)
                     self._schedule(self._apply_faults)
         # The first node to hold the signed result (the publisher may have crashed).

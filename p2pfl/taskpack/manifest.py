@@ -261,7 +261,15 @@ def load_manifest(source: str | Path | bytes) -> Manifest:
 
     Raises ValidationError whose `problems` name every problem by path.
     """
-    doc = parse_manifest_doc(_read(source))
+    return _load_bytes(_read(source))
+
+
+@functools.lru_cache(maxsize=256)
+def _load_bytes(data: bytes) -> Manifest:
+    """A pure function of the bytes (the Manifest is frozen), so it is memoised: every node
+    of a simulation validates the same manifest once, not once each (3 ms of schema
+    checks). Errors are not cached: they are raised again each time."""
+    doc = parse_manifest_doc(data)
     problems = _problems(doc)
     if problems:
         raise ValidationError(problems, "manifest")

@@ -278,10 +278,11 @@ class Harness:
         elif isinstance(cmd, TaskEnded):
             node.ended.append(cmd)
         elif isinstance(cmd, Persist):
-            if cmd.snapshot is None:
+            data = cmd.data()
+            if data is None:
                 node.snapshots.pop(cmd.task_id, None)
             else:
-                node.snapshots[cmd.task_id] = cmd.snapshot
+                node.snapshots[cmd.task_id] = data
         elif isinstance(cmd, Log):
             node.logs.append((cmd.level, cmd.text))
 
