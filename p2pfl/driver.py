@@ -764,10 +764,10 @@ class Driver:
         """Reduce-scatter steps (cut, reduce, assemble: fl/slices.py) off the event path."""
         store = self.store
 
-        def work() -> tuple[tuple[BlobRef, ...], int, str, int]:
+        def work() -> tuple[tuple[BlobRef, ...], int, str, int, tuple[float, ...]]:
             from p2pfl.fl.slices import slice_work
 
-            blobs, bad, reason, chosen = slice_work(
+            blobs, bad, reason, chosen, values = slice_work(
                 cmd.token.kind,
                 [store.get(ref.cid) for ref in cmd.refs],
                 store.get(cmd.reference.cid),
@@ -778,14 +778,14 @@ class Driver:
                 cmd.options,
             )
             # Hashed and stored here, off the event path (a cut makes n blobs).
-            return tuple(self.put_blob(data) for data in blobs), bad, reason, chosen
+            return tuple(self.put_blob(data) for data in blobs), bad, reason, chosen, values
 
         def done(result: Any, error: BaseException | None) -> None:
             if error is not None:
                 self.on_event(SliceWorked(cmd.token, (), f"{type(error).__name__}: {error}"))
                 return
-            refs, bad, reason, chosen = result
-            self.on_event(SliceWorked(cmd.token, refs, reason, bad, chosen))
+            refs, bad, reason, chosen, values = result
+            self.on_event(SliceWorked(cmd.token, refs, reason, bad, chosen, values))
 
         self.io.run_blocking(work, done)
 

@@ -71,5 +71,10 @@ MAX_OFFER_BYTES = 64 * KiB
 PENDING_BYTES = 8 * MiB
 # Round messages one task holds until its roster arrives.
 EARLY_BYTES_PER_TASK = 4 * MiB
+# Reduce-scatter's slice check (core/sketch.py): one signed SliceSketch (5 float32 per
+# slice, at most 256 slices, and as many witnessed: about 11 KiB) and one signed
+# SliceOffer, as carried inside a SketchProof.
+MAX_SKETCH_BYTES = 32 * KiB
+MAX_SIGNED_OFFER_BYTES = 4 * KiB
 # Decoded messages shared between simulated nodes are memoised only up to this size.
 DECODE_CACHE_MAX_MESSAGE = 64 * KiB

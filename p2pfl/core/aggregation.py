@@ -2,13 +2,17 @@
 parameter, checked when the offer is received (core/offer.py) and read by the rule
 every node evaluates (core/scatter.py, core/hierarchy.py).
 
-    aggregation: {kind: auto}                         the default: all-gather
+    aggregation: {kind: auto}                         the default: fedavg/fedprox at n >= 4
+                                                      reduce-scatter with every slice
+                                                      checked (core/verify.py); otherwise
+                                                      all-gather
     aggregation: {kind: allgather}                    every node fetches every update and
                                                       combines them itself
     aggregation: {kind: reduce-scatter}               each node combines one slice for all
                                                       (2(n-1)/n models per node per round;
-                                                      trusts each slice's owner, see
-                                                      core/scatter.py)
+                                                      checked under fedavg, trusts each
+                                                      slice's owner under median, trimmed
+                                                      mean and Krum: core/scatter.py)
     aggregation: {kind: hierarchical, group_size: 8}  groups of 8 by rank, leaders combine
     aggregation: {kind: hierarchical, group_by: region}  a group per value of the site label
                                                          `region` (p2pfl node --label region=eu)

@@ -116,7 +116,9 @@ class SliceWork:
     assemble: the `count` combined slices (refs, slice order) -> the model;
     distances (Krum): slice token.index of each update -> their n x n squared distances;
     krum: the `count` distance matrices (slice order), n = len(weights), options f -> the
-      position Krum chooses (SliceWorked.chosen)."""
+      position Krum chooses (SliceWorked.chosen);
+    sketch, check: slices (options indices: each one's index, seed: hex) -> their
+      sketches, or the combined slices' checks (SliceWorked.values; core/sketch.py)."""
 
     refs: tuple[BlobRef, ...]
     count: int
@@ -291,3 +293,4 @@ class SliceWorked:
     reason: str = ""  # non-empty: the work failed (a bug or a bad assembled slice)
     bad: int = -1  # reduce, distances: position of a malformed input; assemble, krum: index
     chosen: int = -1  # krum: the position of the update Krum picks
+    values: tuple[float, ...] = ()  # sketch, check: the floats of core/sketch.py

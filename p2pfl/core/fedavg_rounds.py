@@ -32,11 +32,19 @@ from p2pfl.core.commands import (
 from p2pfl.core.hierarchy import Hierarchy, group_size
 from p2pfl.core.messages import TOPIC_TASKS, RoundClose, RoundUpdate
 from p2pfl.core.phase import ACTIVE, BlobOutcome, Phase
-from p2pfl.core.round_messages import GroupDone, SliceAsk, SliceDone, SliceOffer
+from p2pfl.core.round_messages import (
+    GroupDone,
+    SketchProof,
+    SliceAsk,
+    SliceDone,
+    SliceOffer,
+    SliceSketch,
+)
 from p2pfl.core.rounds_base import RoundsBase
 from p2pfl.core.scatter import Scatter, slice_count
 from p2pfl.core.tokens import TaskTimer, TimerKind
 from p2pfl.store.blobref import BlobRef
+from p2pfl.wire import Signed
 
 GRACE_S = 2.0
 
@@ -73,7 +81,13 @@ class FedAvgRounds(RoundsBase):
 
     def stage(self) -> Scatter | Hierarchy | None:
         """The aggregation stage after the close, when the rule asks for one."""
-        return self.hierarchy or self.scatter
+        return self.hierarchy or self.sliced()
+
+    def sliced(self) -> Scatter | None:
+        """Reduce-scatter for this round: slices are cut along a reference model, so a
+        round without one (the first, when the taskpack starts from no initial weights:
+        the same at every node) moves whole updates."""
+        return self.scatter if self.task.global_ref is not None else None
 
     # --- our own update ------------------------------------------------------------------
 
@@ -84,8 +98,9 @@ class FedAvgRounds(RoundsBase):
         ref: BlobRef | None = result.get("ref")
         if ref is None:
             return task.withdraw(now, f"round {rnd}: training produced no update")
-        if self.scatter is not None:  # cut it into slices first, then announce it
-            return self.scatter.cut(rnd, ref, result)
+        scatter = self.sliced()
+        if scatter is not None:  # cut it into slices first, then announce it
+            return scatter.cut(rnd, ref, result)
         return self.announce(now, rnd, result)
 
     def announce(self, now: float, rnd: int, result: dict[str, Any]) -> list[Command]:
@@ -348,9 +363,16 @@ class FedAvgRounds(RoundsBase):
             return []
         out = stage.on_view_changed(now) if isinstance(stage, Hierarchy) else []
         close = stage.close
-        if close.round != task.round or stage.complete() or task.acting() != task.my_id:
+        if close.round != task.round or task.acting() != task.my_id:
             return out
         gone = {p for p in close.included if p in task.dead or p in task.withdrawn}
+        if stage.complete():
+            # Every slice combined; under a slice check, a participant lost before its
+            # sketch still stalls the round (core/verify.py).
+            check = stage.check if isinstance(stage, Scatter) else None
+            if check is None or check.verified:
+                return out
+            gone -= set(check.sketches)
         return out + (self.redo(now, gone, "participants lost mid-round") if gone else [])
 
     def redo(self, now: float, without: set[str], why: str) -> list[Command]:
@@ -393,11 +415,19 @@ class FedAvgRounds(RoundsBase):
     # --- reduce-scatter messages ---------------------------------------------------------
 
     def on_stage_message(
-        self, now: float, msg: SliceOffer | SliceAsk | SliceDone | GroupDone
+        self,
+        now: float,
+        msg: SliceOffer | SliceAsk | SliceDone | GroupDone | SliceSketch | SketchProof,
+        envelope: Signed | None = None,
     ) -> list[Command]:
         scatter = self.scatter
         if isinstance(msg, SliceOffer) and scatter is not None:
-            return scatter.on_offer(now, msg)
+            return scatter.on_offer(now, msg, envelope)
+        check = scatter.check if scatter is not None else None
+        if isinstance(msg, SliceSketch) and check is not None:
+            return check.on_sketch(now, msg, envelope)
+        if isinstance(msg, SketchProof) and check is not None:
+            return check.on_proof(now, msg)
         if isinstance(msg, SliceAsk) and scatter is not None:
             return scatter.on_ask(now, msg)
         if isinstance(msg, GroupDone) and self.hierarchy is not None:

@@ -64,7 +64,14 @@ from p2pfl.core.phase import (
     PolicyRevoked,
     TaskpackState,
 )
-from p2pfl.core.round_messages import GroupDone, SliceAsk, SliceDone, SliceOffer
+from p2pfl.core.round_messages import (
+    GroupDone,
+    SketchProof,
+    SliceAsk,
+    SliceDone,
+    SliceOffer,
+    SliceSketch,
+)
 from p2pfl.core.snapshot import open_snapshot
 from p2pfl.core.task import Incoming, LocalContext, TaskMachine
 from p2pfl.core.taskpacks import TaskpackBook
@@ -95,6 +102,7 @@ _SIGNED = (
     Capability,
     Decline,
     Cancel,
+    SliceSketch,
 )
 _ON_TOPIC: dict[str | None, tuple[type, ...]] = {
     TOPIC_TASKPACKS: (TaskpackAnnounce, TaskpackHave),
@@ -109,6 +117,8 @@ _ON_TOPIC: dict[str | None, tuple[type, ...]] = {
         RoundUpdate,
         RoundClose,
         SliceDone,
+        SliceSketch,
+        SketchProof,
         GroupDone,
         TaskResult,
         Cancel,

@@ -26,7 +26,14 @@ from p2pfl.core.messages import (
     TaskResult,
     Volunteer,
 )
-from p2pfl.core.round_messages import GroupDone, SliceAsk, SliceDone, SliceOffer
+from p2pfl.core.round_messages import (
+    GroupDone,
+    SketchProof,
+    SliceAsk,
+    SliceDone,
+    SliceOffer,
+    SliceSketch,
+)
 from p2pfl.core.tokens import JobStep, TimerKind
 
 
@@ -145,6 +152,8 @@ _FOLLOW: frozenset[EventKey] = frozenset(
 _PARTICIPATE: frozenset[EventKey] = _FOLLOW | {
     GossipPush,
     SliceOffer,
+    SliceSketch,
+    SketchProof,
     SliceAsk,
     SliceWorked,
     TimerKind.SLICES,

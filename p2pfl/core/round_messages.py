@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from p2pfl.core.messages import _check_task, check_peers
+from p2pfl.core.sketch import PER_SLICE, WIRE
+from p2pfl.limits import MAX_SIGNED_OFFER_BYTES, MAX_SKETCH_BYTES
 from p2pfl.store.blobref import BlobRef
 from p2pfl.wire import message
 
@@ -28,7 +32,8 @@ def _check_round(rnd: int, attempt: int, index: int, limit: int = MAX_SLICES) ->
 @dataclass(frozen=True, slots=True)
 class SliceOffer:
     """An author tells the owner of slice `index` where to fetch that slice of its update
-    (a direct message; the blob is served by the author)."""
+    (a direct message, signed: the owner may need to show it in a SketchProof; the blob
+    is served by the author). An owner also offers its own slice to its witness."""
 
     task_id: str
     round: int
@@ -82,6 +87,78 @@ class SliceDone:
             raise ValueError(f"more than {MAX_SLICES} inputs")
         if len(self.dropped) > 1 or (self.ref is None) != bool(self.dropped):
             raise ValueError("a slice is either combined (ref) or names one bad author")
+
+
+@message("task.slice-sketch")
+@dataclass(frozen=True, slots=True)
+class SliceSketch:
+    """A participant's sketches (core/sketch.py) of the slices of its update under close
+    `attempt`: `values` holds PER_SLICE float32s per slice (core/sketch.py pack), in slice
+    order; `witnessed` the slices whose owner's own contribution it holds as witness,
+    `witness_values` their sketches. Signed: an owner or witness may show it in a
+    SketchProof."""
+
+    task_id: str
+    round: int
+    attempt: int
+    peer: str
+    values: bytes
+    witnessed: tuple[int, ...] = ()
+    witness_values: bytes = b""
+
+    def __post_init__(self) -> None:
+        _check_task(self.task_id, self.peer)
+        _check_round(self.round, self.attempt, 0)
+        size = PER_SLICE * WIRE.itemsize
+        n = len(self.values)
+        if n == 0 or n % size or n > MAX_SLICES * size:
+            raise ValueError(
+                f"{n} value bytes: expected {size} per slice, at most {MAX_SLICES} slices"
+            )
+        if len(self.witnessed) > MAX_SLICES or len(set(self.witnessed)) != len(self.witnessed):
+            raise ValueError("witnessed slices must be distinct, at most MAX_SLICES")
+        if any(not 0 <= j < MAX_SLICES for j in self.witnessed):
+            raise ValueError(f"a witnessed slice index outside [0, {MAX_SLICES})")
+        if len(self.witness_values) != size * len(self.witnessed):
+            raise ValueError(f"{size} witness value bytes per witnessed slice")
+        for block in (self.values, self.witness_values):
+            floats = np.frombuffer(block, dtype=WIRE)
+            if not np.all(np.isfinite(floats)):
+                raise ValueError("sketch values must be finite")
+            if np.any(floats[PER_SLICE - 1 :: PER_SLICE] < 0):
+                raise ValueError("a slice's L1 norm must be >= 0")
+
+    def slices(self) -> int:
+        return len(self.values) // (PER_SLICE * WIRE.itemsize)
+
+
+@message("task.sketch-proof")
+@dataclass(frozen=True, slots=True)
+class SketchProof:
+    """Evidence that a participant's sketch of slice `index` lies: `sketch` its signed
+    SliceSketch (encoded Signed), `offer` the signed SliceOffer of that slice by the
+    slice's author (the participant itself, or the slice's owner when the liar is its
+    witness). Anyone checks it by fetching the offered slice (1/n of a model) and
+    recomputing the sketch; it is refused unless both signatures hold and the numbers
+    disagree."""
+
+    task_id: str
+    round: int
+    attempt: int
+    peer: str  # who shows it (anyone may)
+    index: int
+    sketch: bytes
+    offer: bytes
+
+    def __post_init__(self) -> None:
+        _check_task(self.task_id, self.peer)
+        _check_round(self.round, self.attempt, self.index)
+        if len(self.sketch) > MAX_SKETCH_BYTES:
+            raise ValueError(f"signed sketch of {len(self.sketch)} bytes, over {MAX_SKETCH_BYTES}")
+        if len(self.offer) > MAX_SIGNED_OFFER_BYTES:
+            raise ValueError(
+                f"signed offer of {len(self.offer)} bytes, over {MAX_SIGNED_OFFER_BYTES}"
+            )
 
 
 GROUP_STAGE = "group"  # a leader's model of its group's updates

@@ -1,13 +1,14 @@
 """Reduce-scatter + all-gather of one fedavg/fedprox round at one node.
 
 The rule (every node evaluates it from the offer and the roster, so nobody announces it):
-a task that asks for it (`aggregation: {kind: reduce-scatter}`), of n participants,
-4 <= n <= MAX_SLICES, whose aggregator is coordinate-wise
-(fedavg, median, trimmed mean) and that sets no max_update_norm, moves its updates by
-reduce-scatter: each model is cut into n slices (fl/slices.py). Under a RoundClose the
-owner of slice j is the first participant, in rank order cyclically from participant j,
-whose update the close includes; so a participant lost mid-round has its slices
-reassigned by the coordinator's re-close, which leaves it out.
+a task of n participants, 4 <= n <= MAX_SLICES, that sets no max_update_norm, moves its
+updates by reduce-scatter when its aggregator is fedavg (fedprox rounds aggregate with
+fedavg) and `aggregation` is auto (the default) or reduce-scatter; or, asked for with
+`aggregation: {kind: reduce-scatter}`, when it is median, trimmed mean or Krum. Each model
+is cut into n slices (fl/slices.py). Under a RoundClose the owner of slice j is the first
+participant, in rank order cyclically from participant j, whose update the close
+includes; so a participant lost mid-round has its slices reassigned by the coordinator's
+re-close, which leaves it out.
 
 1. After training, a participant cuts its update into n slice blobs, then announces the
    update (RoundUpdate) as before.
@@ -16,7 +17,8 @@ reassigned by the coordinator's re-close, which leaves it out.
    combines them in the close's order (`included`, sorted) with the offer's aggregator
    and publishes SliceDone. Honest owners hold identical inputs, so the slice is a pure
    function of the close.
-3. Everyone fetches the n combined slices from their owners and assembles the model:
+3. Everyone fetches the n combined slices from their owners and (fedavg: once every
+   slice passes its check, core/verify.py) assembles the model:
    the slices' bytes end to end in slice order (verified by cid), so every node holds
    the bit-identical model; it equals, bit for bit, what all-gather computes.
 
@@ -24,17 +26,21 @@ Each node sends and receives about 2(n-1)/n models per round instead of n-1.
 
 Who may say what is checked here: a SliceDone counts only from the owner of its slice
 under the close; an offer only from the author itself (the transport authenticates the
-sender); a slice or combined slice larger than the model is refused unread, and one whose
+sender; under fedavg it is signed too, and an owner offers its own slice to its
+witness); a slice or combined slice larger than the model is refused unread, and one whose
 tensors do not fit the slice's place is refused when combined (the coordinator re-closes
 without its author) or assembled (re-closed without its owner).
 
-What it trusts, and why it is not the default: a combined slice is as trustworthy as its
-owner. Nobody else holds that slice's inputs, so an owner can set its 1/n of the model to
-anything, which a robust aggregator cannot bound (the owner publishes the aggregate, not
-an input to it). Under all-gather every node combines every update itself and a
-participant can only move the average within its signed record (THREATS.md). So
-reduce-scatter (and hierarchical groups, whose leaders combine for their group) is for
-consortia that accept that trust in exchange for 2(n-1)/n models per node per round.
+What it trusts. A combined slice is as trustworthy as its owner: nobody else holds that
+slice's inputs. Under fedavg every node checks every combined slice against the
+participants' random linear sketches before assembling (core/sketch.py, core/verify.py):
+an owner that shifts its slice, or a participant that lies in its sketch, is caught and
+excluded, unless two of them collude. Median, trimmed mean and Krum are not linear: an
+owner can set its 1/n of the model to anything, which a robust aggregator cannot bound
+(the owner publishes the aggregate, not an input to it), so for them reduce-scatter is
+only used when asked for, by consortia that accept that trust in exchange for 2(n-1)/n
+models per node per round (as for hierarchical groups, whose leaders combine for their
+group).
 """
 
 from __future__ import annotations
@@ -58,8 +64,10 @@ from p2pfl.core.phase import Phase
 from p2pfl.core.round_messages import MAX_SLICES, SliceAsk, SliceDone, SliceOffer
 from p2pfl.core.rounds_base import FETCH_RETRIES, RETRY_BACKOFF_S
 from p2pfl.core.tokens import AggToken, SliceToken, TimerKind
+from p2pfl.core.verify import WORK_KINDS, SliceCheck
 from p2pfl.limits import KiB
 from p2pfl.store.blobref import BlobRef
+from p2pfl.wire import Signed, encode, seal
 
 if TYPE_CHECKING:
     from p2pfl.core.fedavg_rounds import FedAvgRounds
@@ -73,12 +81,21 @@ MAX_HELD_ATTEMPTS = 4  # close attempts ahead of ours whose SliceDones are held
 MAX_ANSWERS = 16  # a slice's offer is sent again at most this often per close
 
 
+def verified(offer: Any) -> bool:
+    """Whether every node checks the combined slices (core/verify.py): the aggregator is
+    linear (fedavg; fedprox rounds aggregate with fedavg)."""
+    return bool(offer.aggregator == "fedavg")
+
+
 def slice_count(offer: Any, participants: tuple[str, ...]) -> int:
     """How many slices each update is cut into this task; 0: all-gather."""
     kind = aggregation(offer).get("kind", "auto")
     n = len(participants)
-    # Only when asked for: an owner is trusted with its slice (see the module docstring).
-    if kind != "reduce-scatter" or offer.protocol == "gossip":
+    # The default for fedavg/fedprox, whose slices every node checks; asked for only for
+    # the robust aggregators, whose owners are trusted (see the module docstring).
+    if offer.protocol == "gossip" or kind not in ("auto", "reduce-scatter"):
+        return 0
+    if kind == "auto" and not verified(offer):
         return 0
     if offer.max_update_norm > 0:
         return 0  # the norm check needs whole updates
@@ -128,6 +145,7 @@ class Scatter:
         self.chosen = -1  # Krum: the position of the update chosen under the close
         self.asks = 0  # times we asked again for missing offers under the current close
         self.answered: dict[tuple[str, int], int] = {}  # (asker, index) -> offers resent
+        self.check = SliceCheck(self) if verified(rounds.task.offer) else None
 
     # --- cutting our update ---------------------------------------------------------------
 
@@ -157,11 +175,21 @@ class Scatter:
         tracked = set().union(*self.rounds.round_blobs.values())
         self.rounds.slice_blobs &= tracked
         out: list[Command] = []
+        check = self.check
+        if check is not None:
+            out += check.start(now)
         mine = self.mine.get(close.round)
         if me in close.included and mine is not None:
             for j, owner in enumerate(self.owner):
-                if owner != me:
-                    out.append(Send(owner, SliceOffer(task.task_id, close.round, me, j, mine[j])))
+                # Our own slice goes to its witness (verified rounds: core/verify.py).
+                to = owner if owner != me else (check.witness[j] if check is not None else None)
+                if to is not None:
+                    out.append(Send(to, self._signed_offer(close.round, j, mine[j])))
+        if check is not None:
+            for j in check.witnessed():
+                ref = self.offers.get(close.round, {}).get((self.owner[j], j))
+                if ref is not None and ref.cid not in self._have and ref.cid not in self.want:
+                    out += self._fetch(ref, (self.owner[j],))
         out.append(
             SetTimer(task.timer(TimerKind.RECLOSE, close.round), now + task.offer.round_timeout_s)
         )
@@ -174,6 +202,17 @@ class Scatter:
         self.held = {k: v for k, v in self.held.items() if k[0] >= close.round}
         return out
 
+    def _signed_offer(self, rnd: int, j: int, ref: BlobRef) -> Signed | SliceOffer:
+        """Our offer of slice j, signed when slices are checked (an owner or witness may
+        show it in a SketchProof), and kept in that form for our own proofs."""
+        task = self.task
+        offer = SliceOffer(task.task_id, rnd, task.my_id, j, ref)
+        if self.check is None:
+            return offer
+        envelope = seal(task.me, offer)
+        self.check.signed_offers.setdefault(rnd, {})[(task.my_id, j)] = encode(envelope)
+        return envelope
+
     def my_indices(self) -> list[int]:
         me = self.task.my_id
         return [j for j, owner in enumerate(self.owner) if owner == me]
@@ -183,22 +222,31 @@ class Scatter:
 
     # --- offers and our slices -------------------------------------------------------------
 
-    def on_offer(self, now: float, offer: SliceOffer) -> list[Command]:
+    def on_offer(
+        self, now: float, offer: SliceOffer, envelope: Signed | None = None
+    ) -> list[Command]:
         task = self.task
         if offer.peer not in task.participants or offer.index >= self.count:
             return []
         if not task.round <= offer.round <= task.round + 1:
             return []
         problem = self._too_big(offer.ref)
-        if problem is not None:
-            return [self._warn(f"slice offer of {offer.peer[-8:]} refused: {problem}")]
         got = self.offers.setdefault(offer.round, {})
         key = (offer.peer, offer.index)
+        if problem is None and key not in got and self.check is not None:
+            problem = self.check.keep_offer(offer, envelope)
+        if problem is not None:
+            return [self._warn(f"slice offer of {offer.peer[-8:]} refused: {problem}")]
         if key in got or len(got) >= self.count * len(task.participants):
             return []
         got[key] = offer.ref
         close = self.close
-        if close is None or close.round != offer.round or offer.index not in self.my_indices():
+        if close is None or close.round != offer.round:
+            return []
+        if self.check is not None and offer.index in self.check.witnessed():
+            if offer.peer == self.owner[offer.index] and offer.ref.cid not in self._have:
+                return self._fetch(offer.ref, (offer.peer,))
+        if offer.index not in self.my_indices():
             return []
         return self._try_reduce(offer.index)
 
@@ -276,7 +324,9 @@ class Scatter:
         out: list[Command] = []
         for j in self.my_indices():
             out += self._try_reduce(j)
-        return out + self._try_assemble()
+        if self.check is not None:
+            out += self.check.check_proofs()
+        return out + self.try_assemble(now)
 
     def _fetch_failed(
         self, now: float, cid: str, providers: tuple[str, ...], reason: str
@@ -285,6 +335,8 @@ class Scatter:
         combined slice); past the retries, the round is re-closed without the provider."""
         task = self.task
         close = self.close
+        if self.check is not None and self.check.wants(cid):
+            return self.check.proof_unfetchable(cid)
         tries = self.retries.get(cid, 0)
         ref = self._ref_of(cid)
         if close is None or ref is None:
@@ -369,13 +421,15 @@ class Scatter:
         out: list[Command] = []
         if done.ref.cid not in self._have and done.ref.cid not in self.want:
             out += self._fetch(done.ref, (done.peer,))
-        return out + self._try_assemble()
+        return out + self.try_assemble(now)
 
-    def _try_assemble(self) -> list[Command]:
+    def try_assemble(self, now: float) -> list[Command]:
         close = self.close
         task = self.task
         if close is None or self.assembling or not self.complete():
             return []
+        if self.check is not None and not self.check.verified:
+            return self.check.advance(now)  # assembled once every slice passes its check
         if any(d.ref is None or d.ref.cid not in self._have for d in self.done.values()):
             return []
         if task.phase is not Phase.AGGREGATING or task.round != close.round:
@@ -432,6 +486,8 @@ class Scatter:
         close = self.close
         if close is None or (token.round, token.attempt) != (close.round, close.attempt):
             return []  # superseded by a re-close
+        if token.kind in WORK_KINDS and self.check is not None:
+            return self.check.on_worked(now, event)
         if token.kind == "krum":
             if event.bad >= 0 and event.bad < self.count:
                 owner = self.owner[event.bad]
@@ -441,7 +497,7 @@ class Scatter:
             if event.chosen < 0 or event.chosen >= len(close.included):
                 return task.withdraw(now, f"round {token.round}: krum failed: {event.reason}")
             self.chosen = event.chosen
-            return self._try_assemble()
+            return self.try_assemble(now)
         if token.kind in ("reduce", "distances"):
             if event.bad >= 0:
                 author = close.included[event.bad]
@@ -495,6 +551,9 @@ class Scatter:
         if close is None or close.round != rnd or task.phase is not Phase.AGGREGATING:
             return []
         lacking = self._lacking_authors(every=True)
+        # A witness asks the owner for its own slice too (core/verify.py).
+        for j in self.check.lacking_witnessed() if self.check is not None else []:
+            lacking.setdefault(j, []).append(self.owner[j])
         if not lacking:
             return []
         self.asks += 1
@@ -513,19 +572,20 @@ class Scatter:
         mine = self.mine.get(ask.round)
         if close is None or close.round != ask.round or mine is None or ask.index >= self.count:
             return []
-        if self.owner[ask.index] != ask.peer or task.my_id not in close.included:
+        check = self.check
+        witness = check is not None and check.witness[ask.index] == ask.peer
+        if self.owner[ask.index] != ask.peer and not (
+            witness and self.owner[ask.index] == task.my_id
+        ):
+            return []
+        if task.my_id not in close.included:
             return []
         # Answered a bounded number of times per close: asks cannot make us a megaphone.
         key = (ask.peer, ask.index)
         if self.answered.get(key, 0) >= MAX_ANSWERS:
             return []
         self.answered[key] = self.answered.get(key, 0) + 1
-        return [
-            Send(
-                ask.peer,
-                SliceOffer(task.task_id, ask.round, task.my_id, ask.index, mine[ask.index]),
-            )
-        ]
+        return [Send(ask.peer, self._signed_offer(ask.round, ask.index, mine[ask.index]))]
 
     # --- a stalled round ----------------------------------------------------------------
 
@@ -541,6 +601,8 @@ class Scatter:
         self.deadlines += 1
         acting = task.acting() == task.my_id
         out: list[Command] = []
+        if self.check is not None and self.complete() and not self.check.verified:
+            out += self.check.on_deadline(now, first=self.deadlines == 1)
         if self.deadlines == 1:
             lacking = {j: a[0] for j, a in self._lacking_authors().items()}
             if acting and lacking:
@@ -556,7 +618,7 @@ class Scatter:
             return self.rounds.redo(
                 now, self.missing_owners(), "combined slices missing at the deadline"
             )
-        return [
+        return out + [
             SetTimer(task.timer(TimerKind.RECLOSE, close.round), now + task.offer.round_timeout_s)
         ]
 
@@ -581,6 +643,15 @@ class Scatter:
     def missing_owners(self) -> set[str]:
         """Owners whose combined slice has not been announced under the current close."""
         return {self.owner[j] for j in range(self.count) if j not in self.done}
+
+    def fetch(self, ref: BlobRef, providers: tuple[str, ...]) -> list[Command]:
+        return self._fetch(ref, providers)
+
+    def too_big(self, ref: BlobRef) -> str | None:
+        return self._too_big(ref)
+
+    def warn(self, text: str) -> Command:
+        return self._warn(text)
 
     def _too_big(self, ref: BlobRef) -> str | None:
         model = self.task.global_ref

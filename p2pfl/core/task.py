@@ -98,7 +98,14 @@ from p2pfl.core.phase import (
     TaskpackState,
 )
 from p2pfl.core.pushsum_rounds import PushSumRounds
-from p2pfl.core.round_messages import GroupDone, SliceAsk, SliceDone, SliceOffer
+from p2pfl.core.round_messages import (
+    GroupDone,
+    SketchProof,
+    SliceAsk,
+    SliceDone,
+    SliceOffer,
+    SliceSketch,
+)
 from p2pfl.core.snapshot import make_snapshot
 from p2pfl.core.tokens import JobStep, JobToken, TaskTimer, TimerKind
 from p2pfl.core.versions import my_cid, roster_rollout_problem, volunteer_problem
@@ -1269,9 +1276,9 @@ class TaskMachine:
         if isinstance(msg, RoundClose) and isinstance(self.rounds, FedAvgRounds):
             return self.rounds.on_close(now, msg)
         if isinstance(self.rounds, FedAvgRounds) and isinstance(
-            msg, SliceOffer | SliceAsk | SliceDone | GroupDone
+            msg, SliceOffer | SliceAsk | SliceDone | GroupDone | SliceSketch | SketchProof
         ):
-            return self.rounds.on_stage_message(now, msg)
+            return self.rounds.on_stage_message(now, msg, event.envelope)
         if isinstance(msg, GossipPush) and isinstance(self.rounds, PushSumRounds):
             return self.rounds.on_push(now, msg)
         return self._refuse(type(msg), f"not part of the {self.offer.protocol} protocol")
@@ -1505,6 +1512,8 @@ HANDLERS: dict[EventKey, Handler] = {
     SliceAsk: TaskMachine.on_round_message,
     SliceDone: TaskMachine.on_round_message,
     GroupDone: TaskMachine.on_round_message,
+    SliceSketch: TaskMachine.on_round_message,
+    SketchProof: TaskMachine.on_round_message,
     SliceWorked: TaskMachine.on_slice_worked,
     Progress: TaskMachine.on_round_message,
     FinalPartial: TaskMachine.on_round_message,

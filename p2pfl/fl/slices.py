@@ -41,6 +41,9 @@ __all__ = [
     "slice_problem",
 ]
 
+# Sketch work (core/verify.py names it by purpose): our slices, an owner's inputs, a
+# proof's slice; "check" sketches combined slices.
+SKETCH_KINDS = ("sketch", "mine", "inputs", "proof")
 Layout = list[tuple[str, np.dtype, int]]  # (tensor name, dtype, elements) in key order
 
 
@@ -238,26 +241,30 @@ def slice_work(
     method: str = "fedavg",
     weights: Sequence[float] = (),
     options: dict[str, Any] | None = None,
-) -> tuple[list[bytes], int, str, int]:
-    """One SliceWork step (core/commands.py) on blobs: (output blobs, bad, reason, chosen),
-    the same for the driver and the test harness. bad >= 0: reduce and distances, the
-    position of a malformed input; assemble and krum, the index of a combined slice (or
-    distance matrix) that does not fit. chosen: krum, the position of the update chosen."""
+) -> tuple[list[bytes], int, str, int, tuple[float, ...]]:
+    """One SliceWork step (core/commands.py) on blobs: (output blobs, bad, reason, chosen,
+    values), the same for the driver and the test harness. bad >= 0: reduce and
+    distances, the position of a malformed input; assemble and krum, the index of a
+    combined slice (or distance matrix) that does not fit; sketch and check, the position
+    of a blob that is not the slice it should be. chosen: krum, the position of the update
+    chosen. values: sketch and check, the floats of core/sketch.py."""
     from p2pfl.errors import RemoteProtocolError
     from p2pfl.wire import decode_tensors, encode_tensors
 
+    if kind in SKETCH_KINDS or kind == "check":
+        return sketch_work(kind, blobs, reference, count, options or {})
     if kind == "cut":
-        return cut_blob(blobs[0], count), -1, "", -1
+        return cut_blob(blobs[0], count), -1, "", -1, ()
     if kind == "reduce":
         data, bad = reduce_blobs(
             method, list(zip(blobs, weights, strict=True)), reference, count, index, options
         )
-        return ([], bad[0], bad[1], -1) if bad is not None else ([data], -1, "", -1)
+        return ([], bad[0], bad[1], -1, ()) if bad is not None else ([data], -1, "", -1, ())
     if kind == "assemble":
         try:
-            return [assemble_blobs(blobs, reference)], -1, "", -1
+            return [assemble_blobs(blobs, reference)], -1, "", -1, ()
         except BadSlice as exc:
-            return [], exc.index, str(exc), -1
+            return [], exc.index, str(exc), -1, ()
     if kind == "distances":
         model = layout(decode_tensors(reference))
         decoded: list[Weights | None] = []
@@ -268,18 +275,53 @@ def slice_work(
                 decoded.append(None)
         dist, bad = slice_distances(decoded, model, count, index)
         if bad is not None:
-            return [], bad[0], bad[1], -1
-        return [bytes(encode_tensors({"d": dist}))], -1, "", -1
+            return [], bad[0], bad[1], -1, ()
+        return [bytes(encode_tensors({"d": dist}))], -1, "", -1, ()
     if kind == "krum":
         partials = []
         for j, blob in enumerate(blobs):
             try:
                 partials.append(np.asarray(decode_tensors(blob).get("d", np.empty(0))))
             except RemoteProtocolError as exc:
-                return [], j, f"slice {j}: {exc}", -1
+                return [], j, f"slice {j}: {exc}", -1, ()
         try:
             chosen = krum_choice(partials, len(weights), int((options or {}).get("f", 0)))
         except BadSlice as exc:
-            return [], exc.index, str(exc), -1
-        return [], -1, "", chosen
+            return [], exc.index, str(exc), -1, ()
+        return [], -1, "", chosen, ()
     raise ValueError(f"unknown slice work {kind!r}")
+
+
+def sketch_work(
+    kind: str,
+    blobs: Sequence[bytes | memoryview],
+    reference: bytes | memoryview,
+    count: int,
+    options: dict[str, Any],
+) -> tuple[list[bytes], int, str, int, tuple[float, ...]]:
+    """Sketches (core/sketch.py) of slice blobs under options {seed: hex, indices: the
+    slice index of each blob}. sketch: per blob, sketch() then rmax (K + 2 floats), what a
+    participant publishes of its slices and what an owner, witness or proof checker
+    recomputes; check: per blob (combined slices), aggregate_sketch() (2K + 1 floats).
+    A blob that is not a well-formed slice of its index is `bad` (its position)."""
+    from p2pfl.core import sketch as sk
+    from p2pfl.errors import RemoteProtocolError
+    from p2pfl.wire import decode_tensors
+
+    seed = bytes.fromhex(str(options["seed"]))
+    indices = [int(i) for i in options["indices"]]
+    model = layout(decode_tensors(reference))
+    values: list[float] = []
+    for pos, (blob, index) in enumerate(zip(blobs, indices, strict=True)):
+        try:
+            piece = decode_tensors(blob)
+        except RemoteProtocolError as exc:
+            return [], pos, f"slice {index}: {exc}", -1, ()
+        problem = slice_problem(piece, model, count, index)
+        if problem is not None:
+            return [], pos, problem, -1, ()
+        if kind == "check":
+            values.extend(sk.aggregate_sketch(seed, index, piece))
+        else:
+            values.extend(sk.sketch(seed, index, piece))
+    return [], -1, "", -1, tuple(values)

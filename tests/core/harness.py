@@ -338,7 +338,7 @@ class Harness:
     def _slice_work(self, node: Node, cmd: SliceWork) -> SliceWorked:
         if node.fail_aggregate and cmd.token.kind != "cut":
             return SliceWorked(cmd.token, (), "MemoryError: out of memory")
-        blobs, bad, reason, chosen = slice_work(
+        blobs, bad, reason, chosen, values = slice_work(
             cmd.token.kind,
             [self.blobs[r.cid] for r in cmd.refs],
             self.blobs[cmd.reference.cid],
@@ -350,7 +350,7 @@ class Harness:
         )
         self.slice_works.append(cmd)
         refs = tuple(self.put_bytes(b) for b in blobs)
-        return SliceWorked(cmd.token, refs, reason, bad, chosen)
+        return SliceWorked(cmd.token, refs, reason, bad, chosen, values)
 
     def put_bytes(self, data: bytes) -> Any:
         ref = make_blob_ref(data)

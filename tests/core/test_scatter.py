@@ -11,12 +11,28 @@ import pytest
 from p2pfl.core.commands import Publish, Send
 from p2pfl.core.messages import TOPIC_TASKS, RoundClose
 from p2pfl.core.round_messages import SliceDone, SliceOffer
-from p2pfl.core.scatter import owners, slice_count
+from p2pfl.core.scatter import owners, slice_count, verified
 from p2pfl.fl import slices
 from p2pfl.fl.aggregate import fedavg, median, trimmed_mean
-from tests.core.harness import Harness, done
+from p2pfl.wire import Signed, seal, type_name, unseal
+from tests.core.harness import Harness, Node, done
 
-RS = {"kind": "reduce-scatter"}  # asked for: all-gather is the default
+RS = {"kind": "reduce-scatter"}  # the default for fedavg at n >= 4; asked for by others
+
+
+def offer_in(cmd: object) -> SliceOffer | None:
+    """The slice offer a Send carries (signed when slices are checked), or None."""
+    if not isinstance(cmd, Send):
+        return None
+    msg = cmd.msg
+    if isinstance(msg, Signed) and msg.kind == type_name(SliceOffer):
+        msg = unseal(msg, SliceOffer)
+    return msg if isinstance(msg, SliceOffer) else None
+
+
+def with_offer(node: Node, cmd: Send, offer: SliceOffer) -> Send:
+    """`cmd` carrying `offer` instead, signed by `node` as the original was."""
+    return replace(cmd, msg=seal(node.identity, offer) if isinstance(cmd.msg, Signed) else offer)
 
 
 def run(n: int, crash: tuple[int, float] | None = None, **fed: object) -> tuple[Harness, str]:
@@ -47,10 +63,17 @@ def test_slice_count_rule() -> None:
     assert slice_count(offer, many) == 33
     assert slice_count(replace(offer, max_update_norm=1.0), peers) == 0
     assert slice_count(replace(offer, protocol="gossip"), peers) == 0
-    for kind in ("allgather", "auto"):  # the default trusts no slice owner
-        other = replace(offer, params={"aggregation": {"kind": kind}})
-        assert slice_count(other, peers) == 0
-    assert slice_count(replace(offer, params={}), peers) == 0
+    allgather = replace(offer, params={"aggregation": {"kind": "allgather"}})
+    assert slice_count(allgather, peers) == 0
+    # The default: verified reduce-scatter for fedavg (its slices are checked), all-gather
+    # for the robust aggregators (their owners would be trusted).
+    for params in ({"aggregation": {"kind": "auto"}}, {}):
+        auto = replace(offer, params=params)
+        assert slice_count(auto, peers) == 8 and verified(auto)
+        assert slice_count(auto, peers[:3]) == 0
+        for method in ("median", "trimmed_mean", "krum"):
+            assert slice_count(replace(auto, aggregator=method), peers) == 0
+            assert not verified(replace(auto, aggregator=method))
 
 
 def test_owners_follow_rank_and_skip_the_left_out() -> None:
@@ -108,7 +131,8 @@ def test_reduce_scatter_rounds_end_bit_identical_and_equal_to_all_gather(n: int)
     models = final_models(h, task_id)
     assert len(models) == 1
     kinds = {w.token.kind for w in h.slice_works}
-    assert kinds == {"cut", "reduce", "assemble"}
+    # fedavg: every node sketches its slices and checks the combined ones (core/verify.py).
+    assert kinds == {"cut", "reduce", "mine", "check", "assemble"}
     # Every node reduced exactly its own slice each round (n slices, n owners).
     reduces = [w for w in h.slice_works if w.token.kind == "reduce"]
     assert len(reduces) == 3 * n
@@ -150,7 +174,7 @@ def test_a_node_crashed_mid_round_has_its_slice_reassigned() -> None:
 
     # Crash the victim right after it announced its round-1 update, before it combines.
     def watch(node, cmd):  # noqa: ANN001, ANN202
-        if node.index == victim and isinstance(cmd, Send) and isinstance(cmd.msg, SliceOffer):
+        if node.index == victim and offer_in(cmd) is not None:
             h.at(0, lambda: h.crash(victim))
             return None
         return cmd
@@ -204,9 +228,10 @@ def test_an_oversized_slice_is_refused_unread() -> None:
     liar = h.nodes[2]
 
     def inflate(node, cmd):  # noqa: ANN001, ANN202
-        if node is liar and isinstance(cmd, Send) and isinstance(cmd.msg, SliceOffer):
-            big = replace(cmd.msg.ref, size=10**9)
-            return replace(cmd, msg=replace(cmd.msg, ref=big))
+        offer = offer_in(cmd)
+        if node is liar and offer is not None:
+            big = replace(offer.ref, size=10**9)
+            return with_offer(node, cmd, replace(offer, ref=big))
         return cmd
 
     h.outgoing = inflate
@@ -225,10 +250,11 @@ def test_a_mismatched_slice_makes_the_round_close_without_its_author() -> None:
     liar = h.nodes[1]
 
     def swap(node, cmd):  # noqa: ANN001, ANN202
-        if node is liar and isinstance(cmd, Send) and isinstance(cmd.msg, SliceOffer):
+        offer = offer_in(cmd)
+        if node is liar and offer is not None:
             # A well-formed blob, but shaped like another slice: refused when combined.
             wrong = h.put({"w": np.ones(3, np.float32), "zz": np.ones(9, np.float32)})
-            return replace(cmd, msg=replace(cmd.msg, ref=wrong))
+            return with_offer(node, cmd, replace(offer, ref=wrong))
         return cmd
 
     h.outgoing = swap
@@ -305,8 +331,9 @@ def test_a_lost_slice_offer_is_asked_for_again_not_dropped() -> None:
     lost: list[SliceOffer] = []
 
     def lose_one(node, cmd):  # noqa: ANN001, ANN202
-        if isinstance(cmd, Send) and isinstance(cmd.msg, SliceOffer) and not lost:
-            lost.append(cmd.msg)
+        offer = offer_in(cmd)
+        if offer is not None and not lost:
+            lost.append(offer)
             return None  # a direct message lost on the way
         return cmd
 
