@@ -134,6 +134,7 @@ _ON_TOPIC: dict[str | None, tuple[type, ...]] = {
         SliceOffer,
         SliceAsk,
         Volunteer,
+        Decline,
     ),
 }
 _PENDING_TASKS = 256

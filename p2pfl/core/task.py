@@ -427,8 +427,13 @@ class TaskMachine:
         self.phase = Phase.DECLINED
         self.reason = reason
         self.declines[self.my_id] = reason
+        signed = seal(self.me, Decline(self.task_id, self.my_id, reason[:2000]))
+        if not self.large:
+            say: list[Command] = [Publish(TOPIC_TASKS, signed)]
+        else:  # a large task's setup goes through its publisher only (core/call.py)
+            say = [Send(self.offer.publisher, signed)] if self.my_id != self.offer.publisher else []
         out: list[Command] = [
-            Publish(TOPIC_TASKS, seal(self.me, Decline(self.task_id, self.my_id, reason[:2000]))),
+            *say,
             Log("info", f"task {self.task_id[:12]}: declined: {reason}"),
             self.event(EventKind.STATE, now, f"declined: {reason}", peer=self.my_id),
         ]

@@ -159,11 +159,13 @@ class SimCluster(ClusterBase):
         info = publisher.publish_taskpack(self.spec.taskpack_dir)
         # Signed over the whole BlobRef (see taskpack.signing; a no-op once the driver is).
         publisher.announce_taskpack(info["announce"])
-        # Waiting costs nothing in virtual time: a wide window lets every node volunteer.
+        # Waiting costs nothing in virtual time: a wide window lets every node volunteer
+        # (10 s, and more for big runs: the taskpack and the offer take longer to reach
+        # 10,000 nodes, and a node whose checks end after the window declines).
         created = publisher.create_task(
             info["cid"],
             self._offer_overrides(),
-            volunteer_window_s=10.0,
+            volunteer_window_s=max(10.0, len(self.nodes) / 200),
             rollout=self.spec.rollout,
         )
         self.task_id = created["task_id"]
