@@ -16,8 +16,9 @@ Prints one JSON line:
 Two more runs, each its own flag and its own JSON line:
 
     python benchmarks/scale.py --gossip-10k [--rounds 2] [--budget-s 1200] [--max-rss-gb 12]
-        10,000 nodes of the same scenario on the local executor. The goal is to finish
-        within --budget-s (20 minutes) under 1 MB per node; the child is stopped at the
+        10,000 nodes of the same scenario on the local executor (params.min_rows=5: each
+        node holds 6-7 rows). The goal is to finish within --budget-s (20 minutes) under
+        1 MB per node; the child is stopped at the
         budget or at --max-rss-gb (other work shares the machine), and the line then says
         where it got to: {"gossip_10k": {"finished", "stopped", "phase", "wall_s",
         "rss_per_node_mb", "node_rounds_per_s" (when finished), ...}}
