@@ -308,7 +308,11 @@ class LiveCluster(ClusterBase):
             self._t_end = time.perf_counter()
 
     async def _wait_for_peers(self) -> None:
-        want = min(self.spec.nodes - 1, 3)
+        # Small clusters wait for a full mesh (hosts target every other node): a node then
+        # knows when everyone has answered an offer, and the roster need not wait for the
+        # volunteer deadline. Larger ones start once each host has a few peers.
+        n = self.spec.nodes
+        want = n - 1 if n <= 16 else 3
         with trio.move_on_after(self.start_timeout_s):
             while any(
                 len(self.networks[i].connected_peers()) < want for i in range(self.spec.nodes)
