@@ -312,3 +312,27 @@ def test_call_part_fields_are_bounded():
         CallPart("ab" * 16, me.peer_id, 0, 1, (b"x" * 4096,))
     with pytest.raises(ValueError, match="committee"):
         Roster("ab" * 16, me.peer_id, 0, (), (), (), call=b"\0" * 32, committee=(b"short",))
+
+
+@pytest.mark.parametrize(
+    "aggregation",
+    [
+        {"kind": "hierarchical", "group_size": 4},
+        {"kind": "hierarchical", "group_by": "region"},
+        {"kind": "auto"},  # verified reduce-scatter at n >= 4
+        {"kind": "allgather"},
+    ],
+)
+def test_every_aggregation_kind_runs_on_a_large_task(aggregation):
+    """Group labels come from the call's records (a compact roster carries none)."""
+    labels = {i: {"region": "eu" if i % 2 else "us"} for i in range(N)}
+    h = Harness(N, labels=labels)
+    task_id = h.offer(rounds=2, max_nodes=1000, aggregation=aggregation)
+    h.run()
+    machines = done(h, task_id)
+    result = machines[0].result
+    assert machines[0].large and result.status == "succeeded"
+    assert machines[0].contributors(result) == {n.peer for n in h.nodes}
+    if aggregation.get("group_by"):
+        groups = machines[0].rounds.hierarchy.groups
+        assert len(groups) == 2 and all(len(g) == N // 2 for g in groups)
