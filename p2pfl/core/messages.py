@@ -57,6 +57,9 @@ def _check_task(task_id: str, peer: str) -> None:
 
 MAX_CALL_PARTS = 256  # a call of MAX_NODES records fits
 MAX_CALL_PART_RECORDS = 4096
+# A signed Volunteer is about 300 bytes (450 with a rollout cid and a group label), so a
+# call holds at most ~1 KiB per record of the offer's max_nodes (checked as parts arrive).
+MAX_CALL_RECORD_BYTES = 1024
 LABEL_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # site label names and values
 MAX_REASON = 2000  # characters of a decline's, withdrawal's or cancel's reason
 
@@ -282,8 +285,8 @@ class CallPart:
             raise ValueError(f"part {self.part} of {self.parts}: parts are 1 to {MAX_CALL_PARTS}")
         if not 1 <= len(self.records) <= MAX_CALL_PART_RECORDS:
             raise ValueError(f"a call part carries 1 to {MAX_CALL_PART_RECORDS} records")
-        if any(len(r) > 2048 for r in self.records):
-            raise ValueError("a volunteer record longer than 2048 bytes")
+        if any(len(r) > MAX_CALL_RECORD_BYTES for r in self.records):
+            raise ValueError(f"a volunteer record longer than {MAX_CALL_RECORD_BYTES} bytes")
 
 
 @message("task.update")

@@ -199,7 +199,7 @@ class TaskMachine:
         self.samples: dict[str, int] = {}  # the signed sample counts (cap every update)
         self.commits: dict[str, bytes] = {}
         self.nonces: dict[str, bytes] = {}
-        self._ranked: list[str] = []
+        self._ranked: Sequence[str] = ()
         self._ranked_for = -1  # len(self.nonces) the ranking was computed for
         self.declines: dict[str, str] = {}
         self.my_nonce = b""
@@ -556,6 +556,9 @@ class TaskMachine:
             if self.call_parts[part.part] != part:
                 return [Log("warning", f"task {self.task_id[:12]}: the publisher sent two calls")]
             return []
+        held = sum(len(p.records) for p in self.call_parts.values()) + len(part.records)
+        if held > self.offer.max_nodes:  # what a publisher can make us hold: its offer's size
+            return self._refuse(CallPart, f"call parts carry over max_nodes ({held}) records")
         self.call_parts[part.part] = part
         self.call_envelopes[part.part] = event.envelope
         if len(self.call_parts) < part.parts:
@@ -575,9 +578,8 @@ class TaskMachine:
     def _take_call(self, now: float, view: CallView) -> list[Command]:
         self.call = view
         self.revealed = True  # volunteering is over
-        if self.my_id != self.offer.publisher:
-            # Shared with every node of a simulation: never written after this point.
-            self.samples = view.samples  # type: ignore[assignment]
+        # Shared with every node of a simulation: never written after this point.
+        self.samples = view.samples  # type: ignore[assignment]
         out: list[Command] = [
             SetTimer(self.timer(TimerKind.REVEAL), now + GRACE_S),
             self.event(EventKind.STATE, now, f"call: {len(view.peers)} volunteers"),
@@ -702,7 +704,7 @@ class TaskMachine:
                 if self.call is None or not self.nonces:
                     return ()
                 seed = committee_seed(self.call, self.nonces)
-                self._ranked = call_order(self.task_id, self.call, seed)[0]  # type: ignore[assignment]
+                self._ranked = call_order(self.task_id, self.call, seed)[0]
             else:
                 self._ranked = ranked(self.task_id, self.nonces, make_beacon(self.nonces))
             self._ranked_for = key
@@ -796,34 +798,9 @@ class TaskMachine:
         problem, participants = call_roster_problem(
             self.task_id, roster, self.call, held, self.offer.min_nodes, self.offer.max_nodes
         )
-        if problem is not None:
-            out: list[Command] = [
-                Log(
-                    "warning",
-                    f"task {self.task_id[:12]}: invalid roster from {event.signer}: {problem}",
-                )
-            ]
-            if self.phase == Phase.VOLUNTEERED and self.my_id in self.call.commits:
-                self.dead.add(roster.coordinator)
-                out.append(
-                    self.event(
-                        EventKind.STATE,
-                        now,
-                        f"rejected the roster of {roster.coordinator}: {problem}",
-                        peer=self.my_id,
-                    )
-                )
-                out += self._maybe_roster(now, deadline_passed=True)
-            return out
-        full = with_participants(roster, participants)
-        if roster.epoch > self.takeover_epoch and not self._better_ranked_gone(full):
-            if len(self.held_rosters) < MAX_HELD:
-                self.held_rosters[roster.epoch] = event
-            return []
-        if self.roster is not None and (self.round > 1 or self.phase not in _FRESH):
-            return []
-        self.roster_envelope = event.envelope
-        return self._accept_roster(now, full, {})
+        mine = self.phase == Phase.VOLUNTEERED and self.my_id in self.call.commits
+        full = with_participants(roster, participants) if problem is None else roster
+        return self._judged_roster(now, event, full, problem, mine)
 
     def on_roster(self, now: float, event: Incoming, carried: dict[str, bytes]) -> list[Command]:
         """`carried`: peer -> nonce of every volunteer record + reveal the roster carries
@@ -850,6 +827,16 @@ class TaskMachine:
             self.offer.min_nodes,
             self.offer.max_nodes,
         ) or roster_rollout_problem(self.offer, roster.participants, roster.volunteers)
+        # Our own valid record left out: we object (see _judged_roster).
+        mine = self.my_id in self._eligible() and self.my_id not in roster.participants
+        return self._judged_roster(now, event, roster, problem, mine)
+
+    def _judged_roster(
+        self, now: float, event: Incoming, roster: Roster, problem: str | None, mine: bool
+    ) -> list[Command]:
+        """A checked roster (either setup): refused with its problem, held until its
+        takeover time, or accepted. `mine`: we object to a refused one, treating its
+        coordinator as gone, so that the next in rank takes over."""
         if problem is not None:
             out: list[Command] = [
                 Log(
@@ -857,9 +844,7 @@ class TaskMachine:
                     f"task {self.task_id[:12]}: invalid roster from {event.signer}: {problem}",
                 )
             ]
-            if self.my_id in self._eligible() and self.my_id not in roster.participants:
-                # Our own valid record was left out: say so, and let the next in rank
-                # take over (we treat this coordinator as gone).
+            if mine:
                 self.dead.add(roster.coordinator)
                 out.append(
                     self.event(

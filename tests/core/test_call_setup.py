@@ -308,8 +308,8 @@ def test_call_part_fields_are_bounded():
         CallPart("ab" * 16, me.peer_id, 3, 2, (b"x",))
     with pytest.raises(ValueError, match="1 to"):
         CallPart("ab" * 16, me.peer_id, 0, 1, ())
-    with pytest.raises(ValueError, match="longer than 2048"):
-        CallPart("ab" * 16, me.peer_id, 0, 1, (b"x" * 4096,))
+    with pytest.raises(ValueError, match="longer than 1024"):
+        CallPart("ab" * 16, me.peer_id, 0, 1, (b"x" * 2048,))
     with pytest.raises(ValueError, match="committee"):
         Roster("ab" * 16, me.peer_id, 0, (), (), (), call=b"\0" * 32, committee=(b"short",))
 
@@ -336,3 +336,66 @@ def test_every_aggregation_kind_runs_on_a_large_task(aggregation):
     if aggregation.get("group_by"):
         groups = machines[0].rounds.hierarchy.groups
         assert len(groups) == 2 and all(len(g) == N // 2 for g in groups)
+
+
+# --- peers breaking the call's rules ---------------------------------------------------
+
+
+def test_a_publisher_cannot_make_nodes_hold_more_call_records_than_max_nodes():
+    h = Harness(N, full_mesh=False)  # the call waits for the deadline: the flood comes first
+    task_id = h.offer(rounds=1, max_nodes=10)  # over the (lowered) threshold: a large task
+    h.run(until=0.5)
+    publisher = h.nodes[0]
+    junk = tuple(bytes([i]) * 300 for i in range(11))
+    flood = CallPart(task_id, publisher.peer, 0, 2, junk)
+    h.inject(publisher, TOPIC_TASKS, seal(publisher.identity, flood))
+    h.run(until=0.7)
+    machines = h.machines(task_id)
+    assert all(m.refused["CallPart"] == 1 for m in machines)
+    # What each node holds is the genuine call (full at max_nodes: the publisher sent it
+    # early), never the flood's records on top of it.
+    assert all(sum(len(p.records) for p in m.call_parts.values()) <= 10 for m in machines)
+    assert all(m.call is not None and len(m.call.peers) == 10 for m in machines)
+
+
+def test_a_volunteer_record_sent_to_anyone_but_the_publisher_is_refused():
+    h = Harness(N)
+
+    def misdirect(node, cmd):
+        if isinstance(_body(cmd), Volunteer) and node is h.nodes[4]:
+            return dataclasses.replace(cmd, peer=h.nodes[7].peer)
+        return cmd
+
+    h.outgoing = misdirect
+    task_id = h.offer(rounds=1, max_nodes=1000)
+    h.run()
+    assert h.nodes[7].core.tasks[task_id].refused["Volunteer"] == 1
+    machines = done(h, task_id)
+    assert h.nodes[4].peer not in machines[0].participants
+
+
+def test_a_result_naming_an_absentee_outside_the_roster_is_refused():
+    from p2pfl.core.messages import TaskResult
+    from p2pfl.identity import Identity
+
+    order = _coordinator_order()
+    h = Harness(N)
+    reducer = h.nodes[order[0]]
+    outsider = Identity.from_seed(b"o" * 32).peer_id
+
+    def forge(node, cmd):
+        body = _body(cmd)
+        if node is reducer and isinstance(body, TaskResult) and body.status == "succeeded":
+            return dataclasses.replace(
+                cmd, msg=seal(node.identity, dataclasses.replace(body, absent=(outsider,)))
+            )
+        return cmd
+
+    h.outgoing = forge
+    task_id = h.offer(rounds=1, max_nodes=1000)
+    h.run()
+    reducer.alive = False  # it took its own forged result; look at the others
+    machines = done(h, task_id)
+    assert all(m.refused["TaskResult"] >= 1 for m in machines)
+    result = machines[0].result
+    assert result.reducer != reducer.peer and outsider not in result.absent
