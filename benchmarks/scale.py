@@ -180,14 +180,17 @@ def watched_child(
         wall = time.perf_counter() - started
         out.seek(0)
         err.seek(0)
-        result, progress = _last_json(out.read()), _last_json(err.read())
+        err_text = err.read()
+        result, progress = _last_json(out.read()), _last_json(err_text)
+    # The child's last words when it failed (e.g. `--executor ray` without the extra).
+    last = next((x for x in reversed(err_text.strip().splitlines()) if not x.startswith("{")), "")
     if stopped is None and result:
         return {"finished": True, **result}
     base_mb = float(progress.get("baseline_rss_mb") or 0)
     per_node = (peak / 2**20 - base_mb) / nodes if base_mb else None
     return {
         "finished": False,
-        "stopped": stopped or f"exit code {proc.returncode}",
+        "stopped": stopped or f"exit code {proc.returncode}" + (f": {last[-300:]}" if last else ""),
         "nodes": nodes,
         "executor": executor,
         "phase": progress.get("phase"),
