@@ -399,3 +399,21 @@ def test_a_result_naming_an_absentee_outside_the_roster_is_refused():
     assert all(m.refused["TaskResult"] >= 1 for m in machines)
     result = machines[0].result
     assert result.reducer != reducer.peer and outsider not in result.absent
+
+
+def test_a_reveal_from_outside_the_committee_is_refused_and_leaves_the_beacon_alone():
+    h0 = Harness(N)
+    task_id = h0.offer(rounds=1, max_nodes=1000)
+    h0.run()
+    committee = h0.machines(task_id)[0].call.committee
+    h = Harness(N)  # the same offer again, now with a reveal from outside the committee
+    assert h.offer(rounds=1, max_nodes=1000) == task_id
+    outsider = next(n for n in h.nodes if n.peer not in committee)
+    # Before the call it is held; once the call names the committee it is refused.
+    reveal = Reveal(task_id, outsider.peer, b"\5" * 16)
+    h.inject(outsider, TOPIC_TASKS, seal(outsider.identity, reveal))
+    h.run()
+    machines = done(h, task_id)
+    assert all(outsider.peer not in m.nonces for m in machines)
+    assert all(m.refused["Reveal"] == 1 for m in machines if m.my_id != outsider.peer)
+    assert {tuple(sorted(m.nonces)) for m in machines} == {tuple(sorted(committee))}
