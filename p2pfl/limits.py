@@ -71,10 +71,15 @@ MAX_OFFER_BYTES = 64 * KiB
 PENDING_BYTES = 8 * MiB
 # Round messages one task holds until its roster arrives.
 EARLY_BYTES_PER_TASK = 4 * MiB
-# Reduce-scatter's slice check (core/sketch.py): one signed SliceSketch (5 float32 per
-# slice, at most 256 slices, and as many witnessed: about 11 KiB) and one signed
-# SliceOffer, as carried inside a SketchProof.
+# Reduce-scatter (core/scatter.py): a model is cut into at most this many slices (one per
+# participant; more participants use hierarchical aggregation).
+MAX_SLICES = 256
+# Its slice check (core/sketch.py): one signed SliceSketch (5 float32 per slice, at most
+# 256 slices, and as many witnessed: about 11 KiB) and one signed RoundUpdate naming its
+# slices (a 1 GiB update in 1 MiB chunks: 32 KiB of chunk hashes for the update, as much
+# for its slices, ~80 bytes more per slice), as carried inside a SketchProof. A sliced
+# update larger than this is refused, so that a proof against its author always fits.
 MAX_SKETCH_BYTES = 32 * KiB
-MAX_SIGNED_OFFER_BYTES = 4 * KiB
+MAX_SIGNED_UPDATE_BYTES = 160 * KiB
 # Decoded messages shared between simulated nodes are memoised only up to this size.
 DECODE_CACHE_MAX_MESSAGE = 64 * KiB

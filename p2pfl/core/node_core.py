@@ -67,10 +67,9 @@ from p2pfl.core.phase import (
 from p2pfl.core.round_messages import (
     GroupDone,
     SketchProof,
-    SliceAsk,
     SliceDone,
-    SliceOffer,
     SliceSketch,
+    StageAsk,
 )
 from p2pfl.core.snapshot import open_snapshot
 from p2pfl.core.task import Incoming, LocalContext, TaskMachine
@@ -131,10 +130,13 @@ _ON_TOPIC: dict[str | None, tuple[type, ...]] = {
         Progress,
         FinalPartial,
         TaskResult,
-        SliceOffer,
-        SliceAsk,
         Volunteer,
         Decline,
+        # Reduce-scatter's stage messages, sent directly when every participant is a
+        # connection away (core/scatter.py tell).
+        SliceDone,
+        SliceSketch,
+        StageAsk,
     ),
 }
 _PENDING_TASKS = 256

@@ -29,10 +29,9 @@ from p2pfl.core.messages import (
 from p2pfl.core.round_messages import (
     GroupDone,
     SketchProof,
-    SliceAsk,
     SliceDone,
-    SliceOffer,
     SliceSketch,
+    StageAsk,
 )
 from p2pfl.core.tokens import JobStep, TimerKind
 
@@ -151,12 +150,11 @@ _FOLLOW: frozenset[EventKey] = frozenset(
 )
 _PARTICIPATE: frozenset[EventKey] = _FOLLOW | {
     GossipPush,
-    SliceOffer,
+    StageAsk,
+    TimerKind.STAGE,
     SliceSketch,
     SketchProof,
-    SliceAsk,
     SliceWorked,
-    TimerKind.SLICES,
     FinalPartial,
     BlobOutcome,
     AggregatedKey,
@@ -175,7 +173,7 @@ ACCEPTS: dict[Phase, frozenset[EventKey]] = {
     Phase.PENDING: _FOLLOW,
     Phase.VALIDATING: _FOLLOW | {JobStep.VALIDATE},
     # A fast peer's direct round messages can come before the roster: held until it does.
-    Phase.VOLUNTEERED: _FOLLOW | {TimerKind.REPUBLISH_ROSTER, GossipPush, FinalPartial, SliceOffer},
+    Phase.VOLUNTEERED: _FOLLOW | {TimerKind.REPUBLISH_ROSTER, GossipPush, FinalPartial},
     Phase.DECLINED: _FOLLOW,
     Phase.OBSERVING: _FOLLOW,
     Phase.INIT: _PARTICIPATE,

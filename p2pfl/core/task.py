@@ -101,10 +101,9 @@ from p2pfl.core.pushsum_rounds import PushSumRounds
 from p2pfl.core.round_messages import (
     GroupDone,
     SketchProof,
-    SliceAsk,
     SliceDone,
-    SliceOffer,
     SliceSketch,
+    StageAsk,
 )
 from p2pfl.core.snapshot import make_snapshot
 from p2pfl.core.tokens import JobStep, JobToken, TaskTimer, TimerKind
@@ -1262,11 +1261,11 @@ class TaskMachine:
         if self.rounds is None:
             return self._observe_round(now, msg)
         if isinstance(msg, RoundUpdate) and isinstance(self.rounds, FedAvgRounds):
-            return self.rounds.on_update(now, msg)
+            return self.rounds.on_update(now, msg, event.envelope)
         if isinstance(msg, RoundClose) and isinstance(self.rounds, FedAvgRounds):
             return self.rounds.on_close(now, msg)
         if isinstance(self.rounds, FedAvgRounds) and isinstance(
-            msg, SliceOffer | SliceAsk | SliceDone | GroupDone | SliceSketch | SketchProof
+            msg, SliceDone | GroupDone | SliceSketch | SketchProof | StageAsk
         ):
             return self.rounds.on_stage_message(now, msg, event.envelope)
         if isinstance(msg, GossipPush) and isinstance(self.rounds, PushSumRounds):
@@ -1498,9 +1497,8 @@ HANDLERS: dict[EventKey, Handler] = {
     RoundUpdate: TaskMachine.on_round_message,
     RoundClose: TaskMachine.on_round_message,
     GossipPush: TaskMachine.on_round_message,
-    SliceOffer: TaskMachine.on_round_message,
-    SliceAsk: TaskMachine.on_round_message,
     SliceDone: TaskMachine.on_round_message,
+    StageAsk: TaskMachine.on_round_message,
     GroupDone: TaskMachine.on_round_message,
     SliceSketch: TaskMachine.on_round_message,
     SketchProof: TaskMachine.on_round_message,

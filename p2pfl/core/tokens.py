@@ -22,7 +22,7 @@ class TimerKind(enum.Enum):
     ROUND = "round"  # a round's deadline (and each takeover grace after it)
     RECLOSE = "reclose"  # waiting for a re-close after an unfetchable update
     REFETCH = "refetch"  # retry a failed fetch from a live author
-    SLICES = "slices"  # reduce-scatter: ask again for slice offers still missing
+    STAGE = "stage"  # reduce-scatter: ask again for stage messages still missing
     REDUCE = "reduce"  # the reducer's deadline (and each failover grace after it)
     EXPIRE = "expire"  # an offer that never got a roster is forgotten
 

@@ -5,23 +5,23 @@ and what every node decides from it (the same on every honest node: each step is
 over signed or transport-authenticated messages that all nodes receive).
 
 1. Once every slice owner's SliceDone is here, the seed R follows from their cids. Each
-   included participant sketches its own slices (and, as witness, each owner's own slice
-   it was offered) and publishes one signed SliceSketch.
+   included participant sketches its own slices (and, as witness, the owner's own slice,
+   which it fetched as the owner's update names it) and publishes one signed SliceSketch.
 2. Every node sketches the combined slices it fetched and checks each slice j against the
    included participants' sketches, weighted as fedavg weighs them; the owner's own term
    comes from the witness's sketch. All slices pass: the model is assembled.
 3. A slice fails: either its owner shifted it, or a sketch lies. The owner holds every
-   input of its slice with the author's signed SliceOffer (and its own offer to its
-   witness), so it finds the lying sketch and publishes a SketchProof: the liar's signed
-   sketch and the signed offer naming the slice's cid. Every node fetches that one slice,
-   recomputes the sketch, and excludes the liar if the numbers disagree. A proof whose
-   signatures do not hold, whose offer is not for that slice, or whose slice matches the
-   sketch is refused and excludes nobody. Two different signed sketches from one
+   input of its slice with the author's signed RoundUpdate naming it (and its own, which
+   names the slice its witness sketched), so it finds the lying sketch and publishes a
+   SketchProof: the liar's signed sketch and the signed update naming the slice's cid.
+   Every node fetches that one slice, recomputes the sketch, and excludes the liar if the
+   numbers disagree. A proof whose signatures do not hold, whose update is not of that
+   round, or whose slice matches the sketch is refused and excludes nobody. Two different signed sketches from one
    participant for one close exclude it at once.
 4. At the round's second deadline (the first lets a witness still missing its owner's
    slice sketch without it) a slice that still fails without a proven liar excludes its
    owner, and a participant that published no sketch is excluded (like an author that
-   never offered its slice; one lost meanwhile is only left out, and at once). Excluded
+   never served its slice; one lost meanwhile is only left out, and at once). Excluded
    participants are treated as withdrawn for the rest of the task; the acting coordinator
    re-closes the round without them, which reassigns their slices (core/scatter.py); a
    node that gets that re-close before its own deadline (or before its own check of a
@@ -42,8 +42,8 @@ import numpy as np
 
 from p2pfl.core import sketch as sk
 from p2pfl.core.commands import Command, Publish, SliceWork, SliceWorked
-from p2pfl.core.messages import TOPIC_TASKS, RoundClose
-from p2pfl.core.round_messages import SketchProof, SliceOffer, SliceSketch
+from p2pfl.core.messages import TOPIC_TASKS, RoundClose, RoundUpdate
+from p2pfl.core.round_messages import SketchProof, SliceSketch
 from p2pfl.core.tokens import SliceToken
 from p2pfl.errors import RemoteProtocolError
 from p2pfl.store.blobref import BlobRef
@@ -60,7 +60,7 @@ WORK_KINDS = ("mine", "check", "inputs", "proof")
 @dataclass
 class Proof:
     """A SketchProof being checked: the claimant's published sketch of slice `index`,
-    and the slice its author signed an offer for."""
+    and the slice its author's signed update names."""
 
     claimant: str
     index: int
@@ -116,8 +116,6 @@ class SliceCheck:
         self.scatter = scatter
         self.task = scatter.task
         self.held: dict[tuple[int, int], dict[str, tuple[SliceSketch, bytes]]] = {}
-        # round -> (author, index) -> its signed SliceOffer (encoded), for proofs
-        self.signed_offers: dict[int, dict[tuple[str, int], bytes]] = {}
         self.witness: list[str | None] = []
         self.close: RoundClose | None = None
         self.owner: list[str] = []
@@ -154,12 +152,16 @@ class SliceCheck:
         self.owner = list(sc.owner)  # this close's owners (the scatter's move on first)
         if close is not None:
             self.witness = witnesses(self.task.participants, close.included, sc.owner)
-            self.signed_offers = {r: o for r, o in self.signed_offers.items() if r >= close.round}
         self.seed = None
         self.sketches: dict[str, tuple[SliceSketch, bytes]] = {}
-        self.mine_asked = self.check_asked = self.inputs_asked = False
+        self.mine_asked = self.inputs_asked = False
+        # Each combined slice is sketched as soon as it is here (and the seed known), in
+        # batches: slot -> the slices of that batch.
+        self.check_asked: set[int] = set()
+        self.check_batches: dict[int, tuple[int, ...]] = {}
+        self.witnessing: tuple[int, ...] = ()  # the witnessed slices our sketch covers
         self.give_up = False  # past the first deadline: sketch without missing witnessed slices
-        self.checked: tuple[float, ...] = ()
+        self.checked: dict[int, tuple[float, ...]] = {}  # slice -> its aggregate_sketch
         self.own: tuple[float, ...] = ()  # our sketch of our own slices (K + 2 each)
         self.inputs: dict[int, tuple[float, ...]] = {}  # our slice -> its inputs' sketches
         self.failed: dict[int, str] = {}
@@ -169,22 +171,11 @@ class SliceCheck:
         self.proven: set[tuple[str, int]] = set()
         return out
 
-    # --- what we hold for proofs -----------------------------------------------------------
-
-    def keep_offer(self, offer: SliceOffer, envelope: Signed | None) -> str | None:
-        """Keep an offer's signed form (an owner or witness may need to show it). Why it is
-        refused, or None."""
-        if envelope is None or envelope.signer != offer.peer:
-            return "slice offers must be signed by their author"
-        got = self.signed_offers.setdefault(offer.round, {})
-        got.setdefault((offer.peer, offer.index), encode(envelope))
-        return None
+    # --- the steps -----------------------------------------------------------------------
 
     def witnessed(self) -> list[int]:
         me = self.task.my_id
         return [j for j, w in enumerate(self.witness) if w == me]
-
-    # --- the steps -----------------------------------------------------------------------
 
     def advance(self, now: float) -> list[Command]:
         """Ask for whatever work can start now; decide once everything is in."""
@@ -202,13 +193,17 @@ class SliceCheck:
                 out += self._store(now, msg, raw)
             self.held = {k: v for k, v in self.held.items() if k[0] >= close.round}
         out += self._sketch_mine()
-        if not self.check_asked and all(
-            sc.done[j].ref.cid in sc.rounds.slice_blobs  # type: ignore[union-attr]
+        here = [
+            j
             for j in range(sc.count)
-        ):
-            self.check_asked = True
-            refs = tuple(sc.done[j].ref for j in range(sc.count))
-            out.append(self._work("check", refs, list(range(sc.count))))  # type: ignore[arg-type]
+            if j not in self.check_asked and sc.done[j].ref.cid in sc.rounds.slice_blobs  # type: ignore[union-attr]
+        ]
+        if here:
+            slot = len(self.check_batches)
+            self.check_batches[slot] = tuple(here)
+            self.check_asked.update(here)
+            refs = tuple(sc.done[j].ref for j in here)
+            out.append(self._work("check", refs, here, slot))  # type: ignore[arg-type]
         out += self.check_proofs()
         return out + self._decide(now)
 
@@ -219,19 +214,17 @@ class SliceCheck:
         mine = sc.mine.get(close.round)
         if self.mine_asked or task.my_id not in close.included or mine is None:
             return []
-        offers = sc.offers.get(close.round, {})
         refs, indices = list(mine), list(range(sc.count))
         for j in self.witnessed():
-            ref = offers.get((sc.owner[j], j))
-            if ref is None and self.give_up:
-                continue  # never offered: slice j cannot be checked; its owner answers for it
-            if ref is None:
-                return []  # asked for again (core/scatter.py ask_again) until the deadline
+            ref = sc.slice_of(close.round, sc.owner[j], j)
+            if ref is None or (ref.cid not in sc.rounds.slice_blobs and self.give_up):
+                continue  # never served: slice j cannot be checked; its owner answers for it
             if ref.cid not in sc.rounds.slice_blobs:
                 return []  # still on its way (a failed fetch re-closes without the owner)
             refs.append(ref)
             indices.append(j)
         self.mine_asked = True
+        self.witnessing = tuple(indices[sc.count :])
         return [self._work("mine", tuple(refs), indices)]
 
     def _work(
@@ -248,7 +241,7 @@ class SliceCheck:
         sc = self.scatter
         close = sc.close
         assert close is not None
-        if self.decided or not self.checked:
+        if self.decided or len(self.checked) < sc.count:
             return []
         if any(p not in self.sketches for p in close.included):
             return []
@@ -273,7 +266,7 @@ class SliceCheck:
                 unverifiable.add(j)
             else:
                 claims[position[owner], j] = entry
-        checked = np.asarray(self.checked, dtype=np.float64).reshape(sc.count, 2 * sk.K + 1)
+        checked = np.asarray([self.checked[j] for j in range(sc.count)], dtype=np.float64)
         for j, why in enumerate(sk.slices_fail(checked, claims, np.asarray(factors))):
             if j in unverifiable:
                 self.failed[j] = "its witness published no sketch of the owner's own slice"
@@ -323,7 +316,7 @@ class SliceCheck:
         me, width = task.my_id, PS + 1
         out: list[Command] = []
         pos = 0
-        offers = self.signed_offers.get(close.round, {})
+        signed = sc.rounds.signed.get(close.round, {})
         for j in [j for j in sc.my_indices() if j in self.failed]:
             for author in close.included:
                 actual = values[pos * width : (pos + 1) * width]
@@ -337,8 +330,8 @@ class SliceCheck:
                     claimant, claimed = author, self._entry(author, j)
                 if claimed is None or sk.sketch_lies(claimed, actual) is None:
                     continue
-                offer = offers.get((author, j))
-                if offer is None:
+                update = signed.get(author)
+                if update is None:
                     continue
                 proof = SketchProof(
                     task.task_id,
@@ -347,7 +340,7 @@ class SliceCheck:
                     me,
                     j,
                     self.sketches[claimant][1],
-                    offer,
+                    update,
                 )
                 out.append(
                     sc.warn(f"slice {j}: the sketch of {claimant[-8:]} lies; proof published")
@@ -444,33 +437,36 @@ class SliceCheck:
         j = proof.index
         signed_sketch = decode(proof.sketch, Signed)
         msg = unseal(signed_sketch, SliceSketch)
-        signed_offer = decode(proof.offer, Signed)
-        offer = unseal(signed_offer, SliceOffer)
-        if signed_sketch.signer != msg.peer or signed_offer.signer != offer.peer:
+        signed_update = decode(proof.update, Signed)
+        update = unseal(signed_update, RoundUpdate)
+        if signed_sketch.signer != msg.peer or signed_update.signer != update.peer:
             raise RemoteProtocolError("a signed message names someone other than its signer")
         if (msg.task_id, msg.round, msg.attempt) != (task.task_id, close.round, close.attempt):
             raise RemoteProtocolError("the sketch is not of this round's close")
-        if (offer.task_id, offer.round, offer.index) != (task.task_id, close.round, j):
-            raise RemoteProtocolError(f"the offer is not of slice {j} of this round")
-        if msg.peer not in close.included or offer.peer not in close.included:
-            raise RemoteProtocolError("the sketch or offer is not from an included participant")
+        if (update.task_id, update.round) != (task.task_id, close.round):
+            raise RemoteProtocolError("the update is not of this round")
+        if len(update.slices) != sc.count:
+            raise RemoteProtocolError(f"the update names {len(update.slices)} slices")
+        if msg.peer not in close.included or update.peer not in close.included:
+            raise RemoteProtocolError("the sketch or update is not from an included participant")
         problem = self._sketch_problem(msg)
         if problem is not None:
             raise RemoteProtocolError(f"the sketch is malformed: {problem}")
         owner, witness = sc.owner[j], self.witness[j]
         claimed: tuple[float, ...] | None = None
-        if msg.peer == offer.peer and msg.peer != owner:
-            claimed = claim(msg, offer.peer, j)
-        elif offer.peer == owner and msg.peer == witness and j in msg.witnessed:
+        if msg.peer == update.peer and msg.peer != owner:
+            claimed = claim(msg, update.peer, j)
+        elif update.peer == owner and msg.peer == witness and j in msg.witnessed:
             claimed = claim(msg, owner, j)
         if claimed is None:
             raise RemoteProtocolError(
-                f"the sketch's signer is neither the offer's author nor slice {j}'s witness"
+                f"the sketch's signer is neither the update's author nor slice {j}'s witness"
             )
-        too_big = sc.too_big(offer.ref)
+        ref = update.slices[j]
+        too_big = sc.too_big(ref)
         if too_big is not None:
             raise RemoteProtocolError(too_big)
-        return msg.peer, claimed, offer.ref, offer.peer
+        return msg.peer, claimed, ref, update.peer
 
     def check_proofs(self) -> list[Command]:
         out: list[Command] = []
@@ -505,9 +501,10 @@ class SliceCheck:
             return []
         if token.kind == "proof":
             return self._proof_checked(now, token.index, event)
-        if event.bad >= 0 and token.kind == "check":
-            owner = sc.owner[event.bad]
-            return self.exclude(now, {owner}, f"combined slice {event.bad}: {event.reason}")
+        batch = self.check_batches.get(token.index, ()) if token.kind == "check" else ()
+        if event.bad >= 0 and 0 <= event.bad < len(batch):
+            j = batch[event.bad]
+            return self.exclude(now, {sc.owner[j]}, f"combined slice {j}: {event.reason}")
         if event.reason or event.bad >= 0:
             return task.withdraw(
                 now, f"round {token.round}: sketching slices failed: {event.reason}"
@@ -515,7 +512,11 @@ class SliceCheck:
         if token.kind == "mine":
             return self._publish(now, event.values)
         if token.kind == "check":
-            self.checked = event.values
+            width = 2 * sk.K + 1
+            if len(event.values) != width * len(batch):
+                return task.withdraw(now, f"round {token.round}: sketching slices failed")
+            for k, j in enumerate(batch):
+                self.checked[j] = event.values[k * width : (k + 1) * width]
             return self.advance(now)
         if token.kind == "inputs":
             return self._prove(event.values)
@@ -531,9 +532,7 @@ class SliceCheck:
         width = PS + 1  # sketch() adds rmax, which is not published
         chunks = [values[p * width : p * width + PS] for p in range(len(values) // width)]
         self.own = values[: sc.count * width]
-        witnessed = [
-            j for j in self.witnessed() if (sc.owner[j], j) in sc.offers.get(close.round, {})
-        ]
+        witnessed = self.witnessing
         msg = SliceSketch(
             task.task_id,
             close.round,
@@ -545,7 +544,7 @@ class SliceCheck:
         )
         envelope = seal(task.me, msg)
         self.sketches.setdefault(task.my_id, (msg, encode(envelope)))
-        return [Publish(TOPIC_TASKS, envelope)] + self.advance(now)
+        return sc.tell(envelope) + self.advance(now)
 
     def _proof_checked(self, now: float, slot: int, event: SliceWorked) -> list[Command]:
         sc = self.scatter
@@ -567,15 +566,6 @@ class SliceCheck:
         )
 
     # --- deciding who goes ---------------------------------------------------------------
-
-    def lacking_witnessed(self) -> list[int]:
-        """Slices we witness whose owner's offer has not come (to ask for again)."""
-        sc = self.scatter
-        close = sc.close
-        if close is None or self.mine_asked:
-            return []
-        got = sc.offers.get(close.round, {})
-        return [j for j in self.witnessed() if (sc.owner[j], j) not in got]
 
     def on_deadline(self, now: float, first: bool) -> list[Command]:
         """The round's deadline under this close, every combined slice announced but the

@@ -188,6 +188,14 @@ def assemble(pieces: Sequence[Weights], reference: Weights) -> Weights:
 # --- the same steps on blobs (what the driver runs off the event path) -----------------
 
 
+def own_model(reference: bytes | memoryview) -> Weights:
+    """The node's own global model, which slices are cut along: validated when it was
+    made; only its layout is read here, so its values are not scanned again."""
+    from p2pfl.wire import decode_tensors
+
+    return decode_tensors(reference, allow_nonfinite=True)
+
+
 def cut_blob(update: bytes | memoryview, count: int) -> list[bytes]:
     """Encoded slices of an encoded model."""
     from p2pfl.wire import decode_tensors, encode_tensors
@@ -207,7 +215,7 @@ def reduce_blobs(
     from p2pfl.errors import RemoteProtocolError
     from p2pfl.wire import decode_tensors, encode_tensors
 
-    model = layout(decode_tensors(reference))
+    model = layout(own_model(reference))
     pieces: list[tuple[Weights | None, float]] = []
     for data, weight in blobs:
         try:
@@ -229,7 +237,7 @@ def assemble_blobs(blobs: Sequence[bytes | memoryview], reference: bytes | memor
             pieces.append(decode_tensors(data))
         except RemoteProtocolError as exc:
             raise BadSlice(j, f"slice {j}: {exc}") from None
-    return bytes(encode_tensors(assemble(pieces, decode_tensors(reference))))
+    return bytes(encode_tensors(assemble(pieces, own_model(reference))))
 
 
 def slice_work(
@@ -266,7 +274,7 @@ def slice_work(
         except BadSlice as exc:
             return [], exc.index, str(exc), -1, ()
     if kind == "distances":
-        model = layout(decode_tensors(reference))
+        model = layout(own_model(reference))
         decoded: list[Weights | None] = []
         for blob in blobs:
             try:
@@ -310,7 +318,7 @@ def sketch_work(
 
     seed = bytes.fromhex(str(options["seed"]))
     indices = [int(i) for i in options["indices"]]
-    model = layout(decode_tensors(reference))
+    model = layout(own_model(reference))
     values: list[float] = []
     for pos, (blob, index) in enumerate(zip(blobs, indices, strict=True)):
         try:

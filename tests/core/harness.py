@@ -14,7 +14,7 @@ import hashlib
 import heapq
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -44,7 +44,7 @@ from p2pfl.core.commands import (
     TaskEnded,
     TimerFired,
 )
-from p2pfl.core.messages import TaskpackAnnounce
+from p2pfl.core.messages import TOPIC_TASKS, RoundUpdate, TaskpackAnnounce
 from p2pfl.core.node_core import DatasetInfo, NodeCore
 from p2pfl.core.phase import Phase
 from p2pfl.core.task import TaskMachine
@@ -56,7 +56,7 @@ from p2pfl.net.base import Message, PeerConnected, PeerDisconnected
 from p2pfl.store.blobref import make_blob_ref
 from p2pfl.taskpack.manifest import load_manifest
 from p2pfl.taskpack.trust import TrustPolicy
-from p2pfl.wire import decode_tensors, encode, encode_tensors
+from p2pfl.wire import Signed, decode_tensors, encode, encode_tensors, seal, type_name, unseal
 
 ROOT = Path(__file__).resolve().parents[2]
 LATENCY_S = 0.01
@@ -233,12 +233,34 @@ class Harness:
             self._execute(node, node.core.handle(event, self.now))
 
     def _execute(self, node: Node, cmds: list[Any]) -> None:
-        for cmd in cmds:
-            if self.outgoing is not None and isinstance(cmd, Publish | Send):
+        i = 0
+        while i < len(cmds):
+            cmd = cmds[i]
+            group = 1
+            while (
+                isinstance(cmd, Send)
+                and i + group < len(cmds)
+                and isinstance(cmds[i + group], Send)
+                and cmds[i + group].msg is cmd.msg
+            ):
+                group += 1
+            sends, i = cmds[i : i + group], i + group
+            if self.outgoing is None or not isinstance(cmd, Publish | Send):
+                for one in sends:
+                    self._one(node, one)
+                continue
+            if group == 1:
                 cmd = self.outgoing(node, cmd)
-                if cmd is None:
-                    continue
-            self._one(node, cmd)
+                if cmd is not None:
+                    self._one(node, cmd)
+                continue
+            # One message sent directly to every participant (core/scatter.py tell) is
+            # shown to the hook once, as the broadcast it is; what the hook returns goes
+            # to every one of them.
+            seen = self.outgoing(node, Publish(TOPIC_TASKS, cmd.msg))
+            if seen is not None:
+                for send in sends:
+                    self._one(node, replace(send, msg=seen.msg))
 
     def _one(self, node: Node, cmd: Any) -> None:
         if isinstance(cmd, Publish):
@@ -387,3 +409,23 @@ def done(h: Harness, task_id: str) -> list[TaskMachine]:
 
 def phases(h: Harness, task_id: str) -> list[Phase]:
     return [m.phase for m in h.machines(task_id)]
+
+
+def update_in(cmd: Any) -> RoundUpdate | None:
+    """The RoundUpdate a Publish carries (signed when it names slices), or None."""
+    if not isinstance(cmd, Publish):
+        return None
+    msg = cmd.msg
+    if isinstance(msg, Signed) and msg.kind == type_name(RoundUpdate):
+        msg = unseal(msg, RoundUpdate)
+    return msg if isinstance(msg, RoundUpdate) else None
+
+
+def as_sent(node: Node, original: Any, msg: Any) -> Any:
+    """`msg` in the form `original` went out in: signed by `node` if it was signed."""
+    return seal(node.identity, msg) if isinstance(original, Signed) else msg
+
+
+def with_update(node: Node, cmd: Publish, update: RoundUpdate) -> Publish:
+    """`cmd` carrying `update` instead, signed by `node` as the original was."""
+    return replace(cmd, msg=as_sent(node, cmd.msg, update))

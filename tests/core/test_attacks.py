@@ -13,7 +13,7 @@ from p2pfl.core.messages import TOPIC_TASKS, Roster, RoundClose, RoundUpdate, Ta
 from p2pfl.core.offer import derive_task_id
 from p2pfl.errors import RemoteProtocolError
 from p2pfl.wire import Signed, decode, encode, seal
-from tests.core.harness import Harness, done
+from tests.core.harness import Harness, as_sent, done, update_in, with_update
 
 
 def _honest(rounds: int, n: int = 4) -> np.ndarray:
@@ -39,8 +39,9 @@ def test_a_participant_closing_a_round_with_only_its_own_update_is_ignored():
     attacker = h.nodes[order[-1]]  # the worst-ranked participant: never its duty
 
     def own_close(node, cmd):
-        if node is attacker and isinstance(cmd.msg, RoundUpdate):
-            close = RoundClose(cmd.msg.task_id, cmd.msg.round, attacker.peer, (attacker.peer,))
+        update = update_in(cmd)
+        if node is attacker and update is not None:
+            close = RoundClose(update.task_id, update.round, attacker.peer, (attacker.peer,))
             h.inject(attacker, TOPIC_TASKS, close)
         return cmd
 
@@ -59,16 +60,17 @@ def test_a_result_before_the_elected_reducer_does_not_win():
     attacker = h.nodes[order[-1]]
 
     def early_result(node, cmd):
-        if node is attacker and isinstance(cmd.msg, RoundUpdate):
+        update = update_in(cmd)
+        if node is attacker and update is not None:
             forged = TaskResult(
-                cmd.msg.task_id,
+                update.task_id,
                 "succeeded",
                 "",
                 attacker.peer,
                 (attacker.peer,),
                 1,
                 {"accuracy": 1.0},
-                cmd.msg.ref,
+                update.ref,
                 0.0,
             )
             h.inject(attacker, TOPIC_TASKS, seal(attacker.identity, forged))
@@ -89,8 +91,9 @@ def test_claiming_10e15_samples_does_not_dominate_the_average():
     attacker = h.nodes[order[-1]]
 
     def inflate(node, cmd):
-        if node is attacker and isinstance(cmd.msg, RoundUpdate):
-            return replace(cmd, msg=replace(cmd.msg, num_samples=10**15))
+        update = update_in(cmd)
+        if node is attacker and update is not None:
+            return with_update(node, cmd, replace(update, num_samples=10**15))
         return cmd
 
     h.outgoing = inflate
@@ -236,7 +239,8 @@ def test_a_bad_update_is_left_out_and_the_round_goes_on(bad, why):
     attacker = h.nodes[order[-1]]
 
     def poison(node, cmd):
-        if node is attacker and isinstance(cmd.msg, RoundUpdate):
+        update = update_in(cmd)
+        if node is attacker and update is not None:
             from p2pfl.store.blobref import make_blob_ref
             from p2pfl.wire import encode_tensors
 
@@ -248,7 +252,7 @@ def test_a_bad_update_is_left_out_and_the_round_goes_on(bad, why):
                 data = bytes(encode_tensors(bad))
             ref = make_blob_ref(data)
             h.blobs[ref.cid] = data
-            return replace(cmd, msg=replace(cmd.msg, ref=ref))
+            return with_update(node, cmd, replace(update, ref=ref))
         return cmd
 
     h.outgoing = poison
@@ -270,10 +274,11 @@ def test_re_announcing_another_participants_update_is_refused():
 
     def copy(node, cmd):
         # The attacker sees the victim's announcement, then announces the same blob.
-        if node is victim and isinstance(cmd.msg, RoundUpdate):
-            forged = replace(cmd.msg, peer=attacker.peer)
+        update = update_in(cmd)
+        if node is victim and update is not None:
+            forged = as_sent(attacker, cmd.msg, replace(update, peer=attacker.peer))
             h.at(0.05, lambda: h.inject(attacker, TOPIC_TASKS, forged))
-        if node is attacker and isinstance(cmd.msg, RoundUpdate):
+        if node is attacker and update is not None:
             return None
         return cmd
 

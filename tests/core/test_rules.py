@@ -10,7 +10,7 @@ from p2pfl.core.messages import Volunteer
 from p2pfl.core.phase import Phase
 from p2pfl.core.tokens import JobStep
 from p2pfl.wire.codec import type_name
-from tests.core.harness import Harness, done
+from tests.core.harness import Harness, done, update_in
 
 
 def test_fedavg_rounds_end_in_one_signed_result_and_identical_models():
@@ -108,7 +108,8 @@ def test_coordinator_crash_mid_round_next_in_rank_closes():
 
 
 def test_unfetchable_update_is_re_closed_without_its_author():
-    order = _order(4, rounds=2)
+    allgather = {"kind": "allgather"}  # every node fetches every whole update
+    order = _order(4, rounds=2, aggregation=allgather)
     h = Harness(4)
     victim = h.nodes[order[-1]]
 
@@ -116,17 +117,18 @@ def test_unfetchable_update_is_re_closed_without_its_author():
         # The victim announces its round-2 update, which nobody can copy; it dies once the
         # round is closed with that update in it (whatever the order of the announcements,
         # which follows from the task id), so the close has to be made again without it.
-        from p2pfl.core.messages import RoundClose, RoundUpdate
+        from p2pfl.core.messages import RoundClose
 
         msg = cmd.msg
-        if node is victim and isinstance(msg, RoundUpdate) and msg.round == 2:
-            del h.blobs[msg.ref.cid]
+        update = update_in(cmd)
+        if node is victim and update is not None and update.round == 2:
+            del h.blobs[update.ref.cid]
         if isinstance(msg, RoundClose) and msg.round == 2 and victim.peer in msg.included:
             h.at(0.005, lambda: h.crash(victim.index))
         return cmd
 
     h.outgoing = vanish
-    task_id = h.offer(rounds=2)
+    task_id = h.offer(rounds=2, aggregation=allgather)
     h.run()
     machines = done(h, task_id)
     closes = machines[0].rounds.closes
