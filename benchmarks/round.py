@@ -5,8 +5,8 @@ A synthetic 1 M-parameter model (float32), 5 rounds of fedavg. The taskpack (wri
 temporary directory) trains nothing: `execute` returns the global weights slightly
 perturbed at once, so what is measured is the protocol: rosters, update and model
 transfers (blobs), aggregation, commits. Every size runs twice, in the same process:
-`aggregation: {kind: reduce-scatter}` (asked for; it trusts slice owners) and
-`aggregation: {kind: allgather}` (every node fetches every update).
+`aggregation: {kind: reduce-scatter}` (fedavg's default: verified slices, core/verify.py)
+and `aggregation: {kind: allgather}` (every node fetches every update).
 
 * sim: SimCluster under LinkModel(latency 20 ms, 100 Mbps) at each of `--sizes`
   (8, 32, 128 nodes). `ratio` is bytes per node per round (the mean of bytes received,

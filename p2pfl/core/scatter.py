@@ -16,8 +16,8 @@ re-close, which leaves it out.
    includes everyone, participant j owns slice j, so it starts as the updates arrive,
    before the close (`prefetch`); the close names who owns what, and the owner fetches
    whatever else it lacks. It combines them in the close's order (`included`, sorted)
-   with the offer's aggregator and publishes SliceDone. Honest owners hold identical
-   inputs, so the slice is a pure function of the close.
+   with the offer's aggregator and tells every participant (SliceDone; `tell`). Honest
+   owners hold identical inputs, so the slice is a pure function of the close.
 3. Everyone fetches the n combined slices from their owners and (fedavg: once every
    slice passes its check, core/verify.py) assembles the model:
    the slices' bytes end to end in slice order (verified by cid), so every node holds
@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 from p2pfl.core.aggregation import aggregation
 from p2pfl.core.commands import (
     Aggregated,
+    CancelTimer,
     Command,
     FetchBlob,
     Log,
@@ -459,7 +460,10 @@ class Scatter:
                 return out
         self.assembling = True
         token = SliceToken(task.task_id, close.round, close.attempt, "assemble")
-        return [SliceWork(refs, self.count, task.global_ref, token)]
+        return [
+            CancelTimer(task.timer(TimerKind.STAGE, close.round)),
+            SliceWork(refs, self.count, task.global_ref, token),
+        ]
 
     # --- work done -----------------------------------------------------------------------
 

@@ -21,8 +21,8 @@ value that hides its shift): the owner offers that slice to a witness, the next 
 participant after it in rank order, which publishes its sketch instead.
 
 The randomness here is a public challenge, not privacy noise: anyone can recompute it, and
-it must be reproducible (numpy's SFC64 seeded by sha256: the same vectors as PCG64's for
-the check, three times faster to draw), not drawn from a CSPRNG.
+it must be reproducible (numpy's SFC64 seeded by sha256; standard normal draws from it
+are three times faster than from PCG64), not drawn from a CSPRNG.
 """
 
 from __future__ import annotations
