@@ -195,12 +195,17 @@ class FedAvgRounds(RoundsBase):
         self, update: RoundUpdate, envelope: Signed | None
     ) -> tuple[str | None, bytes]:
         """Why an update's slices are refused (None: accepted), and its signed bytes when
-        it names slices. Under reduce-scatter every update names exactly one slice per
-        participant, signed; under all-gather none."""
+        it names slices. Under reduce-scatter an update names exactly one slice per
+        participant, signed; or none, in a round with no model to cut along (the first,
+        for a taskpack with no initial weights; a node still initialising cannot tell, so
+        an included update without slices in a sliced round is refused by its owners
+        when they combine, core/scatter.py). Under all-gather none."""
         scatter = self.scatter
         count = scatter.count if scatter is not None else 0
+        if not update.slices:
+            return None, b""
         if not count:
-            return ("it names slices, but this task does not slice" if update.slices else None), b""
+            return "it names slices, but this task does not slice", b""
         assert scatter is not None
         if len(update.slices) != count:
             return f"it names {len(update.slices)} slices, not {count}", b""

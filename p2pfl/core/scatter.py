@@ -256,9 +256,9 @@ class Scatter:
         out: list[Command] = []
         for author in close.included:
             ref = self.slice_of(close.round, author, j)
-            problem = self._too_big(ref) if ref is not None else None
+            problem = "its update names no slices" if ref is None else self._too_big(ref)
             if problem is not None:
-                # Named before our model existed, and larger than it: a malformed input.
+                # No slice, or one larger than the model: a malformed input.
                 self.reducing.add(j)
                 task = self.task
                 msg = SliceDone(
@@ -268,7 +268,8 @@ class Scatter:
                     self._warn(f"slice {j} of {author[-8:]} refused: {problem}"),
                     *self.tell(msg),
                 ]
-            if ref is None or ref.cid in self._have or ref.cid in self.want:
+            assert ref is not None
+            if ref.cid in self._have or ref.cid in self.want:
                 continue
             if ref.cid not in self.later:
                 out += self._fetch(ref, (author,))

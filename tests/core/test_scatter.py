@@ -506,3 +506,26 @@ def test_stage_asks_are_answered_boundedly_and_only_for_the_current_close() -> N
     assert not scatter.on_ask(h.now, replace(ask, attempt=close.attempt + 1, peer=h.nodes[3].peer))
     stranger = Harness(1, seed=99).nodes[0].peer
     assert not scatter.on_ask(h.now, replace(ask, peer=stranger))
+
+
+def test_an_update_without_slices_in_a_sliced_round_is_left_out_by_its_owners() -> None:
+    """A round with no model to cut along has no slices, and a node still initialising
+    cannot tell such a round from ours: an update naming no slices is accepted when it
+    arrives, and refused by the owners once the close says the round is sliced."""
+    h = Harness(5)
+    task_id = h.offer(rounds=1, aggregation=RS)
+    liar = h.nodes[2]
+
+    def strip(node, cmd):  # noqa: ANN001, ANN202
+        update = update_in(cmd)
+        if node is liar and update is not None:
+            return replace(cmd, msg=replace(update, slices=()))
+        return cmd
+
+    h.outgoing = strip
+    h.run()
+    machines = done(h, task_id)
+    assert machines[0].result.status == "succeeded" and len(final_models(h, task_id)) == 1
+    assert all(liar.peer not in m.rounds.closes[1].included for m in machines)
+    assert all(m.rounds.closes[1].attempt == 1 for m in machines)
+    assert any("refused: its update names no slices" in line for line in h.logs("warning"))
