@@ -75,11 +75,10 @@ EARLY_BYTES_PER_TASK = 4 * MiB
 # participant; more participants use hierarchical aggregation).
 MAX_SLICES = 256
 # Its slice check (core/sketch.py): one signed SliceSketch (5 float32 per slice, at most
-# 256 slices, and as many witnessed: about 11 KiB) and one signed RoundUpdate naming its
-# slices (a 1 GiB update in 1 MiB chunks: 32 KiB of chunk hashes for the update, as much
-# for its slices, ~80 bytes more per slice), as carried inside a SketchProof. A sliced
-# update larger than this is refused, so that a proof against its author always fits.
+# 256 slices, and as many witnessed: about 11 KiB) and one signed SliceOffer (a quarter of
+# a 1 GiB update, the largest slice, has 256 chunks of 1 MiB: 8 KiB of chunk hashes), as
+# carried inside a SketchProof.
 MAX_SKETCH_BYTES = 32 * KiB
-MAX_SIGNED_UPDATE_BYTES = 160 * KiB
+MAX_SIGNED_OFFER_BYTES = 16 * KiB
 # Decoded messages shared between simulated nodes are memoised only up to this size.
 DECODE_CACHE_MAX_MESSAGE = 64 * KiB

@@ -32,13 +32,20 @@ from p2pfl.core.commands import (
 from p2pfl.core.hierarchy import Hierarchy, group_size
 from p2pfl.core.messages import TOPIC_TASKS, RoundClose, RoundUpdate
 from p2pfl.core.phase import ACTIVE, BlobOutcome, Phase
-from p2pfl.core.round_messages import GroupDone, SketchProof, SliceDone, SliceSketch, StageAsk
+from p2pfl.core.round_messages import (
+    GroupDone,
+    SketchProof,
+    SliceAsk,
+    SliceDone,
+    SliceOffer,
+    SliceSketch,
+    StageAsk,
+)
 from p2pfl.core.rounds_base import RoundsBase
-from p2pfl.core.scatter import SLACK_BYTES, Scatter, slice_count
+from p2pfl.core.scatter import Scatter, slice_count
 from p2pfl.core.tokens import TaskTimer, TimerKind
-from p2pfl.limits import MAX_SIGNED_UPDATE_BYTES
 from p2pfl.store.blobref import BlobRef
-from p2pfl.wire import Signed, encode, seal
+from p2pfl.wire import Signed
 
 GRACE_S = 2.0
 # Updates are held for rounds up to this far ahead of ours (a straggler that a close
@@ -51,9 +58,6 @@ class FedAvgRounds(RoundsBase):
     def __init__(self, task: Any) -> None:
         super().__init__(task)
         self.updates: dict[int, dict[str, RoundUpdate]] = {}
-        # round -> author -> its signed update (encoded), when it names slices: an owner
-        # or witness may show it in a SketchProof (core/verify.py).
-        self.signed: dict[int, dict[str, bytes]] = {}
         self.closes: dict[int, RoundClose] = {}
         self.held: dict[int, dict[str, RoundClose]] = {}  # closes not (yet) from the duty
         self.waiting_close: RoundClose | None = None  # accepted, announcements missing
@@ -115,20 +119,11 @@ class FedAvgRounds(RoundsBase):
         state.state = "waiting"
         self.round_blobs.setdefault(rnd, set()).add(ref.cid)
         shared = task.shareable(metrics)
-        scatter = self.sliced()
-        slices = scatter.mine.get(rnd, ()) if scatter is not None else ()
         update = RoundUpdate(
-            task.task_id,
-            rnd,
-            task.my_id,
-            ref,
-            self.my_samples(result.get("num_samples")),
-            shared,
-            slices=slices,
+            task.task_id, rnd, task.my_id, ref, self.my_samples(result.get("num_samples")), shared
         )
         # Our own announcement comes back to us over gossip (a publisher receives its own).
-        # Naming slices, it is signed: owners may show it as what we committed to.
-        out: list[Command] = [Publish(TOPIC_TASKS, seal(task.me, update) if slices else update)]
+        out: list[Command] = [Publish(TOPIC_TASKS, update)]
         if task.decision is not None:  # a site: what leaves is recorded
             what = {"task": task.task_id, "round": rnd, "what": "update", "bytes": ref.size}
             out.append(Audit("release", {**what, "dp_spend": 0.0, "notes": []}))
@@ -136,9 +131,7 @@ class FedAvgRounds(RoundsBase):
 
     # --- everyone's updates ------------------------------------------------------------
 
-    def on_update(
-        self, now: float, update: RoundUpdate, envelope: Signed | None = None
-    ) -> list[Command]:
+    def on_update(self, now: float, update: RoundUpdate) -> list[Command]:
         task = self.task
         peer = update.peer
         if peer not in task.participants or peer in task.withdrawn:
@@ -157,10 +150,7 @@ class FedAvgRounds(RoundsBase):
                     f"task {task.task_id[:12]}: update of {peer[-8:]} claims {update.num_samples} samples; its signed record says {signed}: refused",
                 )
             ]
-        sealed = b""
         problem = self.check_blob(peer, update.ref)
-        if problem is None:
-            problem, sealed = self._slices_problem(update, envelope)
         if problem is not None:
             return [
                 Log(
@@ -168,8 +158,6 @@ class FedAvgRounds(RoundsBase):
                 )
             ]
         self.updates.setdefault(update.round, {})[peer] = update
-        if sealed:
-            self.signed.setdefault(update.round, {})[peer] = sealed
         state = task.node(peer)
         state.round = update.round
         state.absorb(update.metrics)
@@ -184,45 +172,10 @@ class FedAvgRounds(RoundsBase):
                 metrics=update.metrics if isinstance(update.metrics, dict) else {},
             )
         ]
-        if self._scatter is not None:
-            out += self._scatter.prefetch(update)
         if self.waiting_close is not None and self.waiting_close.round == update.round:
             close, self.waiting_close = self.waiting_close, None
             return out + self._aggregate_close(now, close)
         return out + self._check_complete(now)
-
-    def _slices_problem(
-        self, update: RoundUpdate, envelope: Signed | None
-    ) -> tuple[str | None, bytes]:
-        """Why an update's slices are refused (None: accepted), and its signed bytes when
-        it names slices. Under reduce-scatter an update names exactly one slice per
-        participant, signed; or none, in a round with no model to cut along (the first,
-        for a taskpack with no initial weights; a node still initialising cannot tell, so
-        an included update without slices in a sliced round is refused by its owners
-        when they combine, core/scatter.py). Under all-gather none."""
-        scatter = self.scatter
-        count = scatter.count if scatter is not None else 0
-        if not update.slices:
-            return None, b""
-        if not count:
-            return "it names slices, but this task does not slice", b""
-        assert scatter is not None
-        if len(update.slices) != count:
-            return f"it names {len(update.slices)} slices, not {count}", b""
-        if envelope is None:
-            return "an update naming slices must be signed", b""
-        signed = encode(envelope)
-        if len(signed) > MAX_SIGNED_UPDATE_BYTES:
-            return f"signed update of {len(signed)} bytes, over {MAX_SIGNED_UPDATE_BYTES}", b""
-        # A rule every node evaluates alike (not against its own model, which a node
-        # still initialising lacks: nodes would disagree on which updates exist). Each
-        # slice is checked against the model before it is fetched (core/scatter.py).
-        assert update.ref is not None
-        cap = update.ref.size + SLACK_BYTES
-        big = next((r.size for r in update.slices if r.size > cap), None)
-        if big is not None:
-            return f"a slice of {big} bytes, larger than the update ({update.ref.size})", b""
-        return None, signed
 
     def _check_complete(self, now: float) -> list[Command]:
         task = self.task
@@ -281,7 +234,6 @@ class FedAvgRounds(RoundsBase):
         self.held.pop(close.round, None)
         for old in [r for r in self.updates if r < close.round - 1]:
             del self.updates[old]  # held no longer (ROUNDS_AHEAD)
-            self.signed.pop(old, None)
         out: list[Command] = [
             CancelTimer(task.timer(TimerKind.ROUND, close.round)),
             CancelTimer(task.timer(TimerKind.RECLOSE, close.round)),
@@ -347,8 +299,10 @@ class FedAvgRounds(RoundsBase):
         task = self.task
         if key.kind is TimerKind.ROUND:
             return self._on_round_deadline(now, key.round)
+        if key.kind is TimerKind.SLICES and self._scatter is not None:
+            return self._scatter.ask_offers(now, key.round)
         if key.kind is TimerKind.STAGE and self._scatter is not None:
-            return self._scatter.ask_again(now, key.round)
+            return self._scatter.ask_stage(now, key.round)
         if (
             key.kind is TimerKind.REFETCH
             and self.scatter is not None
@@ -474,12 +428,16 @@ class FedAvgRounds(RoundsBase):
     def on_stage_message(
         self,
         now: float,
-        msg: SliceDone | GroupDone | SliceSketch | SketchProof | StageAsk,
+        msg: SliceOffer | SliceAsk | SliceDone | GroupDone | SliceSketch | SketchProof | StageAsk,
         envelope: Signed | None = None,
     ) -> list[Command]:
         scatter = self.scatter
+        if isinstance(msg, SliceOffer) and scatter is not None:
+            return scatter.on_offer(now, msg, envelope)
+        if isinstance(msg, SliceAsk) and scatter is not None:
+            return scatter.on_offer_ask(now, msg)
         if isinstance(msg, StageAsk) and scatter is not None:
-            return scatter.on_ask(now, msg)
+            return scatter.on_stage_ask(now, msg)
         check = scatter.check if scatter is not None else None
         if isinstance(msg, SliceSketch) and check is not None:
             return check.on_sketch(now, msg, envelope)

@@ -15,7 +15,6 @@ import re
 from dataclasses import dataclass
 
 from p2pfl.core.flowrec import MAX_FLOW_STEPS, FlowRecord
-from p2pfl.limits import MAX_SLICES
 from p2pfl.store.blobref import BlobRef
 from p2pfl.wire import Json, message
 
@@ -293,12 +292,8 @@ class CallPart:
 @message("task.update")
 @dataclass(frozen=True, slots=True)
 class RoundUpdate:
-    """A participant's local update for a round (fedavg/fedprox), fetched by cid.
-
-    Under reduce-scatter (core/scatter.py) it also names the update's slices, in slice
-    order: each slice's owner fetches its slice from the author as soon as it knows it
-    owns it, with no further message. Such an update is signed (wire.seal): the slice's
-    owner may show it in a SketchProof (core/verify.py) as what the author committed to."""
+    """A participant's local update for a round (fedavg/fedprox), fetched by cid (under
+    reduce-scatter, core/scatter.py, its slices are offered to their owners directly)."""
 
     task_id: str
     round: int
@@ -307,16 +302,11 @@ class RoundUpdate:
     num_samples: int
     metrics: Json
     status: str = "ok"  # ok | failed | withdrawn
-    slices: tuple[BlobRef, ...] = ()
 
     def __post_init__(self) -> None:
         _check_task(self.task_id, self.peer)
         if self.round < 1 or self.num_samples < 0:
             raise ValueError("round must be >= 1 and num_samples >= 0")
-        if len(self.slices) > MAX_SLICES:
-            raise ValueError(f"{len(self.slices)} slices, over {MAX_SLICES}")
-        if self.slices and self.ref is None:
-            raise ValueError("slices of no update")
 
 
 @message("task.close")

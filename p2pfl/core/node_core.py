@@ -67,7 +67,9 @@ from p2pfl.core.phase import (
 from p2pfl.core.round_messages import (
     GroupDone,
     SketchProof,
+    SliceAsk,
     SliceDone,
+    SliceOffer,
     SliceSketch,
     StageAsk,
 )
@@ -137,6 +139,8 @@ _ON_TOPIC: dict[str | None, tuple[type, ...]] = {
         SliceDone,
         SliceSketch,
         StageAsk,
+        SliceOffer,
+        SliceAsk,
     ),
 }
 _PENDING_TASKS = 256

@@ -29,7 +29,9 @@ from p2pfl.core.messages import (
 from p2pfl.core.round_messages import (
     GroupDone,
     SketchProof,
+    SliceAsk,
     SliceDone,
+    SliceOffer,
     SliceSketch,
     StageAsk,
 )
@@ -152,6 +154,9 @@ _PARTICIPATE: frozenset[EventKey] = _FOLLOW | {
     GossipPush,
     StageAsk,
     TimerKind.STAGE,
+    SliceOffer,
+    SliceAsk,
+    TimerKind.SLICES,
     SliceSketch,
     SketchProof,
     SliceWorked,
@@ -173,7 +178,7 @@ ACCEPTS: dict[Phase, frozenset[EventKey]] = {
     Phase.PENDING: _FOLLOW,
     Phase.VALIDATING: _FOLLOW | {JobStep.VALIDATE},
     # A fast peer's direct round messages can come before the roster: held until it does.
-    Phase.VOLUNTEERED: _FOLLOW | {TimerKind.REPUBLISH_ROSTER, GossipPush, FinalPartial},
+    Phase.VOLUNTEERED: _FOLLOW | {TimerKind.REPUBLISH_ROSTER, GossipPush, FinalPartial, SliceOffer},
     Phase.DECLINED: _FOLLOW,
     Phase.OBSERVING: _FOLLOW,
     Phase.INIT: _PARTICIPATE,

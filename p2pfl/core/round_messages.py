@@ -14,7 +14,7 @@ import numpy as np
 
 from p2pfl.core.messages import _check_task, check_peers
 from p2pfl.core.sketch import PER_SLICE, WIRE
-from p2pfl.limits import MAX_SIGNED_UPDATE_BYTES, MAX_SKETCH_BYTES, MAX_SLICES
+from p2pfl.limits import MAX_SIGNED_OFFER_BYTES, MAX_SKETCH_BYTES, MAX_SLICES
 from p2pfl.store.blobref import BlobRef
 from p2pfl.wire import message
 
@@ -24,6 +24,39 @@ def _check_round(rnd: int, attempt: int, index: int, limit: int = MAX_SLICES) ->
         raise ValueError("round must be >= 1 and attempt >= 0")
     if not 0 <= index < limit:
         raise ValueError(f"index {index} outside [0, {limit})")
+
+
+@message("task.slice-offer")
+@dataclass(frozen=True, slots=True)
+class SliceOffer:
+    """An author tells the owner of slice `index` where to fetch that slice of its update
+    (a direct message, signed: the owner may need to show it in a SketchProof; the blob
+    is served by the author). An owner also offers its own slice to its witness."""
+
+    task_id: str
+    round: int
+    peer: str  # the author
+    index: int
+    ref: BlobRef
+
+    def __post_init__(self) -> None:
+        _check_task(self.task_id, self.peer)
+        _check_round(self.round, 0, self.index)
+
+
+@message("task.slice-ask")
+@dataclass(frozen=True, slots=True)
+class SliceAsk:
+    """An owner asks an author for slice `index`'s offer again (a direct message lost)."""
+
+    task_id: str
+    round: int
+    peer: str  # the owner asking
+    index: int
+
+    def __post_init__(self) -> None:
+        _check_task(self.task_id, self.peer)
+        _check_round(self.round, 0, self.index)
 
 
 @message("task.stage-ask")
@@ -118,9 +151,9 @@ class SliceSketch:
 @dataclass(frozen=True, slots=True)
 class SketchProof:
     """Evidence that a participant's sketch of slice `index` lies: `sketch` its signed
-    SliceSketch (encoded Signed), `update` the signed RoundUpdate of the slice's author
-    (the participant itself, or the slice's owner when the liar is its witness), which
-    names the slice. Anyone checks it by fetching that slice (1/n of a model) and
+    SliceSketch (encoded Signed), `offer` the signed SliceOffer of that slice by the
+    slice's author (the participant itself, or the slice's owner when the liar is its
+    witness). Anyone checks it by fetching the offered slice (1/n of a model) and
     recomputing the sketch; it is refused unless both signatures hold and the numbers
     disagree."""
 
@@ -130,16 +163,16 @@ class SketchProof:
     peer: str  # who shows it (anyone may)
     index: int
     sketch: bytes
-    update: bytes
+    offer: bytes
 
     def __post_init__(self) -> None:
         _check_task(self.task_id, self.peer)
         _check_round(self.round, self.attempt, self.index)
         if len(self.sketch) > MAX_SKETCH_BYTES:
             raise ValueError(f"signed sketch of {len(self.sketch)} bytes, over {MAX_SKETCH_BYTES}")
-        if len(self.update) > MAX_SIGNED_UPDATE_BYTES:
+        if len(self.offer) > MAX_SIGNED_OFFER_BYTES:
             raise ValueError(
-                f"signed update of {len(self.update)} bytes, over {MAX_SIGNED_UPDATE_BYTES}"
+                f"signed offer of {len(self.offer)} bytes, over {MAX_SIGNED_OFFER_BYTES}"
             )
 
 

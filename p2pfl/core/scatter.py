@@ -10,12 +10,15 @@ participant, in rank order cyclically from participant j, whose update the close
 includes; so a participant lost mid-round has its slices reassigned by the coordinator's
 re-close, which leaves it out.
 
-1. After training, a participant cuts its update into n slice blobs, then announces the
-   update (RoundUpdate) naming its slices, signed.
-2. An owner fetches slice j of every included update from its author: under a close that
-   includes everyone, participant j owns slice j, so it starts as the updates arrive,
-   before the close (`prefetch`); the close names who owns what, and the owner fetches
-   whatever else it lacks. It combines them in the close's order (`included`, sorted)
+1. After training, a participant cuts its update into n slice blobs, announces the
+   update (RoundUpdate) as before, and at once offers each slice to its likely owner
+   (SliceOffer, a direct message, signed): under a close that includes everyone,
+   participant j owns slice j. Offers are O(n) bytes per node (slice refs in the
+   gossiped update were O(n^2): 0.45 models per node per round at 128 nodes).
+2. Participant j fetches slice j of each update as its offer arrives, before the close
+   (`prefetch`). The close names who owns what; an author offers its slices to any owner
+   the close moved, and an owner asks again (SliceAsk) for offers still missing. The
+   owner combines slice j of every included update in the close's order (`included`, sorted)
    with the offer's aggregator and tells every participant (SliceDone; `tell`). Honest
    owners hold identical inputs, so the slice is a pure function of the close.
 3. Everyone fetches the n combined slices from their owners and (fedavg: once every
@@ -26,9 +29,9 @@ re-close, which leaves it out.
 Each node sends and receives about 2(n-1)/n models per round instead of n-1.
 
 Who may say what is checked here: a SliceDone counts only from the owner of its slice
-under the close; an update's slices only from its author's signed update, which names
-exactly one slice per participant (core/fedavg_rounds.py); a slice or combined slice
-larger than the model is refused unread, and one whose
+under the close; an offer only from the author itself (the transport authenticates the
+sender; under fedavg it is signed too, and an owner offers its own slice to its
+witness); a slice or combined slice larger than the model is refused unread, and one whose
 tensors do not fit the slice's place is refused when combined (the coordinator re-closes
 without its author) or assembled (re-closed without its owner).
 
@@ -61,14 +64,15 @@ from p2pfl.core.commands import (
     SliceWork,
     SliceWorked,
 )
-from p2pfl.core.messages import TOPIC_TASKS, RoundClose, RoundUpdate
+from p2pfl.core.messages import TOPIC_TASKS, RoundClose
 from p2pfl.core.phase import Phase
-from p2pfl.core.round_messages import MAX_SLICES, SliceDone, StageAsk
+from p2pfl.core.round_messages import MAX_SLICES, SliceAsk, SliceDone, SliceOffer, StageAsk
 from p2pfl.core.rounds_base import FETCH_RETRIES, RETRY_BACKOFF_S
 from p2pfl.core.tokens import AggToken, SliceToken, TimerKind
 from p2pfl.core.verify import WORK_KINDS, SliceCheck
 from p2pfl.limits import KiB, blob_too_big
 from p2pfl.store.blobref import BlobRef
+from p2pfl.wire import Signed, encode, seal
 
 if TYPE_CHECKING:
     from p2pfl.core.fedavg_rounds import FedAvgRounds
@@ -80,6 +84,7 @@ GRACE_S = 2.0  # the coordinator's wait for owners' reports after the round's de
 SLACK_BYTES = 64 * KiB  # tensor headers: a slice is never larger than the model plus this
 MAX_HELD_ATTEMPTS = 4  # close attempts ahead of ours whose SliceDones are held
 MAX_ANSWERS = 8  # a participant's StageAsks answered per close
+MAX_OFFER_ANSWERS = 16  # a slice's offer is sent again at most this often per close
 ASK_AFTER_S = 2.0  # a stage message still missing this long after the close: ask for it
 
 
@@ -130,6 +135,8 @@ class Scatter:
         self.count = count
         self.mine: dict[int, tuple[BlobRef, ...]] = {}  # round -> our update's slices
         self.cutting: dict[int, dict[str, Any]] = {}  # round -> training result being cut
+        self.offers: dict[int, dict[tuple[str, int], BlobRef]] = {}
+        self.offered: dict[int, dict[int, str]] = {}  # round -> slice -> who we offered it to
         self.rank = rounds.task.participants.index(rounds.task.my_id)
         self.held: dict[tuple[int, int], dict[int, SliceDone]] = {}  # early SliceDones
         self.close: RoundClose | None = None
@@ -147,7 +154,8 @@ class Scatter:
         self.chosen = -1  # Krum: the position of the update chosen under the close
         self.told: list[Any] = []  # our stage messages under the current close (StageAsk)
         self.answered: dict[str, int] = {}  # asker -> StageAsks answered under the close
-        self.asks = 0  # times we asked for missing stage messages under the close
+        self.offer_asks = 0  # times we asked again for missing offers under the close
+        self.offer_answers: dict[tuple[str, int], int] = {}  # (asker, index) -> resent
         self.check = SliceCheck(self) if verified(rounds.task.offer) else None
 
     # --- cutting our update ---------------------------------------------------------------
@@ -172,7 +180,10 @@ class Scatter:
         self.later = {}
         self.deadlines = 0
         self.inputs, self.choosing, self.chosen = {}, False, -1
-        self.told, self.answered, self.asks = [], {}, 0
+        self.told, self.answered = [], {}
+        self.offer_asks, self.offer_answers = 0, {}
+        self.offers = {r: o for r, o in self.offers.items() if r >= close.round}
+        self.offered = {r: o for r, o in self.offered.items() if r >= close.round}
         self.mine = {r: m for r, m in self.mine.items() if r >= close.round}
         # Blobs of forgotten rounds are no longer held (core/rounds_base.py forget_before).
         tracked = set().union(*self.rounds.round_blobs.values())
@@ -181,6 +192,17 @@ class Scatter:
         check = self.check
         if check is not None:
             out += check.start(now)
+        me = task.my_id
+        mine = self.mine.get(close.round)
+        if me in close.included and mine is not None:
+            # Offers to owners (and our own slice's witness) the close moved from the
+            # ones we offered each slice to when we announced our update.
+            offered = self.offered.setdefault(close.round, {})
+            for j, owner in enumerate(self.owner):
+                to = owner if owner != me else (check.witness[j] if check is not None else None)
+                if to is not None and offered.get(j) != to:
+                    offered[j] = to
+                    out.append(Send(to, self._signed_offer(close.round, j, mine[j])))
         if check is not None:
             # A witness sketches its owner's own slice (core/verify.py).
             for j in check.witnessed():
@@ -192,6 +214,7 @@ class Scatter:
         out.append(
             SetTimer(task.timer(TimerKind.RECLOSE, close.round), now + task.offer.round_timeout_s)
         )
+        out.append(SetTimer(task.timer(TimerKind.SLICES, close.round), now + RETRY_BACKOFF_S))
         out.append(SetTimer(task.timer(TimerKind.STAGE, close.round), now + ASK_AFTER_S))
         for j in self.my_indices():
             out += self._try_reduce(j)
@@ -207,35 +230,97 @@ class Scatter:
     def complete(self) -> bool:
         return len(self.done) == self.count
 
-    # --- the updates' slices ---------------------------------------------------------------
+    # --- offers and our slices -------------------------------------------------------------
+
+    def _signed_offer(self, rnd: int, j: int, ref: BlobRef) -> Signed | SliceOffer:
+        """Our offer of slice j, signed when slices are checked (an owner or witness may
+        show it in a SketchProof), and kept in that form for our own proofs."""
+        task = self.task
+        offer = SliceOffer(task.task_id, rnd, task.my_id, j, ref)
+        if self.check is None:
+            return offer
+        envelope = seal(task.me, offer)
+        self.check.signed_offers.setdefault(rnd, {})[(task.my_id, j)] = encode(envelope)
+        return envelope
+
+    def offer_early(self, rnd: int) -> list[Command]:
+        """Our update is cut: offer each slice to the participant that owns it under a
+        close that includes everyone (participant j owns slice j), and our own slice to
+        its witness there (the participant after us), so that they fetch while the round
+        is still open."""
+        task = self.task
+        mine = self.mine.get(rnd)
+        if mine is None:
+            return []
+        n = len(task.participants)
+        offered = self.offered.setdefault(rnd, {})
+        out: list[Command] = []
+        for j, to in enumerate(task.participants[: self.count]):
+            if to == task.my_id:
+                if self.check is None:
+                    continue
+                to = task.participants[(self.rank + 1) % n]
+            if to in task.dead or to in task.withdrawn:
+                continue
+            offered[j] = to
+            out.append(Send(to, self._signed_offer(rnd, j, mine[j])))
+        return out
 
     def slice_of(self, rnd: int, author: str, j: int) -> BlobRef | None:
-        """Slice j of `author`'s update of round `rnd`, as its signed update names it."""
+        """Slice j of `author`'s update of round `rnd`, as its offer names it."""
         if author == self.task.my_id:
             mine = self.mine.get(rnd)
             return mine[j] if mine is not None else None
-        update = self.rounds.updates.get(rnd, {}).get(author)
-        return update.slices[j] if update is not None and j < len(update.slices) else None
+        return self.offers.get(rnd, {}).get((author, j))
 
-    def prefetch(self, update: RoundUpdate) -> list[Command]:
-        """Fetch, while the round is still open, the slices of `update` we will most
-        likely combine or witness: under a close that includes everyone, we own slice
-        `rank` and witness slice `rank - 1` (owned by the participant before us). A close
-        that leaves someone out moves owners, and `start` fetches what is then missing; a
-        slice fetched for nothing is 1/n of a model."""
+    def prefetch(self, offer: SliceOffer) -> list[Command]:
+        """Fetch an offered slice while the round is still open when we will most likely
+        combine it (slice `rank`) or witness it (slice `rank - 1`, of the participant
+        before us): what a close that includes everyone asks of us. A close that leaves
+        someone out moves owners, and `start` fetches what is then missing; a slice
+        fetched for nothing is 1/n of a model."""
         task = self.task
-        if update.round != task.round or update.peer == task.my_id or not update.slices:
+        if offer.round != task.round or offer.peer == task.my_id:
             return []
         n = len(task.participants)
-        wanted = [self.rank]
-        if self.check is not None and task.participants[(self.rank - 1) % n] == update.peer:
-            wanted.append((self.rank - 1) % n)
-        out: list[Command] = []
-        for j in wanted:
-            ref = update.slices[j]
-            if ref.cid not in self._have and ref.cid not in self.want and not self._too_big(ref):
-                out += self._fetch(ref, (update.peer,))
-        return out
+        witnessing = offer.index == (self.rank - 1) % n and self.check is not None
+        if offer.index != self.rank and not (
+            witnessing and task.participants[offer.index] == offer.peer
+        ):
+            return []
+        ref = offer.ref
+        if ref.cid in self._have or ref.cid in self.want or self._too_big(ref):
+            return []
+        return self._fetch(ref, (offer.peer,))
+
+    def on_offer(
+        self, now: float, offer: SliceOffer, envelope: Signed | None = None
+    ) -> list[Command]:
+        task = self.task
+        if offer.peer not in task.participants or offer.index >= self.count:
+            return []
+        if not task.round <= offer.round <= task.round + 1:
+            return []
+        problem = self._too_big(offer.ref)
+        got = self.offers.setdefault(offer.round, {})
+        key = (offer.peer, offer.index)
+        if problem is None and key not in got and self.check is not None:
+            problem = self.check.keep_offer(offer, envelope)
+        if problem is not None:
+            return [self._warn(f"slice offer of {offer.peer[-8:]} refused: {problem}")]
+        if key in got or len(got) >= self.count * len(task.participants):
+            return []
+        got[key] = offer.ref
+        close = self.close
+        if close is None or close.round != offer.round:
+            return self.prefetch(offer)
+        if self.check is not None and offer.index in self.check.witnessed():
+            if offer.peer == self.owner[offer.index] and offer.ref.cid not in self._have:
+                if offer.ref.cid not in self.want:
+                    return self._fetch(offer.ref, (offer.peer,))
+        if offer.index not in self.my_indices():
+            return []
+        return self._try_reduce(offer.index)
 
     def _inputs(self, j: int) -> list[BlobRef] | None:
         """Slice j of every included update, in the close's order (None: an update missing)."""
@@ -256,9 +341,9 @@ class Scatter:
         out: list[Command] = []
         for author in close.included:
             ref = self.slice_of(close.round, author, j)
-            problem = "its update names no slices" if ref is None else self._too_big(ref)
+            problem = self._too_big(ref) if ref is not None else None
             if problem is not None:
-                # No slice, or one larger than the model: a malformed input.
+                # Offered before our model existed, and larger than it: a malformed input.
                 self.reducing.add(j)
                 task = self.task
                 msg = SliceDone(
@@ -268,8 +353,7 @@ class Scatter:
                     self._warn(f"slice {j} of {author[-8:]} refused: {problem}"),
                     *self.tell(msg),
                 ]
-            assert ref is not None
-            if ref.cid in self._have or ref.cid in self.want:
+            if ref is None or ref.cid in self._have or ref.cid in self.want:
                 continue
             if ref.cid not in self.later:
                 out += self._fetch(ref, (author,))
@@ -354,10 +438,9 @@ class Scatter:
         for ref in self.mine.get(self.task.round, ()):
             if ref.cid == cid:
                 return ref
-        for update in self.rounds.updates.get(self.task.round, {}).values():
-            for ref in update.slices:
-                if ref.cid == cid:
-                    return ref
+        for ref in self.offers.get(self.task.round, {}).values():
+            if ref.cid == cid:
+                return ref
         for done in self.done.values():
             if done.ref is not None and done.ref.cid == cid:
                 return done.ref
@@ -483,10 +566,11 @@ class Scatter:
             self.rounds.slice_blobs.update(r.cid for r in event.refs)
             self.rounds.round_blobs.setdefault(token.round, set()).update(r.cid for r in event.refs)
             out = self.rounds.announce(now, token.round, result)
-            # Updates of faster peers that came while we trained (`prefetch` waits for
-            # our round).
-            for update in list(self.rounds.updates.get(token.round, {}).values()):
-                out += self.prefetch(update)
+            out += self.offer_early(token.round)
+            # Offers of faster peers that came while we trained (`prefetch` waits for our
+            # round).
+            for (author, j), ref in list(self.offers.get(token.round, {}).items()):
+                out += self.prefetch(SliceOffer(task.task_id, token.round, author, j, ref))
             return out
         close = self.close
         if close is None or (token.round, token.attempt) != (close.round, close.attempt):
@@ -545,13 +629,60 @@ class Scatter:
         )
         return self.rounds.assembled(now, agg)
 
+    # --- lost offers (direct messages can be lost) -------------------------------------
+
+    def ask_offers(self, now: float, rnd: int) -> list[Command]:
+        """Offers still missing for our slices: ask their authors again, backing off (1,
+        then every 2 s) until the round's deadline decides (bounded: the RECLOSE deadline
+        replaces the close, and a new close resets this)."""
+        task = self.task
+        close = self.close
+        if close is None or close.round != rnd or task.phase is not Phase.AGGREGATING:
+            return []
+        lacking = self._lacking_authors(every=True)
+        # A witness asks the owner for its own slice too (core/verify.py).
+        for j in self.check.lacking_witnessed() if self.check is not None else []:
+            lacking.setdefault(j, []).append(self.owner[j])
+        if not lacking:
+            return []
+        self.offer_asks += 1
+        out: list[Command] = [
+            Send(author, SliceAsk(task.task_id, rnd, task.my_id, j))
+            for j, authors in sorted(lacking.items())
+            for author in authors
+        ]
+        delay = RETRY_BACKOFF_S * (2 ** min(self.offer_asks, 1))
+        return out + [SetTimer(task.timer(TimerKind.SLICES, rnd), now + delay)]
+
+    def on_offer_ask(self, now: float, ask: SliceAsk) -> list[Command]:
+        """Our offer of slice `index` again, to the participant that owns it now."""
+        task = self.task
+        close = self.close
+        mine = self.mine.get(ask.round)
+        if close is None or close.round != ask.round or mine is None or ask.index >= self.count:
+            return []
+        check = self.check
+        witness = check is not None and check.witness[ask.index] == ask.peer
+        if self.owner[ask.index] != ask.peer and not (
+            witness and self.owner[ask.index] == task.my_id
+        ):
+            return []
+        if task.my_id not in close.included:
+            return []
+        # Answered a bounded number of times per close: asks cannot make us a megaphone.
+        key = (ask.peer, ask.index)
+        if self.offer_answers.get(key, 0) >= MAX_OFFER_ANSWERS:
+            return []
+        self.offer_answers[key] = self.offer_answers.get(key, 0) + 1
+        return [Send(ask.peer, self._signed_offer(ask.round, ask.index, mine[ask.index]))]
+
     # --- lost stage messages (direct messages can be lost) -------------------------------
 
-    def ask_again(self, now: float, rnd: int) -> list[Command]:
+    def ask_stage(self, now: float, rnd: int) -> list[Command]:
         """Stage messages still missing under the close: ask their senders again (the
         owners of slices not announced; participants with no sketch once the seed is
-        known), backing off (2, 4, then every 8 s) until the model is assembled or the
-        round's deadline replaces the close."""
+        known), every 2 s until the model is assembled or the round's deadline replaces
+        the close (each peer answers an asker at most MAX_ANSWERS times per close)."""
         task = self.task
         close = self.close
         if close is None or close.round != rnd or task.phase is not Phase.AGGREGATING:
@@ -564,13 +695,11 @@ class Scatter:
             missing |= {p for p in close.included if p not in check.sketches}
             missing -= check.excluded
         missing -= {task.my_id} | task.dead
-        self.asks += 1
         ask = StageAsk(task.task_id, close.round, close.attempt, task.my_id)
         out: list[Command] = [Send(p, ask) for p in sorted(missing)]
-        delay = ASK_AFTER_S * (2 ** min(self.asks, 2))
-        return out + [SetTimer(task.timer(TimerKind.STAGE, rnd), now + delay)]
+        return out + [SetTimer(task.timer(TimerKind.STAGE, rnd), now + ASK_AFTER_S)]
 
-    def on_ask(self, now: float, ask: StageAsk) -> list[Command]:
+    def on_stage_ask(self, now: float, ask: StageAsk) -> list[Command]:
         """Our stage messages of the asker's close once more, to it alone (bounded)."""
         close = self.close
         if close is None or (ask.round, ask.attempt) != (close.round, close.attempt):
@@ -586,7 +715,7 @@ class Scatter:
 
     def on_deadline(self, now: float) -> list[Command]:
         """The round's deadline passed under this close. First deadline: an owner still
-        missing an author's slice (its author does not serve it) says so (a SliceDone naming that author; the
+        missing an author's slice says so (a SliceDone naming that author; the
         coordinator re-closes without it), and the coordinator leaves out authors it
         lacks itself. Second (a grace later): the coordinator re-closes without the owners
         still silent; anyone else withdraws at the third (the base RECLOSE rule)."""
@@ -601,7 +730,7 @@ class Scatter:
         if self.deadlines == 1:
             lacking = {j: a[0] for j, a in self._lacking_authors().items()}
             if acting and lacking:
-                return self.rounds.redo(now, set(lacking.values()), "slices never served")
+                return self.rounds.redo(now, set(lacking.values()), "slices never offered")
             for j, author in sorted(lacking.items()):
                 msg = SliceDone(
                     task.task_id, close.round, close.attempt, task.my_id, j, None, (author,)
@@ -617,25 +746,20 @@ class Scatter:
             SetTimer(task.timer(TimerKind.RECLOSE, close.round), now + task.offer.round_timeout_s)
         ]
 
-    def _lacking_authors(self) -> dict[int, list[str]]:
-        """Our slices whose inputs are incomplete -> the first author whose slice is not
-        here yet."""
+    def _lacking_authors(self, every: bool = False) -> dict[int, list[str]]:
+        """Our slices whose inputs are incomplete -> the authors not offering one (the
+        first only, unless `every`)."""
         close = self.close
         assert close is not None
         me = self.task.my_id
+        got = self.offers.get(close.round, {})
         out: dict[int, list[str]] = {}
         for j in self.my_indices():
             if j in self.reducing:
                 continue
-            authors = [
-                a
-                for a in close.included
-                if a != me
-                and (ref := self.slice_of(close.round, a, j)) is not None
-                and ref.cid not in self._have
-            ]
+            authors = [a for a in close.included if a != me and (a, j) not in got]
             if authors:
-                out[j] = authors[:1]
+                out[j] = authors if every else authors[:1]
         return out
 
     # --- helpers -------------------------------------------------------------------------

@@ -101,7 +101,9 @@ from p2pfl.core.pushsum_rounds import PushSumRounds
 from p2pfl.core.round_messages import (
     GroupDone,
     SketchProof,
+    SliceAsk,
     SliceDone,
+    SliceOffer,
     SliceSketch,
     StageAsk,
 )
@@ -1261,11 +1263,12 @@ class TaskMachine:
         if self.rounds is None:
             return self._observe_round(now, msg)
         if isinstance(msg, RoundUpdate) and isinstance(self.rounds, FedAvgRounds):
-            return self.rounds.on_update(now, msg, event.envelope)
+            return self.rounds.on_update(now, msg)
         if isinstance(msg, RoundClose) and isinstance(self.rounds, FedAvgRounds):
             return self.rounds.on_close(now, msg)
         if isinstance(self.rounds, FedAvgRounds) and isinstance(
-            msg, SliceDone | GroupDone | SliceSketch | SketchProof | StageAsk
+            msg,
+            SliceOffer | SliceAsk | SliceDone | GroupDone | SliceSketch | SketchProof | StageAsk,
         ):
             return self.rounds.on_stage_message(now, msg, event.envelope)
         if isinstance(msg, GossipPush) and isinstance(self.rounds, PushSumRounds):
@@ -1499,6 +1502,8 @@ HANDLERS: dict[EventKey, Handler] = {
     GossipPush: TaskMachine.on_round_message,
     SliceDone: TaskMachine.on_round_message,
     StageAsk: TaskMachine.on_round_message,
+    SliceOffer: TaskMachine.on_round_message,
+    SliceAsk: TaskMachine.on_round_message,
     GroupDone: TaskMachine.on_round_message,
     SliceSketch: TaskMachine.on_round_message,
     SketchProof: TaskMachine.on_round_message,

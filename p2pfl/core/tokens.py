@@ -23,6 +23,7 @@ class TimerKind(enum.Enum):
     RECLOSE = "reclose"  # waiting for a re-close after an unfetchable update
     REFETCH = "refetch"  # retry a failed fetch from a live author
     STAGE = "stage"  # reduce-scatter: ask again for stage messages still missing
+    SLICES = "slices"  # reduce-scatter: ask again for slice offers still missing
     REDUCE = "reduce"  # the reducer's deadline (and each failover grace after it)
     EXPIRE = "expire"  # an offer that never got a roster is forgotten
 

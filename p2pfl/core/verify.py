@@ -5,23 +5,23 @@ and what every node decides from it (the same on every honest node: each step is
 over signed or transport-authenticated messages that all nodes receive).
 
 1. Once every slice owner's SliceDone is here, the seed R follows from their cids. Each
-   included participant sketches its own slices (and, as witness, the owner's own slice,
-   which it fetched as the owner's update names it) and publishes one signed SliceSketch.
+   included participant sketches its own slices (and, as witness, each owner's own slice
+   it was offered) and publishes one signed SliceSketch.
 2. Every node sketches the combined slices it fetched and checks each slice j against the
    included participants' sketches, weighted as fedavg weighs them; the owner's own term
    comes from the witness's sketch. All slices pass: the model is assembled.
 3. A slice fails: either its owner shifted it, or a sketch lies. The owner holds every
-   input of its slice with the author's signed RoundUpdate naming it (and its own, which
-   names the slice its witness sketched), so it finds the lying sketch and publishes a
-   SketchProof: the liar's signed sketch and the signed update naming the slice's cid.
-   Every node fetches that one slice, recomputes the sketch, and excludes the liar if the
-   numbers disagree. A proof whose signatures do not hold, whose update is not of that
-   round, or whose slice matches the sketch is refused and excludes nobody. Two different signed sketches from one
+   input of its slice with the author's signed SliceOffer (and its own offer to its
+   witness), so it finds the lying sketch and publishes a SketchProof: the liar's signed
+   sketch and the signed offer naming the slice's cid. Every node fetches that one slice,
+   recomputes the sketch, and excludes the liar if the numbers disagree. A proof whose
+   signatures do not hold, whose offer is not for that slice, or whose slice matches the
+   sketch is refused and excludes nobody. Two different signed sketches from one
    participant for one close exclude it at once.
 4. At the round's second deadline (the first lets a witness still missing its owner's
    slice sketch without it) a slice that still fails without a proven liar excludes its
    owner, and a participant that published no sketch is excluded (like an author that
-   never served its slice; one lost meanwhile is only left out, and at once). Excluded
+   never offered its slice; one lost meanwhile is only left out, and at once). Excluded
    participants are treated as withdrawn for the rest of the task; the acting coordinator
    re-closes the round without them, which reassigns their slices (core/scatter.py); a
    node that gets that re-close before its own deadline (or before its own check of a
@@ -42,8 +42,8 @@ import numpy as np
 
 from p2pfl.core import sketch as sk
 from p2pfl.core.commands import Command, Publish, SliceWork, SliceWorked
-from p2pfl.core.messages import TOPIC_TASKS, RoundClose, RoundUpdate
-from p2pfl.core.round_messages import SketchProof, SliceSketch
+from p2pfl.core.messages import TOPIC_TASKS, RoundClose
+from p2pfl.core.round_messages import SketchProof, SliceOffer, SliceSketch
 from p2pfl.core.tokens import SliceToken
 from p2pfl.errors import RemoteProtocolError
 from p2pfl.store.blobref import BlobRef
@@ -60,7 +60,7 @@ WORK_KINDS = ("mine", "check", "inputs", "proof")
 @dataclass
 class Proof:
     """A SketchProof being checked: the claimant's published sketch of slice `index`,
-    and the slice its author's signed update names."""
+    and the slice its author signed an offer for."""
 
     claimant: str
     index: int
@@ -116,6 +116,8 @@ class SliceCheck:
         self.scatter = scatter
         self.task = scatter.task
         self.held: dict[tuple[int, int], dict[str, tuple[SliceSketch, bytes]]] = {}
+        # round -> (author, index) -> its signed SliceOffer (encoded), for proofs
+        self.signed_offers: dict[int, dict[tuple[str, int], bytes]] = {}
         self.witness: list[str | None] = []
         self.close: RoundClose | None = None
         self.owner: list[str] = []
@@ -152,6 +154,7 @@ class SliceCheck:
         self.owner = list(sc.owner)  # this close's owners (the scatter's move on first)
         if close is not None:
             self.witness = witnesses(self.task.participants, close.included, sc.owner)
+            self.signed_offers = {r: o for r, o in self.signed_offers.items() if r >= close.round}
         self.seed = None
         self.sketches: dict[str, tuple[SliceSketch, bytes]] = {}
         self.mine_asked = self.inputs_asked = False
@@ -170,6 +173,18 @@ class SliceCheck:
         self.proofs: list[Proof] = []
         self.proven: set[tuple[str, int]] = set()
         return out
+
+    # --- what we hold for proofs -----------------------------------------------------------
+
+    def keep_offer(self, offer: SliceOffer, envelope: Signed | None) -> str | None:
+        """Keep an offer's signed form (an owner or witness may need to show it). Why it is
+        refused, or None."""
+        if envelope is None or envelope.signer != offer.peer:
+            return "slice offers must be signed by their author"
+        got = self.signed_offers.setdefault(offer.round, {})
+        if len(got) < len(self.task.participants) * self.scatter.count:
+            got.setdefault((offer.peer, offer.index), encode(envelope))
+        return None
 
     # --- the steps -----------------------------------------------------------------------
 
@@ -217,10 +232,12 @@ class SliceCheck:
         refs, indices = list(mine), list(range(sc.count))
         for j in self.witnessed():
             ref = sc.slice_of(close.round, sc.owner[j], j)
-            if ref is None or (ref.cid not in sc.rounds.slice_blobs and self.give_up):
-                continue  # never served: slice j cannot be checked; its owner answers for it
-            if ref.cid not in sc.rounds.slice_blobs:
-                return []  # still on its way (a failed fetch re-closes without the owner)
+            if ref is None or ref.cid not in sc.rounds.slice_blobs:
+                if self.give_up:
+                    continue  # never offered: slice j cannot be checked; its owner answers
+                # Asked for again (core/scatter.py ask_offers), or on its way (a failed
+                # fetch re-closes without the owner), until the first deadline.
+                return []
             refs.append(ref)
             indices.append(j)
         self.mine_asked = True
@@ -316,7 +333,7 @@ class SliceCheck:
         me, width = task.my_id, PS + 1
         out: list[Command] = []
         pos = 0
-        signed = sc.rounds.signed.get(close.round, {})
+        offers = self.signed_offers.get(close.round, {})
         for j in [j for j in sc.my_indices() if j in self.failed]:
             for author in close.included:
                 actual = values[pos * width : (pos + 1) * width]
@@ -330,8 +347,8 @@ class SliceCheck:
                     claimant, claimed = author, self._entry(author, j)
                 if claimed is None or sk.sketch_lies(claimed, actual) is None:
                     continue
-                update = signed.get(author)
-                if update is None:
+                offer = offers.get((author, j))
+                if offer is None:
                     continue
                 proof = SketchProof(
                     task.task_id,
@@ -340,7 +357,7 @@ class SliceCheck:
                     me,
                     j,
                     self.sketches[claimant][1],
-                    update,
+                    offer,
                 )
                 out.append(
                     sc.warn(f"slice {j}: the sketch of {claimant[-8:]} lies; proof published")
@@ -437,36 +454,33 @@ class SliceCheck:
         j = proof.index
         signed_sketch = decode(proof.sketch, Signed)
         msg = unseal(signed_sketch, SliceSketch)
-        signed_update = decode(proof.update, Signed)
-        update = unseal(signed_update, RoundUpdate)
-        if signed_sketch.signer != msg.peer or signed_update.signer != update.peer:
+        signed_offer = decode(proof.offer, Signed)
+        offer = unseal(signed_offer, SliceOffer)
+        if signed_sketch.signer != msg.peer or signed_offer.signer != offer.peer:
             raise RemoteProtocolError("a signed message names someone other than its signer")
         if (msg.task_id, msg.round, msg.attempt) != (task.task_id, close.round, close.attempt):
             raise RemoteProtocolError("the sketch is not of this round's close")
-        if (update.task_id, update.round) != (task.task_id, close.round):
-            raise RemoteProtocolError("the update is not of this round")
-        if len(update.slices) != sc.count:
-            raise RemoteProtocolError(f"the update names {len(update.slices)} slices")
-        if msg.peer not in close.included or update.peer not in close.included:
-            raise RemoteProtocolError("the sketch or update is not from an included participant")
+        if (offer.task_id, offer.round, offer.index) != (task.task_id, close.round, j):
+            raise RemoteProtocolError(f"the offer is not of slice {j} of this round")
+        if msg.peer not in close.included or offer.peer not in close.included:
+            raise RemoteProtocolError("the sketch or offer is not from an included participant")
         problem = self._sketch_problem(msg)
         if problem is not None:
             raise RemoteProtocolError(f"the sketch is malformed: {problem}")
         owner, witness = sc.owner[j], self.witness[j]
         claimed: tuple[float, ...] | None = None
-        if msg.peer == update.peer and msg.peer != owner:
-            claimed = claim(msg, update.peer, j)
-        elif update.peer == owner and msg.peer == witness and j in msg.witnessed:
+        if msg.peer == offer.peer and msg.peer != owner:
+            claimed = claim(msg, offer.peer, j)
+        elif offer.peer == owner and msg.peer == witness and j in msg.witnessed:
             claimed = claim(msg, owner, j)
         if claimed is None:
             raise RemoteProtocolError(
-                f"the sketch's signer is neither the update's author nor slice {j}'s witness"
+                f"the sketch's signer is neither the offer's author nor slice {j}'s witness"
             )
-        ref = update.slices[j]
-        too_big = sc.too_big(ref)
+        too_big = sc.too_big(offer.ref)
         if too_big is not None:
             raise RemoteProtocolError(too_big)
-        return msg.peer, claimed, ref, update.peer
+        return msg.peer, claimed, offer.ref, offer.peer
 
     def check_proofs(self) -> list[Command]:
         out: list[Command] = []
@@ -566,6 +580,15 @@ class SliceCheck:
         )
 
     # --- deciding who goes ---------------------------------------------------------------
+
+    def lacking_witnessed(self) -> list[int]:
+        """Slices we witness whose owner's offer has not come (to ask for again)."""
+        sc = self.scatter
+        close = sc.close
+        if close is None or self.mine_asked:
+            return []
+        got = sc.offers.get(close.round, {})
+        return [j for j in self.witnessed() if (sc.owner[j], j) not in got]
 
     def on_deadline(self, now: float, first: bool) -> list[Command]:
         """The round's deadline under this close, every combined slice announced but the

@@ -10,14 +10,30 @@ import pytest
 
 from p2pfl.core.commands import FetchBlob, Publish, Send
 from p2pfl.core.messages import TOPIC_TASKS, RoundClose
-from p2pfl.core.round_messages import SliceDone, StageAsk
+from p2pfl.core.round_messages import SliceDone, SliceOffer, StageAsk
 from p2pfl.core.scatter import MAX_ANSWERS, owners, slice_count, verified
 from p2pfl.fl import slices
 from p2pfl.fl.aggregate import fedavg, median, trimmed_mean
 from p2pfl.net.base import PeerDisconnected
-from tests.core.harness import Harness, Node, done, update_in, with_update
+from p2pfl.wire import Signed, seal, type_name, unseal
+from tests.core.harness import Harness, Node, done
 
 RS = {"kind": "reduce-scatter"}  # the default for fedavg at n >= 4; asked for by others
+
+
+def offer_in(cmd: object) -> SliceOffer | None:
+    """The slice offer a Send carries (signed when slices are checked), or None."""
+    if not isinstance(cmd, Send):
+        return None
+    msg = cmd.msg
+    if isinstance(msg, Signed) and msg.kind == type_name(SliceOffer):
+        msg = unseal(msg, SliceOffer)
+    return msg if isinstance(msg, SliceOffer) else None
+
+
+def with_offer(node: Node, cmd: Send, offer: SliceOffer) -> Send:
+    """`cmd` carrying `offer` instead, signed by `node` as the original was."""
+    return replace(cmd, msg=seal(node.identity, offer) if isinstance(cmd.msg, Signed) else offer)
 
 
 def run(n: int, crash: tuple[int, float] | None = None, **fed: object) -> tuple[Harness, str]:
@@ -157,10 +173,11 @@ def test_a_node_crashed_mid_round_has_its_slice_reassigned() -> None:
     task_id = h.offer(rounds=2, aggregation=RS)
     victim = 3
 
-    # Crash the victim right after it announced its round-1 update, before it combines.
+    # Crash the victim once round 1 is closed with its update in it, before it combines.
     def watch(node, cmd):  # noqa: ANN001, ANN202
-        if node.index == victim and update_in(cmd) is not None:
-            h.at(0, lambda: h.crash(victim))
+        msg = cmd.msg
+        if isinstance(msg, RoundClose) and msg.round == 1 and h.nodes[victim].peer in msg.included:
+            h.at(0.001, lambda: h.crash(victim))
         return cmd
 
     h.outgoing = watch
@@ -212,65 +229,20 @@ def test_an_oversized_slice_is_refused_unread() -> None:
     liar = h.nodes[2]
 
     def inflate(node, cmd):  # noqa: ANN001, ANN202
-        update = update_in(cmd)
-        if node is liar and update is not None:
-            big = (replace(update.slices[0], size=10**9), *update.slices[1:])
-            return with_update(node, cmd, replace(update, slices=big))
+        offer = offer_in(cmd)
+        if node is liar and offer is not None:
+            big = replace(offer.ref, size=10**9)
+            return with_offer(node, cmd, replace(offer, ref=big))
         return cmd
 
     h.outgoing = inflate
     h.run()
-    assert any(
-        "update of" in line
-        and "refused: a slice of 1000000000 bytes, larger than the update" in line
-        for line in h.logs("warning")
-    )
+    assert any("slice offer of" in line and "refused" in line for line in h.logs("warning"))
     machines = done(h, task_id)
-    # The liar's update was refused: the coordinator closed without it at its deadline.
+    # The liar's slices never arrived: the coordinator re-closed without it at its deadline.
     assert machines[0].result.status == "succeeded"
     assert len(final_models(h, task_id)) == 1
     assert all(liar.peer not in m.rounds.closes[1].included for m in machines)
-
-
-def test_a_slice_larger_than_the_model_is_refused_before_it_is_fetched() -> None:
-    """An update claiming to be huge may name slices as huge (every node accepts it
-    alike); each slice is checked against the model before anyone fetches it, and its
-    owner reports it: the round is re-closed without the author."""
-    h = Harness(5)
-    task_id = h.offer(rounds=1, aggregation=RS)
-    liar = h.nodes[2]
-
-    def inflate(node, cmd):  # noqa: ANN001, ANN202
-        update = update_in(cmd)
-        if node is liar and update is not None:
-            order = h.machines(task_id)[0].participants
-            j = (order.index(liar.peer) + 1) % 5
-            assert update.ref is not None
-            big = replace(update.slices[j], size=10**7)
-            slices = tuple(big if k == j else r for k, r in enumerate(update.slices))
-            fake = replace(update.ref, size=10**8)
-            return with_update(node, cmd, replace(update, ref=fake, slices=slices))
-        return cmd
-
-    h.outgoing = inflate
-    fetched_sizes: list[int] = []
-    one = h._one
-
-    def record(node: Node, cmd: object) -> None:
-        if isinstance(cmd, FetchBlob):
-            fetched_sizes.append(cmd.ref.size)
-        one(node, cmd)
-
-    h._one = record  # type: ignore[method-assign]
-    h.run()
-    machines = done(h, task_id)
-    assert machines[0].result.status == "succeeded" and len(final_models(h, task_id)) == 1
-    assert all(liar.peer not in m.rounds.closes[1].included for m in machines)
-    assert all(m.rounds.closes[1].attempt == 1 for m in machines)
-    assert any(
-        "slice" in line and "refused: slice of 10000000 bytes" in line for line in h.logs("warning")
-    )
-    assert 10**7 not in fetched_sizes  # refused unread
 
 
 def test_a_mismatched_slice_makes_the_round_close_without_its_author() -> None:
@@ -279,13 +251,11 @@ def test_a_mismatched_slice_makes_the_round_close_without_its_author() -> None:
     liar = h.nodes[1]
 
     def swap(node, cmd):  # noqa: ANN001, ANN202
-        update = update_in(cmd)
-        if node is liar and update is not None:
+        offer = offer_in(cmd)
+        if node is liar and offer is not None:
             # A well-formed blob, but shaped like another slice: refused when combined.
             wrong = h.put({"w": np.ones(3, np.float32), "zz": np.ones(9, np.float32)})
-            j = (h.machines(task_id)[0].participants.index(liar.peer) + 1) % 5
-            slices = tuple(wrong if k == j else r for k, r in enumerate(update.slices))
-            return with_update(node, cmd, replace(update, slices=slices))
+            return with_offer(node, cmd, replace(offer, ref=wrong))
         return cmd
 
     h.outgoing = swap
@@ -357,14 +327,15 @@ def test_krum_rounds_move_slices_and_end_bit_identical() -> None:
 
 
 def test_owners_fetch_their_slices_while_the_round_is_open() -> None:
-    """Each update names its slices: under a close that includes everyone, participant j
-    owns slice j, so it fetches slice j of each update as the update arrives. By the
-    close every input is already here, and no other message moves slices."""
+    """Each author offers slice j to participant j, which owns it under a close that
+    includes everyone, as soon as it has cut its update: by the close every input is
+    already asked for, and no offer is sent after it."""
     n = 6
     h = Harness(n)
     task_id = h.offer(rounds=1)
     fetched: list[tuple[float, int, str]] = []
     closed: list[float] = []
+    late_offers: list[object] = []
     one = h._one
 
     def record(node: Node, cmd: object) -> None:
@@ -372,6 +343,8 @@ def test_owners_fetch_their_slices_while_the_round_is_open() -> None:
             fetched.append((h.now, node.index, cmd.ref.cid))
         if isinstance(cmd, Publish) and isinstance(cmd.msg, RoundClose):
             closed.append(h.now)
+        if closed and offer_in(cmd) is not None:
+            late_offers.append(cmd)
         one(node, cmd)
 
     h._one = record  # type: ignore[method-assign]
@@ -379,43 +352,22 @@ def test_owners_fetch_their_slices_while_the_round_is_open() -> None:
     machines = done(h, task_id)
     assert machines[0].result.status == "succeeded" and len(final_models(h, task_id)) == 1
     order = machines[0].participants
-    updates = machines[0].rounds.updates[1]
-    assert all(len(u.slices) == n for u in updates.values())
-    by_index = {node.peer: node.index for node in h.nodes}
-    inputs = {
-        (by_index[order[j]], u.slices[j].cid)
-        for u in updates.values()
-        for j in range(n)
-        if u.peer != order[j]
-    }
+    by_peer = {node.peer: node.index for node in h.nodes}
+    inputs, own, offers = set(), set(), 0
+    for m in machines:
+        scatter = m.rounds.scatter
+        i = by_peer[m.my_id]
+        own |= {(i, r.cid) for r in scatter.mine[1]}
+        for (author, j), ref in scatter.offers[1].items():
+            if j == order.index(m.my_id) and author != m.my_id:
+                inputs.add((i, ref.cid))
+                offers += 1
+    assert offers == n * (n - 1)  # every owner got every author's offer of its slice
     # (The harness's tiny model makes some slices equal blobs: a node holding a slice
     # of its own with those bytes fetches nothing.)
-    own = {(by_index[u.peer], r.cid) for u in updates.values() for r in u.slices}
     early = {(i, cid) for t, i, cid in fetched if t <= closed[0]}
     assert inputs - own and inputs - own <= early  # all asked for before the close
-
-
-def test_an_update_whose_slices_do_not_fit_the_rule_is_refused() -> None:
-    h = Harness(5)
-    task_id = h.offer(rounds=1, aggregation=RS)
-    liars = {h.nodes[1].peer: "unsigned", h.nodes[3].peer: "short"}
-
-    def forge(node, cmd):  # noqa: ANN001, ANN202
-        update = update_in(cmd)
-        if update is None or node.peer not in liars:
-            return cmd
-        if liars[node.peer] == "unsigned":
-            return replace(cmd, msg=update)
-        return with_update(node, cmd, replace(update, slices=update.slices[:-1]))
-
-    h.outgoing = forge
-    h.run()
-    warnings = h.logs("warning")
-    assert any("an update naming slices must be signed" in line for line in warnings)
-    assert any("it names 4 slices, not 5" in line for line in warnings)
-    machines = done(h, task_id)
-    assert machines[0].result.status == "succeeded" and len(final_models(h, task_id)) == 1
-    assert all(not set(liars) & set(m.rounds.closes[1].included) for m in machines)
+    assert not late_offers
 
 
 # --- stage messages: direct or gossip, and lost ones ----------------------------------------
@@ -500,32 +452,34 @@ def test_stage_asks_are_answered_boundedly_and_only_for_the_current_close() -> N
     close = scatter.close
     asker = h.nodes[0].peer if h.nodes[0].peer != machine.my_id else h.nodes[2].peer
     ask = StageAsk(task_id, close.round, close.attempt, asker)
-    answers = [scatter.on_ask(h.now, ask) for _ in range(MAX_ANSWERS + 5)]
+    answers = [scatter.on_stage_ask(h.now, ask) for _ in range(MAX_ANSWERS + 5)]
     assert all(answers[:MAX_ANSWERS]) and not any(answers[MAX_ANSWERS:])
     assert all(isinstance(c, Send) and c.peer == asker for a in answers for c in a)
-    assert not scatter.on_ask(h.now, replace(ask, attempt=close.attempt + 1, peer=h.nodes[3].peer))
+    assert not scatter.on_stage_ask(
+        h.now, replace(ask, attempt=close.attempt + 1, peer=h.nodes[3].peer)
+    )
     stranger = Harness(1, seed=99).nodes[0].peer
-    assert not scatter.on_ask(h.now, replace(ask, peer=stranger))
+    assert not scatter.on_stage_ask(h.now, replace(ask, peer=stranger))
 
 
-def test_an_update_without_slices_in_a_sliced_round_is_left_out_by_its_owners() -> None:
-    """A round with no model to cut along has no slices, and a node still initialising
-    cannot tell such a round from ours: an update naming no slices is accepted when it
-    arrives, and refused by the owners once the close says the round is sliced."""
+def test_a_lost_slice_offer_is_asked_for_again_not_dropped() -> None:
     h = Harness(5)
     task_id = h.offer(rounds=1, aggregation=RS)
-    liar = h.nodes[2]
+    lost: list[SliceOffer] = []
 
-    def strip(node, cmd):  # noqa: ANN001, ANN202
-        update = update_in(cmd)
-        if node is liar and update is not None:
-            return replace(cmd, msg=replace(update, slices=()))
+    def lose_one(node, cmd):  # noqa: ANN001, ANN202
+        offer = offer_in(cmd)
+        if offer is not None and not lost:
+            lost.append(offer)
+            return None  # a direct message lost on the way
         return cmd
 
-    h.outgoing = strip
+    h.outgoing = lose_one
     h.run()
     machines = done(h, task_id)
-    assert machines[0].result.status == "succeeded" and len(final_models(h, task_id)) == 1
-    assert all(liar.peer not in m.rounds.closes[1].included for m in machines)
-    assert all(m.rounds.closes[1].attempt == 1 for m in machines)
-    assert any("refused: its update names no slices" in line for line in h.logs("warning"))
+    assert lost and machines[0].result.status == "succeeded"
+    # Asked again and answered: nobody was left out, no re-close.
+    assert all(
+        m.rounds.closes[1].attempt == 0 and len(m.rounds.closes[1].included) == 5 for m in machines
+    )
+    assert len(final_models(h, task_id)) == 1

@@ -12,8 +12,8 @@ import pytest
 
 from p2pfl.core import sketch as sk
 from p2pfl.core.commands import Publish, Send
-from p2pfl.core.messages import TOPIC_TASKS, RoundUpdate
-from p2pfl.core.round_messages import MAX_SLICES, SketchProof, SliceDone, SliceSketch
+from p2pfl.core.messages import TOPIC_TASKS
+from p2pfl.core.round_messages import MAX_SLICES, SketchProof, SliceDone, SliceOffer, SliceSketch
 from p2pfl.core.task import TaskMachine
 from p2pfl.errors import RemoteProtocolError
 from p2pfl.fl.aggregate import fedavg
@@ -314,8 +314,7 @@ def test_a_participant_lying_in_its_sketch_is_proven_and_excluded_by_every_node(
 
 
 def test_a_witness_lying_about_its_owners_slice_is_proven_by_the_owner() -> None:
-    """The owner shows its own signed update (naming the slice the witness sketched) and
-    the witness's sketch."""
+    """The owner shows its own signed offer to the witness and the witness's sketch."""
     n = 5
     h = Harness(n)
     task_id = h.offer(rounds=1)
@@ -393,36 +392,34 @@ def test_forged_proofs_are_refused_and_exclude_nobody() -> None:
     seen: dict[str, Any] = {}
 
     def watch(node: Node, cmd: Any) -> Any:
-        # Everyone holds the victim's genuine signed update (it was published).
-        if node is victim and isinstance(cmd, Publish) and isinstance(cmd.msg, Signed):
-            if cmd.msg.kind == type_name(RoundUpdate) and "update" not in seen:
-                seen["update"] = cmd.msg
+        # The forger owns a slice: it holds the victim's genuine signed offer of it.
+        if node is victim and isinstance(cmd, Send) and cmd.peer == forger.peer:
+            if isinstance(cmd.msg, Signed) and "offer" not in seen:
+                seen["offer"] = cmd.msg
         found = sketch_in(cmd)
-        if node is forger and isinstance(cmd, Publish) and isinstance(cmd.msg, Signed):
-            if cmd.msg.kind == type_name(RoundUpdate) and "own" not in seen:
-                seen["own"] = unseal(cmd.msg, RoundUpdate)
         if node is victim and found is not None and "sent" not in seen:
             seen["sent"] = True
             msg, envelope = found
-            update = unseal(seen["update"], RoundUpdate)
-            j = slice_of(h.machines(task_id)[0], forger.peer)  # the forger's own slice
-            raw_sketch, raw_update = encode(envelope), encode(seen["update"])
-            # The victim's update naming another cid (a slice its sketch does not match),
+            offer = unseal(seen["offer"], SliceOffer)
+            j = offer.index
+            raw_sketch, raw_offer = encode(envelope), encode(seen["offer"])
+            # The victim's offer naming another cid (a slice its sketch does not match),
             # signed by the forger.
-            other = h.put({k: v + 1 for k, v in h.model(update.slices[j].cid).items()})
-            slices = tuple(other if k == j else r for k, r in enumerate(update.slices))
-            forged_update = seal(forger.identity, replace(update, slices=slices))
-            own_update = seal(forger.identity, replace(update, peer=forger.peer))
+            other = h.put({k: v + 1 for k, v in h.model(offer.ref.cid).items()})
+            forged_offer = seal(forger.identity, replace(offer, ref=other))
+            own_offer = seal(forger.identity, replace(offer, peer=forger.peer))
             fake_sketch = seal(forger.identity, msg)  # claims to be the victim's
-            # The forger's own update, signed by it, but of another round.
-            later = seal(forger.identity, replace(seen["own"], round=2))
             proofs = [
-                (raw_sketch, encode(forged_update)),
-                (raw_sketch, encode(own_update)),
-                (encode(fake_sketch), raw_update),
-                (raw_sketch, raw_update),  # genuine, but the slice matches the sketch
-                (raw_sketch, encode(later)),
+                (raw_sketch, encode(forged_offer)),
+                (raw_sketch, encode(own_offer)),
+                (encode(fake_sketch), raw_offer),
+                (raw_sketch, raw_offer),  # genuine, but the slice matches the sketch
             ]
+            # Genuine both, but the offer is of another slice than the proof names.
+            wrong = SketchProof(
+                task_id, msg.round, msg.attempt, forger.peer, (j + 1) % n, raw_sketch, raw_offer
+            )
+            h.at(0.02, lambda: h.inject(forger, TOPIC_TASKS, wrong))
             for s, o in proofs:
                 proof = SketchProof(task_id, msg.round, msg.attempt, forger.peer, j, s, o)
                 h.at(0.02, lambda p=proof: h.inject(forger, TOPIC_TASKS, p))
@@ -437,8 +434,8 @@ def test_forged_proofs_are_refused_and_exclude_nobody() -> None:
     refusals = [line for line in h.logs("warning") if "sketch proof from" in line]
     for why in (
         "names someone other than its signer",
-        "neither the update's author nor",
-        "the update is not of this round",
+        "neither the offer's author nor",
+        "is not of slice",
         "matches its sketch",
     ):
         assert any(why in line for line in refusals), why
@@ -496,7 +493,7 @@ def test_oversized_or_inconsistent_sketches_and_proofs_do_not_decode() -> None:
         "peer": peer,
         "index": 0,
         "sketch": b"x" * (64 * 1024),
-        "update": b"",
+        "offer": b"",
     }
     with pytest.raises(RemoteProtocolError, match="signed sketch of"):
         decode(msgpack.packb(big))
