@@ -165,7 +165,6 @@ class SliceCheck:
         self.witnessing: tuple[int, ...] = ()  # the witnessed slices our sketch covers
         self.give_up = False  # past the first deadline: sketch without missing witnessed slices
         self.checked: dict[int, tuple[float, ...]] = {}  # slice -> its aggregate_sketch
-        self.own: tuple[float, ...] = ()  # our sketch of our own slices (K + 2 each)
         self.inputs: dict[int, tuple[float, ...]] = {}  # our slice -> its inputs' sketches
         self.failed: dict[int, str] = {}
         self.decided = self.verified = False
@@ -545,7 +544,6 @@ class SliceCheck:
             return task.withdraw(now, f"round {close.round}: our update is not finite")
         width = PS + 1  # sketch() adds rmax, which is not published
         chunks = [values[p * width : p * width + PS] for p in range(len(values) // width)]
-        self.own = values[: sc.count * width]
         witnessed = self.witnessing
         msg = SliceSketch(
             task.task_id,

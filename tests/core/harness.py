@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -411,14 +411,22 @@ def phases(h: Harness, task_id: str) -> list[Phase]:
     return [m.phase for m in h.machines(task_id)]
 
 
-def update_in(cmd: Any) -> RoundUpdate | None:
-    """The RoundUpdate a Publish carries (signed when it names slices), or None."""
-    if not isinstance(cmd, Publish):
+T = TypeVar("T")
+
+
+def carried(cmd: Any, kind: type[T], how: type | tuple[type, ...] = (Publish, Send)) -> T | None:
+    """The `kind` message a Publish or Send (`how`) carries, signed or not, or None."""
+    if not isinstance(cmd, how):
         return None
     msg = cmd.msg
-    if isinstance(msg, Signed) and msg.kind == type_name(RoundUpdate):
-        msg = unseal(msg, RoundUpdate)
-    return msg if isinstance(msg, RoundUpdate) else None
+    if isinstance(msg, Signed) and msg.kind == type_name(kind):
+        msg = unseal(msg, kind)
+    return msg if isinstance(msg, kind) else None
+
+
+def update_in(cmd: Any) -> RoundUpdate | None:
+    """The RoundUpdate a Publish carries, or None."""
+    return carried(cmd, RoundUpdate, Publish)
 
 
 def as_sent(node: Node, original: Any, msg: Any) -> Any:

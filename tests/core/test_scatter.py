@@ -15,20 +15,15 @@ from p2pfl.core.scatter import MAX_ANSWERS, owners, slice_count, verified
 from p2pfl.fl import slices
 from p2pfl.fl.aggregate import fedavg, median, trimmed_mean
 from p2pfl.net.base import PeerDisconnected
-from p2pfl.wire import Signed, seal, type_name, unseal
-from tests.core.harness import Harness, Node, done
+from p2pfl.wire import Signed, seal
+from tests.core.harness import Harness, Node, carried, done
 
 RS = {"kind": "reduce-scatter"}  # the default for fedavg at n >= 4; asked for by others
 
 
 def offer_in(cmd: object) -> SliceOffer | None:
     """The slice offer a Send carries (signed when slices are checked), or None."""
-    if not isinstance(cmd, Send):
-        return None
-    msg = cmd.msg
-    if isinstance(msg, Signed) and msg.kind == type_name(SliceOffer):
-        msg = unseal(msg, SliceOffer)
-    return msg if isinstance(msg, SliceOffer) else None
+    return carried(cmd, SliceOffer, Send)
 
 
 def with_offer(node: Node, cmd: Send, offer: SliceOffer) -> Send:

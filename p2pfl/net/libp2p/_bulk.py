@@ -53,9 +53,11 @@ from p2pfl.net.libp2p._blob import (
 )
 from p2pfl.net.libp2p._framing import (
     StageTimeout,
+    close_quietly,
     deadline,
     read_exactly,
     read_frame,
+    reset_on_error,
     serve_slot,
     transfer_deadline,
 )
@@ -188,20 +190,14 @@ async def serve_bulk_stream(
     """
     raw = b""
     sent = 0
-    try:
+    async with reset_on_error(stream, f"bulk stream from {peer}"):
         with trio.fail_after(COLLECT_TIMEOUT_S):
             raw = await read_frame(stream, _MAX_REQUEST) or b""
         if not raw:
             raise RemoteProtocolError("bulk stream closed before a request")
         sent = await _serve_request(stream, peer, server, reader, limit, may_serve, raw)
         with trio.move_on_after(2):
-            await _close(stream)
-    except RemoteProtocolError as exc:
-        LOG.warning("bulk stream from %s reset: %s", peer, exc)
-        await _reset(stream)
-    except Exception as exc:
-        LOG.debug("bulk stream from %s failed: %r", peer, exc)
-        await _reset(stream)
+            await close_quietly(stream)
     return len(raw), sent
 
 
@@ -217,7 +213,7 @@ async def serve_bulk_session(
     """Answer bulk requests on one stream (BULK_SESSION_PROTOCOL), one at a time, until
     the fetcher closes it or sends nothing for SESSION_IDLE_S. `count(received, sent)` is
     called per request, with what serve_bulk_stream returns."""
-    try:
+    async with reset_on_error(stream, f"bulk stream from {peer}"):
         while True:
             raw: bytes | None = None
             with trio.move_on_after(SESSION_IDLE_S):
@@ -230,13 +226,7 @@ async def serve_bulk_session(
             finally:
                 count(len(raw), sent)
         with trio.move_on_after(2):
-            await _close(stream)
-    except RemoteProtocolError as exc:
-        LOG.warning("bulk stream from %s reset: %s", peer, exc)
-        await _reset(stream)
-    except Exception as exc:
-        LOG.debug("bulk stream from %s failed: %r", peer, exc)
-        await _reset(stream)
+            await close_quietly(stream)
 
 
 async def _serve_request(
@@ -387,21 +377,6 @@ async def _answer(stream: Any, status: int, body: bytes) -> int:
     message = _RESP.pack(status, len(body)) + body
     await stream.write(message)
     return len(message)
-
-
-async def _close(stream: Any) -> None:
-    try:
-        await stream.close()
-    except Exception:
-        pass
-
-
-async def _reset(stream: Any) -> None:
-    try:
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            await stream.reset()
-    except Exception:
-        pass
 
 
 async def _aclose(sock: trio.SocketStream) -> None:

@@ -7,6 +7,7 @@ protocol of ours frames with a fixed 4-byte big-endian length and reads it back 
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -15,6 +16,8 @@ from typing import Any, Protocol
 import trio
 
 from p2pfl.errors import RemoteProtocolError
+
+LOG = logging.getLogger("p2pfl.net.libp2p")
 
 # One read asks for at most this much: big enough to keep the per-call overhead of the
 # Python stack low, small enough that a read never holds a huge temporary.
@@ -96,6 +99,20 @@ async def reset_quietly(stream: Any) -> None:
             await stream.reset()
     except Exception:
         pass
+
+
+@asynccontextmanager
+async def reset_on_error(stream: Any, what: str) -> AsyncIterator[None]:
+    """Run a stream's handler; a peer's bad input (RemoteProtocolError, logged as a
+    warning) or any other failure (logged at debug: a peer gone) resets the stream."""
+    try:
+        yield
+    except RemoteProtocolError as exc:
+        LOG.warning("%s reset: %s", what, exc)
+        await reset_quietly(stream)
+    except Exception as exc:
+        LOG.debug("%s failed: %r", what, exc)
+        await reset_quietly(stream)
 
 
 # Deadlines. Every stage of a transfer is bounded, so a stuck stage fails in seconds (and

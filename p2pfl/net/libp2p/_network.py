@@ -50,6 +50,7 @@ from p2pfl.net.libp2p._framing import (
     close_quietly as _close,
     frame,
     read_frame,
+    reset_on_error,
     reset_quietly as _reset,
 )
 from p2pfl.net.libp2p._host import ConnNotifee, build_host, build_pubsub
@@ -515,7 +516,7 @@ class Libp2pNetwork:
                 self._inbound_streams.pop(peer, None)
 
     async def _read_msg_stream(self, peer: str, stream: Any) -> None:
-        try:
+        async with reset_on_error(stream, f"direct stream from {peer}"):
             while True:
                 data = await read_frame(stream, MAX_DIRECT_BYTES)
                 if data is None:
@@ -525,12 +526,6 @@ class Libp2pNetwork:
                 self._alive(peer)
                 self._emit(Message(None, peer, data))
             await _close(stream)
-        except RemoteProtocolError as exc:
-            LOG.warning("direct stream from %s reset: %s", peer, exc)
-            await _reset(stream)
-        except Exception as exc:
-            LOG.debug("direct stream from %s ended: %r", peer, exc)
-            await _reset(stream)
 
     # --- blobs --------------------------------------------------------------------------
 
