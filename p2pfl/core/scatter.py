@@ -282,6 +282,8 @@ class Scatter:
         task = self.task
         if offer.round != task.round or offer.peer == task.my_id:
             return []
+        if task.global_ref is None:
+            return []  # no model to check the slice's size against yet: after our cut
         n = len(task.participants)
         witnessing = offer.index == (self.rank - 1) % n and self.check is not None
         if offer.index != self.rank and not (

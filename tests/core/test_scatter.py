@@ -12,6 +12,7 @@ from p2pfl.core.commands import FetchBlob, Publish, Send
 from p2pfl.core.messages import TOPIC_TASKS, RoundClose
 from p2pfl.core.round_messages import SliceDone, SliceOffer, StageAsk
 from p2pfl.core.scatter import MAX_ANSWERS, owners, slice_count, verified
+from p2pfl.core.tokens import JobStep
 from p2pfl.fl import slices
 from p2pfl.fl.aggregate import fedavg, median, trimmed_mean
 from p2pfl.net.base import PeerDisconnected
@@ -478,3 +479,38 @@ def test_a_lost_slice_offer_is_asked_for_again_not_dropped() -> None:
         m.rounds.closes[1].attempt == 0 and len(m.rounds.closes[1].included) == 5 for m in machines
     )
     assert len(final_models(h, task_id)) == 1
+
+
+def test_an_offer_that_came_before_our_model_is_checked_against_it_before_any_fetch() -> None:
+    """A node still initialising knows no model size yet and keeps an offer that is only
+    within the update cap; before fetching it, the offer is checked against the model,
+    and the owner reports its author (the round is re-closed without it)."""
+    n = 5
+    h = Harness(n)
+    task_id = h.offer(rounds=1, aggregation=RS)
+    liar = h.nodes[2]
+    late = h.nodes[(liar.index + 1) % n]  # a slow start; it may own the inflated slice
+    late.job_delay[JobStep.INIT] = 3.0
+    fetched: list[int] = []
+    one = h._one
+
+    def record(node: Node, cmd: object) -> None:
+        if isinstance(cmd, FetchBlob):
+            fetched.append(cmd.ref.size)
+        one(node, cmd)
+
+    def inflate(node, cmd):  # noqa: ANN001, ANN202
+        offer = offer_in(cmd)
+        if node is liar and offer is not None:
+            return with_offer(node, cmd, replace(offer, ref=replace(offer.ref, size=10**7)))
+        return cmd
+
+    h._one = record  # type: ignore[method-assign]
+    h.outgoing = inflate
+    h.run()
+    machines = done(h, task_id)
+    assert machines[0].result.status == "succeeded" and len(final_models(h, task_id)) == 1
+    assert all(liar.peer not in m.rounds.closes[1].included for m in machines)
+    late_logs = [text for level, text in late.logs if level == "warning"]
+    assert any("refused: slice of 10000000 bytes" in line for line in late_logs)
+    assert 10**7 not in fetched  # refused unread, before and after the model existed
