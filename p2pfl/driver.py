@@ -313,7 +313,7 @@ class Driver:
         whole-blob and idempotent, see store/blobs.py)."""
         ref = make_blob_ref(data)
         if not self.store.has(ref.cid):
-            self.store.put(data)
+            self.store.put_hashed(ref, data)
         return ref
 
     def blob_bytes(self, ref: BlobRef | None) -> bytes | None:
@@ -635,9 +635,21 @@ class Driver:
                 return
             for line in output.logs:
                 self.emit_log(cmd.task_id, line)
+            if kind in ("init", "train"):
+                # A model to hash and store: off the event path (two passes over it).
+                self.io.run_blocking(
+                    lambda: self._job_result(cmd.task_id, kind, output.result), finish
+                )
+                return
             try:
                 result = self._job_result(cmd.task_id, kind, output.result)
-            except Exception as exc:  # a task returned something we cannot use
+            except Exception as exc:
+                finish(None, exc)
+                return
+            finish(result, None)
+
+        def finish(result: Any, exc: BaseException | None) -> None:
+            if exc is not None:  # a task returned something we cannot use
                 self.on_event(JobFailed(token, f"{type(exc).__name__}: {exc}"))
                 return
             if kind == "train" and cmd.job.get("round") == 1:

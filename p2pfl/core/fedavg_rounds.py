@@ -25,12 +25,11 @@ from p2pfl.core.commands import (
     Command,
     EventKind,
     Log,
-    Publish,
     SetTimer,
     SliceWorked,
 )
 from p2pfl.core.hierarchy import Hierarchy, group_size
-from p2pfl.core.messages import TOPIC_TASKS, RoundClose, RoundUpdate
+from p2pfl.core.messages import RoundClose, RoundUpdate
 from p2pfl.core.phase import ACTIVE, BlobOutcome, Phase
 from p2pfl.core.round_messages import (
     GroupDone,
@@ -122,8 +121,9 @@ class FedAvgRounds(RoundsBase):
         update = RoundUpdate(
             task.task_id, rnd, task.my_id, ref, self.my_samples(result.get("num_samples")), shared
         )
-        # Our own announcement comes back to us over gossip (a publisher receives its own).
-        out: list[Command] = [Publish(TOPIC_TASKS, update)]
+        # It comes back to us too (a gossip publisher receives its own, and a direct
+        # copy is sent to us), so our own update is taken the same way as everyone's.
+        out: list[Command] = task.to_participants(update, gossip_too=True)
         if task.decision is not None:  # a site: what leaves is recorded
             what = {"task": task.task_id, "round": rnd, "what": "update", "bytes": ref.size}
             out.append(Audit("release", {**what, "dp_spend": 0.0, "notes": []}))
@@ -197,7 +197,7 @@ class FedAvgRounds(RoundsBase):
         if not included:
             return task.fail(now, f"round {rnd}: no usable update" + _reasons(task.withdrawn))
         close = RoundClose(task.task_id, rnd, task.my_id, included, tuple(sorted(task.dead)))
-        return [Publish(TOPIC_TASKS, close)]
+        return task.to_participants(close, gossip_too=True)
 
     # --- closes --------------------------------------------------------------------------
 
@@ -420,7 +420,7 @@ class FedAvgRounds(RoundsBase):
                 "warning",
                 f"task {task.task_id[:12]}: re-closing round {close.round} without {left}: {why}",
             ),
-            Publish(TOPIC_TASKS, redo),
+            *task.to_participants(redo, gossip_too=True),
         ]
 
     # --- reduce-scatter messages ---------------------------------------------------------
@@ -490,7 +490,7 @@ class FedAvgRounds(RoundsBase):
         )
         return [
             Log("warning", f"task {task.task_id[:12]}: re-closing round {rnd} without {author}"),
-            Publish(TOPIC_TASKS, redo),
+            *task.to_participants(redo, gossip_too=True),
         ]
 
 

@@ -134,8 +134,10 @@ _ON_TOPIC: dict[str | None, tuple[type, ...]] = {
         TaskResult,
         Volunteer,
         Decline,
-        # Reduce-scatter's stage messages, sent directly when every participant is a
-        # connection away (core/scatter.py tell).
+        # A round's messages, sent directly when every participant is a connection away
+        # (TaskMachine.to_participants): updates and closes, reduce-scatter's stages.
+        RoundUpdate,
+        RoundClose,
         SliceDone,
         SliceSketch,
         StageAsk,

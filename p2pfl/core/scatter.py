@@ -58,13 +58,12 @@ from p2pfl.core.commands import (
     Command,
     FetchBlob,
     Log,
-    Publish,
     Send,
     SetTimer,
     SliceWork,
     SliceWorked,
 )
-from p2pfl.core.messages import TOPIC_TASKS, RoundClose
+from p2pfl.core.messages import RoundClose
 from p2pfl.core.phase import Phase
 from p2pfl.core.round_messages import MAX_SLICES, SliceAsk, SliceDone, SliceOffer, StageAsk
 from p2pfl.core.rounds_base import FETCH_RETRIES, RETRY_BACKOFF_S
@@ -771,22 +770,11 @@ class Scatter:
         return {self.owner[j] for j in range(self.count) if j not in self.done}
 
     def tell(self, msg: Any) -> list[Command]:
-        """A stage message (SliceDone, SliceSketch) for every participant, us included.
-        Sent directly when we hold a connection to every live participant: one frame to
-        each, where gossip would relay each copy from every mesh peer (about D times the
-        frames; over 8 hosts the round's gossip was a third of its event-loop time).
-        Otherwise by gossip, which also reaches participants we are not connected to."""
-        task = self.task
-        me = task.my_id
-        others = [
-            p
-            for p in task.participants
-            if p != me and p not in task.dead and p not in task.withdrawn
-        ]
+        """A stage message (SliceDone, SliceSketch) for every participant, us included:
+        directly when we are connected to all of them (task.to_participants; over 8 hosts
+        the round's gossip was a third of its event-loop time). Kept to answer StageAsk."""
         self.told.append(msg)
-        if all(p in task.connected for p in others):
-            return [Send(p, msg) for p in (me, *others)]
-        return [Publish(TOPIC_TASKS, msg)]
+        return self.task.to_participants(msg)
 
     def fetch(self, ref: BlobRef, providers: tuple[str, ...]) -> list[Command]:
         return self._fetch(ref, providers)

@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass
 
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError
-from p2pfl.store.cid import cid_of, digest_of_cid
+from p2pfl.store.cid import cid_from_sha256, cid_of, digest_of_cid
 from p2pfl.wire import record
 
 DEFAULT_CHUNK_SIZE = 1024 * 1024
@@ -49,7 +49,15 @@ def make_blob_ref(
     hashes = tuple(
         hashlib.sha256(mv[i : i + chunk_size]).digest() for i in range(0, len(mv), chunk_size)
     )
-    return BlobRef(cid=cid_of(mv), size=len(mv), chunk_size=chunk_size, chunk_hashes=hashes)
+    # One chunk: its hash is the whole blob's (one pass over the bytes, not two).
+    cid = cid_from_sha256(hashes[0]) if len(hashes) == 1 else cid_of(mv)
+    return BlobRef(cid=cid, size=len(mv), chunk_size=chunk_size, chunk_hashes=hashes)
+
+
+def single_chunk(ref: BlobRef) -> bool:
+    """`ref` names one chunk whose hash is the blob's own digest: a verified chunk is then
+    a verified blob. (A peer's ref may pair a CID with other hashes: checked here.)"""
+    return len(ref.chunk_hashes) == 1 and ref.chunk_hashes[0] == digest_of_cid(ref.cid)
 
 
 def validate_ref(ref: BlobRef) -> None:

@@ -108,6 +108,26 @@ def test_partial_with_lying_ref_is_discarded(store: BlobStore) -> None:
         assert list((store.root / "blobs").iterdir()) == []
 
 
+def test_one_chunk_blob_is_verified_by_its_chunk_and_a_lying_one_is_not(
+    store: BlobStore,
+) -> None:
+    from dataclasses import replace
+
+    ref = make_blob_ref(DATA)  # one chunk: its hash is the CID's digest
+    assert ref.n_chunks == 1 and ref.cid == cid_of(DATA)
+    p = store.open_partial(ref)
+    p.write_chunk(0, DATA)
+    assert p.finish() == ref.cid and bytes(store.get(ref.cid)) == DATA
+    # One chunk of other data under this data's CID: the chunk "verifies", the whole not.
+    other = os.urandom(len(DATA))
+    lying = replace(make_blob_ref(other), cid=cid_of(DATA[::-1]))
+    q = store.open_partial(lying)
+    q.write_chunk(0, other)
+    with pytest.raises(RemoteProtocolError, match="hash-mismatch"):
+        q.finish()
+    assert not store.has(lying.cid)
+
+
 def test_empty_blob(store: BlobStore) -> None:
     ref = make_blob_ref(b"")
     p = store.open_partial(ref)
