@@ -146,6 +146,8 @@ class Scatter:
         self.retries: dict[str, int] = {}
         self.later: dict[str, tuple[BlobRef, tuple[str, ...]]] = {}  # cid -> retry (ref, providers)
         self.assembling = False
+        # The model, when it was assembled before the slice check passed (`try_assemble`).
+        self.assembled: Aggregated | None = None
         self.deadlines = 0  # RECLOSE deadlines passed under the current close
         self.krum = rounds.task.offer.aggregator == "krum"
         self.inputs: dict[int, tuple[BlobRef, ...]] = {}  # Krum: our slices' inputs
@@ -175,7 +177,7 @@ class Scatter:
         self.owner = owners(task.participants, close.included, self.count)
         # Fetches under way (`want`) go on: a prefetched slice, or one of the close this
         # re-close replaces, is still the same blob (content-addressed).
-        self.done, self.reducing, self.assembling = {}, set(), False
+        self.done, self.reducing, self.assembling, self.assembled = {}, set(), False, None
         self.later = {}
         self.deadlines = 0
         self.inputs, self.choosing, self.chosen = {}, False, -1
@@ -505,12 +507,30 @@ class Scatter:
         return out + self.try_assemble(now)
 
     def try_assemble(self, now: float) -> list[Command]:
+        """Assemble the model once every combined slice is here. Under a slice check the
+        assembly runs while the check does (it waits for everyone's sketches); the model
+        is taken only once the check passes, and dropped with the close if it fails."""
         close = self.close
-        task = self.task
-        if close is None or self.assembling or not self.complete():
+        if close is None or not self.complete():
             return []
         if self.check is not None and not self.check.verified:
-            return self.check.advance(now)  # assembled once every slice passes its check
+            out = self.check.advance(now)
+            if self.check.verified:  # it passed and took the model (or asked for it)
+                return out
+            return out + self._assemble(now)
+        if self.assembled is not None:
+            agg, self.assembled = self.assembled, None
+            return [
+                CancelTimer(self.task.timer(TimerKind.STAGE, close.round)),
+                *self.rounds.assembled(now, agg),
+            ]
+        return self._assemble(now)
+
+    def _assemble(self, now: float) -> list[Command]:
+        close = self.close
+        task = self.task
+        if close is None or self.assembling:
+            return []
         if any(d.ref is None or d.ref.cid not in self._have for d in self.done.values()):
             return []
         if task.phase is not Phase.AGGREGATING or task.round != close.round:
@@ -545,10 +565,10 @@ class Scatter:
                 return out
         self.assembling = True
         token = SliceToken(task.task_id, close.round, close.attempt, "assemble")
-        return [
-            CancelTimer(task.timer(TimerKind.STAGE, close.round)),
-            SliceWork(refs, self.count, task.global_ref, token),
-        ]
+        work = SliceWork(refs, self.count, task.global_ref, token)
+        if self.check is not None and not self.check.verified:
+            return [work]  # stage messages may still be missing: keep asking for them
+        return [CancelTimer(task.timer(TimerKind.STAGE, close.round)), work]
 
     # --- work done -----------------------------------------------------------------------
 
@@ -628,7 +648,13 @@ class Scatter:
             event.refs[0] if event.refs else None,
             event.reason,
         )
-        return self.rounds.assembled(now, agg)
+        if self.check is not None and not self.check.verified:
+            self.assembled = agg  # taken when the check passes (try_assemble)
+            return []
+        return [
+            CancelTimer(task.timer(TimerKind.STAGE, close.round)),
+            *self.rounds.assembled(now, agg),
+        ]
 
     # --- lost offers (direct messages can be lost) -------------------------------------
 
@@ -682,13 +708,13 @@ class Scatter:
     def ask_stage(self, now: float, rnd: int) -> list[Command]:
         """Stage messages still missing under the close: ask their senders again (the
         owners of slices not announced; participants with no sketch once the seed is
-        known), every 2 s until the model is assembled or the round's deadline replaces
-        the close (each peer answers an asker at most MAX_ANSWERS times per close)."""
+        known), every 2 s until the model is assembled and checked or the round's deadline
+        replaces the close (each peer answers an asker at most MAX_ANSWERS times per close)."""
         task = self.task
         close = self.close
         if close is None or close.round != rnd or task.phase is not Phase.AGGREGATING:
             return []
-        if self.assembling:
+        if self.assembling and (self.check is None or self.check.verified):
             return []
         missing = {self.owner[j] for j in range(self.count) if j not in self.done}
         check = self.check
