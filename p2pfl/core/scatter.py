@@ -82,7 +82,7 @@ KRUM_MAX_SLICES = 32
 GRACE_S = 2.0  # the coordinator's wait for owners' reports after the round's deadline
 SLACK_BYTES = 64 * KiB  # tensor headers: a slice is never larger than the model plus this
 MAX_HELD_ATTEMPTS = 4  # close attempts ahead of ours whose SliceDones are held
-MAX_ANSWERS = 8  # a participant's StageAsks answered per close
+MAX_ANSWERS = 8  # a participant's StageAsks answered per close and per message we add
 MAX_OFFER_ANSWERS = 16  # a slice's offer is sent again at most this often per close
 ASK_AFTER_S = 2.0  # a stage message still missing this long after the close: ask for it
 
@@ -154,7 +154,10 @@ class Scatter:
         self.choosing = False
         self.chosen = -1  # Krum: the position of the update chosen under the close
         self.told: list[Any] = []  # our stage messages under the current close (StageAsk)
-        self.answered: dict[str, int] = {}  # asker -> StageAsks answered under the close
+        # (asker, how many stage messages we had told) -> StageAsks answered so, under
+        # the close: an ask that came before our messages existed does not use up the
+        # answers to the ones that came after.
+        self.answered: dict[tuple[str, int], int] = {}
         self.offer_asks = 0  # times we asked again for missing offers under the close
         self.offer_answers: dict[tuple[str, int], int] = {}  # (asker, index) -> resent
         self.check = SliceCheck(self) if verified(rounds.task.offer) else None
@@ -733,9 +736,10 @@ class Scatter:
             return []
         if ask.peer not in self.task.participants or ask.peer == self.task.my_id:
             return []
-        if self.answered.get(ask.peer, 0) >= MAX_ANSWERS:
+        key = (ask.peer, len(self.told))
+        if not self.told or self.answered.get(key, 0) >= MAX_ANSWERS:
             return []
-        self.answered[ask.peer] = self.answered.get(ask.peer, 0) + 1
+        self.answered[key] = self.answered.get(key, 0) + 1
         return [Send(ask.peer, msg) for msg in self.told]
 
     # --- a stalled round ----------------------------------------------------------------

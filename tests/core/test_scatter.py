@@ -458,6 +458,29 @@ def test_stage_asks_are_answered_boundedly_and_only_for_the_current_close() -> N
     assert not scatter.on_stage_ask(h.now, replace(ask, peer=stranger))
 
 
+def test_stage_asks_before_our_messages_exist_do_not_use_up_the_answers() -> None:
+    """An asker early in the round (here: before our sketch existed) is answered once
+    our messages are there: answers are bounded per message we add, not per ask (under
+    lossy links an early asker used to exhaust them, and its round stalled)."""
+    h = Harness(4)
+    task_id = h.offer(rounds=1)
+    h.run()
+    machine = done(h, task_id)[1]
+    scatter = machine.rounds.scatter
+    close, told = scatter.close, list(scatter.told)
+    assert len(told) >= 2  # our SliceDone and our sketch
+    asker = next(n.peer for n in h.nodes if n.peer != machine.my_id)
+    ask = StageAsk(task_id, close.round, close.attempt, asker)
+    scatter.told, scatter.answered = [], {}
+    assert not any(scatter.on_stage_ask(h.now, ask) for _ in range(MAX_ANSWERS + 2))
+    scatter.told = told[:1]
+    first = [scatter.on_stage_ask(h.now, ask) for _ in range(MAX_ANSWERS + 2)]
+    assert all(len(a) == 1 for a in first[:MAX_ANSWERS]) and not any(first[MAX_ANSWERS:])
+    scatter.told = told
+    later = [scatter.on_stage_ask(h.now, ask) for _ in range(MAX_ANSWERS + 2)]
+    assert all(len(a) == len(told) for a in later[:MAX_ANSWERS]) and not any(later[MAX_ANSWERS:])
+
+
 def test_a_lost_slice_offer_is_asked_for_again_not_dropped() -> None:
     h = Harness(5)
     task_id = h.offer(rounds=1, aggregation=RS)
