@@ -18,7 +18,6 @@ from p2pfl.core.commands import (
     JobDone,
     JobFailed,
     Log,
-    RunJob,
     Send,
     SetTimer,
 )
@@ -45,9 +44,6 @@ class RoundsBase:
         # Blobs this task made or fetched, by round, so old rounds can be forgotten.
         self.round_blobs: dict[int, set[str]] = {}
         self.owner: dict[str, str] = {}  # update cid -> the participant that announced it
-        # The evaluation of the last global model, asked for once our training of the next
-        # round is done (`on_aggregated`).
-        self.evaluate_next: RunJob | None = None
 
     # --- shared steps --------------------------------------------------------------------
 
@@ -67,13 +63,9 @@ class RoundsBase:
                 self.round_blobs.setdefault(0, set()).add(result.cid)
             return self.train(now, 1)
         if step is JobStep.TRAIN:
-            out: list[Command] = []
-            if self.evaluate_next is not None:
-                out.append(self.evaluate_next)
-                self.evaluate_next = None
             if rnd != task.round or task.phase is not Phase.TRAINING:
-                return out  # a straggler's own late update: the round went on without it
-            return self.on_trained(now, rnd, event.result) + out
+                return []  # a straggler's own late update: the round went on without it
+            return self.on_trained(now, rnd, event.result)
         if step is JobStep.EVALUATE:
             return self._on_evaluated(now, rnd, dict(event.result or {}))
         return []
@@ -192,32 +184,21 @@ class RoundsBase:
             for cid, why in event.dropped
         ]
         task.global_ref = event.ref
-        self.round_blobs.setdefault(rnd, set()).add(event.ref.cid)
-        out += self.forget_before(rnd - KEEP_ROUNDS)
-        evaluate = task.job(
-            JobStep.EVALUATE, {"kind": "evaluate", "round": rnd, "weights": event.ref}, rnd
-        )
-        if rnd < task.offer.rounds:
-            # The next round's training first, then this model's evaluation: our update
-            # leaves sooner, and the evaluation runs while the network carries the round
-            # (after the training job, which a task's one worker runs first).
-            self.evaluate_next = evaluate
-            out += task.snapshot()  # a restart from here rejoins at the next round
-            return out + self.train(now, rnd + 1)
         task.phase = Phase.EVALUATING
+        self.round_blobs.setdefault(rnd, set()).add(event.ref.cid)
         state = task.node(task.my_id)
         state.state, state.round = "evaluating", rnd
-        out.append(evaluate)
+        out += self.forget_before(rnd - KEEP_ROUNDS)
+        out.append(
+            task.job(
+                JobStep.EVALUATE, {"kind": "evaluate", "round": rnd, "weights": event.ref}, rnd
+            )
+        )
         return out
 
     def _on_evaluated(self, now: float, rnd: int, metrics: dict[str, Any]) -> list[Command]:
-        """Metrics of round `rnd`'s model: the last round's, while we finish the task;
-        an earlier one's, while the next round goes on (`on_aggregated`)."""
         task = self.task
-        last = rnd == task.offer.rounds
-        if last and (task.phase is not Phase.EVALUATING or rnd != task.round):
-            return []
-        if not last and rnd != task.round - 1:
+        if task.phase is not Phase.EVALUATING or rnd != task.round:
             return []
         state = task.node(task.my_id)
         state.absorb(metrics)
@@ -235,6 +216,7 @@ class RoundsBase:
                 metrics={**numbers, "model_cid": task.global_ref.cid if task.global_ref else None},
             )
         ]
+        out += task.snapshot()  # a restart from here rejoins at the next round
         numbers = task.shareable(numbers)  # the policy may keep local metrics home
         if task.offer.publisher != task.my_id:
             out.append(
@@ -243,9 +225,9 @@ class RoundsBase:
                     Progress(task.task_id, task.my_id, rnd, "evaluated", numbers),
                 )
             )
-        if not last:
-            return out
-        return out + task.snapshot() + task.final.finalize(now)
+        if rnd < task.offer.rounds:
+            return out + self.train(now, rnd + 1)
+        return out + task.final.finalize(now)
 
     def forget_before(self, oldest: int, keep: frozenset[str] = frozenset()) -> list[Command]:
         """Forget the blobs of rounds before `oldest` (never the current global model).

@@ -1323,10 +1323,7 @@ class TaskMachine:
         if progress.peer not in self.participants:
             return []
         state = self.node(progress.peer)
-        if progress.round >= state.round:
-            # A round's evaluation is reported while the next one trains: an earlier
-            # round's report adds its metrics without taking the node's state back.
-            state.state, state.round = str(progress.state)[:32], progress.round
+        state.state, state.round = str(progress.state)[:32], progress.round
         state.absorb(progress.metrics)
         metrics = progress.metrics if isinstance(progress.metrics, dict) else {}
         return [

@@ -4,11 +4,8 @@ failures, and every attack from the protocol v2 issue."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from p2pfl.core.commands import RunJob
 from p2pfl.core.messages import Volunteer
 from p2pfl.core.phase import Phase
 from p2pfl.core.tokens import JobStep
@@ -100,7 +97,7 @@ def test_coordinator_crash_mid_round_next_in_rank_closes():
     order = _order(4, rounds=3)
     h = Harness(4)
     task_id = h.offer(rounds=3)
-    h.run(until=2.0)  # round 2 is training (a fake round takes about 0.4 s)
+    h.run(until=2.3)  # round 2 is training (a fake round takes about 1 s)
     assert all(m.round == 2 and m.result is None for m in h.machines(task_id))
     h.crash(order[0])
     h.run()
@@ -190,7 +187,7 @@ def test_a_restarted_participant_rejoins_at_the_current_round():
     h = Harness(4)
     victim = h.nodes[order[-1]]
     task_id = h.offer(rounds=4)
-    h.run(until=2.0)  # round 2 is training; round 1's model is on "disk"
+    h.run(until=2.3)  # round 2 is training; round 1's model is on "disk"
     assert victim.snapshots and h.machines(task_id)[0].round == 2
     h.crash(victim.index)
     h.at(0.3, lambda: h.restart(victim.index))
@@ -336,35 +333,3 @@ def test_a_record_that_reached_the_others_after_their_reveals_leaves_its_node_ob
     assert late_peer not in machines[0].participants
     assert machines[3].phase in (Phase.OBSERVING, Phase.DONE)  # followed it to its result
     assert not [t for lvl, t in h.nodes[3].logs if "invalid roster" in t]
-
-
-def test_training_goes_before_evaluating_and_the_publishers_view_never_goes_back():
-    """After a round's model, a node trains the next round first and evaluates after
-    (its update leaves sooner): the evaluation's report arrives while the next round
-    trains, and the publisher's view of each node keeps the later round."""
-    h = Harness(4)
-    task_id = h.offer(rounds=3)
-    jobs: dict[int, list[tuple[str, int]]] = {node.index: [] for node in h.nodes}
-    one = h._one
-
-    def record(node: Any, cmd: Any) -> None:
-        if isinstance(cmd, RunJob):
-            jobs[node.index].append((cmd.token.step.value, cmd.token.round))
-        one(node, cmd)
-
-    h._one = record  # type: ignore[method-assign]
-    seen: dict[str, int] = {}
-    t = 0.0
-    while t < 30 and not all(m.result for m in h.machines(task_id)):
-        t += 0.05
-        h.run(until=t)
-        publisher = next(m for m in h.machines(task_id) if m.my_id == m.offer.publisher)
-        for peer in publisher.participants:
-            assert publisher.node(peer).round >= seen.get(peer, 0), (t, peer[-8:])
-            seen[peer] = publisher.node(peer).round
-    machines = done(h, task_id)
-    assert machines[0].result.status == "succeeded"
-    # Each node trained round r + 1 before evaluating round r's model.
-    for steps in jobs.values():
-        for r in (1, 2):
-            assert steps.index(("train", r + 1)) < steps.index(("evaluate", r)), steps
