@@ -17,7 +17,7 @@ from p2pfl.fl import slices
 from p2pfl.fl.aggregate import fedavg, median, trimmed_mean
 from p2pfl.net.base import PeerDisconnected
 from p2pfl.wire import Signed, seal
-from tests.core.harness import Harness, Node, carried, done
+from tests.core.harness import Harness, Node, carried, done, update_in
 
 RS = {"kind": "reduce-scatter"}  # the default for fedavg at n >= 4; asked for by others
 
@@ -281,6 +281,40 @@ def test_a_close_forged_by_a_non_coordinator_is_held_not_used() -> None:
     h.run()
     machines = done(h, task_id)
     assert all(len(m.rounds.closes[1].included) == 5 for m in machines)
+
+
+def test_direct_updates_and_closes_are_taken_only_from_the_peer_they_name() -> None:
+    """Updates and closes also come directly now: a participant that sends, over its
+    own connection, an update in another's name or a close it may not make is refused
+    (the direct sender must be the peer the message names; a close counts only from
+    the acting coordinator), and the round is the honest one."""
+    h = Harness(5)
+    task_id = h.offer(rounds=1, aggregation=RS)
+    h.run(until=1.0)  # the roster is out, training has not begun
+    by_peer = {node.peer: node for node in h.nodes}
+    ranked = h.machines(task_id)[0].participants
+    forger, victim = by_peer[ranked[-1]], by_peer[ranked[-2]]  # neither is coordinating
+    forged: list[object] = []
+
+    def forge(node, cmd):  # noqa: ANN001, ANN202
+        update = update_in(cmd)
+        if node is victim and update is not None and not forged:
+            fake = replace(update, peer=victim.peer, num_samples=1)
+            h.inject(forger, None, fake)  # a direct message from the forger, in victim's name
+            close = RoundClose(task_id, 1, forger.peer, (forger.peer,))
+            h.inject(forger, None, close)
+            forged.extend([fake, close])
+        return cmd
+
+    h.outgoing = forge
+    h.run()
+    machines = done(h, task_id)
+    assert forged and machines[0].result.status == "succeeded"
+    assert all(len(m.rounds.closes[1].included) == 5 for m in machines)
+    assert all(m.rounds.updates[1][victim.peer].num_samples != 1 for m in machines)
+    assert any(
+        "claims" in line and "comes from" in line for line in h.logs("warning") + h.logs("debug")
+    )
 
 
 # --- Krum over slices ----------------------------------------------------------------------
