@@ -523,11 +523,14 @@ class Scatter:
             return out + self._assemble(now)
         if self.assembled is not None:
             agg, self.assembled = self.assembled, None
-            return [
-                CancelTimer(self.task.timer(TimerKind.STAGE, close.round)),
-                *self.rounds.assembled(now, agg),
-            ]
+            return self._take(now, agg)
         return self._assemble(now)
+
+    def _take(self, now: float, agg: Aggregated) -> list[Command]:
+        """The round's model, assembled and (under a slice check) checked."""
+        assert self.close is not None
+        stop = CancelTimer(self.task.timer(TimerKind.STAGE, self.close.round))
+        return [stop, *self.rounds.assembled(now, agg)]
 
     def _assemble(self, now: float) -> list[Command]:
         close = self.close
@@ -654,10 +657,7 @@ class Scatter:
         if self.check is not None and not self.check.verified:
             self.assembled = agg  # taken when the check passes (try_assemble)
             return []
-        return [
-            CancelTimer(task.timer(TimerKind.STAGE, close.round)),
-            *self.rounds.assembled(now, agg),
-        ]
+        return self._take(now, agg)
 
     # --- lost offers (direct messages can be lost) -------------------------------------
 
