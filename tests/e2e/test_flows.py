@@ -4,10 +4,13 @@ and a flow that fails at step 2 (a site policy refuses training) then resumes.""
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from p2pfl import Client
 from p2pfl.localnet import node_env, p2pfl_argv
 from tests.e2e.cluster import REPO, Cluster, NodeProc, trust_first, wait_until
 
@@ -167,14 +170,15 @@ def test_a_flow_survives_a_restart_of_its_starter(cluster: Cluster, heart_split:
     n0, n1 = nodes[0], nodes[1]
     flow_id = run_flow(cluster, n0, "train.rounds=8")
 
-    def training() -> bool:
-        status = cluster.try_json("flow", "status", flow_id, node=n0)
-        step = status["steps"][1] if status else None
-        return bool(
-            step and step["state"] == "running" and (step["task"] or {}).get("round", 0) >= 2
-        )
-
-    wait_until(training, 300.0, what="step train in its second round")
+    # The flow's own snapshots, pushed as each round closes: a poll through the CLI (a
+    # process start each) can miss the whole step, whose 8 rounds take about 10 s here.
+    seen: dict[str, Any] = {}
+    for event in Client(n0.data_dir).flow_events(flow_id, deadline=time.monotonic() + 300):
+        seen = event["flow"]["steps"][1]
+        if seen["state"] == "running" and (seen["task"] or {}).get("round", 0) >= 2:
+            break
+    else:
+        raise AssertionError(f"the flow ended before step train's second round: {seen}")
     n0.kill()  # a crash, mid-step
     wait_until(lambda: not n0.alive(), 30.0, what="n0 gone")
     n0 = cluster.restart(n0, bootstrap=[n1.bootstrap_addr])
