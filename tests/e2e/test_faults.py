@@ -34,7 +34,8 @@ def kill_mid_task(
     """SIGKILL the coordinator (pick="coordinator") or a participant that is neither the
     coordinator nor n0; returns (victim, a surviving observer)."""
     event = wait_first_round(nodes[0], task_id)
-    task = next(t for t in cluster.cli_json("tasks", node=nodes[0]) if t["task_id"] == task_id)
+    # Over the control socket, not the CLI: a process start can take as long as a round.
+    task = Client(nodes[0].data_dir).task(task_id)
     coordinator = task["coordinator"]
     assert coordinator in task["participants"], task
     by_id = {n.peer_id: n for n in nodes}
