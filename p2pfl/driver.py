@@ -55,6 +55,7 @@ from p2pfl.core.messages import TOPICS, TaskpackAnnounce
 from p2pfl.core.node_core import NodeCore
 from p2pfl.core.tokens import Timer
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError
+from p2pfl.limits import MiB
 from p2pfl.net.base import FetchDone, FetchFailed, Message, Network, PeerDisconnected
 from p2pfl.store.blobref import BlobRef, make_blob_ref
 from p2pfl.store.blobs import BlobStore, decode_bitmap
@@ -64,6 +65,15 @@ from p2pfl.wire import encode
 log = logging.getLogger("p2pfl.node")
 
 Callback = Callable[[], None]
+
+# Aggregation and slice work on at most this many input bytes runs on the event loop, not
+# in a worker thread. Over 8 hosts in one process (benchmarks/round.py, a 4 MB model) the
+# work took 1-8 ms (a slice check ~1, a reduce ~2, a cut or an assembly 6-8, a node's own
+# sketches 6, or 45-60 when they draw the round's challenge vectors), while the thread's
+# round trip took 150-250 ms: a worker thread waits for the GIL at every numpy call the
+# busy loop thread hands it back. About 13 ms per MiB at worst, so the loop stalls for at
+# most ~100 ms; bigger models' work still goes to a thread.
+INLINE_WORK_BYTES = 8 * MiB
 
 
 class DriverIO(Protocol):
@@ -775,7 +785,7 @@ class Driver:
             ref, dropped = result
             self.on_event(Aggregated(cmd.token, ref, dropped=dropped))
 
-        self.io.run_blocking(work, done)
+        self._run_work(sum(ref.size for ref in cmd.refs), work, done)
 
     def _slice_work(self, cmd: SliceWork) -> None:
         """Reduce-scatter steps (cut, reduce, assemble: fl/slices.py) off the event path."""
@@ -804,7 +814,25 @@ class Driver:
             refs, bad, reason, chosen, values = result
             self.on_event(SliceWorked(cmd.token, refs, reason, bad, chosen, values))
 
-        self.io.run_blocking(work, done)
+        self._run_work(sum(ref.size for ref in cmd.refs), work, done)
+
+    def _run_work(
+        self,
+        size: int,
+        work: Callable[[], Any],
+        done: Callable[[Any, BaseException | None], None],
+    ) -> None:
+        """`work` on `size` input bytes: here when small (INLINE_WORK_BYTES), else in a
+        worker thread. Either way `done` runs later, from the loop: never inside the
+        command that asked for the work (the core is not re-entered)."""
+        if size > INLINE_WORK_BYTES:
+            self.io.run_blocking(work, done)
+            return
+        try:
+            result, error = work(), None
+        except Exception as exc:  # delivered to `done`, as from a worker thread
+            result, error = None, exc
+        self.io.call_soon(lambda: done(result, error))
 
     # --- views ----------------------------------------------------------------------------
 
