@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from libp2p.custom_types import TProtocol
 
 from p2pfl.net.base import FetchDone, FetchFailed
@@ -55,7 +56,9 @@ async def test_ranges_from_one_peer_reuse_kept_streams(nursery: trio.Nursery) ->
     extra = b.net.stats().extra
     assert extra["bulk_streams_reused"] == 4
     assert extra["bulk_fetches"] == 7
-    # The server counted every range it served on the kept streams.
+    # The server counted every range it served on the kept streams (it counts a serve
+    # once its range is sent, which the fetcher may see first).
+    await trio.testing.wait_all_tasks_blocked(0.05)
     assert a.net.stats().extra["blob_served"] == 7
 
 
@@ -89,3 +92,47 @@ async def test_a_kept_stream_the_server_closed_is_replaced(
     extra = b.net.stats().extra
     assert extra["bulk_streams_reused"] == 1 and "bulk_fallbacks" not in extra
     assert b.net._bulk_streams.idle(a.id) == 1  # the fresh one, kept in turn
+
+
+async def test_ranges_come_on_kept_tcp_connections(nursery: trio.Nursery) -> None:
+    # Each range is still its own one-time token and key; only the TCP connect is saved.
+    a, b = await _pair(nursery)
+    await _fetch_wave(b, a, [0], 64 * KIB)
+    assert a.net._bulk.accepted == 1 and b.net._bulk_streams.sockets.idle() == 1
+    for wave in range(3):
+        await _fetch_wave(b, a, [(1 + wave) * 64 * KIB], 64 * KIB)
+    _check(a, b, 4)
+    assert a.net._bulk.accepted == 1  # one connection carried all four ranges
+    assert b.net.stats().extra["bulk_fetches"] == 4
+
+
+async def test_a_kept_connection_the_server_closed_is_replaced(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server closes kept connections past MAX_KEPT_CONNECTIONS (here: at once, after
+    # each range); the fetcher's kept one then ends before an answer, and the same token
+    # goes on a fresh connection: the range arrives, with no fallback.
+    monkeypatch.setattr(_bulk, "MAX_KEPT_CONNECTIONS", 0)
+    a, b = await _pair(nursery)
+    for wave in range(3):
+        await _fetch_wave(b, a, [wave * 64 * KIB], 64 * KIB)
+    _check(a, b, 3)
+    assert a.net._bulk.accepted == 3 and a.net._bulk._kept == 0
+    assert "bulk_fallbacks" not in b.net.stats().extra
+
+
+async def test_a_connection_with_a_wrong_token_after_a_range_is_closed(
+    nursery: trio.Nursery,
+) -> None:
+    # A kept connection is no licence: a token the server did not hand out ends it.
+    a, b = await _pair(nursery)
+    await _fetch_wave(b, a, [0], 64 * KIB)
+    sockets = b.net._bulk_streams.sockets
+    ((address, kept),) = sockets._idle.items()
+    sock = sockets.take(address)
+    assert sock is not None
+    await sock.send_all(os.urandom(_bulk.TOKEN_LEN))
+    with trio.fail_after(10):
+        assert await sock.receive_some(4) == b""  # closed, nothing sent
+    await sock.aclose()
+    assert a.net._bulk._kept == 0

@@ -3,16 +3,22 @@
 py-libp2p's Noise + yamux moves about 60-120 MB/s; a TCP socket with AES-GCM moves GB/s
 (shared/LIBP2P-NOTES.md). So a range is *negotiated* on the libp2p stream
 "/p2pfl/bulk/1.0.0" (Noise: the peer is authenticated and the reply is secret) and the
-bytes travel on a one-shot TCP connection:
+bytes travel on a TCP connection, which the fetcher keeps for its next range from that
+server (KeptSockets: a connect and an accept saved per range):
 
 1. fetcher -> server, on the stream: the same request as the blob protocol.
 2. server -> fetcher, on the stream: status byte, length, msgpack [port, token, key, size]
    (or an error reason, as the blob protocol). `key` is a fresh AES-256-GCM key, `token`
    a fresh 16-byte one-time ticket; the server holds the range until it is collected.
-3. fetcher connects to the server's IP (that of the libp2p connection) at `port`, sends
-   `token`; the server answers with a 4-byte length and AESGCM(key).encrypt(nonce 0,
-   data, aad = token + request). A key is used for exactly one message, so a zero nonce
-   is safe; the tag detects truncation, tampering and a replayed or swapped range.
+3. fetcher connects to the server's IP (that of the libp2p connection) at `port`, or
+   takes a connection it kept from an earlier range, and sends `token`; the server
+   answers with a 4-byte length and AESGCM(key).encrypt(nonce 0, data, aad = token +
+   request). A key is used for exactly one message, so a zero nonce is safe; the
+   tag detects truncation, tampering and a replayed or swapped range.
+   A kept connection carries only tokens, each good once: keeping it grants nothing. An
+   unknown token ends it; so does the server's idle limit or its cap on kept
+   connections, and then the fetcher sends the same token on a fresh connection (the
+   server never read it).
 
 Any failure of this path (no route to the port, a firewall, an old peer) makes the caller
 fall back to the blob stream protocol; a stage that misses its deadline (StageTimeout: the
@@ -79,6 +85,11 @@ FETCHER_IDLE_S = 15.0
 KEEP_PER_PEER = 4
 MAX_KEPT_PEERS = 1024
 TOKEN_LEN = 16
+# TCP connections a server keeps open between ranges, at most (each is a socket and a
+# task), and idle ones a fetcher keeps per server address.
+MAX_KEPT_CONNECTIONS = 256
+KEEP_SOCKETS_PER_SERVER = 4
+MAX_KEPT_SERVERS = 1024
 _NONCE = bytes(12)
 _TAG = 16
 _RESP = struct.Struct(">BI")
@@ -100,6 +111,50 @@ OFFER_TIMEOUT_S = SLOT_TIMEOUT_S + 5.0
 THREAD_CRYPTO_BYTES = 1024 * 1024 + 1
 # Copying in bounded slices keeps each socket call reasonable and lets trio interleave.
 _IO_CHUNK = 1024 * 1024
+
+
+class KeptSockets:
+    """TCP connections to bulk servers, idle between two ranges, per server address.
+
+    At most KEEP_SOCKETS_PER_SERVER per address and MAX_KEPT_SERVERS addresses; one idle
+    for FETCHER_IDLE_S or more is closed, not reused (the server closes its side after
+    SESSION_IDLE_S)."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[str, int], list[tuple[trio.SocketStream, float]]] = {}
+
+    def take(self, address: tuple[str, int]) -> trio.SocketStream | None:
+        kept = self._idle.get(address)
+        now = trio.current_time()
+        while kept:
+            sock, at = kept.pop()
+            if not kept:
+                del self._idle[address]
+            if now - at < FETCHER_IDLE_S:
+                return sock
+            sock.socket.close()
+        return None
+
+    def give(self, address: tuple[str, int], sock: trio.SocketStream) -> bool:
+        """Keep `sock` for the next range from `address`; False: the caller closes it."""
+        kept = self._idle.get(address)
+        if kept is None:
+            if len(self._idle) >= MAX_KEPT_SERVERS:
+                return False
+            kept = self._idle[address] = []
+        if len(kept) >= KEEP_SOCKETS_PER_SERVER:
+            return False
+        kept.append((sock, trio.current_time()))
+        return True
+
+    def idle(self) -> int:
+        return sum(len(kept) for kept in self._idle.values())
+
+    def close(self) -> None:
+        for kept in self._idle.values():
+            for sock, _at in kept:
+                sock.socket.close()
+        self._idle.clear()
 
 
 class BulkUnreachable(Exception):
@@ -125,6 +180,8 @@ class BulkServer:
         self.bind_host = bind_host
         self.port = port  # 0: a free one, chosen at start
         self._pending: dict[bytes, _Pending] = {}
+        self._kept = 0  # connections waiting for a further token
+        self.accepted = 0  # TCP connections accepted (fetchers keep theirs between ranges)
         self.bytes_sent = 0  # over every connection (each range's own: _Pending.sent)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -149,28 +206,52 @@ class BulkServer:
         self._pending.pop(token, None)
 
     async def _handle(self, sock: trio.SocketStream) -> None:
+        """Serve the ranges whose tokens come on this connection, one after another: a
+        fetcher keeps it for its next range from us (KeptSockets), which saves a TCP
+        connect and an accept per range. The first token must come within
+        COLLECT_TIMEOUT_S (an unauthenticated connection holds nothing longer); a kept
+        connection waits SESSION_IDLE_S for the next, and at most MAX_KEPT_CONNECTIONS
+        wait at once (past that, a connection closes after its range)."""
+        self.accepted += 1
         try:
             with trio.fail_after(COLLECT_TIMEOUT_S):
                 token = await _receive_exactly(sock, TOKEN_LEN)
-            pending = self._pending.pop(token, None)  # one-time: popped before use
-            if pending is None:
-                LOG.warning("bulk connection with an unknown token closed")
-                return
-            pending.claimed.set()
-            with trio.fail_after(transfer_deadline(len(pending.data))):
-                sealed = await _seal(pending.key, pending.data, pending.aad)
-                await sock.send_all(_LEN.pack(len(sealed)))
-                self._sent(pending, _LEN.size)
-                view = memoryview(sealed)
-                for off in range(0, len(view), _IO_CHUNK):
-                    chunk = view[off : off + _IO_CHUNK]
-                    await sock.send_all(chunk)
-                    self._sent(pending, len(chunk))
-            pending.collected.set()
+            while await self._serve_token(sock, token):
+                if self._kept >= MAX_KEPT_CONNECTIONS:
+                    return
+                self._kept += 1
+                following: bytes | None = None
+                try:
+                    with trio.move_on_after(SESSION_IDLE_S):
+                        following = await _receive_token(sock)
+                finally:
+                    self._kept -= 1
+                if following is None:
+                    return  # idle, or the fetcher closed it between ranges
+                token = following
         except Exception as exc:
             LOG.debug("bulk connection failed: %r", exc)
         finally:
             await _aclose(sock)
+
+    async def _serve_token(self, sock: trio.SocketStream, token: bytes) -> bool:
+        """Send the range `token` stands for; False if the token is unknown."""
+        pending = self._pending.pop(token, None)  # one-time: popped before use
+        if pending is None:
+            LOG.warning("bulk connection with an unknown token closed")
+            return False
+        pending.claimed.set()
+        with trio.fail_after(transfer_deadline(len(pending.data))):
+            sealed = await _seal(pending.key, pending.data, pending.aad)
+            await sock.send_all(_LEN.pack(len(sealed)))
+            self._sent(pending, _LEN.size)
+            view = memoryview(sealed)
+            for off in range(0, len(view), _IO_CHUNK):
+                chunk = view[off : off + _IO_CHUNK]
+                await sock.send_all(chunk)
+                self._sent(pending, len(chunk))
+        pending.collected.set()
+        return True
 
     def _sent(self, pending: _Pending, n: int) -> None:
         pending.sent += n
@@ -286,8 +367,12 @@ async def _offer_range(
     return sent
 
 
-async def fetch_bulk(stream: Any, cid: str, offset: int, length: int) -> tuple[bytes, int]:
-    """Fetch one range over the bulk path; (data, wire bytes received).
+async def fetch_bulk(
+    stream: Any, cid: str, offset: int, length: int, sockets: KeptSockets | None = None
+) -> tuple[bytes, int]:
+    """Fetch one range over the bulk path; (data, wire bytes received). With `sockets`,
+    the range comes on a kept TCP connection to the server when one is idle, and the
+    connection is kept for the next range.
 
     Raises FetchRefused for an error answer and StageTimeout for a stage past its
     deadline (an overloaded server: fail, ask elsewhere); anything else means "use the
@@ -320,24 +405,42 @@ async def fetch_bulk(stream: Any, cid: str, offset: int, length: int) -> tuple[b
     remote = stream.muxed_conn.get_remote_address()
     if not remote:
         raise RemoteProtocolError("no remote address for the bulk connection")
-    sock = None
+    address = (str(remote[0]), port)
+    sock = sockets.take(address) if sockets is not None else None
+    kept = False
     try:
-        try:
-            with deadline("bulk connect", CONNECT_TIMEOUT_S):
-                sock = await trio.open_tcp_stream(remote[0], port)
-                await sock.send_all(token)
-        except (StageTimeout, OSError) as exc:
-            # A firewall that drops the port looks like a timeout, one that refuses it
-            # like an error: either way the path is closed, not the server overloaded.
-            raise BulkUnreachable(f"{remote[0]}:{port}: {exc}") from None
+        sealed_len = 0
+        if sock is not None:
+            # A kept connection the server has closed meanwhile (idle, restarted) ends
+            # before a byte of the answer; the server never read the token, so it is
+            # still good on a fresh connection.
+            try:
+                with deadline(f"bulk transfer of {data_len} bytes", transfer_deadline(data_len)):
+                    await sock.send_all(token)
+                    sealed_len = await _receive_length(sock)
+            except (RemoteProtocolError, trio.BrokenResourceError, OSError):
+                await _aclose(sock)
+                sock = None
+        if sock is None:
+            try:
+                with deadline("bulk connect", CONNECT_TIMEOUT_S):
+                    sock = await trio.open_tcp_stream(*address)
+                    await sock.send_all(token)
+            except (StageTimeout, OSError) as exc:
+                # A firewall that drops the port looks like a timeout, one that refuses it
+                # like an error: either way the path is closed, not the server overloaded.
+                raise BulkUnreachable(f"{remote[0]}:{port}: {exc}") from None
         # The server seals the range before its length goes out: that is in this stage.
         with deadline(f"bulk transfer of {data_len} bytes", transfer_deadline(data_len)):
-            (sealed_len,) = _LEN.unpack(await _receive_exactly(sock, _LEN.size))
+            if not sealed_len:
+                sealed_len = await _receive_length(sock)
             if sealed_len != data_len + _TAG:
                 raise RemoteProtocolError(f"bulk frame of {sealed_len} bytes, {data_len} offered")
             sealed = await _receive_exactly(sock, sealed_len)
+        # Only a connection whose exchange ended cleanly is kept: nothing is left on it.
+        kept = sockets is not None and sockets.give(address, sock)
     finally:
-        if sock is not None:
+        if sock is not None and not kept:
             await _aclose(sock)
     try:
         # The server binds the request exactly as received (the frame without its length).
@@ -363,6 +466,19 @@ async def _open(key: bytes, sealed: bytes, aad: bytes) -> bytes:
     return await trio.to_thread.run_sync(  # type: ignore[call-arg]
         AESGCM(key).decrypt, _NONCE, sealed, aad, abandon_on_cancel=True
     )
+
+
+async def _receive_length(sock: trio.SocketStream) -> int:
+    (n,) = _LEN.unpack(await _receive_exactly(sock, _LEN.size))
+    return int(n)
+
+
+async def _receive_token(sock: trio.SocketStream) -> bytes | None:
+    """The next token on a kept connection; None if the fetcher closed it first."""
+    first = await sock.receive_some(TOKEN_LEN)
+    if not first:
+        return None
+    return first + await _receive_exactly(sock, TOKEN_LEN - len(first))
 
 
 async def _receive_exactly(sock: trio.SocketStream, n: int) -> bytes:

@@ -153,6 +153,7 @@ class BulkStreams:
 
     def __init__(self) -> None:
         self._idle: dict[str, list[tuple[Any, float]]] = {}
+        self.sockets = _bulk.KeptSockets()  # the TCP connections the ranges come on
 
     async def take(self, peer: str) -> Any | None:
         kept = self._idle.get(peer)
@@ -251,7 +252,8 @@ async def _fetch_via(
             with deadline(f"opening a {protocol} stream", OPEN_TIMEOUT_S):
                 stream = await host.new_stream(ID.from_base58(peer), [TProtocol(p) for p in wanted])
         if protocol == _bulk.BULK_PROTOCOL:
-            result = await _bulk.fetch_bulk(stream, cid, offset, length)
+            sockets = streams.sockets if streams is not None else None
+            result = await _bulk.fetch_bulk(stream, cid, offset, length, sockets)
             extra["bulk_fetches"] = extra.get("bulk_fetches", 0) + 1
         else:
             result = await _blob.request_range(stream, cid, offset, length)

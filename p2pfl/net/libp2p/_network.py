@@ -303,6 +303,7 @@ class Libp2pNetwork:
             self._stopped = True
             self._nursery = None
             self._connected.clear()
+            self._bulk_streams.sockets.close()
 
     async def _start_bulk(self, nursery: trio.Nursery) -> None:
         if not self._config.bulk_tcp:
