@@ -775,7 +775,7 @@ class Driver:
                 max_norm=cmd.max_norm,
                 options=cmd.options,
             )
-            # Hashed and stored here, off the event path (three passes over the model).
+            # Hashed and stored here, with the work (in a worker thread when it is big).
             return self.put_blob(data), dropped
 
         def done(result: Any, error: BaseException | None) -> None:
@@ -788,7 +788,8 @@ class Driver:
         self._run_work(sum(ref.size for ref in cmd.refs), work, done)
 
     def _slice_work(self, cmd: SliceWork) -> None:
-        """Reduce-scatter steps (cut, reduce, assemble: fl/slices.py) off the event path."""
+        """Reduce-scatter steps (cut, reduce, assemble, sketches: fl/slices.py); see
+        INLINE_WORK_BYTES for where they run."""
         store = self.store
 
         def work() -> tuple[tuple[BlobRef, ...], int, str, int, tuple[float, ...]]:
@@ -804,7 +805,7 @@ class Driver:
                 cmd.weights,
                 cmd.options,
             )
-            # Hashed and stored here, off the event path (a cut makes n blobs).
+            # Hashed and stored here, with the work (a cut makes n blobs).
             return tuple(self.put_blob(data) for data in blobs), bad, reason, chosen, values
 
         def done(result: Any, error: BaseException | None) -> None:
