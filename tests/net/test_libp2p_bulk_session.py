@@ -98,7 +98,7 @@ async def test_ranges_come_on_kept_tcp_connections(nursery: trio.Nursery) -> Non
     # Each range is still its own one-time token and key; only the TCP connect is saved.
     a, b = await _pair(nursery)
     await _fetch_wave(b, a, [0], 64 * KIB)
-    assert a.net._bulk.accepted == 1 and b.net._bulk_streams.sockets.idle() == 1
+    assert a.net._bulk.accepted == 1 and b.net._bulk_streams.sockets.pool.count() == 1
     for wave in range(3):
         await _fetch_wave(b, a, [(1 + wave) * 64 * KIB], 64 * KIB)
     _check(a, b, 4)
@@ -128,7 +128,7 @@ async def test_a_connection_with_a_wrong_token_after_a_range_is_closed(
     a, b = await _pair(nursery)
     await _fetch_wave(b, a, [0], 64 * KIB)
     sockets = b.net._bulk_streams.sockets
-    ((address, kept),) = sockets._idle.items()
+    (address,) = sockets.pool.keys()
     sock = sockets.take(address)
     assert sock is not None
     await sock.send_all(os.urandom(_bulk.TOKEN_LEN))

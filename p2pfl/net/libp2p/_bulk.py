@@ -37,7 +37,7 @@ import logging
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import msgpack
 import trio
@@ -69,6 +69,9 @@ from p2pfl.net.libp2p._framing import (
 )
 
 LOG = logging.getLogger("p2pfl.net.libp2p")
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 BULK_PROTOCOL = "/p2pfl/bulk/1.0.0"
 # The same exchange, several times on one stream, one request at a time: a fetcher keeps
@@ -113,48 +116,79 @@ THREAD_CRYPTO_BYTES = 1024 * 1024 + 1
 _IO_CHUNK = 1024 * 1024
 
 
-class KeptSockets:
-    """TCP connections to bulk servers, idle between two ranges, per server address.
+class IdlePool(Generic[K, V]):
+    """What a fetcher keeps idle between two ranges (session streams, TCP connections),
+    per key: at most `per_key` per key and `max_keys` keys. One idle for FETCHER_IDLE_S
+    or more is not handed out again (the server closes its side after SESSION_IDLE_S):
+    take() returns it among the stale ones, for the caller to close."""
 
-    At most KEEP_SOCKETS_PER_SERVER per address and MAX_KEPT_SERVERS addresses; one idle
-    for FETCHER_IDLE_S or more is closed, not reused (the server closes its side after
-    SESSION_IDLE_S)."""
+    def __init__(self, per_key: int, max_keys: int) -> None:
+        self._per_key = per_key
+        self._max_keys = max_keys
+        self._idle: dict[K, list[tuple[V, float]]] = {}
 
-    def __init__(self) -> None:
-        self._idle: dict[tuple[str, int], list[tuple[trio.SocketStream, float]]] = {}
-
-    def take(self, address: tuple[str, int]) -> trio.SocketStream | None:
-        kept = self._idle.get(address)
+    def take(self, key: K) -> tuple[V | None, list[V]]:
+        """(an item idle for less than FETCHER_IDLE_S or None, the stale ones passed)."""
+        kept = self._idle.get(key)
         now = trio.current_time()
+        stale: list[V] = []
         while kept:
-            sock, at = kept.pop()
+            item, at = kept.pop()
             if not kept:
-                del self._idle[address]
+                del self._idle[key]
             if now - at < FETCHER_IDLE_S:
-                return sock
-            sock.socket.close()
-        return None
+                return item, stale
+            stale.append(item)
+        return None, stale
 
-    def give(self, address: tuple[str, int], sock: trio.SocketStream) -> bool:
-        """Keep `sock` for the next range from `address`; False: the caller closes it."""
-        kept = self._idle.get(address)
+    def give(self, key: K, item: V) -> bool:
+        """Keep `item` for the next range under `key`; False: the caller closes it."""
+        kept = self._idle.get(key)
         if kept is None:
-            if len(self._idle) >= MAX_KEPT_SERVERS:
+            if len(self._idle) >= self._max_keys:
                 return False
-            kept = self._idle[address] = []
-        if len(kept) >= KEEP_SOCKETS_PER_SERVER:
+            kept = self._idle[key] = []
+        if len(kept) >= self._per_key:
             return False
-        kept.append((sock, trio.current_time()))
+        kept.append((item, trio.current_time()))
         return True
 
-    def idle(self) -> int:
+    def pop(self, key: K) -> list[V]:
+        """Everything kept under `key`, no longer kept."""
+        return [item for item, _at in self._idle.pop(key, ())]
+
+    def keys(self) -> list[K]:
+        return list(self._idle)
+
+    def count(self, key: K | None = None) -> int:
+        """Items kept under `key` (all of them: None)."""
+        if key is not None:
+            return len(self._idle.get(key, ()))
         return sum(len(kept) for kept in self._idle.values())
 
+
+class KeptSockets:
+    """TCP connections to bulk servers, idle between two ranges, per server address
+    (KEEP_SOCKETS_PER_SERVER each, MAX_KEPT_SERVERS addresses; see IdlePool)."""
+
+    def __init__(self) -> None:
+        self.pool = IdlePool[tuple[str, int], trio.SocketStream](
+            KEEP_SOCKETS_PER_SERVER, MAX_KEPT_SERVERS
+        )
+
+    def take(self, address: tuple[str, int]) -> trio.SocketStream | None:
+        sock, stale = self.pool.take(address)
+        for old in stale:
+            old.socket.close()
+        return sock
+
+    def give(self, address: tuple[str, int], sock: trio.SocketStream) -> bool:
+        return self.pool.give(address, sock)
+
     def close(self) -> None:
-        for kept in self._idle.values():
-            for sock, _at in kept:
+        for address in self.pool.keys():
+            for sock in self.pool.pop(address):
                 sock.socket.close()
-        self._idle.clear()
 
 
 class BulkUnreachable(Exception):

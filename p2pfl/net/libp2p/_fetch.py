@@ -152,40 +152,26 @@ class BulkStreams:
     reused (the server closes its side after SESSION_IDLE_S)."""
 
     def __init__(self) -> None:
-        self._idle: dict[str, list[tuple[Any, float]]] = {}
+        self._idle = _bulk.IdlePool[str, Any](_bulk.KEEP_PER_PEER, _bulk.MAX_KEPT_PEERS)
         self.sockets = _bulk.KeptSockets()  # the TCP connections the ranges come on
 
     async def take(self, peer: str) -> Any | None:
-        kept = self._idle.get(peer)
-        now = trio.current_time()
-        while kept:
-            stream, at = kept.pop()
-            if not kept:
-                del self._idle[peer]
-            if now - at < _bulk.FETCHER_IDLE_S:
-                return stream
+        stream, stale = self._idle.take(peer)
+        for old in stale:
             with trio.move_on_after(CLOSE_TIMEOUT_S):
-                await close_quietly(stream)
-        return None
+                await close_quietly(old)
+        return stream
 
     def give(self, peer: str, stream: Any) -> bool:
         """Keep `stream` for the next range from `peer`; False: the caller closes it."""
-        kept = self._idle.get(peer)
-        if kept is None:
-            if len(self._idle) >= _bulk.MAX_KEPT_PEERS:
-                return False
-            kept = self._idle[peer] = []
-        if len(kept) >= _bulk.KEEP_PER_PEER:
-            return False
-        kept.append((stream, trio.current_time()))
-        return True
+        return self._idle.give(peer, stream)
 
     def forget(self, peer: str) -> None:
         """The peer is gone: its streams went with the connection."""
-        self._idle.pop(peer, None)
+        self._idle.pop(peer)
 
     def idle(self, peer: str) -> int:
-        return len(self._idle.get(peer, ()))
+        return self._idle.count(peer)
 
 
 async def fetch_range(
