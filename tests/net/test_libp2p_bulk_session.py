@@ -1,5 +1,8 @@
 """Bulk session streams (/p2pfl/bulk/1.1.0): one stream carries range after range, kept
-between them by the fetcher (p2pfl/net/libp2p/_fetch.BulkStreams), between real hosts."""
+between them by the fetcher (p2pfl/net/libp2p/_fetch.BulkStreams), between real hosts.
+
+A fetcher prefers a bulk channel (/p2pfl/bulk/1.2.0, tests/net/test_libp2p_bulk_channel.py);
+here the server is one without channels, so its ranges are negotiated on sessions."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import trio.testing
 from libp2p.custom_types import TProtocol
 
 from p2pfl.net.base import FetchDone, FetchFailed
-from p2pfl.net.libp2p import _bulk
+from p2pfl.net.libp2p import _bulk, _channel
 from tests.net.test_libp2p import start_node
 
 KIB = 1024
@@ -30,6 +33,7 @@ async def _fetch_wave(b: Any, a: Any, offsets: list[int], size: int) -> None:
 
 async def _pair(nursery: trio.Nursery) -> tuple[Any, Any]:
     a = await start_node(nursery)
+    a.net._host.remove_stream_handler(TProtocol(_channel.BULK_CHANNEL_PROTOCOL))
     b = await start_node(nursery, bootstrap=[a.addr])
     a.blobs["blob"] = os.urandom(64 * 64 * KIB)
     await b.rec.wait_for(lambda ev: a.id in b.rec.connected())

@@ -10,7 +10,7 @@ import trio
 from libp2p.custom_types import TProtocol
 
 from p2pfl.net.base import FetchDone, FetchFailed
-from p2pfl.net.libp2p import _bulk
+from p2pfl.net.libp2p import _bulk, _channel
 from tests.net.test_libp2p import start_node
 
 MIB = 1024 * 1024
@@ -81,11 +81,13 @@ async def test_fetch_from_a_peer_without_any_address_fails_after_the_dial_timeou
     assert failed.token == 7 and "no address known" in failed.reason
 
 
+@pytest.mark.parametrize("channels", [True, False], ids=["channel", "session"])
 async def test_bulk_offer_that_never_comes_fails_fast_without_fallback(
-    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, channels: bool
 ) -> None:
     # A server stuck before its offer (overloaded, or a bug) must not hold the fetch for
     # fetch_timeout_s; and a timeout is not a broken path: no fallback onto the same server.
+    # The channel offer (a server with channels) and the per-range offer (one without).
     monkeypatch.setattr(_bulk, "OFFER_TIMEOUT_S", 0.5)
     a = await start_node(nursery)
     b = await start_node(nursery, bootstrap=[a.addr], fetch_timeout_s=30.0)
@@ -98,11 +100,16 @@ async def test_bulk_offer_that_never_comes_fails_fast_without_fallback(
 
     for protocol in (_bulk.BULK_PROTOCOL, _bulk.BULK_SESSION_PROTOCOL):
         a.net._host.set_stream_handler(TProtocol(protocol), hang)
+    if channels:
+        a.net._host.set_stream_handler(TProtocol(_channel.BULK_CHANNEL_PROTOCOL), hang)
+    else:
+        a.net._host.remove_stream_handler(TProtocol(_channel.BULK_CHANNEL_PROTOCOL))
     a.blobs["x"] = b"data"
     b.net.fetch(a.id, "x", 0, 4, "t")
     with trio.fail_after(10):  # far below fetch_timeout_s
         await b.rec.wait_for(lambda ev: len(b.rec.of(FetchFailed)) == 1)
     (failed,) = b.rec.of(FetchFailed)
-    assert "bulk offer timed out" in failed.reason
+    what = "bulk channel offer" if channels else "bulk offer"
+    assert f"{what} timed out" in failed.reason
     assert "bulk_fallbacks" not in b.net.stats().extra
     assert stuck

@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -91,6 +92,9 @@ TOKEN_LEN = 16
 # TCP connections a server keeps open between ranges, at most (each is a socket and a
 # task), and idle ones a fetcher keeps per server address.
 MAX_KEPT_CONNECTIONS = 256
+# Channels (_channel.py) one peer may hold, connected or handed out: its fetches at once
+# (KEEP_PER_PEER kept, and as many being opened). One peer cannot take the server's cap.
+CHANNELS_PER_PEER = 2 * KEEP_PER_PEER
 KEEP_SOCKETS_PER_SERVER = 4
 MAX_KEPT_SERVERS = 1024
 _NONCE = bytes(12)
@@ -207,13 +211,26 @@ class _Pending:
     sent: int = 0
 
 
+@dataclass
+class _ChannelClaim:
+    """A channel handed out (_channel.py) whose TCP connection has not come yet."""
+
+    peer: str
+    serve: Callable[[trio.SocketStream], Awaitable[None]]
+    claimed: trio.Event = field(default_factory=trio.Event)
+
+
 class BulkServer:
-    """The TCP side of the bulk path: one listener, one-time tickets."""
+    """The TCP side of the bulk path: one listener, one-time tickets for ranges and for
+    channels (_channel.py)."""
 
     def __init__(self, bind_host: str, port: int = 0) -> None:
         self.bind_host = bind_host
         self.port = port  # 0: a free one, chosen at start
         self._pending: dict[bytes, _Pending] = {}
+        self._channels: dict[bytes, _ChannelClaim] = {}
+        # Channels being served, per peer (to close them when the peer goes).
+        self._serving: dict[str, set[trio.CancelScope]] = {}
         self._kept = 0  # connections waiting for a further token
         self.accepted = 0  # TCP connections accepted (fetchers keep theirs between ranges)
         self.bytes_sent = 0  # over every connection (each range's own: _Pending.sent)
@@ -239,6 +256,49 @@ class BulkServer:
     def withdraw(self, token: bytes) -> None:
         self._pending.pop(token, None)
 
+    def offer_channel(
+        self, peer: str, serve: Callable[[trio.SocketStream], Awaitable[None]]
+    ) -> tuple[bytes, trio.Event] | None:
+        """A token for a channel to `peer`, which `serve` answers once its connection
+        comes; None when the server already holds MAX_KEPT_CONNECTIONS connections
+        (kept, channels, and channels handed out but not yet connected), or `peer`
+        CHANNELS_PER_PEER channels."""
+        held = self._kept + len(self._channels) + self.channels()
+        if held >= MAX_KEPT_CONNECTIONS:
+            return None
+        handed = sum(1 for claim in self._channels.values() if claim.peer == peer)
+        if handed + self.channels(peer) >= CHANNELS_PER_PEER:
+            return None
+        token = os.urandom(TOKEN_LEN)
+        claim = self._channels[token] = _ChannelClaim(peer, serve)
+        return token, claim.claimed
+
+    def withdraw_channel(self, token: bytes) -> None:
+        self._channels.pop(token, None)
+
+    def drop_peer(self, peer: str) -> None:
+        """`peer`'s libp2p connection is gone: so are its channels."""
+        for scope in self._serving.pop(peer, ()):
+            scope.cancel()
+
+    def channels(self, peer: str | None = None) -> int:
+        """Channels being served (to `peer`, if given)."""
+        if peer is not None:
+            return len(self._serving.get(peer, ()))
+        return sum(map(len, self._serving.values()))
+
+    async def _serve_channel(self, sock: trio.SocketStream, claim: _ChannelClaim) -> None:
+        claim.claimed.set()
+        with trio.CancelScope() as scope:
+            serving = self._serving.setdefault(claim.peer, set())
+            serving.add(scope)
+            try:
+                await claim.serve(sock)
+            finally:
+                serving.discard(scope)
+                if not serving and self._serving.get(claim.peer) is serving:
+                    del self._serving[claim.peer]
+
     async def _handle(self, sock: trio.SocketStream) -> None:
         """Serve the ranges whose tokens come on this connection, one after another: a
         fetcher keeps it for its next range from us (KeptSockets), which saves a TCP
@@ -250,6 +310,10 @@ class BulkServer:
         try:
             with trio.fail_after(COLLECT_TIMEOUT_S):
                 token = await _receive_exactly(sock, TOKEN_LEN)
+            claim = self._channels.pop(token, None)  # one-time, like a range's token
+            if claim is not None:
+                await self._serve_channel(sock, claim)
+                return
             while await self._serve_token(sock, token):
                 if self._kept >= MAX_KEPT_CONNECTIONS:
                     return
@@ -263,6 +327,8 @@ class BulkServer:
                 if following is None:
                     return  # idle, or the fetcher closed it between ranges
                 token = following
+        except RemoteProtocolError as exc:
+            LOG.warning("bulk connection closed: %s", exc)
         except Exception as exc:
             LOG.debug("bulk connection failed: %r", exc)
         finally:
@@ -485,20 +551,29 @@ async def fetch_bulk(
 
 
 async def _seal(key: bytes, data: bytes, aad: bytes) -> bytes:
-    if len(data) < THREAD_CRYPTO_BYTES:
-        return AESGCM(key).encrypt(_NONCE, data, aad)
-    # Abandonable: a cancelled serve must not wait for the thread (it finishes alone).
-    # mypy 2.4 rejects any keyword after run_sync's `*args: Unpack[Ts]` (a false positive).
-    return await trio.to_thread.run_sync(  # type: ignore[call-arg]
-        AESGCM(key).encrypt, _NONCE, data, aad, abandon_on_cancel=True
-    )
+    return await seal_with(AESGCM(key), _NONCE, data, aad)
 
 
 async def _open(key: bytes, sealed: bytes, aad: bytes) -> bytes:
-    if len(sealed) < THREAD_CRYPTO_BYTES:
-        return AESGCM(key).decrypt(_NONCE, sealed, aad)
+    return await open_with(AESGCM(key), _NONCE, sealed, aad)
+
+
+async def seal_with(aead: AESGCM, nonce: bytes, data: bytes, aad: bytes) -> bytes:
+    if len(data) < THREAD_CRYPTO_BYTES:
+        return aead.encrypt(nonce, data, aad)
+    # Abandonable: a cancelled serve must not wait for the thread (it finishes alone).
+    # mypy 2.4 rejects any keyword after run_sync's `*args: Unpack[Ts]` (a false positive).
     return await trio.to_thread.run_sync(  # type: ignore[call-arg]
-        AESGCM(key).decrypt, _NONCE, sealed, aad, abandon_on_cancel=True
+        aead.encrypt, nonce, data, aad, abandon_on_cancel=True
+    )
+
+
+async def open_with(aead: AESGCM, nonce: bytes, sealed: bytes, aad: bytes) -> bytes:
+    """Raises InvalidTag for anything but what seal_with made under the same inputs."""
+    if len(sealed) < THREAD_CRYPTO_BYTES:
+        return aead.decrypt(nonce, sealed, aad)
+    return await trio.to_thread.run_sync(  # type: ignore[call-arg]
+        aead.decrypt, nonce, sealed, aad, abandon_on_cancel=True
     )
 
 

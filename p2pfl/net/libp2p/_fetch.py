@@ -26,7 +26,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo as L2PeerInfo, info_from_p2p_addr
 
 from p2pfl.errors import RemoteProtocolError
-from p2pfl.net.libp2p import _blob, _bulk
+from p2pfl.net.libp2p import _blob, _bulk, _channel
 from p2pfl.net.libp2p._framing import (
     StageTimeout,
     close_quietly,
@@ -154,6 +154,7 @@ class BulkStreams:
     def __init__(self) -> None:
         self._idle = _bulk.IdlePool[str, Any](_bulk.KEEP_PER_PEER, _bulk.MAX_KEPT_PEERS)
         self.sockets = _bulk.KeptSockets()  # the TCP connections the ranges come on
+        self.channels = _channel.Channels()  # preferred: no stream exchange per range
 
     async def take(self, peer: str) -> Any | None:
         stream, stale = self._idle.take(peer)
@@ -167,8 +168,13 @@ class BulkStreams:
         return self._idle.give(peer, stream)
 
     def forget(self, peer: str) -> None:
-        """The peer is gone: its streams went with the connection."""
+        """The peer is gone: its streams went with the connection; its channels close."""
         self._idle.pop(peer)
+        self.channels.forget(peer)
+
+    def close(self) -> None:
+        self.sockets.close()
+        self.channels.close()
 
     def idle(self, peer: str) -> int:
         return self._idle.count(peer)
@@ -189,14 +195,18 @@ async def fetch_range(
 
     A peer whose bulk path is unreachable or missing is added to `no_bulk` and not tried
     over it again: behind a firewall, each try would cost a connect timeout. With
-    `streams`, the bulk request goes on a kept session stream when one is idle, and its
-    stream is kept for the next range (a peer without the session protocol gets one
-    BULK_PROTOCOL stream per range, as before).
+    `streams`, the range comes on a bulk channel (_channel.py) to the peer, kept for the
+    next range; a peer without channels gets the request on a kept session stream, and
+    one without sessions one BULK_PROTOCOL stream per range, as before.
     Raises FetchRefused, StageTimeout, RemoteProtocolError or another Exception."""
     no_bulk = set() if no_bulk is None else no_bulk
     if bulk and peer not in no_bulk:
         result = None
-        if streams is not None:
+        if streams is not None and peer not in streams.channels.unsupported:
+            result = await _fetch_on_channel(
+                host, peer, cid, offset, length, extra, no_bulk, streams.channels
+            )
+        if result is None and peer not in no_bulk and streams is not None:
             stream = await streams.take(peer)
             if stream is not None:
                 extra["bulk_streams_reused"] = extra.get("bulk_streams_reused", 0) + 1
@@ -204,7 +214,7 @@ async def fetch_range(
                     host, peer, _bulk.BULK_PROTOCOL, cid, offset, length, extra, no_bulk,
                     streams, stream,
                 )  # fmt: skip
-        if result is None:
+        if result is None and peer not in no_bulk:
             result = await _fetch_via(
                 host, peer, _bulk.BULK_PROTOCOL, cid, offset, length, extra, no_bulk, streams
             )
@@ -212,6 +222,101 @@ async def fetch_range(
             return result
     result = await _fetch_via(host, peer, _blob.BLOB_PROTOCOL, cid, offset, length, extra)
     assert result is not None
+    return result
+
+
+def _count(extra: dict[str, int], key: str) -> None:
+    extra[key] = extra.get(key, 0) + 1
+
+
+async def _fetch_on_channel(
+    host: Any,
+    peer: str,
+    cid: str,
+    offset: int,
+    length: int,
+    extra: dict[str, int],
+    no_bulk: set[str],
+    channels: _channel.Channels,
+) -> tuple[bytes, int] | None:
+    """One range on a kept channel to `peer`, or on a new one. None: negotiate it per
+    range instead (the peer has no channels, or the server is busy, or the channel
+    failed), or, if `peer` is now in `no_bulk`, use the stream protocol. Raises
+    FetchRefused and StageTimeout as the other paths do."""
+    channel = await channels.take(peer)
+    if channel is not None:
+        _count(extra, "bulk_channels_reused")
+        try:
+            return await _on_channel(peer, channel, cid, offset, length, extra, channels)
+        except _channel.ChannelBroken as exc:
+            LOG.debug("kept bulk channel to %s ended (%s); opening a fresh one", peer, exc)
+        except (_blob.FetchRefused, StageTimeout):
+            raise
+        except Exception as exc:
+            _channel_failed(peer, exc, extra)
+            return None
+    try:
+        with deadline("opening a bulk channel stream", OPEN_TIMEOUT_S):
+            stream = await host.new_stream(
+                ID.from_base58(peer), [TProtocol(_channel.BULK_CHANNEL_PROTOCOL)]
+            )
+        channel = await _channel.open_channel(stream)
+    except StageTimeout:
+        raise
+    except _channel.ChannelBusy:
+        return None
+    except Exception as exc:
+        if lacks_protocol(exc):
+            channels.lacks(peer)
+            return None
+        if isinstance(exc, _bulk.BulkUnreachable):
+            if len(no_bulk) < _MAX_NO_BULK:
+                no_bulk.add(peer)
+            LOG.info("no bulk path to %s (%s): blobs from it use the stream protocol", peer, exc)
+            return None
+        _channel_failed(peer, exc, extra)
+        return None
+    _count(extra, "bulk_channels_opened")
+    try:
+        return await _on_channel(peer, channel, cid, offset, length, extra, channels)
+    except (_blob.FetchRefused, StageTimeout):
+        raise
+    except Exception as exc:
+        _channel_failed(peer, exc, extra)
+        return None
+
+
+def _channel_failed(peer: str, exc: Exception, extra: dict[str, int]) -> None:
+    if isinstance(exc, RemoteProtocolError):
+        LOG.warning("bulk channel to %s failed (%s); negotiating per range", peer, exc)
+    else:
+        LOG.info("bulk channel to %s failed (%r); negotiating per range", peer, exc)
+    _count(extra, "bulk_fallbacks")
+
+
+async def _on_channel(
+    peer: str,
+    channel: _channel.Channel,
+    cid: str,
+    offset: int,
+    length: int,
+    extra: dict[str, int],
+    channels: _channel.Channels,
+) -> tuple[bytes, int]:
+    """One range on `channel`, which is kept after a clean exchange (an error answer
+    included) and closed after anything else."""
+    kept = False
+    try:
+        try:
+            result = await channel.fetch(cid, offset, length)
+        except _blob.FetchRefused:
+            kept = channels.give(peer, channel)
+            raise
+        kept = channels.give(peer, channel)
+    finally:
+        if not kept:
+            await channel.aclose()
+    _count(extra, "bulk_fetches")
     return result
 
 

@@ -43,7 +43,7 @@ from p2pfl.net.base import (
     allow_all,
 )
 from p2pfl.net.inbound import InboundBudget
-from p2pfl.net.libp2p import _addrs, _blob, _bulk, _discovery, _fetch, _px, _relay
+from p2pfl.net.libp2p import _addrs, _blob, _bulk, _channel, _discovery, _fetch, _px, _relay
 from p2pfl.net.libp2p._config import Libp2pConfig
 from p2pfl.net.libp2p._framing import (
     StageTimeout,
@@ -303,7 +303,7 @@ class Libp2pNetwork:
             self._stopped = True
             self._nursery = None
             self._connected.clear()
-            self._bulk_streams.sockets.close()
+            self._bulk_streams.close()
 
     async def _start_bulk(self, nursery: trio.Nursery) -> None:
         if not self._config.bulk_tcp:
@@ -317,6 +317,9 @@ class Libp2pNetwork:
         self._host.set_stream_handler(TProtocol(_bulk.BULK_PROTOCOL), self._handle_bulk_stream)
         self._host.set_stream_handler(
             TProtocol(_bulk.BULK_SESSION_PROTOCOL), self._handle_bulk_session
+        )
+        self._host.set_stream_handler(
+            TProtocol(_channel.BULK_CHANNEL_PROTOCOL), self._handle_bulk_channel
         )
 
     def _put(self, cmd: tuple[Any, ...]) -> None:
@@ -567,6 +570,20 @@ class Libp2pNetwork:
             self._may_serve,
         )
 
+    async def _handle_bulk_channel(self, stream: Any) -> None:
+        assert self._bulk is not None
+        peer = str(stream.muxed_conn.peer_id)
+        self._alive(peer)
+        await _channel.serve_channel_request(
+            stream,
+            peer,
+            self._bulk,
+            self._blob_reader,
+            self._serve_limit(peer),
+            self._count_serve,
+            self._may_serve,
+        )
+
     def _serve_limit(self, peer: str) -> trio.Semaphore:
         limit = self._serve_limits.get(peer)
         if limit is None:
@@ -653,6 +670,8 @@ class Libp2pNetwork:
         self._serve_limits.pop(peer, None)
         self._ping_streams.pop(peer, None)  # dies with the connection
         self._bulk_streams.forget(peer)
+        if self._bulk is not None:
+            self._bulk.drop_peer(peer)
         sender = self._senders.pop(peer, None)
         if sender is not None:
             sender.close()
