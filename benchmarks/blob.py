@@ -7,8 +7,13 @@
 * raw_libp2p_mb_s: the same bytes over one plain py-libp2p stream (Noise + yamux), 1 MiB
                    writes: what libp2p itself manages.
 * tcp_mb_s:        the same bytes over a plain trio TCP socket, 1 MiB writes.
+* small ranges: --small-kib (512) KiB ranges fetched one after another, as a
+  reduce-scatter round fetches slices: CPU ms per range (both nodes share the process)
+  on a bulk channel (/p2pfl/bulk/1.2.0, the default) and negotiated per range on a kept
+  session stream (a server without channels); `channel_vs_session` is their ratio.
 
 Prints one JSON line. Usage: python benchmarks/blob.py [--mb 50] [--range-mib 4] [--in-flight 4]
+                                                [--small-kib 512] [--small-count 300]
 """
 
 from __future__ import annotations
@@ -87,6 +92,62 @@ async def bench_blob(blob: bytes, range_bytes: int, in_flight: int, bulk: bool) 
     return len(blob) / elapsed / 1e6
 
 
+async def bench_small_ranges(size: int, count: int, channels: bool) -> float:
+    """CPU milliseconds per `size`-byte range fetched one at a time (after 20 to warm up)."""
+    from libp2p.custom_types import TProtocol
+
+    from p2pfl.net.libp2p import _channel
+
+    blob = os.urandom(4 * size)
+    connected = trio.Event()
+    answers: list[FetchDone | FetchFailed] = []
+    arrived = trio.Event()
+
+    def client_sink(ev: NetEvent) -> None:
+        nonlocal arrived
+        if isinstance(ev, PeerConnected):
+            connected.set()
+        elif isinstance(ev, FetchDone | FetchFailed):
+            answers.append(ev)
+            arrived.set()
+
+    server = Libp2pNetwork(
+        Identity.generate(),
+        Libp2pConfig(),
+        lambda ev: None,
+        lambda cid, off, n: blob[off : off + n] if cid == "b" else None,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        if not channels:
+            server._host.remove_stream_handler(TProtocol(_channel.BULK_CHANNEL_PROTOCOL))
+        client = Libp2pNetwork(
+            Identity.generate(), Libp2pConfig(bootstrap=server.listen_addrs()), client_sink
+        )
+        await nursery.start(client.run)
+        await connected.wait()
+
+        async def fetch(i: int) -> None:
+            nonlocal arrived
+            arrived = trio.Event()
+            client.fetch(server.peer_id, "b", (i % 4) * size, size, i)
+            await arrived.wait()
+            last = answers[-1]
+            if isinstance(last, FetchFailed):
+                raise RuntimeError(f"fetch failed: {last.reason}")
+
+        for i in range(20):
+            await fetch(i)
+        start = time.process_time()
+        for i in range(count):
+            await fetch(i)
+        cpu = time.process_time() - start
+        used = client.stats().extra.get("bulk_channels_opened", 0) > 0
+        nursery.cancel_scope.cancel()
+    assert used == channels, "the bulk channel was not used as configured"
+    return cpu / count * 1000
+
+
 async def bench_raw_libp2p(blob: bytes) -> float:
     from libp2p.custom_types import TProtocol
     from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -158,6 +219,9 @@ async def bench_tcp(blob: bytes) -> float:
 async def main(args: argparse.Namespace) -> None:
     blob = os.urandom(args.mb * 1_000_000)
     rng = args.range_mib * MIB
+    small = args.small_kib * 1024
+    channel_ms = await bench_small_ranges(small, args.small_count, channels=True)
+    session_ms = await bench_small_ranges(small, args.small_count, channels=False)
     result = {
         "blob_mb_s": round(await bench_blob(blob, rng, args.in_flight, bulk=True), 1),
         "blob_stream_mb_s": round(await bench_blob(blob, rng, args.in_flight, bulk=False), 1),
@@ -166,6 +230,10 @@ async def main(args: argparse.Namespace) -> None:
         "mb": args.mb,
         "range_mib": args.range_mib,
         "in_flight": args.in_flight,
+        "small_range_kib": args.small_kib,
+        "channel_ms_per_range": round(channel_ms, 3),
+        "session_ms_per_range": round(session_ms, 3),
+        "channel_vs_session": round(channel_ms / session_ms, 3),
     }
     print(json.dumps(result))
 
@@ -178,4 +246,6 @@ if __name__ == "__main__":
     parser.add_argument("--mb", type=int, default=50)
     parser.add_argument("--range-mib", type=int, default=4)
     parser.add_argument("--in-flight", type=int, default=4)
+    parser.add_argument("--small-kib", type=int, default=512)
+    parser.add_argument("--small-count", type=int, default=300)
     trio.run(main, parser.parse_args())
