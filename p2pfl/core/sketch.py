@@ -135,24 +135,29 @@ def _draw(seed: bytes, index: int, m: int, length: int) -> tuple[np.ndarray, flo
     return out, max(float(out.max()), -float(out.min())) if out.size else 0.0
 
 
-def _flat(piece: Weights) -> tuple[np.ndarray, np.ndarray]:
+def _flat(piece: Weights) -> tuple[np.ndarray, np.ndarray | float]:
     """A slice's floating-point coordinates as one float64 vector, and each one's
-    rounding unit (eps / 2 of its dtype).
+    rounding unit (eps / 2 of its dtype; one number when every tensor has the same dtype,
+    as is usual: no second vector, and no copy to join the tensors when there is one).
 
     Integer and bool tensors (e.g. BatchNorm's step counter) are left out: fedavg rounds
     them, which is not linear, and their rounding slack (0.5 per coordinate) would hide a
     float shift of that size in the same inner product. They are not checked (see
     docs/architecture.md)."""
-    values, units = [], []
+    values: list[np.ndarray] = []
+    units: list[tuple[int, float]] = []  # (coordinates, eps / 2) of each float tensor
     for value in piece.values():
         arr = np.asarray(value).reshape(-1)
         if not np.issubdtype(arr.dtype, np.floating):
             continue
         values.append(arr.astype(np.float64))
-        units.append(np.full(arr.size, float(np.finfo(arr.dtype).eps) / 2))
+        units.append((arr.size, float(np.finfo(arr.dtype).eps) / 2))
     if not values:
         return np.empty(0), np.empty(0)
-    return np.concatenate(values), np.concatenate(units)
+    flat = values[0] if len(values) == 1 else np.concatenate(values)
+    if len({unit for _, unit in units}) == 1:
+        return flat, units[0][1]
+    return flat, np.concatenate([np.full(n, unit) for n, unit in units])
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> float:
