@@ -103,6 +103,29 @@ def test_the_check_passes_honest_float32_sums_and_fails_a_tiny_shift() -> None:
     assert caught_small >= 19
 
 
+def test_mixed_dtype_slices_check_each_coordinate_at_its_own_rounding() -> None:
+    # A float16 and a float64 tensor in one slice: each coordinate's rounding unit is its
+    # own dtype's (the per-coordinate path of sketch._flat), as computed here by hand.
+    rng = np.random.default_rng(3)
+    seed = sk.sketch_seed("t" * 32, 2, 0, ["a"])
+    piece = {
+        "h": rng.standard_normal(40).astype(np.float16),
+        "n": np.arange(3),
+        "d": rng.standard_normal(60),
+    }
+    flat = np.concatenate([piece["h"].astype(np.float64), piece["d"]])
+    units = np.concatenate(
+        [np.full(40, float(np.finfo(np.float16).eps) / 2), np.full(60, 2.0**-53)]
+    )
+    got = sk.aggregate_sketch(seed, 5, piece)
+    for m in range(sk.K):
+        r = sk.challenge(seed, 5, m, flat.size)
+        assert got[m] == float(np.einsum("i,i->", r, flat))
+        bound = float(np.einsum("i,i->", np.abs(r), sk.ROUNDING_MARGIN * units * np.abs(flat)))
+        assert got[sk.K + m] == bound
+    assert sk.sketch(seed, 5, piece)[sk.K] == float(np.abs(flat).sum())
+
+
 def test_a_lie_that_fails_a_check_is_always_provable() -> None:
     rng = np.random.default_rng(3)
     seed = sk.sketch_seed("t" * 32, 2, 1, ["x"])
