@@ -209,7 +209,7 @@ async def fetch_range(
         if result is None and peer not in no_bulk and streams is not None:
             stream = await streams.take(peer)
             if stream is not None:
-                extra["bulk_streams_reused"] = extra.get("bulk_streams_reused", 0) + 1
+                _count(extra, "bulk_streams_reused")
                 result = await _fetch_via(
                     host, peer, _bulk.BULK_PROTOCOL, cid, offset, length, extra, no_bulk,
                     streams, stream,
@@ -270,9 +270,7 @@ async def _fetch_on_channel(
             channels.lacks(peer)
             return None
         if isinstance(exc, _bulk.BulkUnreachable):
-            if len(no_bulk) < _MAX_NO_BULK:
-                no_bulk.add(peer)
-            LOG.info("no bulk path to %s (%s): blobs from it use the stream protocol", peer, exc)
+            _no_bulk_path(no_bulk, peer, exc)
             return None
         _channel_failed(peer, exc, extra)
         return None
@@ -284,6 +282,13 @@ async def _fetch_on_channel(
     except Exception as exc:
         _channel_failed(peer, exc, extra)
         return None
+
+
+def _no_bulk_path(no_bulk: set[str], peer: str, exc: Exception) -> None:
+    """Remember that `peer`'s bulk port is out of reach (or it has no bulk path)."""
+    if len(no_bulk) < _MAX_NO_BULK:
+        no_bulk.add(peer)
+    LOG.info("no bulk path to %s (%s): blobs from it use the stream protocol", peer, exc)
 
 
 def _channel_failed(peer: str, exc: Exception, extra: dict[str, int]) -> None:
@@ -345,7 +350,7 @@ async def _fetch_via(
         if protocol == _bulk.BULK_PROTOCOL:
             sockets = streams.sockets if streams is not None else None
             result = await _bulk.fetch_bulk(stream, cid, offset, length, sockets)
-            extra["bulk_fetches"] = extra.get("bulk_fetches", 0) + 1
+            _count(extra, "bulk_fetches")
         else:
             result = await _blob.request_range(stream, cid, offset, length)
         session = str(stream.get_protocol()) == _bulk.BULK_SESSION_PROTOCOL
@@ -374,12 +379,10 @@ async def _fetch_via(
         ):
             raise
         if no_bulk is not None and (isinstance(exc, _bulk.BulkUnreachable) or lacks_protocol(exc)):
-            if len(no_bulk) < _MAX_NO_BULK:
-                no_bulk.add(peer)
-            LOG.info("no bulk path to %s (%s): blobs from it use the stream protocol", peer, exc)
+            _no_bulk_path(no_bulk, peer, exc)
         elif isinstance(exc, RemoteProtocolError):
             LOG.warning("bulk fetch from %s failed (%s); using the stream protocol", peer, exc)
         else:
             LOG.info("bulk fetch from %s failed (%r); using the stream protocol", peer, exc)
-        extra["bulk_fallbacks"] = extra.get("bulk_fallbacks", 0) + 1
+        _count(extra, "bulk_fallbacks")
         return None
