@@ -3,16 +3,17 @@ requested and answered on one TCP connection.
 
 The bulk session (_bulk, BULK_SESSION_PROTOCOL) negotiates every range on a libp2p
 stream: a request and an offer, two yamux frames through Noise, which in pure Python cost
-the event loop about as much as the slice they fetch. A reduce-scatter round over 8 hosts
-fetches 112 slices, so those two frames per range were half its yamux traffic. A channel
-negotiates once:
+the event loop about a third of a 512 KiB range's fetch (benchmarks/blob.py: 1.2 ms
+of loop time per range on a channel, 1.7-1.9 ms on a session). A channel negotiates
+once:
 
 1. fetcher -> server, on a "/p2pfl/bulk/1.2.0" stream (Noise: the peer is authenticated,
    the answer is secret): a frame "channel".
 2. server -> fetcher: status byte, length, msgpack [port, token, up, down]: a fresh
    one-time 16-byte token and two fresh AES-256-GCM keys, one per direction. Or "busy"
-   when the server already holds MAX_KEPT_CONNECTIONS connections (the fetcher then
-   negotiates per range on a session stream, as before).
+   when the server already holds MAX_KEPT_CONNECTIONS connections, or this peer
+   CHANNELS_PER_PEER channels (the fetcher then negotiates per range on a session
+   stream, as before).
 3. fetcher connects to the server's IP (that of the libp2p connection) at `port` and sends
    the token (within COLLECT_TIMEOUT_S); from then on the connection is the channel,
    bound to the peer the keys were given to. Each exchange, one at a time:
