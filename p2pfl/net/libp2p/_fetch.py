@@ -246,15 +246,29 @@ async def _fetch_on_channel(
     channel = await channels.take(peer)
     if channel is not None:
         _count(extra, "bulk_channels_reused")
+    for _attempt in range(2):  # a kept channel, then a fresh one if the kept one ended
+        if channel is None:
+            channel = await _open_channel(host, peer, extra, no_bulk, channels)
+            if channel is None:
+                return None
         try:
             return await _on_channel(peer, channel, cid, offset, length, extra, channels)
         except _channel.ChannelBroken as exc:
+            # Only a kept channel breaks so (a fresh one's first answer never does).
             LOG.debug("kept bulk channel to %s ended (%s); opening a fresh one", peer, exc)
+            channel = None
         except (_blob.FetchRefused, StageTimeout):
             raise
         except Exception as exc:
             _channel_failed(peer, exc, extra)
             return None
+    return None
+
+
+async def _open_channel(
+    host: Any, peer: str, extra: dict[str, int], no_bulk: set[str], channels: _channel.Channels
+) -> _channel.Channel | None:
+    """A new channel to `peer`; None (and why remembered) when there is none to have."""
     try:
         with deadline("opening a bulk channel stream", OPEN_TIMEOUT_S):
             stream = await host.new_stream(
@@ -268,20 +282,13 @@ async def _fetch_on_channel(
     except Exception as exc:
         if lacks_protocol(exc):
             channels.lacks(peer)
-            return None
-        if isinstance(exc, _bulk.BulkUnreachable):
+        elif isinstance(exc, _bulk.BulkUnreachable):
             _no_bulk_path(no_bulk, peer, exc)
-            return None
-        _channel_failed(peer, exc, extra)
+        else:
+            _channel_failed(peer, exc, extra)
         return None
     _count(extra, "bulk_channels_opened")
-    try:
-        return await _on_channel(peer, channel, cid, offset, length, extra, channels)
-    except (_blob.FetchRefused, StageTimeout):
-        raise
-    except Exception as exc:
-        _channel_failed(peer, exc, extra)
-        return None
+    return channel
 
 
 def _no_bulk_path(no_bulk: set[str], peer: str, exc: Exception) -> None:

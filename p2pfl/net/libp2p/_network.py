@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -557,24 +557,17 @@ class Libp2pNetwork:
         self._count_serve(got, sent)
 
     async def _handle_bulk_session(self, stream: Any) -> None:
-        assert self._bulk is not None
-        peer = str(stream.muxed_conn.peer_id)
-        self._alive(peer)
-        await _bulk.serve_bulk_session(
-            stream,
-            peer,
-            self._bulk,
-            self._blob_reader,
-            self._serve_limit(peer),
-            self._count_serve,
-            self._may_serve,
-        )
+        await self._serve_bulk(stream, _bulk.serve_bulk_session)
 
     async def _handle_bulk_channel(self, stream: Any) -> None:
+        await self._serve_bulk(stream, _channel.serve_channel_request)
+
+    async def _serve_bulk(self, stream: Any, serve: Callable[..., Awaitable[None]]) -> None:
+        """A bulk session or channel stream from a peer, served with that peer's slots."""
         assert self._bulk is not None
         peer = str(stream.muxed_conn.peer_id)
         self._alive(peer)
-        await _channel.serve_channel_request(
+        await serve(
             stream,
             peer,
             self._bulk,
