@@ -25,11 +25,12 @@ from p2pfl.core.commands import (
     Command,
     EventKind,
     Log,
+    Send,
     SetTimer,
     SliceWorked,
 )
 from p2pfl.core.hierarchy import Hierarchy, group_size
-from p2pfl.core.messages import RoundClose, RoundUpdate
+from p2pfl.core.messages import RoundClose, RoundUpdate, UpdateAsk
 from p2pfl.core.phase import ACTIVE, BlobOutcome, Phase
 from p2pfl.core.round_messages import (
     GroupDone,
@@ -51,6 +52,8 @@ GRACE_S = 2.0
 # moves on to a later round needs that round's updates) and one round behind: a peer
 # cannot make us hold its updates for every round of the task.
 ROUNDS_AHEAD = 8
+ASK_AFTER_S = 2.0  # an update a close includes still missing this long after it: ask
+MAX_UPDATE_ANSWERS = 8  # an asker's UpdateAsks answered per round
 
 
 class FedAvgRounds(RoundsBase):
@@ -66,6 +69,7 @@ class FedAvgRounds(RoundsBase):
         self._scatter: Scatter | None = None
         self._hierarchy: Hierarchy | None = None
         self.redone: set[tuple[int, int]] = set()  # (round, attempt) we asked to re-close
+        self.update_answers: dict[int, dict[str, int]] = {}  # round -> asker -> answers
 
     @property
     def scatter(self) -> Scatter | None:
@@ -121,9 +125,12 @@ class FedAvgRounds(RoundsBase):
         update = RoundUpdate(
             task.task_id, rnd, task.my_id, ref, self.my_samples(result.get("num_samples")), shared
         )
-        # It comes back to us too (a gossip publisher receives its own, and a direct
-        # copy is sent to us), so our own update is taken the same way as everyone's.
-        out: list[Command] = task.to_participants(update, gossip_too=True)
+        # It comes back to us too (a direct copy is sent to us, and a gossip publisher
+        # receives its own), so our own update is taken the same way as everyone's. No
+        # gossip copy when the direct ones go: over 8 hosts its relays cost a reduce-scatter
+        # round a third of its time; a participant that misses one asks (UpdateAsk).
+        out: list[Command] = task.to_participants(update)
+        out.append(SetTimer(task.timer(TimerKind.UPDATES, rnd), now + ASK_AFTER_S))
         if task.decision is not None:  # a site: what leaves is recorded
             what = {"task": task.task_id, "round": rnd, "what": "update", "bytes": ref.size}
             out.append(Audit("release", {**what, "dp_spend": 0.0, "notes": []}))
@@ -176,6 +183,42 @@ class FedAvgRounds(RoundsBase):
             close, self.waiting_close = self.waiting_close, None
             return out + self._aggregate_close(now, close)
         return out + self._check_complete(now)
+
+    # --- lost updates (direct messages can be lost) -----------------------------------
+
+    def ask_updates(self, now: float, rnd: int) -> list[Command]:
+        """Updates still missing, asked of their authors again every ASK_AFTER_S: those
+        our close includes (until they come or the RECLOSE deadline decides), and, while
+        we are the acting coordinator of an open round, those of live participants (one
+        still training has none yet and stays silent; the round's deadline decides)."""
+        task = self.task
+        close = self.waiting_close
+        if close is not None and close.round == rnd:
+            wanted: Sequence[str] = close.included
+        elif rnd == task.round and rnd not in self.closes and task.phase in ACTIVE:
+            wanted = task.live() if task.acting() == task.my_id else ()
+        else:
+            return []  # the round moved on: no more asks
+        got = self.updates.get(rnd, {})
+        gone = task.dead | {task.my_id}
+        ask = UpdateAsk(task.task_id, rnd, task.my_id)
+        out: list[Command] = [Send(p, ask) for p in wanted if p not in got and p not in gone]
+        return out + [SetTimer(task.timer(TimerKind.UPDATES, rnd), now + ASK_AFTER_S)]
+
+    def on_update_ask(self, now: float, ask: UpdateAsk) -> list[Command]:
+        """Our update of `ask.round` once more, to the asking participant alone (bounded
+        per round and asker: asks cannot make us a megaphone)."""
+        task = self.task
+        if ask.peer not in task.participants or ask.peer == task.my_id:
+            return []
+        mine = self.updates.get(ask.round, {}).get(task.my_id)
+        if mine is None:
+            return []
+        answers = self.update_answers.setdefault(ask.round, {})
+        if answers.get(ask.peer, 0) >= MAX_UPDATE_ANSWERS:
+            return []
+        answers[ask.peer] = answers.get(ask.peer, 0) + 1
+        return [Send(ask.peer, mine)]
 
     def _check_complete(self, now: float) -> list[Command]:
         task = self.task
@@ -234,6 +277,7 @@ class FedAvgRounds(RoundsBase):
         self.held.pop(close.round, None)
         for old in [r for r in self.updates if r < close.round - 1]:
             del self.updates[old]  # held no longer (ROUNDS_AHEAD)
+            self.update_answers.pop(old, None)
         out: list[Command] = [
             CancelTimer(task.timer(TimerKind.ROUND, close.round)),
             CancelTimer(task.timer(TimerKind.RECLOSE, close.round)),
@@ -263,7 +307,8 @@ class FedAvgRounds(RoundsBase):
             return [
                 SetTimer(
                     task.timer(TimerKind.RECLOSE, close.round), now + task.offer.round_timeout_s
-                )
+                ),
+                SetTimer(task.timer(TimerKind.UPDATES, close.round), now + ASK_AFTER_S),
             ]
         stage = self.stage()
         if stage is not None:
@@ -299,6 +344,8 @@ class FedAvgRounds(RoundsBase):
         task = self.task
         if key.kind is TimerKind.ROUND:
             return self._on_round_deadline(now, key.round)
+        if key.kind is TimerKind.UPDATES:
+            return self.ask_updates(now, key.round)
         if key.kind is TimerKind.SLICES and self._scatter is not None:
             return self._scatter.ask_offers(now, key.round)
         if key.kind is TimerKind.STAGE and self._scatter is not None:

@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 
 GRACE_S = 2.0
 REDUCER_CANDIDATES = 3  # final partials go to this many best-ranked live participants
+# Our partial goes to the candidates again every GRACE_S until a result comes, this many
+# times at most: it is a direct message, and one lost on the way used to leave a reducer
+# short of partials at its deadline (the task failed under a lossy link).
+PARTIAL_RESENDS = 3
 
 
 class FinalStep:
@@ -47,6 +51,7 @@ class FinalStep:
         self.task = task
         self.partials: dict[str, FinalPartial] = {}
         self.sent = False
+        self.resent = 0  # times our partial went out again (PARTIAL_RESENDS)
         self.reducing = False
         self.merge = ""  # gossip reducer: "" -> "merging" -> "merged" (or "skipped")
         self.gather: Gather | None = None
@@ -135,6 +140,7 @@ class FinalStep:
         task.node(task.my_id).state = "refused" if msg.refused else "final"
         out: list[Command] = [CancelTimer(task.timer(TimerKind.ROUND, task.round))]
         out += [Send(peer, msg) for peer in self._candidates() if peer != task.my_id]
+        out.append(SetTimer(task.timer(TimerKind.PARTIAL), now + GRACE_S))
         if task.offer.publisher != task.my_id:
             progress = Progress(task.task_id, task.my_id, task.round, "final", {})
             out.append(Send(task.offer.publisher, progress))
@@ -143,6 +149,16 @@ class FinalStep:
         # one rank per grace period (and a held result from the next in rank counts).
         out.append(SetTimer(task.timer(TimerKind.REDUCE), now + task.offer.round_timeout_s))
         return out
+
+    def resend(self, now: float) -> list[Command]:
+        """No result yet: our partial once more to the (current) candidates, bounded."""
+        task = self.task
+        mine = self.partials.get(task.my_id)
+        if task.result is not None or mine is None or self.resent >= PARTIAL_RESENDS:
+            return []
+        self.resent += 1
+        out: list[Command] = [Send(p, mine) for p in self._candidates() if p != task.my_id]
+        return out + [SetTimer(task.timer(TimerKind.PARTIAL), now + GRACE_S)]
 
     # --- the reducer ---------------------------------------------------------------------
 

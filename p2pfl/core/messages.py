@@ -309,6 +309,24 @@ class RoundUpdate:
             raise ValueError("round must be >= 1 and num_samples >= 0")
 
 
+@message("task.update-ask")
+@dataclass(frozen=True, slots=True)
+class UpdateAsk:
+    """A participant holding a close that includes an update which never reached it asks
+    the update's author, directly, for it once more: updates go only directly when every
+    participant is a connection away (TaskMachine.to_participants), and a direct message
+    can be lost. Answered to the asker only, a bounded number of times."""
+
+    task_id: str
+    round: int
+    peer: str  # who asks
+
+    def __post_init__(self) -> None:
+        _check_task(self.task_id, self.peer)
+        if self.round < 1:
+            raise ValueError("round must be >= 1")
+
+
 @message("task.close")
 @dataclass(frozen=True, slots=True)
 class RoundClose:

@@ -51,6 +51,7 @@ from p2pfl.core.messages import (
     TaskpackHave,
     TaskpackSync,
     TaskResult,
+    UpdateAsk,
     Volunteer,
     check_task_id,
 )
@@ -138,6 +139,7 @@ _ON_TOPIC: dict[str | None, tuple[type, ...]] = {
         # (TaskMachine.to_participants): updates and closes, reduce-scatter's stages.
         RoundUpdate,
         RoundClose,
+        UpdateAsk,
         SliceDone,
         SliceSketch,
         StageAsk,

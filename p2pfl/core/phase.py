@@ -24,6 +24,7 @@ from p2pfl.core.messages import (
     RoundClose,
     RoundUpdate,
     TaskResult,
+    UpdateAsk,
     Volunteer,
 )
 from p2pfl.core.round_messages import (
@@ -152,6 +153,8 @@ _FOLLOW: frozenset[EventKey] = frozenset(
 )
 _PARTICIPATE: frozenset[EventKey] = _FOLLOW | {
     GossipPush,
+    UpdateAsk,
+    TimerKind.UPDATES,
     StageAsk,
     TimerKind.STAGE,
     SliceOffer,
@@ -172,6 +175,7 @@ _PARTICIPATE: frozenset[EventKey] = _FOLLOW | {
     JobStep.EVALUATE,
     JobStep.FINALIZE,
     JobStep.REDUCE,
+    TimerKind.PARTIAL,
 }
 
 ACCEPTS: dict[Phase, frozenset[EventKey]] = {

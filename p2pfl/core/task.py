@@ -82,6 +82,7 @@ from p2pfl.core.messages import (
     RoundUpdate,
     TaskOffer,
     TaskResult,
+    UpdateAsk,
     Volunteer,
 )
 from p2pfl.core.phase import (
@@ -301,7 +302,9 @@ class TaskMachine:
         over 8 hosts, where gossip took 0.05-0.3 s and relays each copy from every mesh
         peer. Otherwise by gossip, which also reaches those we are not connected to.
         `gossip_too`: by gossip as well, for a message that followers of the task read
-        and that nothing asks for again if a direct copy is lost (updates, closes)."""
+        and that nothing asks for again if a direct copy is lost (closes). Updates go
+        directly only: followers learn a round from its close and the publisher from
+        Progress, and a participant missing one asks its author (UpdateAsk)."""
         me = self.my_id
         gone = self.dead | set(self.withdrawn)
         others = [p for p in self.participants if p != me and p not in gone]
@@ -1062,6 +1065,8 @@ class TaskMachine:
             return [self.roster_publish] if mine and self.roster_publish is not None else []
         if kind is TimerKind.REDUCE:
             return self.final.on_deadline(now)
+        if kind is TimerKind.PARTIAL:
+            return self.final.resend(now)
         if self.rounds is not None:
             return self.rounds.on_timer(now, key)
         if kind is TimerKind.ROUND:  # analysis: the execution's deadline
@@ -1282,6 +1287,8 @@ class TaskMachine:
             return self.rounds.on_update(now, msg)
         if isinstance(msg, RoundClose) and isinstance(self.rounds, FedAvgRounds):
             return self.rounds.on_close(now, msg)
+        if isinstance(msg, UpdateAsk) and isinstance(self.rounds, FedAvgRounds):
+            return self.rounds.on_update_ask(now, msg)
         if isinstance(self.rounds, FedAvgRounds) and isinstance(
             msg,
             SliceOffer | SliceAsk | SliceDone | GroupDone | SliceSketch | SketchProof | StageAsk,
@@ -1515,6 +1522,7 @@ HANDLERS: dict[EventKey, Handler] = {
     CallPart: TaskMachine.on_call_part,
     RoundUpdate: TaskMachine.on_round_message,
     RoundClose: TaskMachine.on_round_message,
+    UpdateAsk: TaskMachine.on_round_message,
     GossipPush: TaskMachine.on_round_message,
     SliceDone: TaskMachine.on_round_message,
     StageAsk: TaskMachine.on_round_message,

@@ -21,10 +21,12 @@ class TimerKind(enum.Enum):
     REPUBLISH_REVEAL = "republish-reveal"  # our reveal once more (a lost one leaves us out)
     ROUND = "round"  # a round's deadline (and each takeover grace after it)
     RECLOSE = "reclose"  # waiting for a re-close after an unfetchable update
+    UPDATES = "updates"  # ask again for updates a close includes that never came
     REFETCH = "refetch"  # retry a failed fetch from a live author
     STAGE = "stage"  # reduce-scatter: ask again for stage messages still missing
     SLICES = "slices"  # reduce-scatter: ask again for slice offers still missing
     REDUCE = "reduce"  # the reducer's deadline (and each failover grace after it)
+    PARTIAL = "partial"  # our final partial once more, while no result has come
     EXPIRE = "expire"  # an offer that never got a roster is forgotten
 
 

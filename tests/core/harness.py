@@ -406,6 +406,25 @@ class Harness:
         return Aggregated(cmd.token, ref, dropped=dropped)
 
 
+def tap(h: Harness) -> tuple[list[tuple[int, str, Any]], list[Callable[[int, Any], bool]]]:
+    """Record every Send and Publish as it leaves a node, after the `outgoing` hook, as
+    (node index, "Send" | "Publish", command); `drop` holds predicates (node index,
+    command) -> True that lose that one command on the way (one direct copy, say)."""
+    seen: list[tuple[int, str, Any]] = []
+    drop: list[Callable[[int, Any], bool]] = []
+    one = h._one
+
+    def record(node: Node, cmd: Any) -> None:
+        if isinstance(cmd, Send | Publish):
+            seen.append((node.index, type(cmd).__name__, cmd))
+            if any(rule(node.index, cmd) for rule in drop):
+                return
+        one(node, cmd)
+
+    h._one = record  # type: ignore[method-assign]
+    return seen, drop
+
+
 def done(h: Harness, task_id: str) -> list[TaskMachine]:
     """Every live machine of the task, asserting they all ended in the same result."""
     machines = h.machines(task_id)

@@ -17,7 +17,7 @@ from p2pfl.fl import slices
 from p2pfl.fl.aggregate import fedavg, median, trimmed_mean
 from p2pfl.net.base import PeerDisconnected
 from p2pfl.wire import Signed, seal
-from tests.core.harness import Harness, Node, carried, done, update_in
+from tests.core.harness import Harness, Node, carried, done, tap, update_in
 
 RS = {"kind": "reduce-scatter"}  # the default for fedavg at n >= 4; asked for by others
 
@@ -403,30 +403,12 @@ def test_owners_fetch_their_slices_while_the_round_is_open() -> None:
 # --- stage messages: direct or gossip, and lost ones ----------------------------------------
 
 
-def _stage_transport(h: Harness) -> tuple[list[tuple[int, str, object]], list[object]]:
-    """Record how each node's SliceDones leave it (Send or Publish); `drop` holds
-    predicates (node index, command) -> True to lose that command on the way."""
-    seen: list[tuple[int, str, object]] = []
-    drop: list[object] = []
-    one = h._one
-
-    def record(node: Node, cmd: object) -> None:
-        if isinstance(cmd, Send | Publish):
-            seen.append((node.index, type(cmd).__name__, cmd))
-            if any(rule(node.index, cmd) for rule in drop):  # type: ignore[operator]
-                return
-        one(node, cmd)
-
-    h._one = record  # type: ignore[method-assign]
-    return seen, drop
-
-
 def test_stage_messages_go_directly_to_connected_participants_else_by_gossip() -> None:
     n = 5
     h = Harness(n)
     # Node 0 holds no connection to node 1 (both still reach each other by gossip).
     h._feed(h.nodes[0], PeerDisconnected(h.nodes[1].peer))
-    seen, _ = _stage_transport(h)
+    seen, _ = tap(h)
     task_id = h.offer(node=2, rounds=1)
     h.run()
     machines = done(h, task_id)
@@ -446,7 +428,7 @@ def test_stage_messages_go_directly_to_connected_participants_else_by_gossip() -
 def test_a_lost_direct_stage_message_is_asked_for_again() -> None:
     n = 5
     h = Harness(n)
-    seen, drop = _stage_transport(h)
+    seen, drop = tap(h)
     victim = h.nodes[3].peer
     lost: list[object] = []
 
