@@ -13,16 +13,22 @@ publishes <R_j^m, s_ij> for every slice j and m < K (and the L1 norm of s_ij, fo
 tolerance); every node, holding every a_j, checks <R_j^m, a_j> = sum_i f_i <R_j^m, s_ij>.
 
 Why it catches an owner: R is fixed only after every a_j is (its cid is in the seed), so an
-owner that publishes a_j + d cannot choose d orthogonal to R; <R, d> is then a Gaussian of
-standard deviation |d|, far outside the tolerance unless d is below float32 rounding.
+owner that publishes a_j + d cannot choose d orthogonal to R. R's coordinates are
+independent and uniform on [-sqrt 3, sqrt 3] (variance 1), so <R, d> has standard
+deviation |d| and, whatever d's direction, a density of at most 1 / (sqrt 6 |d|) (Ball's
+cube-slicing bound: no central hyperplane section of a unit cube exceeds sqrt 2): it
+falls within a tolerance t of 0 with probability at most 0.82 t / |d|, against 0.80 t / |d|
+for a Gaussian R, so far outside the tolerance unless d is below float32 rounding. Uniform
+draws are five times cheaper than normal ones (1.1 ms per 125,000 coordinates here, 32 of
+them per round at 8 nodes and 1M parameters), and bound |R_c| by sqrt 3 instead of ~4.5.
 
 The owner's own contribution to its slice is not taken from the owner (it could make up a
 value that hides its shift): the owner offers that slice to a witness, the next included
 participant after it in rank order, which publishes its sketch instead.
 
 The randomness here is a public challenge, not privacy noise: anyone can recompute it, and
-it must be reproducible (numpy's SFC64 seeded by sha256; standard normal draws from it
-are three times faster than from PCG64), not drawn from a CSPRNG.
+it must be reproducible (numpy's SFC64 seeded by sha256, the fastest of numpy's bit
+generators here), not drawn from a CSPRNG.
 """
 
 from __future__ import annotations
@@ -91,7 +97,8 @@ _drawing: dict[tuple[bytes, int, int, int], threading.Event] = {}
 
 
 def challenge(seed: bytes, index: int, m: int, length: int) -> np.ndarray:
-    """The m-th challenge vector of slice `index` (float64, standard normal; read-only)."""
+    """The m-th challenge vector of slice `index` (float64, uniform on [-sqrt 3, sqrt 3]:
+    mean 0, variance 1; read-only)."""
     return _challenge(seed, index, m, length)[0]
 
 
@@ -127,10 +134,15 @@ def _challenge(seed: bytes, index: int, m: int, length: int) -> tuple[np.ndarray
         drawing.set()
 
 
+_SQRT3 = float(np.sqrt(3.0))
+
+
 def _draw(seed: bytes, index: int, m: int, length: int) -> tuple[np.ndarray, float]:
     digest = hashlib.sha256(seed + f"|{index}|{m}".encode()).digest()
     gen = np.random.Generator(np.random.SFC64(int.from_bytes(digest, "big")))
-    out = gen.standard_normal(length)
+    out = gen.random(length)  # [0, 1), then in place to [-sqrt 3, sqrt 3)
+    out *= 2 * _SQRT3
+    out -= _SQRT3
     out.flags.writeable = False
     return out, max(float(out.max()), -float(out.min())) if out.size else 0.0
 

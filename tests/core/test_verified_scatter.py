@@ -87,7 +87,7 @@ def test_the_check_passes_honest_float32_sums_and_fails_a_tiny_shift() -> None:
         assert sk.slice_fails(sk.aggregate_sketch(seed, 3, agg), wire) is None, trial
         # One coordinate moved by 1e-3 of the slice's largest value: always caught. By
         # 1e-4: caught unless all K challenge values at that coordinate are small
-        # (|R| < ~0.25 each, about 1 chance in 800 per shift).
+        # (|R| < ~0.25 each, uniform on [-sqrt 3, sqrt 3]: 1 chance in 2,300 per shift).
         c = int(rng.integers(0, 300))
         for size in (1e-3, 1e-4):
             shifted = {k: v.copy() for k, v in agg.items()}
@@ -101,6 +101,21 @@ def test_the_check_passes_honest_float32_sums_and_fails_a_tiny_shift() -> None:
             else:
                 caught_small += fails
     assert caught_small >= 19
+
+
+def test_challenges_are_uniform_with_unit_variance_and_hide_no_direction() -> None:
+    seed = sk.sketch_seed("t" * 32, 1, 0, ["a"])
+    r = sk.challenge(seed, 0, 0, 200_000)
+    assert r.dtype == np.float64 and not r.flags.writeable
+    assert np.abs(r).max() <= np.sqrt(3) and abs(r.mean()) < 0.01 and abs(r.var() - 1) < 0.01
+    assert np.array_equal(r, sk.challenge(seed, 0, 0, 200_000))  # every node draws the same
+    assert not np.array_equal(r[:1000], sk.challenge(seed, 0, 1, 1000))
+    # The worst direction for uniform coordinates (Ball's bound, core/sketch.py): a shift
+    # spread evenly over two coordinates. <R, d> lands within 0.1 |d| of 0 with
+    # probability at most 0.082 (a Gaussian R: 0.080); a one-coordinate shift 0.058.
+    pairs = r.reshape(-1, 2)
+    assert np.mean(np.abs(pairs.sum(axis=1)) / np.sqrt(2) < 0.1) < 0.09
+    assert np.mean(np.abs(r) < 0.1) < 0.065
 
 
 def test_mixed_dtype_slices_check_each_coordinate_at_its_own_rounding() -> None:

@@ -217,6 +217,11 @@ async def test_direct_send_both_ways_and_to_self(nursery: trio.Nursery) -> None:
         a.net.send(b.id, b"x" * (MAX_DIRECT_BYTES + 1))
     st = b.net.stats()
     assert st.messages_received == 50 and st.messages_sent == 1
+    # Queued together, they left in few writes; each is still counted once, with its
+    # 4-byte length.
+    sent = a.net.stats()
+    assert sent.messages_sent == 50
+    assert sent.bytes_sent == sum(len(b"hello %d" % i) + 4 for i in range(50))
     assert st.bytes_received >= sum(len(b"hello %d" % i) for i in range(50))
 
 

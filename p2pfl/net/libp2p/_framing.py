@@ -71,6 +71,68 @@ async def read_frame(stream: Any, limit: int) -> bytes | None:
     return await read_exactly(stream, length)
 
 
+class FrameReader:
+    """Frames from a stream that carries many small ones (direct messages), read ahead:
+    one `stream.read` of up to READ_AHEAD bytes yields every frame it holds, where
+    read_frame makes two reads per frame (a header, then a body), each a pass through
+    py-libp2p's muxer and its locks. Never holds more than one frame past `limit`:
+    a frame's length is checked before its body is read."""
+
+    READ_AHEAD = 64 * 1024
+
+    def __init__(self, stream: Any, limit: int) -> None:
+        self._stream = stream
+        self._limit = limit
+        self._buf = bytearray()
+        self._at = 0  # where the next frame starts in _buf
+
+    async def next(self) -> bytes | None:
+        """The next frame; None on a clean end of stream between frames."""
+        while True:
+            data = self._take()
+            if data is not None:
+                return data
+            try:
+                chunk = await self._stream.read(
+                    max(self.READ_AHEAD, min(self._wanted(), READ_CHUNK))
+                )
+            except EOFError:
+                chunk = b""
+            if not chunk:
+                held = len(self._buf) - self._at
+                if held == 0:
+                    return None
+                raise StreamClosedEarly(f"stream ended inside a frame ({held} bytes held)")
+            if self._at:
+                del self._buf[: self._at]
+                self._at = 0
+            self._buf += chunk
+
+    def _wanted(self) -> int:
+        """Bytes still missing from the frame under way (at least a header's)."""
+        held = len(self._buf) - self._at
+        if held < _LEN.size:
+            return _LEN.size - held
+        return _LEN.size + self._length() - held
+
+    def _length(self) -> int:
+        (length,) = _LEN.unpack_from(self._buf, self._at)
+        if length > self._limit:
+            raise RemoteProtocolError(f"frame of {length} bytes exceeds the limit of {self._limit}")
+        return int(length)
+
+    def _take(self) -> bytes | None:
+        held = len(self._buf) - self._at
+        if held < _LEN.size:
+            return None
+        end = self._at + _LEN.size + self._length()
+        if end > len(self._buf):
+            return None
+        data = bytes(self._buf[self._at + _LEN.size : end])
+        self._at = end
+        return data
+
+
 def frame(data: bytes) -> bytes:
     """`data` with its 4-byte length prefix."""
     return _LEN.pack(len(data)) + data

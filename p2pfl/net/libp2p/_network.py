@@ -46,6 +46,7 @@ from p2pfl.net.inbound import InboundBudget
 from p2pfl.net.libp2p import _addrs, _blob, _bulk, _channel, _discovery, _fetch, _px, _relay
 from p2pfl.net.libp2p._config import Libp2pConfig
 from p2pfl.net.libp2p._framing import (
+    FrameReader,
     StageTimeout,
     close_quietly as _close,
     frame,
@@ -64,6 +65,8 @@ MSG_PROTOCOL = "/p2pfl/msg/1.0.0"
 HANDSHAKE_TIMEOUT_S = 10.0
 # A write to a peer that stopped reading fails after this (the message is dropped).
 WRITE_TIMEOUT_S = 30.0
+# Direct messages queued for one peer leave in one write up to about this many bytes.
+WRITE_BATCH_BYTES = 256 * 1024
 # First peer-exchange re-ask after a new connection; doubles up to px_interval_s.
 PX_FAST_S = 0.5
 # One gossip RPC read from a peer: one message at the cap plus its envelope (ids,
@@ -456,7 +459,7 @@ class Libp2pNetwork:
         stream = None
         try:
             async for data in recv:
-                self._unqueue(peer, len(data))
+                batch = self._batch(peer, data, recv)
                 sent = False
                 for _attempt in range(2):  # a stale stream gets one fresh replacement
                     try:
@@ -465,7 +468,7 @@ class Libp2pNetwork:
                                 stream = await self._host.new_stream(
                                     ID.from_base58(peer), [TProtocol(MSG_PROTOCOL)]
                                 )
-                            await stream.write(frame(data))
+                            await stream.write(b"".join(frame(item) for item in batch))
                         sent = True
                         break
                     except Exception as exc:
@@ -473,10 +476,10 @@ class Libp2pNetwork:
                         await _reset(stream)
                         stream = None
                 if sent:
-                    self._stats.bytes_sent += len(data) + 4
-                    self._stats.messages_sent += 1
+                    self._stats.bytes_sent += sum(len(item) + 4 for item in batch)
+                    self._stats.messages_sent += len(batch)
                 else:
-                    self._stats.extra["direct_dropped"] += 1
+                    self._stats.extra["direct_dropped"] += len(batch)
                     if peer not in self._connected:
                         break  # unreachable: drop what is queued and let the task end
         finally:
@@ -492,6 +495,23 @@ class Libp2pNetwork:
             if stream is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(1):
                     await _close(stream)
+
+    def _batch(self, peer: str, first: bytes, recv: Any) -> list[bytes]:
+        """`first` and whatever else is queued for `peer` now, up to WRITE_BATCH_BYTES:
+        one write, so one muxer frame where each message was one (an update and its
+        slice offer leave together; each write is a pass through py-libp2p's yamux,
+        noise and locks)."""
+        batch, size = [first], len(first)
+        self._unqueue(peer, len(first))
+        while size < WRITE_BATCH_BYTES:
+            try:
+                data = recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            self._unqueue(peer, len(data))
+            batch.append(data)
+            size += len(data)
+        return batch
 
     def _unqueue(self, peer: str, n: int) -> None:
         left = self._send_bytes.get(peer, 0) - n
@@ -521,8 +541,9 @@ class Libp2pNetwork:
 
     async def _read_msg_stream(self, peer: str, stream: Any) -> None:
         async with reset_on_error(stream, f"direct stream from {peer}"):
+            frames = FrameReader(stream, MAX_DIRECT_BYTES)
             while True:
-                data = await read_frame(stream, MAX_DIRECT_BYTES)
+                data = await frames.next()
                 if data is None:
                     break
                 self._stats.bytes_received += len(data) + 4
