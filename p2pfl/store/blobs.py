@@ -382,18 +382,27 @@ class HeldPartialBlob(PartialBlob):
 
 
 class MemoryPartialBlob(PartialBlob):
+    """A download held in memory. A one-chunk blob (a reduce-scatter slice usually is) is
+    kept as its chunk arrived, without a buffer to copy it into and out of again."""
+
     def __init__(self, store: BlobStore, ref: BlobRef) -> None:
         super().__init__(store, ref)
-        self._buf = bytearray(ref.size)
+        self._buf: bytearray | bytes = b""  # sized at the first write
 
     def _write(self, index: int, data: bytes | bytearray | memoryview) -> None:
+        if len(self.ref.chunk_hashes) == 1:
+            self._buf = bytes(data)  # the same object when `data` is bytes
+            return
+        buf = self._buf
+        if not isinstance(buf, bytearray):
+            buf = self._buf = bytearray(self.ref.size)
         offset = index * self.ref.chunk_size
-        self._buf[offset : offset + len(data)] = data
+        buf[offset : offset + len(data)] = data
 
     def _finish(self) -> str:
         cid = self.ref.cid
         # A one-chunk blob whose chunk hash is its CID's digest was verified whole when
-        # its chunk was (a reduce-scatter slice usually is one chunk): no second pass.
+        # its chunk was: no second pass.
         if not single_chunk(self.ref):
             got = cid_of(self._buf)
             if got != cid:
@@ -409,6 +418,7 @@ class MemoryPartialBlob(PartialBlob):
 
     def discard(self) -> None:
         super().discard()
+        self._buf = b""
         self.store._mem_partials.pop(self.ref.cid, None)
 
 

@@ -40,8 +40,9 @@ def window_updates() -> Iterator[list[int]]:
 
 
 async def _send_small_messages(nursery: trio.Nursery, count: int) -> tuple[Any, Any]:
-    a = await start_node(nursery)
-    b = await start_node(nursery, bootstrap=[a.addr])
+    # No bulk port: direct messages stay on their yamux stream (no message channel).
+    a = await start_node(nursery, bulk_tcp=False)
+    b = await start_node(nursery, bootstrap=[a.addr], bulk_tcp=False)
     await a.rec.wait_for(lambda ev: b.id in a.rec.connected())
     # One at a time, each after the last arrived: each is then its own write and read
     # (messages queued together leave in one write, see _direct_sender).

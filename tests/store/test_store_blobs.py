@@ -116,8 +116,12 @@ def test_one_chunk_blob_is_verified_by_its_chunk_and_a_lying_one_is_not(
     ref = make_blob_ref(DATA)  # one chunk: its hash is the CID's digest
     assert ref.n_chunks == 1 and ref.cid == cid_of(DATA)
     p = store.open_partial(ref)
+    assert p.read_verified(0, 10) is None
     p.write_chunk(0, DATA)
+    assert p.read_verified(5, 10) == DATA[5:15]  # served while not yet finished
     assert p.finish() == ref.cid and bytes(store.get(ref.cid)) == DATA
+    if store.root is None:
+        assert store.get(ref.cid) is DATA  # kept as it arrived: no copy in, none out
     # One chunk of other data under this data's CID: the chunk "verifies", the whole not.
     other = os.urandom(len(DATA))
     lying = replace(make_blob_ref(other), cid=cid_of(DATA[::-1]))

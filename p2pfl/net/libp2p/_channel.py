@@ -36,7 +36,7 @@ libp2p connection does (BulkServer.drop_peer).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,20 +102,34 @@ async def serve_channel_request(
     """Answer a channel request on a libp2p stream (BULK_CHANNEL_PROTOCOL): hand `peer`
     a token and keys, and hold them until its TCP connection claims them (at most
     COLLECT_TIMEOUT_S)."""
-    async with reset_on_error(stream, f"bulk channel stream from {peer}"):
+    up, down = AESGCM.generate_key(bit_length=256), AESGCM.generate_key(bit_length=256)
+    served = _Served(peer, AESGCM(up), AESGCM(down), reader, limit, count, may_serve)
+    await hand_out(stream, peer, server, _HELLO, [up, down], served.serve)
+
+
+async def hand_out(
+    stream: Any,
+    peer: str,
+    server: _bulk.BulkServer,
+    hello: bytes,
+    keys: list[bytes],
+    serve: Callable[[trio.SocketStream], Awaitable[None]],
+) -> None:
+    """The server's half of a channel's negotiation on a libp2p stream: read `hello`,
+    answer [port, token, *keys] (or "busy"), and hold the token until the peer's TCP
+    connection claims it (at most COLLECT_TIMEOUT_S); `serve` then runs on it."""
+    async with reset_on_error(stream, f"channel stream from {peer}"):
         with trio.fail_after(_bulk.COLLECT_TIMEOUT_S):
-            raw = await read_frame(stream, len(_HELLO))
-        if raw != _HELLO:
-            raise RemoteProtocolError("bulk channel stream: expected a channel request")
-        up, down = AESGCM.generate_key(bit_length=256), AESGCM.generate_key(bit_length=256)
-        served = _Served(peer, AESGCM(up), AESGCM(down), reader, limit, count, may_serve)
-        claim = server.offer_channel(peer, served.serve)
+            raw = await read_frame(stream, len(hello))
+        if raw != hello:
+            raise RemoteProtocolError(f"channel stream: expected {hello.decode()!r}")
+        claim = server.offer_channel(peer, serve)
         if claim is None:
             await _bulk._answer(stream, SERVER_ERROR, b"busy")
             return
         token, claimed = claim
         try:
-            body = msgpack.packb([server.port, token, up, down])
+            body = msgpack.packb([server.port, token, *keys])
             with trio.fail_after(_bulk.COLLECT_TIMEOUT_S):
                 await _bulk._answer(stream, OK, body)
             with trio.move_on_after(_bulk.COLLECT_TIMEOUT_S):
@@ -263,9 +277,20 @@ async def open_channel(stream: Any) -> Channel:
     """Ask for a channel on `stream` (a BULK_CHANNEL_PROTOCOL stream, closed here) and
     connect it. Raises ChannelBusy, BulkUnreachable (the port cannot be reached),
     StageTimeout or RemoteProtocolError."""
+    sock, (up, down) = await negotiate(stream, _HELLO, 2)
+    return Channel(sock, AESGCM(up), AESGCM(down))
+
+
+async def negotiate(
+    stream: Any, hello: bytes, n_keys: int
+) -> tuple[trio.SocketStream, list[bytes]]:
+    """The fetcher's (or sender's) half of hand_out: ask on `stream` (closed here), check
+    the offer, connect to the port at the libp2p connection's address and present the
+    token. The connection and the `n_keys` 32-byte keys. Raises ChannelBusy,
+    BulkUnreachable, StageTimeout or RemoteProtocolError."""
     try:
         with deadline("bulk channel offer", _bulk.OFFER_TIMEOUT_S):
-            await stream.write(frame(_HELLO))
+            await stream.write(frame(hello))
             status, size = _bulk._RESP.unpack(await read_exactly(stream, _bulk._RESP.size))
             if size > (_bulk._MAX_OFFER if status == OK else _MAX_REASON):
                 raise RemoteProtocolError(f"bulk channel answer of {size} bytes is too long")
@@ -277,7 +302,7 @@ async def open_channel(stream: Any) -> Channel:
     if status != OK:
         raise ChannelBusy(body.decode("utf-8", "replace") or f"status {status}")
     try:
-        port, token, up, down = msgpack.unpackb(body)
+        port, token, *keys = msgpack.unpackb(body)
     except Exception:
         raise RemoteProtocolError("malformed bulk channel offer") from None
     if not (
@@ -285,7 +310,8 @@ async def open_channel(stream: Any) -> Channel:
         and 0 < port < 65536
         and isinstance(token, bytes)
         and len(token) == _bulk.TOKEN_LEN
-        and all(isinstance(k, bytes) and len(k) == 32 for k in (up, down))
+        and len(keys) == n_keys
+        and all(isinstance(k, bytes) and len(k) == 32 for k in keys)
     ):
         raise RemoteProtocolError("malformed bulk channel offer")
     if not remote:
@@ -302,7 +328,7 @@ async def open_channel(stream: Any) -> Channel:
     except BaseException:
         await _bulk._aclose(sock)
         raise
-    return Channel(sock, AESGCM(up), AESGCM(down))
+    return sock, keys
 
 
 class Channels:

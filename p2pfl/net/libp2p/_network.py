@@ -43,7 +43,17 @@ from p2pfl.net.base import (
     allow_all,
 )
 from p2pfl.net.inbound import InboundBudget
-from p2pfl.net.libp2p import _addrs, _blob, _bulk, _channel, _discovery, _fetch, _px, _relay
+from p2pfl.net.libp2p import (
+    _addrs,
+    _blob,
+    _bulk,
+    _channel,
+    _discovery,
+    _fetch,
+    _msgchan,
+    _px,
+    _relay,
+)
 from p2pfl.net.libp2p._config import Libp2pConfig
 from p2pfl.net.libp2p._framing import (
     FrameReader,
@@ -157,6 +167,9 @@ class Libp2pNetwork:
                 "gossip_refused": 0,
                 "direct_streams_refused": 0,
                 "gossip_bad_signature": 0,
+                "msg_channels_opened": 0,
+                "msg_channel_failed": 0,
+                "direct_via_channel": 0,
             }
         )
         # Neighbour -> gossip messages it sent us unsigned or badly signed (each dropped).
@@ -189,6 +202,7 @@ class Libp2pNetwork:
         # No ping protocol: its "na" answer to each ping stream is the sign of life.
         self._no_ping: set[str] = set()
         self._no_bulk: set[str] = set()  # also: bulk port unreachable (_fetch)
+        self._no_msg_channel: set[str] = set()
         # Peers that close a ping stream after each ping (js-libp2p does): a fresh stream
         # per ping, instead of failing on the kept one first every time.
         self._ping_oneshot: set[str] = set()
@@ -324,6 +338,9 @@ class Libp2pNetwork:
         self._host.set_stream_handler(
             TProtocol(_channel.BULK_CHANNEL_PROTOCOL), self._handle_bulk_channel
         )
+        self._host.set_stream_handler(
+            TProtocol(_msgchan.MSG_CHANNEL_PROTOCOL), self._handle_msg_channel
+        )
 
     def _put(self, cmd: tuple[Any, ...]) -> None:
         if self._stopped:
@@ -457,11 +474,12 @@ class Libp2pNetwork:
         self, peer: str, channel: trio.MemorySendChannel[bytes], recv: Any
     ) -> None:
         stream = None
+        slot = _msgchan.Slot()
         try:
             async for data in recv:
                 batch = self._batch(peer, data, recv)
-                sent = False
-                for _attempt in range(2):  # a stale stream gets one fresh replacement
+                sent = await self._send_on_channel(peer, slot, batch)
+                for _attempt in range(0 if sent else 2):  # a stale stream: one fresh one
                     try:
                         with trio.fail_after(WRITE_TIMEOUT_S):
                             if stream is None:
@@ -492,9 +510,68 @@ class Libp2pNetwork:
                     self._stats.extra["direct_dropped"] += 1
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
-            if stream is not None:
-                with trio.CancelScope(shield=True), trio.move_on_after(1):
+            slot.closed = True
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                if stream is not None:
                     await _close(stream)
+                if slot.channel is not None:
+                    await slot.channel.aclose()
+
+    async def _send_on_channel(self, peer: str, slot: _msgchan.Slot, batch: list[bytes]) -> bool:
+        """`batch` in one write on `peer`'s message channel (_msgchan.py); False when
+        there is none up (one is then opened in the background) or the write failed."""
+        channel = slot.channel
+        if channel is not None and channel.idle():
+            slot.channel = None
+            await channel.aclose()
+            channel = None
+        if channel is None:
+            self._open_msg_channel_soon(peer, slot)
+            return False
+        try:
+            with trio.fail_after(WRITE_TIMEOUT_S):
+                await channel.send(batch)
+        except Exception as exc:
+            LOG.debug("message channel to %s failed: %r", peer, exc)
+            self._stats.extra["msg_channel_failed"] += 1
+            slot.channel = None
+            await channel.aclose()
+            return False
+        self._stats.extra["direct_via_channel"] += len(batch)
+        return True
+
+    def _open_msg_channel_soon(self, peer: str, slot: _msgchan.Slot) -> None:
+        if (
+            slot.opening
+            or slot.closed
+            or not self._config.bulk_tcp  # no TCP side paths on this node
+            or peer in self._no_msg_channel
+            or peer in self._no_bulk
+            or trio.current_time() < slot.retry_at
+        ):
+            return
+        slot.opening = True
+        self._spawn(self._open_msg_channel, peer, slot)
+
+    async def _open_msg_channel(self, peer: str, slot: _msgchan.Slot) -> None:
+        try:
+            channel = await _msgchan.open_message_channel(self._host, peer)
+        except Exception as exc:
+            if _fetch.lacks_protocol(exc):
+                _remember(self._no_msg_channel, peer)
+            elif isinstance(exc, _bulk.BulkUnreachable):
+                _remember(self._no_bulk, peer)
+            else:  # busy, a timeout, a bad answer: the stream until a later try
+                slot.retry_at = trio.current_time() + _bulk.SESSION_IDLE_S
+            LOG.debug("no message channel to %s: %r", peer, exc)
+            return
+        finally:
+            slot.opening = False
+        if slot.closed:
+            await channel.aclose()
+            return
+        slot.channel = channel
+        self._stats.extra["msg_channels_opened"] += 1
 
     def _batch(self, peer: str, first: bytes, recv: Any) -> list[bytes]:
         """`first` and whatever else is queued for `peer` now, up to WRITE_BATCH_BYTES:
@@ -546,11 +623,22 @@ class Libp2pNetwork:
                 data = await frames.next()
                 if data is None:
                     break
-                self._stats.bytes_received += len(data) + 4
-                self._stats.messages_received += 1
-                self._alive(peer)
-                self._emit(Message(None, peer, data))
+                self._deliver_direct(peer, [data])
             await _close(stream)
+
+    def _deliver_direct(self, peer: str, messages: list[bytes]) -> None:
+        """Direct messages from `peer` (a stream's frames, a message channel's batch)."""
+        self._alive(peer)
+        for data in messages:
+            self._stats.bytes_received += len(data) + 4
+            self._stats.messages_received += 1
+            self._emit(Message(None, peer, data))
+
+    async def _handle_msg_channel(self, stream: Any) -> None:
+        assert self._bulk is not None
+        peer = str(stream.muxed_conn.peer_id)
+        self._alive(peer)
+        await _msgchan.serve_request(stream, peer, self._bulk, self._deliver_direct)
 
     # --- blobs --------------------------------------------------------------------------
 
