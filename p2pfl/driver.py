@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from p2pfl import attached
 from p2pfl.batched import BATCHED_TYPES, BatchedJob
 from p2pfl.core.commands import (
     AddProviders,
@@ -145,6 +146,10 @@ class Driver:
         # later steps read; None: this node keeps none (see attach_derived).
         self.derived: Any = None
         self._fetches: dict[str, BlobFetch] = {}
+        # The blob attached to the direct message being handled (cid, bytes), and the
+        # last envelope made (message, cid, envelope) for the next peer of the same send.
+        self._attached: tuple[str, bytes] | None = None
+        self._last_attached: tuple[bytes, str, bytes] | None = None
         self._specs: dict[str, Any] = {}
         self.me = core.me
 
@@ -160,6 +165,13 @@ class Driver:
     def on_event(self, event: Any) -> None:
         if isinstance(event, FetchDone | FetchFailed):
             self._on_fetch_answer(event)
+            return
+        if (
+            isinstance(event, Message)
+            and event.topic is None
+            and event.data[: len(attached.PREFIX)] == attached.PREFIX
+        ):
+            self._on_attached(event)
             return
         if isinstance(event, PeerDisconnected):
             for fetch in list(self._fetches.values()):
@@ -182,7 +194,7 @@ class Driver:
             if cmd.peer == self.me:
                 self.io.call_soon(lambda: self.on_event(Message(None, self.me, data)))
             else:
-                self.network.send(cmd.peer, data)
+                self.network.send(cmd.peer, self._attach(data, cmd.attach))
         elif isinstance(cmd, SetTimer):
             key = cmd.key
             self.io.set_timer(key, cmd.deadline, lambda: self.on_event(TimerFired(key)))
@@ -241,7 +253,7 @@ class Driver:
 
     def _start_fetch(self, ref: BlobRef, providers: tuple[str, ...]) -> None:
         cid = ref.cid
-        if self.store.has(cid):
+        if self.store.has(cid) or self._take_attached(ref):
             self.io.call_soon(lambda: self.on_event(BlobReady(cid)))
             return
         fetch = self._fetches.get(cid)
@@ -262,6 +274,54 @@ class Driver:
                 if peer != self.me:
                     self._fetch_cmds(fetch.add_provider(peer))
         self._check_fetches((cid,))
+
+    # --- blobs sent along with a message (attached.py) -------------------------------------
+
+    def _attach(self, data: bytes, ref: BlobRef | None) -> bytes:
+        """`data`, or an Attached with `ref`'s bytes when both fit one direct message. A
+        message told to every participant is enveloped once, not once per peer."""
+        if ref is None or not attached.fits(len(data), ref.size):
+            return data
+        last = self._last_attached
+        if last is not None and last[0] == data and last[1] == ref.cid:
+            return last[2]
+        try:
+            blob = bytes(self.store.get(ref.cid))
+        except KeyError:
+            return data
+        envelope = encode(attached.Attached(data, ref.cid, blob))
+        self._last_attached = (data, ref.cid, envelope)
+        return envelope
+
+    def _on_attached(self, event: Message) -> None:
+        """The message goes to the core; its blob waits only while the core handles it,
+        for a fetch of that very blob (_take_attached)."""
+        try:
+            env = attached.decode_attached(event.data)
+        except RemoteProtocolError as exc:
+            log.warning("dropping a direct message from %s: %s", event.sender, exc)
+            return
+        self._attached = (env.cid, env.data)
+        try:
+            self.execute(self.core.handle(Message(None, event.sender, env.msg), self.io.now()))
+        finally:
+            self._attached = None
+
+    def _take_attached(self, ref: BlobRef) -> bool:
+        """Store the blob attached to the message being handled if it is `ref`'s."""
+        held = self._attached
+        if held is None or held[0] != ref.cid:
+            return False
+        self._attached = None
+        data = held[1]
+        try:
+            if len(data) != ref.size:
+                raise RemoteProtocolError(f"{len(data)} bytes attached, the blob has {ref.size}")
+            self.store.put_verified(ref.cid, data)
+        except RemoteProtocolError as exc:
+            log.warning("attached blob %s refused (fetched instead): %s", ref.cid[:16], exc)
+            return False
+        return True
 
     def _stripe(self, cid: str, providers: tuple[str, ...]) -> tuple[int, int] | None:
         """For a taskpack archive (swarmed): our place among the peers we know that do not

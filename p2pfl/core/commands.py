@@ -28,6 +28,12 @@ class Publish:
 class Send:
     peer: str
     msg: Any
+    # A blob the receiver fetches as soon as it reads `msg` (a slice offered to its owner, a
+    # combined slice told to a participant): the driver may send its bytes along, so the
+    # receiver need not ask for them (driver.py, Attached). Only a hint: it is ignored
+    # when too big for a direct message, and the receiver takes it only for a fetch of
+    # that very blob that `msg` starts, after checking its hash.
+    attach: BlobRef | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -206,7 +206,7 @@ class Scatter:
                 to = owner if owner != me else (check.witness[j] if check is not None else None)
                 if to is not None and offered.get(j) != to:
                     offered[j] = to
-                    out.append(Send(to, self._signed_offer(close.round, j, mine[j])))
+                    out.append(Send(to, self._signed_offer(close.round, j, mine[j]), mine[j]))
         if check is not None:
             # A witness sketches its owner's own slice (core/verify.py).
             for j in check.witnessed():
@@ -267,7 +267,7 @@ class Scatter:
             if to in task.dead or to in task.withdrawn:
                 continue
             offered[j] = to
-            out.append(Send(to, self._signed_offer(rnd, j, mine[j])))
+            out.append(Send(to, self._signed_offer(rnd, j, mine[j]), mine[j]))
         return out
 
     def slice_of(self, rnd: int, author: str, j: int) -> BlobRef | None:
@@ -642,7 +642,7 @@ class Scatter:
             msg = SliceDone(
                 task.task_id, close.round, close.attempt, task.my_id, token.index, ref, (), inputs
             )
-            return self.tell(msg)
+            return self.tell(msg, attach=ref)
         # assemble
         if event.bad >= 0 and event.bad < self.count:
             owner = self.owner[event.bad]
@@ -704,7 +704,8 @@ class Scatter:
         if self.offer_answers.get(key, 0) >= MAX_OFFER_ANSWERS:
             return []
         self.offer_answers[key] = self.offer_answers.get(key, 0) + 1
-        return [Send(ask.peer, self._signed_offer(ask.round, ask.index, mine[ask.index]))]
+        ref = mine[ask.index]
+        return [Send(ask.peer, self._signed_offer(ask.round, ask.index, ref), ref)]
 
     # --- lost stage messages (direct messages can be lost) -------------------------------
 
@@ -799,12 +800,14 @@ class Scatter:
         """Owners whose combined slice has not been announced under the current close."""
         return {self.owner[j] for j in range(self.count) if j not in self.done}
 
-    def tell(self, msg: Any) -> list[Command]:
+    def tell(self, msg: Any, attach: BlobRef | None = None) -> list[Command]:
         """A stage message (SliceDone, SliceSketch) for every participant, us included:
         directly when we are connected to all of them (task.to_participants; over 8 hosts
-        the round's gossip was a third of its event-loop time). Kept to answer StageAsk."""
+        the round's gossip was a third of its event-loop time), with the combined slice a
+        SliceDone names attached (each participant fetches it at once). Kept to answer
+        StageAsk."""
         self.told.append(msg)
-        return self.task.to_participants(msg)
+        return self.task.to_participants(msg, attach=attach)
 
     def fetch(self, ref: BlobRef, providers: tuple[str, ...]) -> list[Command]:
         return self._fetch(ref, providers)

@@ -296,11 +296,14 @@ class TaskMachine:
             self._live_key = key
         return self._live  # read-only for callers
 
-    def to_participants(self, msg: Any, *, gossip_too: bool = False) -> list[Command]:
+    def to_participants(
+        self, msg: Any, *, gossip_too: bool = False, attach: BlobRef | None = None
+    ) -> list[Command]:
         """`msg` for every live participant, us included. Sent directly when we hold a
         connection to each of them: one frame to each, in about a hundredth of a second
         over 8 hosts, where gossip took 0.05-0.3 s and relays each copy from every mesh
         peer. Otherwise by gossip, which also reaches those we are not connected to.
+        `attach`: a blob each of them fetches on reading `msg` (see Send).
         `gossip_too`: by gossip as well, for a message that followers of the task read
         and that nothing asks for again if a direct copy is lost (closes). Updates go
         directly only: followers learn a round from its close and the publisher from
@@ -311,7 +314,7 @@ class TaskMachine:
         publish = Publish(TOPIC_TASKS, msg)
         if not all(p in self.connected for p in others):
             return [publish]
-        direct: list[Command] = [Send(p, msg) for p in (me, *others)]
+        direct: list[Command] = [Send(me, msg), *(Send(p, msg, attach) for p in others)]
         return [*direct, publish] if gossip_too else direct
 
     def acting(self) -> str | None:
