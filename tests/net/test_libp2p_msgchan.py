@@ -12,7 +12,7 @@ import trio
 from p2pfl.errors import RemoteProtocolError
 from p2pfl.limits import MAX_DIRECT_BYTES
 from p2pfl.net.base import Message
-from p2pfl.net.libp2p import _msgchan
+from p2pfl.net.libp2p import _bulk, _msgchan
 from p2pfl.net.libp2p._channel import _nonce
 from p2pfl.net.libp2p._framing import frame
 from tests.net.test_libp2p import Node, _pair, start_node
@@ -85,6 +85,36 @@ async def test_an_idle_channel_is_closed_by_its_sender_and_opened_again(
     a.net.send(b.id, b"after idle")  # on a stream: the idle channel is closed, not used
     await b.rec.wait_for(lambda ev: b"after idle" in _direct(b, a.id))
     await _until(lambda: a.net.stats().extra["msg_channels_opened"] == 2)
+    assert a.net.stats().extra["direct_via_channel"] == 1
+    assert a.net.stats().extra["msg_channel_failed"] == 0
+
+
+async def test_a_channel_the_receiver_closed_loses_no_message(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The receiver's idle limit shortened below the sender's: it closes first. A write
+    # into that connection would land in the kernel's buffer and be lost; the sender
+    # sees the close first and uses the stream.
+    monkeypatch.setattr(_bulk, "SESSION_IDLE_S", 0.2)
+    a, b = await _pair(nursery)
+    await _channel_up(a, b)
+    await trio.sleep(0.5)  # b has closed the idle channel
+    a.net.send(b.id, b"after the close")
+    await b.rec.wait_for(lambda ev: b"after the close" in _direct(b, a.id))
+    assert a.net.stats().extra["msg_channel_failed"] == 1
+
+
+async def test_a_message_channel_outlives_the_receivers_view_of_the_connection(
+    nursery: trio.Nursery,
+) -> None:
+    # b's liveness gave up on a (a loaded machine): b's fetch channels to a close, its
+    # message channel from a does not (a only learns of a close at a later write).
+    a, b = await _pair(nursery)
+    await _channel_up(a, b)
+    assert b.net._bulk is not None
+    b.net._bulk.drop_peer(a.id)
+    a.net.send(b.id, b"still on the channel")
+    await b.rec.wait_for(lambda ev: b"still on the channel" in _direct(b, a.id))
     assert a.net.stats().extra["direct_via_channel"] == 1
     assert a.net.stats().extra["msg_channel_failed"] == 0
 

@@ -218,6 +218,10 @@ class _ChannelClaim:
     peer: str
     serve: Callable[[trio.SocketStream], Awaitable[None]]
     claimed: trio.Event = field(default_factory=trio.Event)
+    # Closed when the peer's libp2p connection goes (a fetch channel serves our blobs to
+    # it). A message channel is not: what the peer wrote before it went is still its
+    # own, authenticated, and its sender only learns of a close at a later write.
+    drop_with_peer: bool = True
 
 
 class BulkServer:
@@ -231,6 +235,7 @@ class BulkServer:
         self._channels: dict[bytes, _ChannelClaim] = {}
         # Channels being served, per peer (to close them when the peer goes).
         self._serving: dict[str, set[trio.CancelScope]] = {}
+        self._kept_past_peer: set[trio.CancelScope] = set()  # not closed by drop_peer
         self._kept = 0  # connections waiting for a further token
         self.accepted = 0  # TCP connections accepted (fetchers keep theirs between ranges)
         self.bytes_sent = 0  # over every connection (each range's own: _Pending.sent)
@@ -257,7 +262,10 @@ class BulkServer:
         self._pending.pop(token, None)
 
     def offer_channel(
-        self, peer: str, serve: Callable[[trio.SocketStream], Awaitable[None]]
+        self,
+        peer: str,
+        serve: Callable[[trio.SocketStream], Awaitable[None]],
+        drop_with_peer: bool = True,
     ) -> tuple[bytes, trio.Event] | None:
         """A token for a channel to `peer`, which `serve` answers once its connection
         comes; None when the server already holds MAX_KEPT_CONNECTIONS connections
@@ -270,7 +278,7 @@ class BulkServer:
         if handed + self.channels(peer) >= CHANNELS_PER_PEER:
             return None
         token = os.urandom(TOKEN_LEN)
-        claim = self._channels[token] = _ChannelClaim(peer, serve)
+        claim = self._channels[token] = _ChannelClaim(peer, serve, drop_with_peer=drop_with_peer)
         return token, claim.claimed
 
     def withdraw_channel(self, token: bytes) -> None:
@@ -278,8 +286,9 @@ class BulkServer:
 
     def drop_peer(self, peer: str) -> None:
         """`peer`'s libp2p connection is gone: so are its channels."""
-        for scope in self._serving.pop(peer, ()):
-            scope.cancel()
+        for scope in self._serving.get(peer, ()):
+            if scope not in self._kept_past_peer:
+                scope.cancel()
 
     def channels(self, peer: str | None = None) -> int:
         """Channels being served (to `peer`, if given)."""
@@ -292,10 +301,13 @@ class BulkServer:
         with trio.CancelScope() as scope:
             serving = self._serving.setdefault(claim.peer, set())
             serving.add(scope)
+            if not claim.drop_with_peer:
+                self._kept_past_peer.add(scope)
             try:
                 await claim.serve(sock)
             finally:
                 serving.discard(scope)
+                self._kept_past_peer.discard(scope)
                 if not serving and self._serving.get(claim.peer) is serving:
                     del self._serving[claim.peer]
 

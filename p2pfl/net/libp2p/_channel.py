@@ -114,6 +114,7 @@ async def hand_out(
     hello: bytes,
     keys: list[bytes],
     serve: Callable[[trio.SocketStream], Awaitable[None]],
+    drop_with_peer: bool = True,
 ) -> None:
     """The server's half of a channel's negotiation on a libp2p stream: read `hello`,
     answer [port, token, *keys] (or "busy"), and hold the token until the peer's TCP
@@ -123,7 +124,7 @@ async def hand_out(
             raw = await read_frame(stream, len(hello))
         if raw != hello:
             raise RemoteProtocolError(f"channel stream: expected {hello.decode()!r}")
-        claim = server.offer_channel(peer, serve)
+        claim = server.offer_channel(peer, serve, drop_with_peer)
         if claim is None:
             await _bulk._answer(stream, SERVER_ERROR, b"busy")
             return

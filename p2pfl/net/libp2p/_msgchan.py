@@ -26,14 +26,18 @@ the libp2p stream until it is up (so no message waits for a connect); after that
 stream only when a channel write fails or the peer has no channel to give (an older
 peer, no bulk port, a firewall), which it then remembers. The two paths do not keep
 order between them, once per switch: the protocol never relies on the order of direct
-messages (it runs as well over gossip). A channel idle SENDER_IDLE_S is closed by its
-sender, before the receiver's SESSION_IDLE_S: a write never goes to a connection the
-receiver has closed. The receiver's channels close when the peer's libp2p connection
-does (BulkServer.drop_peer).
+messages (it runs as well over gossip). A write would be lost if it went into a
+connection the receiver had closed (it lands in the kernel's buffer; only the next
+write fails), so: a channel idle SENDER_IDLE_S is closed by its sender, before the
+receiver's SESSION_IDLE_S; before each write the sender checks that the receiver has not
+closed it (the receiver never writes, so anything readable is its close); and the
+receiver keeps a message channel when the peer's libp2p connection goes (its fetch
+channels close then, BulkServer.drop_peer): what the peer wrote is still its own.
 """
 
 from __future__ import annotations
 
+import select
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -92,7 +96,7 @@ async def serve_request(
     """Answer a message channel request from `peer` (MSG_CHANNEL_PROTOCOL stream)."""
     key = AESGCM.generate_key(bit_length=256)
     reader = _Reader(peer, AESGCM(key), deliver)
-    await hand_out(stream, peer, server, _HELLO, [key], reader.serve)
+    await hand_out(stream, peer, server, _HELLO, [key], reader.serve, drop_with_peer=False)
 
 
 @dataclass
@@ -156,15 +160,29 @@ class MessageChannel:
 
     async def send(self, messages: list[bytes]) -> None:
         """One write of `messages` (each at most MAX_DIRECT_BYTES, together within
-        MAX_BATCH_BYTES framed); an OSError or trio error if the connection failed."""
+        MAX_BATCH_BYTES framed); ChannelClosed, an OSError or a trio error if the
+        connection is gone."""
+        if self.closed_by_receiver():
+            raise ChannelClosed("closed by the receiver")
         batch = b"".join(frame(m) for m in messages)
         sealed = self.key.encrypt(_nonce(self.sent), batch, AAD)
         self.sent += 1
         self.used = trio.current_time()
         await self.sock.send_all(_LEN.pack(len(sealed)) + sealed)
 
+    def closed_by_receiver(self) -> bool:
+        """The receiver never writes on a message channel: anything to read is its close
+        (or a reset). Checked before each write, which would otherwise go into the
+        kernel's buffer and be lost (only the write after it fails)."""
+        readable, _, _ = select.select([self.sock.socket.fileno()], [], [], 0)
+        return bool(readable)
+
     async def aclose(self) -> None:
         await _bulk._aclose(self.sock)
+
+
+class ChannelClosed(Exception):
+    """The receiver closed the message channel (idle, shut down, or a bad write)."""
 
 
 async def open_message_channel(host: Any, peer: str) -> MessageChannel:
