@@ -147,7 +147,8 @@ class Driver:
         self.derived: Any = None
         self._fetches: dict[str, BlobFetch] = {}
         # The blob attached to the direct message being handled (cid, bytes), and the
-        # last envelope made (message, cid, envelope) for the next peer of the same send.
+        # last envelope made (message, cid, envelope) for the next peer of the same batch
+        # of commands.
         self._attached: tuple[str, bytes] | None = None
         self._last_attached: tuple[bytes, str, bytes] | None = None
         self._specs: dict[str, Any] = {}
@@ -180,11 +181,16 @@ class Driver:
         self.execute(self.core.handle(event, self.io.now()))
 
     def execute(self, commands: list[Command]) -> None:
-        for cmd in commands:
-            try:
-                self._execute_one(cmd)
-            except LocalProtocolError as exc:
-                log.error("could not carry out %s: %s", type(cmd).__name__, exc)
+        try:
+            for cmd in commands:
+                try:
+                    self._execute_one(cmd)
+                except LocalProtocolError as exc:
+                    log.error("could not carry out %s: %s", type(cmd).__name__, exc)
+        finally:
+            # An envelope serves the sends of one batch only: a blob's bytes are not held
+            # on after it.
+            self._last_attached = None
 
     def _execute_one(self, cmd: Command) -> None:
         if isinstance(cmd, Publish):
