@@ -44,6 +44,7 @@ from p2pfl.core.round_messages import (
 from p2pfl.core.rounds_base import RoundsBase
 from p2pfl.core.scatter import Scatter, slice_count
 from p2pfl.core.tokens import TaskTimer, TimerKind
+from p2pfl.core.view import withdrew_summary
 from p2pfl.store.blobref import BlobRef
 from p2pfl.wire import Signed
 
@@ -543,13 +544,7 @@ class FedAvgRounds(RoundsBase):
 
 def _reasons(withdrawn: dict[str, str]) -> str:
     """Why participants left, e.g. `; 2 withdrew: train failed: ValueError (2 nodes)`."""
-    if not withdrawn:
-        return " arrived"
-    counts: dict[str, int] = {}
-    for why in withdrawn.values():
-        counts[why] = counts.get(why, 0) + 1
-    parts = [f"{why} ({n} node{'s' if n != 1 else ''})" for why, n in sorted(counts.items())]
-    return f"; {len(withdrawn)} withdrew: " + "; ".join(parts)
+    return f"; {withdrew_summary(withdrawn)}" if withdrawn else " arrived"
 
 
 def _too_few(task: Any, live: Sequence[str]) -> str:

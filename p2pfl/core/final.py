@@ -318,10 +318,12 @@ class FinalStep:
                 )
             )
         elif not task.participating and self.held:
-            # A follower has no deadlines of its own: it takes the best-ranked held result.
+            # A follower has no deadlines of its own: it takes the best-ranked held result
+            # (the publisher's failure only once no participant is left, its one duty).
             order = task.participants
-            best = min(self.held, key=lambda p: order.index(p) if p in order else len(order))
-            return self.take_result(now, self.held.pop(best), best)
+            ranked = [p for p in order if p in self.held]
+            if ranked:
+                return self.take_result(now, self.held.pop(ranked[0]), ranked[0])
         out += task.on_view_changed(now)
         if task.result is None and len(task.live()) > 0:
             out.append(SetTimer(task.timer(TimerKind.REDUCE), now + GRACE_S))
@@ -329,8 +331,8 @@ class FinalStep:
 
     def on_view_changed(self, now: float) -> list[Command]:
         task = self.task
-        for signer in [p for p in task.participants if p in self.held]:
-            if task.may_act(signer):
+        for signer in [*task.participants, task.offer.publisher]:
+            if signer in self.held and task.may_end(signer, self.held[signer]):
                 return self.take_result(now, self.held.pop(signer), signer)
         return self._maybe_reduce(now, deadline_passed=False)
 
@@ -348,10 +350,13 @@ class FinalStep:
         if result.model is not None and blob_too_big("result", result.model.size):
             return task._refuse(TaskResult, f"result model of {result.model.size} bytes")
         roster = set(task.participants)
-        if signer not in roster or not (set(result.participants) | set(result.absent)) <= roster:
+        failing = signer == task.offer.publisher and result.status == "failed"
+        if (signer not in roster and not failing) or not (
+            set(result.participants) | set(result.absent)
+        ) <= roster:
             return task._refuse(TaskResult, f"result from {signer[-8:]} outside the roster")
-        if not task.may_act(signer):
-            if len(self.held) < len(task.participants):
+        if not task.may_end(signer, result):
+            if len(self.held) <= len(task.participants):  # one each, and the publisher's
                 self.held[signer] = result
             out: list[Command] = [
                 Log(

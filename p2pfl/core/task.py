@@ -111,7 +111,7 @@ from p2pfl.core.round_messages import (
 from p2pfl.core.snapshot import make_snapshot
 from p2pfl.core.tokens import JobStep, JobToken, TaskTimer, TimerKind
 from p2pfl.core.versions import my_cid, roster_rollout_problem, volunteer_problem
-from p2pfl.core.view import NodeState, result_dict
+from p2pfl.core.view import NodeState, result_dict, withdrew_summary
 from p2pfl.errors import RemoteProtocolError
 from p2pfl.identity import Identity
 from p2pfl.limits import EARLY_BYTES_PER_TASK
@@ -320,6 +320,17 @@ class TaskMachine:
     def acting(self) -> str | None:
         """Whose duty it is now (closing, failing, reducing): the first live participant."""
         return first_live(self.participants, self.dead | set(self.withdrawn))
+
+    def may_end(self, signer: str, result: TaskResult) -> bool:
+        """`signer` may publish `result` for everyone now: the acting participant (or one
+        ranked above it), or the publisher failing a task with no participant left (all
+        withdrew or are lost, here too), which nobody else has the duty to end."""
+        if self.may_act(signer):
+            return True
+        return signer == self.offer.publisher and result.status == "failed" and self.nobody_left()
+
+    def nobody_left(self) -> bool:
+        return self.roster is not None and self.acting() is None
 
     def may_act(self, peer: str) -> bool:
         """`peer` may do the duty now: it is the acting participant or ranks above it (it
@@ -1161,6 +1172,14 @@ class TaskMachine:
         if self.rounds is not None and self.phase in ACTIVE:
             out += self.rounds.on_view_changed(now)
         out += self.final.on_view_changed(now)
+        if self.result is None and self.my_id == self.offer.publisher and self.nobody_left():
+            # Every participant withdrew (say all at once, before hearing each other) or is
+            # lost: no one has the duty to fail the task, so its publisher does, with why.
+            lost = len(set(self.participants) - set(self.withdrawn))
+            why = "no participant is left" + (f"; {lost} lost" if lost else "")
+            if self.withdrawn:
+                why += f"; {withdrew_summary(self.withdrawn)}"
+            out += self.fail(now, why)
         return out
 
     def _on_withdraw(self, now: float, peer: str, reason: str) -> list[Command]:
@@ -1201,7 +1220,9 @@ class TaskMachine:
         if self.roster is None:
             allowed = self.my_id == self.offer.publisher
         else:
-            allowed = self.acting() == self.my_id
+            allowed = self.acting() == self.my_id or (
+                self.my_id == self.offer.publisher and self.nobody_left()
+            )
         if not allowed:
             return self.withdraw(now, reason)
         result = TaskResult(

@@ -37,6 +37,15 @@ class NodeState:
                 setattr(self, name, float(value))
 
 
+def withdrew_summary(withdrawn: dict[str, str]) -> str:
+    """Why participants left, e.g. `2 withdrew: train failed: ValueError (2 nodes)`."""
+    counts: dict[str, int] = {}
+    for why in withdrawn.values():
+        counts[why] = counts.get(why, 0) + 1
+    parts = [f"{why} ({n} node{'s' if n != 1 else ''})" for why, n in sorted(counts.items())]
+    return f"{len(withdrawn)} withdrew: " + "; ".join(parts)
+
+
 def result_fields(result: TaskResult) -> dict[str, Any]:
     """The fields of a signed result every view shows (tasks and flow steps alike)."""
     return {

@@ -182,6 +182,53 @@ def test_every_node_declining_fails_at_once_with_their_reasons():
     assert result.reason == "3 of 3 nodes declined: validate_inputs refused: SyntaxError: bad"
 
 
+def test_every_participant_withdrawing_at_once_fails_the_task_with_their_reasons():
+    # Each withdraws before it hears the others, so none is left with the duty to fail the
+    # task: its publisher (which withdrew too) does, and every node ends with that result.
+    h = Harness(3)
+    for node in h.nodes:
+        node.fail_jobs = {JobStep.TRAIN: "ValueError: The privacy budget is too low."}
+    task_id = h.offer(rounds=2)
+    h.run()
+    machines = h.machines(task_id)
+    assert {m.phase for m in machines} == {Phase.FAILED}
+    result = machines[0].result
+    assert result.reducer == h.nodes[0].peer  # the publisher
+    assert result.reason == (
+        "no participant is left; 3 withdrew: train failed: ValueError: The privacy budget "
+        "is too low. (3 nodes)"
+    )
+    assert {m.result.reason for m in machines} == {result.reason}
+
+
+def test_a_publisher_failure_is_held_while_a_participant_is_left():
+    from p2pfl.core.messages import TOPIC_TASKS, TaskResult
+    from p2pfl.wire import seal
+
+    h = Harness(3)
+    task_id = h.offer(rounds=3)
+    h.run(until=2.3)
+    publisher = h.nodes[0]
+    machine = h.machines(task_id)[1]
+    forged = TaskResult(
+        task_id=task_id,
+        status="failed",
+        reason="mine to end",
+        reducer=publisher.peer,
+        participants=(),
+        absent=(),
+        rounds=1,
+        metrics={},
+        model=None,
+        created=h.now,
+    )
+    h.inject(publisher, TOPIC_TASKS, seal(publisher.identity, forged))
+    h.run(until=h.now + 0.1)
+    assert machine.result is None and publisher.peer in machine.final.held
+    h.run()
+    assert all(m.result.status == "succeeded" for m in done(h, task_id))
+
+
 def test_a_restarted_participant_rejoins_at_the_current_round():
     order = _order(4, rounds=4)
     h = Harness(4)
