@@ -44,6 +44,10 @@ class FakeNetwork:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes]] = []
         self.fetched: list[str] = []
+        self.bulk_to: set[str] = {PEER, "3" * 46}
+
+    def carries_bulk(self, peer: str) -> bool:
+        return peer in self.bulk_to
 
     def send(self, peer: str, data: bytes) -> None:
         self.sent.append((peer, data))
@@ -154,3 +158,15 @@ def test_a_send_carries_its_blob_when_both_fit_one_direct_message(tmp_path: Path
     net.sent.clear()
     driver.execute([Send(PEER, msg, big), Send(PEER, msg, missing), Send(PEER, msg)])
     assert [data for _, data in net.sent] == [encode(msg)] * 3
+
+
+def test_no_blob_rides_to_a_peer_the_network_carries_no_bulk_to(tmp_path: Path) -> None:
+    # Over libp2p: no message channel up yet, so the message would go on a yamux stream.
+    driver, _, net, _ = make(tmp_path)
+    small = driver.put_blob(os.urandom(200_000))
+    msg = SliceAsk("0" * 32, 1, PEER, 0)
+    net.bulk_to = {"3" * 46}
+    driver.execute([Send(PEER, msg, small), Send("3" * 46, msg, small)])
+    (to_first, first), (_, second) = net.sent
+    assert to_first == PEER and first == encode(msg)  # the peer fetches the blob
+    assert decode(second, Attached).cid == small.cid

@@ -153,6 +153,15 @@ class Network(Protocol):
         (a PeerDisconnected follows). Raises LocalProtocolError if oversize."""
         ...
 
+    def carries_bulk(self, peer: str) -> bool:
+        """Whether a direct message to `peer` of up to MAX_DIRECT_BYTES goes now by a path
+        of its own, so a blob may ride along with it (p2pfl/attached.py). Over libp2p only
+        while a message channel is up: py-libp2p's yamux can deadlock a connection whose
+        two sides both write bulk at once (its reader writes acknowledgements under the
+        connection's write lock), which a stream of slices both ways did about once in
+        twenty 8-host runs, until liveness dropped the connection 30 s later."""
+        ...
+
     def fetch(self, peer: str, cid: str, offset: int, length: int, token: object) -> None:
         """Ask `peer` for bytes [offset, offset+length) of blob `cid`; the answer is one
         FetchDone (possibly short at the end of the blob) or FetchFailed, carrying `token`.

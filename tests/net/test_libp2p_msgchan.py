@@ -53,6 +53,20 @@ async def test_messages_go_on_the_channel_once_it_is_up(nursery: trio.Nursery) -
     assert b.net.stats().bytes_received == a.net.stats().bytes_sent
 
 
+async def test_bulk_rides_along_only_while_a_channel_is_up(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Until then a message goes on a yamux stream, where two-way bulk can deadlock the
+    # connection: the driver attaches no blob (Network.carries_bulk).
+    monkeypatch.setattr(_msgchan, "SENDER_IDLE_S", 0.3)
+    a, b = await _pair(nursery)
+    assert not a.net.carries_bulk(b.id)
+    await _channel_up(a, b)
+    assert a.net.carries_bulk(b.id) and not b.net.carries_bulk(a.id)
+    await trio.sleep(0.4)  # idle: the next message closes the channel and takes a stream
+    assert not a.net.carries_bulk(b.id)
+
+
 async def test_a_peer_without_a_bulk_port_gets_its_messages_on_streams(
     nursery: trio.Nursery,
 ) -> None:
@@ -67,6 +81,7 @@ async def test_a_peer_without_a_bulk_port_gets_its_messages_on_streams(
     await b.rec.wait_for(lambda ev: b"last" in _direct(b, a.id))
     assert a.net.stats().extra["msg_channels_opened"] == 0
     assert a.net.stats().extra["direct_via_channel"] == 0
+    assert not a.net.carries_bulk(b.id)
     # And b, which keeps no bulk port, opens none either.
     b.net.send(a.id, b"back")
     await a.rec.wait_for(lambda ev: b"back" in _direct(a, b.id))

@@ -192,6 +192,7 @@ class Libp2pNetwork:
         self._ping_streams: dict[str, Any] = {}
         self._last_alive: dict[str, float] = {}
         self._senders: dict[str, trio.MemorySendChannel[bytes]] = {}
+        self._msg_slots: dict[str, _msgchan.Slot] = {}  # each sender task's channel slot
         self._serve_limits: dict[str, trio.Semaphore] = {}
         self._sender_ids: dict[bytes, str] = {}
         self._bulk: _bulk.BulkServer | None = None
@@ -243,6 +244,14 @@ class Libp2pNetwork:
                 f"direct message of {len(data)} bytes exceeds MAX_DIRECT_BYTES ({MAX_DIRECT_BYTES})"
             )
         self._put(("send", peer, bytes(data)))
+
+    def carries_bulk(self, peer: str) -> bool:
+        """A message channel to `peer` is up and in use (see Network.carries_bulk): a
+        message sent now goes on it, not on a yamux stream. Until one is up, bulk goes by
+        fetch (a side connection of its own too)."""
+        slot = self._msg_slots.get(peer)
+        channel = slot.channel if slot is not None else None
+        return channel is not None and not channel.idle()
 
     def fetch(self, peer: str, cid: str, offset: int, length: int, token: object) -> None:
         if offset < 0 or not 0 < length <= MAX_FETCH_BYTES:
@@ -474,7 +483,7 @@ class Libp2pNetwork:
         self, peer: str, channel: trio.MemorySendChannel[bytes], recv: Any
     ) -> None:
         stream = None
-        slot = _msgchan.Slot()
+        slot = self._msg_slots[peer] = _msgchan.Slot()
         try:
             async for data in recv:
                 batch = self._batch(peer, data, recv)
@@ -503,6 +512,8 @@ class Libp2pNetwork:
         finally:
             if self._senders.get(peer) is channel:
                 del self._senders[peer]
+            if self._msg_slots.get(peer) is slot:
+                del self._msg_slots[peer]
             channel.close()
             while True:
                 try:

@@ -137,6 +137,9 @@ class SimNetwork:
 
     # --- direct messages ---------------------------------------------------------------------
 
+    def carries_bulk(self, peer: str) -> bool:
+        return True  # the simulated link has no shared muxer to block
+
     def send(self, peer: str, data: bytes) -> None:
         if len(data) > MAX_DIRECT_BYTES:
             raise LocalProtocolError(
