@@ -200,7 +200,8 @@ class Driver:
             if cmd.peer == self.me:
                 self.io.call_soon(lambda: self.on_event(Message(None, self.me, data)))
             else:
-                self.network.send(cmd.peer, self._attach(cmd.peer, data, cmd.attach))
+                envelope = self._attach(data, cmd.attach)
+                self.network.send(cmd.peer, envelope, data if envelope is not data else None)
         elif isinstance(cmd, SetTimer):
             key = cmd.key
             self.io.set_timer(key, cmd.deadline, lambda: self.on_event(TimerFired(key)))
@@ -283,13 +284,11 @@ class Driver:
 
     # --- blobs sent along with a message (attached.py) -------------------------------------
 
-    def _attach(self, peer: str, data: bytes, ref: BlobRef | None) -> bytes:
-        """`data`, or an Attached with `ref`'s bytes when both fit one direct message and
-        the network carries bulk to `peer` now (else `peer` fetches the blob). A message
-        told to every participant is enveloped once, not once per peer."""
+    def _attach(self, data: bytes, ref: BlobRef | None) -> bytes:
+        """`data`, or an Attached with `ref`'s bytes when both fit one direct message (the
+        network may still send `data` alone: Network.send's `plain`). A message told to
+        every participant is enveloped once, not once per peer."""
         if ref is None or not attached.fits(len(data), ref.size):
-            return data
-        if not self.network.carries_bulk(peer):
             return data
         last = self._last_attached
         if last is not None and last[0] == data and last[1] == ref.cid:

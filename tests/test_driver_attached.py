@@ -43,14 +43,12 @@ class FakeCore:
 class FakeNetwork:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes]] = []
+        self.plain: list[bytes | None] = []
         self.fetched: list[str] = []
-        self.bulk_to: set[str] = {PEER, "3" * 46}
 
-    def carries_bulk(self, peer: str) -> bool:
-        return peer in self.bulk_to
-
-    def send(self, peer: str, data: bytes) -> None:
+    def send(self, peer: str, data: bytes, plain: bytes | None = None) -> None:
         self.sent.append((peer, data))
+        self.plain.append(plain)
 
     def fetch(self, peer: str, cid: str, offset: int, length: int, token: object) -> None:
         self.fetched.append(cid)
@@ -152,21 +150,13 @@ def test_a_send_carries_its_blob_when_both_fit_one_direct_message(tmp_path: Path
     assert env.msg == encode(msg) and env.cid == small.cid
     assert env.data == bytes(driver.store.get(small.cid))
     assert second is first  # enveloped once for every peer of the same message
+    # Where bulk must not go (a yamux stream), the network sends the message alone.
+    assert net.plain == [encode(msg), encode(msg)]
+    driver.execute([Send(PEER, msg)])
+    assert net.sent[-1] == (PEER, encode(msg)) and net.plain[-1] is None
     # Too big to go along, or not held: the message alone.
     big = driver.put_blob(os.urandom(MAX_DIRECT_BYTES))
     missing = make_blob_ref(os.urandom(10))
     net.sent.clear()
     driver.execute([Send(PEER, msg, big), Send(PEER, msg, missing), Send(PEER, msg)])
     assert [data for _, data in net.sent] == [encode(msg)] * 3
-
-
-def test_no_blob_rides_to_a_peer_the_network_carries_no_bulk_to(tmp_path: Path) -> None:
-    # Over libp2p: no message channel up yet, so the message would go on a yamux stream.
-    driver, _, net, _ = make(tmp_path)
-    small = driver.put_blob(os.urandom(200_000))
-    msg = SliceAsk("0" * 32, 1, PEER, 0)
-    net.bulk_to = {"3" * 46}
-    driver.execute([Send(PEER, msg, small), Send("3" * 46, msg, small)])
-    (to_first, first), (_, second) = net.sent
-    assert to_first == PEER and first == encode(msg)  # the peer fetches the blob
-    assert decode(second, Attached).cid == small.cid

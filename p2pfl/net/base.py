@@ -148,18 +148,17 @@ class Network(Protocol):
         does). Raises LocalProtocolError if len(data) > MAX_GOSSIP_BYTES."""
         ...
 
-    def send(self, peer: str, data: bytes) -> None:
+    def send(self, peer: str, data: bytes, plain: bytes | None = None) -> None:
         """A direct message to one peer; dialled if needed. Lost if the peer is gone
-        (a PeerDisconnected follows). Raises LocalProtocolError if oversize."""
-        ...
+        (a PeerDisconnected follows). Raises LocalProtocolError if oversize.
 
-    def carries_bulk(self, peer: str) -> bool:
-        """Whether a direct message to `peer` of up to MAX_DIRECT_BYTES goes now by a path
-        of its own, so a blob may ride along with it (p2pfl/attached.py). Over libp2p only
-        while a message channel is up: py-libp2p's yamux can deadlock a connection whose
-        two sides both write bulk at once (its reader writes acknowledgements under the
-        connection's write lock), which a stream of slices both ways did about once in
-        twenty 8-host runs, until liveness dropped the connection 30 s later."""
+        `plain`: `data` without the blob riding along with it (p2pfl/attached.py), sent
+        instead where bulk must not go. Over libp2p that is a yamux stream, the fallback
+        when no message channel can be had: py-libp2p's yamux reader writes
+        acknowledgements under the connection's write lock, so two sides writing bulk at
+        once can deadlock the connection (slice offers both ways in round 1, on streams
+        while channels opened, did so in about one of twenty 8-host runs, until liveness
+        dropped the connection 30 s later). The receiver then fetches the blob."""
         ...
 
     def fetch(self, peer: str, cid: str, offset: int, length: int, token: object) -> None:

@@ -30,7 +30,7 @@ def _direct(node: Node, sender: str) -> list[bytes]:
 
 
 async def _channel_up(a: Node, b: Node) -> None:
-    """a's first message to b goes on a stream and opens a channel behind it."""
+    """a's first message to b opens a channel and goes on it."""
     a.net.send(b.id, b"hello")
     await b.rec.wait_for(lambda ev: b"hello" in _direct(b, a.id))
     await _until(lambda: a.net.stats().extra["msg_channels_opened"] == 1)
@@ -46,25 +46,11 @@ async def test_messages_go_on_the_channel_once_it_is_up(nursery: trio.Nursery) -
     await b.rec.wait_for(lambda ev: len(_direct(b, a.id)) >= 202)
     assert _direct(b, a.id) == [b"hello", *sent, b"x" * MAX_DIRECT_BYTES]  # all, in order
     extra = a.net.stats().extra
-    assert extra["direct_via_channel"] == 201 and extra["msg_channel_failed"] == 0
+    assert extra["direct_via_channel"] == 202 and extra["msg_channel_failed"] == 0
     # Counted as before, message by message, with their 4-byte lengths.
     assert a.net.stats().messages_sent == 202
     assert b.net.stats().messages_received == 202
     assert b.net.stats().bytes_received == a.net.stats().bytes_sent
-
-
-async def test_bulk_rides_along_only_while_a_channel_is_up(
-    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Until then a message goes on a yamux stream, where two-way bulk can deadlock the
-    # connection: the driver attaches no blob (Network.carries_bulk).
-    monkeypatch.setattr(_msgchan, "SENDER_IDLE_S", 0.3)
-    a, b = await _pair(nursery)
-    assert not a.net.carries_bulk(b.id)
-    await _channel_up(a, b)
-    assert a.net.carries_bulk(b.id) and not b.net.carries_bulk(a.id)
-    await trio.sleep(0.4)  # idle: the next message closes the channel and takes a stream
-    assert not a.net.carries_bulk(b.id)
 
 
 async def test_a_peer_without_a_bulk_port_gets_its_messages_on_streams(
@@ -81,11 +67,30 @@ async def test_a_peer_without_a_bulk_port_gets_its_messages_on_streams(
     await b.rec.wait_for(lambda ev: b"last" in _direct(b, a.id))
     assert a.net.stats().extra["msg_channels_opened"] == 0
     assert a.net.stats().extra["direct_via_channel"] == 0
-    assert not a.net.carries_bulk(b.id)
     # And b, which keeps no bulk port, opens none either.
     b.net.send(a.id, b"back")
     await a.rec.wait_for(lambda ev: b"back" in _direct(a, b.id))
     assert b.net.stats().extra["msg_channels_opened"] == 0
+
+
+async def test_on_a_stream_a_message_goes_without_its_blob(nursery: trio.Nursery) -> None:
+    # A yamux stream must not carry bulk (Network.send): b keeps no bulk port, so a's
+    # messages to it go on a stream, each in its `plain` form when it has one.
+    a = await start_node(nursery)
+    b = await start_node(nursery, bootstrap=[a.addr], bulk_tcp=False)
+    await a.rec.wait_for(lambda ev: b.id in a.rec.connected())
+    a.net.send(b.id, b"with a blob" + bytes(300_000), plain=b"alone")
+    a.net.send(b.id, b"no blob")
+    await b.rec.wait_for(lambda ev: len(_direct(b, a.id)) >= 2)
+    assert _direct(b, a.id) == [b"alone", b"no blob"]
+    assert a.net.stats().extra["attachments_left_off"] == 1
+    # On a channel the message goes whole.
+    c = await start_node(nursery, bootstrap=[a.addr])
+    await a.rec.wait_for(lambda ev: c.id in a.rec.connected())
+    a.net.send(c.id, b"with a blob" + bytes(300_000), plain=b"alone")
+    await c.rec.wait_for(lambda ev: len(_direct(c, a.id)) >= 1)
+    assert _direct(c, a.id) == [b"with a blob" + bytes(300_000)]
+    assert a.net.stats().extra["msg_channels_opened"] == 1
 
 
 async def test_an_idle_channel_is_closed_by_its_sender_and_opened_again(
@@ -97,10 +102,11 @@ async def test_an_idle_channel_is_closed_by_its_sender_and_opened_again(
     a.net.send(b.id, b"on the channel")
     await b.rec.wait_for(lambda ev: b"on the channel" in _direct(b, a.id))
     await trio.sleep(0.3)  # past the (shortened) idle limit
-    a.net.send(b.id, b"after idle")  # on a stream: the idle channel is closed, not used
+    a.net.send(b.id, b"after idle")  # the idle channel is closed, not used
     await b.rec.wait_for(lambda ev: b"after idle" in _direct(b, a.id))
-    await _until(lambda: a.net.stats().extra["msg_channels_opened"] == 2)
-    assert a.net.stats().extra["direct_via_channel"] == 1
+    # On a new channel, which the message waited for.
+    assert a.net.stats().extra["msg_channels_opened"] == 2
+    assert a.net.stats().extra["direct_via_channel"] == 3
     assert a.net.stats().extra["msg_channel_failed"] == 0
 
 
@@ -130,7 +136,7 @@ async def test_a_message_channel_outlives_the_receivers_view_of_the_connection(
     b.net._bulk.drop_peer(a.id)
     a.net.send(b.id, b"still on the channel")
     await b.rec.wait_for(lambda ev: b"still on the channel" in _direct(b, a.id))
-    assert a.net.stats().extra["direct_via_channel"] == 1
+    assert a.net.stats().extra["direct_via_channel"] == 2
     assert a.net.stats().extra["msg_channel_failed"] == 0
 
 

@@ -21,12 +21,14 @@ way:
    or forged write fails to open and ends the channel; so does a batch over
    MAX_BATCH_BYTES or a message over MAX_DIRECT_BYTES in it (nothing of it is delivered).
 
-The sender opens a channel in the background at its first message to a peer and uses
-the libp2p stream until it is up (so no message waits for a connect); after that, the
-stream only when a channel write fails or the peer has no channel to give (an older
-peer, no bulk port, a firewall), which it then remembers. The two paths do not keep
-order between them, once per switch: the protocol never relies on the order of direct
-messages (it runs as well over gossip). A write would be lost if it went into a
+The sender opens a channel at its first message to a peer, which waits for it (about
+as long as opening a libp2p stream: a stream, then a local TCP connect). A libp2p stream
+is the fallback: when a channel write fails, or the peer has no channel to give (an
+older peer, no bulk port, a firewall; remembered) or is busy (tried again after
+SESSION_IDLE_S). On a stream a message goes without any blob riding along with it
+(Network.send's `plain`): py-libp2p's yamux can deadlock a connection both sides write
+bulk on. The two paths do not keep order between them at a switch: the protocol never
+relies on the order of direct messages (it runs as well over gossip). A write would be lost if it went into a
 connection the receiver had closed (it lands in the kernel's buffer; only the next
 write fails), so: a channel idle SENDER_IDLE_S is closed by its sender, before the
 receiver's SESSION_IDLE_S; before each write the sender checks that the receiver has not
@@ -136,11 +138,10 @@ class _Reader:
 
 @dataclass
 class Slot:
-    """The channel one sender task keeps for one peer: none yet, being opened (in the
-    background), up, or given up on until `retry_at`."""
+    """The channel one sender task keeps for one peer: none yet, up, or given up on until
+    `retry_at`."""
 
     channel: MessageChannel | None = None
-    opening: bool = False
     retry_at: float = 0.0
     closed: bool = False  # the sender task ended: a channel opened late is closed at once
 

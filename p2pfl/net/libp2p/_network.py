@@ -86,6 +86,10 @@ MAX_GOSSIP_RPC_BYTES = MAX_GOSSIP_BYTES + 64 * 1024
 # this many peers.
 _MAX_TRACKED_PEERS = 4096
 
+# A direct message queued for a peer: its bytes, and the same without any blob riding
+# along (Network.send's `plain`), which is what goes if it ends up on a yamux stream.
+_Outgoing = tuple[bytes, bytes | None]
+
 
 @asynccontextmanager
 async def _listening(host: Any, listen: list[Any], texts: list[str]) -> AsyncIterator[None]:
@@ -170,6 +174,7 @@ class Libp2pNetwork:
                 "msg_channels_opened": 0,
                 "msg_channel_failed": 0,
                 "direct_via_channel": 0,
+                "attachments_left_off": 0,
             }
         )
         # Neighbour -> gossip messages it sent us unsigned or badly signed (each dropped).
@@ -191,8 +196,7 @@ class Libp2pNetwork:
         # close, a multistream-select round trip) was most of an idle node's CPU.
         self._ping_streams: dict[str, Any] = {}
         self._last_alive: dict[str, float] = {}
-        self._senders: dict[str, trio.MemorySendChannel[bytes]] = {}
-        self._msg_slots: dict[str, _msgchan.Slot] = {}  # each sender task's channel slot
+        self._senders: dict[str, trio.MemorySendChannel[_Outgoing]] = {}
         self._serve_limits: dict[str, trio.Semaphore] = {}
         self._sender_ids: dict[bytes, str] = {}
         self._bulk: _bulk.BulkServer | None = None
@@ -238,20 +242,12 @@ class Libp2pNetwork:
             )
         self._put(("pub", topic, bytes(data)))
 
-    def send(self, peer: str, data: bytes) -> None:
+    def send(self, peer: str, data: bytes, plain: bytes | None = None) -> None:
         if len(data) > MAX_DIRECT_BYTES:
             raise LocalProtocolError(
                 f"direct message of {len(data)} bytes exceeds MAX_DIRECT_BYTES ({MAX_DIRECT_BYTES})"
             )
-        self._put(("send", peer, bytes(data)))
-
-    def carries_bulk(self, peer: str) -> bool:
-        """A message channel to `peer` is up and in use (see Network.carries_bulk): a
-        message sent now goes on it, not on a yamux stream. Until one is up, bulk goes by
-        fetch (a side connection of its own too)."""
-        slot = self._msg_slots.get(peer)
-        channel = slot.channel if slot is not None else None
-        return channel is not None and not channel.idle()
+        self._put(("send", peer, bytes(data), plain))
 
     def fetch(self, peer: str, cid: str, offset: int, length: int, token: object) -> None:
         if offset < 0 or not 0 < length <= MAX_FETCH_BYTES:
@@ -397,7 +393,7 @@ class Libp2pNetwork:
                 elif kind == "sub":
                     await self._pubsub.subscribe(cmd[1])
                 elif kind == "send":
-                    self._queue_direct(cmd[1], cmd[2])
+                    self._queue_direct(cmd[1], cmd[2], cmd[3])
                 elif kind == "fetch":
                     self._spawn(self._fetch, *cmd[1:])
             except Exception:
@@ -461,7 +457,7 @@ class Libp2pNetwork:
 
     # --- direct messages: one long-lived stream per peer, written by one task ------------
 
-    def _queue_direct(self, peer: str, data: bytes) -> None:
+    def _queue_direct(self, peer: str, data: bytes, plain: bytes | None) -> None:
         if peer == self.peer_id:
             self._emit(Message(None, peer, data))
             return
@@ -473,21 +469,27 @@ class Libp2pNetwork:
             return
         channel = self._senders.get(peer)
         if channel is None:
-            channel, recv = trio.open_memory_channel[bytes](math.inf)
+            channel, recv = trio.open_memory_channel[_Outgoing](math.inf)
             self._senders[peer] = channel
             self._spawn(self._direct_sender, peer, channel, recv)
         self._send_bytes[peer] = queued + len(data)
-        channel.send_nowait(data)
+        channel.send_nowait((data, plain))
 
     async def _direct_sender(
-        self, peer: str, channel: trio.MemorySendChannel[bytes], recv: Any
+        self, peer: str, channel: trio.MemorySendChannel[_Outgoing], recv: Any
     ) -> None:
         stream = None
-        slot = self._msg_slots[peer] = _msgchan.Slot()
+        slot = _msgchan.Slot()
         try:
-            async for data in recv:
-                batch = self._batch(peer, data, recv)
+            async for item in recv:
+                queued = self._batch(peer, item, recv)
+                batch = [data for data, _ in queued]
                 sent = await self._send_on_channel(peer, slot, batch)
+                if not sent:  # on a stream: no bulk (Network.send's `plain`)
+                    batch = [data if plain is None else plain for data, plain in queued]
+                    self._stats.extra["attachments_left_off"] += sum(
+                        plain is not None for _, plain in queued
+                    )
                 for _attempt in range(0 if sent else 2):  # a stale stream: one fresh one
                     try:
                         with trio.fail_after(WRITE_TIMEOUT_S):
@@ -512,12 +514,10 @@ class Libp2pNetwork:
         finally:
             if self._senders.get(peer) is channel:
                 del self._senders[peer]
-            if self._msg_slots.get(peer) is slot:
-                del self._msg_slots[peer]
             channel.close()
             while True:
                 try:
-                    self._unqueue(peer, len(recv.receive_nowait()))
+                    self._unqueue(peer, len(recv.receive_nowait()[0]))
                     self._stats.extra["direct_dropped"] += 1
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
@@ -529,16 +529,22 @@ class Libp2pNetwork:
                     await slot.channel.aclose()
 
     async def _send_on_channel(self, peer: str, slot: _msgchan.Slot, batch: list[bytes]) -> bool:
-        """`batch` in one write on `peer`'s message channel (_msgchan.py); False when
-        there is none up (one is then opened in the background) or the write failed."""
+        """`batch` in one write on `peer`'s message channel (_msgchan.py), opened first
+        when there is none: the batch waits for it, so a peer's messages keep one path and
+        their order, and bulk rides along from the first. False when none can be had now
+        or the write failed: the batch then goes on a stream."""
         channel = slot.channel
         if channel is not None and channel.idle():
             slot.channel = None
             await channel.aclose()
             channel = None
         if channel is None:
-            self._open_msg_channel_soon(peer, slot)
-            return False
+            if not self._may_open_msg_channel(peer, slot):
+                return False
+            await self._open_msg_channel(peer, slot)
+            channel = slot.channel
+            if channel is None:
+                return False
         try:
             with trio.fail_after(WRITE_TIMEOUT_S):
                 await channel.send(batch)
@@ -551,18 +557,14 @@ class Libp2pNetwork:
         self._stats.extra["direct_via_channel"] += len(batch)
         return True
 
-    def _open_msg_channel_soon(self, peer: str, slot: _msgchan.Slot) -> None:
-        if (
-            slot.opening
-            or slot.closed
+    def _may_open_msg_channel(self, peer: str, slot: _msgchan.Slot) -> bool:
+        return not (
+            slot.closed
             or not self._config.bulk_tcp  # no TCP side paths on this node
             or peer in self._no_msg_channel
             or peer in self._no_bulk
             or trio.current_time() < slot.retry_at
-        ):
-            return
-        slot.opening = True
-        self._spawn(self._open_msg_channel, peer, slot)
+        )
 
     async def _open_msg_channel(self, peer: str, slot: _msgchan.Slot) -> None:
         try:
@@ -576,29 +578,27 @@ class Libp2pNetwork:
                 slot.retry_at = trio.current_time() + _bulk.SESSION_IDLE_S
             LOG.debug("no message channel to %s: %r", peer, exc)
             return
-        finally:
-            slot.opening = False
         if slot.closed:
             await channel.aclose()
             return
         slot.channel = channel
         self._stats.extra["msg_channels_opened"] += 1
 
-    def _batch(self, peer: str, first: bytes, recv: Any) -> list[bytes]:
+    def _batch(self, peer: str, first: _Outgoing, recv: Any) -> list[_Outgoing]:
         """`first` and whatever else is queued for `peer` now, up to WRITE_BATCH_BYTES:
         one write, so one muxer frame where each message was one (an update and its
         slice offer leave together; each write is a pass through py-libp2p's yamux,
         noise and locks)."""
-        batch, size = [first], len(first)
-        self._unqueue(peer, len(first))
+        batch, size = [first], len(first[0])
+        self._unqueue(peer, size)
         while size < WRITE_BATCH_BYTES:
             try:
-                data = recv.receive_nowait()
+                item = recv.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
-            self._unqueue(peer, len(data))
-            batch.append(data)
-            size += len(data)
+            self._unqueue(peer, len(item[0]))
+            batch.append(item)
+            size += len(item[0])
         return batch
 
     def _unqueue(self, peer: str, n: int) -> None:

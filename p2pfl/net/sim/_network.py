@@ -137,10 +137,8 @@ class SimNetwork:
 
     # --- direct messages ---------------------------------------------------------------------
 
-    def carries_bulk(self, peer: str) -> bool:
-        return True  # the simulated link has no shared muxer to block
-
-    def send(self, peer: str, data: bytes) -> None:
+    def send(self, peer: str, data: bytes, plain: bytes | None = None) -> None:
+        # `plain` is never needed: the simulated link has no shared muxer to block.
         if len(data) > MAX_DIRECT_BYTES:
             raise LocalProtocolError(
                 f"send: {len(data)} bytes to {peer} exceeds MAX_DIRECT_BYTES ({MAX_DIRECT_BYTES})"
