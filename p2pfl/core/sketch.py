@@ -90,7 +90,10 @@ def sketch_seed(task_id: str, rnd: int, attempt: int, combined: Sequence[str]) -
 # and then the combined ones under the same seed, and simulated nodes share a process
 # (the first to ask draws a vector; the others wait for it rather than draw it again).
 CACHE_BYTES = 64 * 1024 * 1024
-_cache: OrderedDict[tuple[bytes, int, int, int], tuple[np.ndarray, float]] = OrderedDict()
+# Each entry: the vector, its |coordinates| (aggregate_sketch's rounding bound reads them
+# for every combined slice), and rmax.
+_Drawn = tuple[np.ndarray, np.ndarray, float]
+_cache: OrderedDict[tuple[bytes, int, int, int], _Drawn] = OrderedDict()
 _cached = [0]
 _lock = threading.Lock()  # slice work runs in worker threads (driver.py)
 _drawing: dict[tuple[bytes, int, int, int], threading.Event] = {}
@@ -102,8 +105,9 @@ def challenge(seed: bytes, index: int, m: int, length: int) -> np.ndarray:
     return _challenge(seed, index, m, length)[0]
 
 
-def _challenge(seed: bytes, index: int, m: int, length: int) -> tuple[np.ndarray, float]:
-    """The challenge vector and its largest |coordinate| (rmax, see aggregate_sketch)."""
+def _challenge(seed: bytes, index: int, m: int, length: int) -> _Drawn:
+    """The challenge vector, its |coordinates| and the largest (rmax, see
+    aggregate_sketch)."""
     key = (seed, index, m, length)
     while True:
         with _lock:
@@ -121,12 +125,12 @@ def _challenge(seed: bytes, index: int, m: int, length: int) -> tuple[np.ndarray
                 return _draw(seed, index, m, length)
     try:
         out = _draw(seed, index, m, length)
-        if out[0].nbytes <= CACHE_BYTES // 4:
+        if 2 * out[0].nbytes <= CACHE_BYTES // 4:
             with _lock:
                 _cache[key] = out
-                _cached[0] += out[0].nbytes
+                _cached[0] += 2 * out[0].nbytes
                 while _cached[0] > CACHE_BYTES:
-                    _cached[0] -= _cache.popitem(last=False)[1][0].nbytes
+                    _cached[0] -= 2 * _cache.popitem(last=False)[1][0].nbytes
         return out
     finally:
         with _lock:
@@ -137,14 +141,16 @@ def _challenge(seed: bytes, index: int, m: int, length: int) -> tuple[np.ndarray
 _SQRT3 = float(np.sqrt(3.0))
 
 
-def _draw(seed: bytes, index: int, m: int, length: int) -> tuple[np.ndarray, float]:
+def _draw(seed: bytes, index: int, m: int, length: int) -> _Drawn:
     digest = hashlib.sha256(seed + f"|{index}|{m}".encode()).digest()
     gen = np.random.Generator(np.random.SFC64(int.from_bytes(digest, "big")))
     out = gen.random(length)  # [0, 1), then in place to [-sqrt 3, sqrt 3)
     out *= 2 * _SQRT3
     out -= _SQRT3
     out.flags.writeable = False
-    return out, max(float(out.max()), -float(out.min())) if out.size else 0.0
+    size = np.abs(out)
+    size.flags.writeable = False
+    return out, size, float(size.max()) if out.size else 0.0
 
 
 def _flat(piece: Weights) -> tuple[np.ndarray, np.ndarray | float]:
@@ -186,7 +192,7 @@ def sketch(seed: bytes, index: int, piece: Weights) -> tuple[float, ...]:
     flat, _ = _flat(piece)
     dots, rmax = [], 0.0
     for m in range(K):
-        r, top = _challenge(seed, index, m, flat.size)
+        r, _, top = _challenge(seed, index, m, flat.size)
         dots.append(_dot(r, flat))
         rmax = max(rmax, top)
     return (*dots, float(np.abs(flat).sum()), rmax)
@@ -198,12 +204,17 @@ def aggregate_sketch(seed: bytes, index: int, piece: Weights) -> tuple[float, ..
     weighted by |R_c a_c|); then rmax, the largest |R_j^m[c]| (it bounds
     sum_c |R_c x_c| by rmax * |x|_1): 2K + 1 floats."""
     flat, units = _flat(piece)
-    rounding = ROUNDING_MARGIN * units * np.abs(flat)  # each coordinate's worst rounding
+    # Each coordinate's worst rounding. With one dtype its unit (a power of two, as is
+    # ROUNDING_MARGIN) scales the sum once instead of every coordinate: the same bits.
+    if isinstance(units, float):
+        scale, rounding = ROUNDING_MARGIN * units, np.abs(flat)
+    else:
+        scale, rounding = 1.0, ROUNDING_MARGIN * units * np.abs(flat)
     dots, bounds, rmax = [], [], 0.0
     for m in range(K):
-        r, top = _challenge(seed, index, m, flat.size)
+        r, size, top = _challenge(seed, index, m, flat.size)
         dots.append(_dot(r, flat))
-        bounds.append(_dot(np.abs(r), rounding))
+        bounds.append(scale * _dot(size, rounding))
         rmax = max(rmax, top)
     return (*dots, *bounds, rmax)
 
