@@ -125,17 +125,21 @@ def _challenge(seed: bytes, index: int, m: int, length: int) -> _Drawn:
                 return _draw(seed, index, m, length)
     try:
         out = _draw(seed, index, m, length)
-        if 2 * out[0].nbytes <= CACHE_BYTES // 4:
+        if _nbytes(out) <= CACHE_BYTES // 4:
             with _lock:
                 _cache[key] = out
-                _cached[0] += 2 * out[0].nbytes
+                _cached[0] += _nbytes(out)
                 while _cached[0] > CACHE_BYTES:
-                    _cached[0] -= 2 * _cache.popitem(last=False)[1][0].nbytes
+                    _cached[0] -= _nbytes(_cache.popitem(last=False)[1])
         return out
     finally:
         with _lock:
             _drawing.pop(key, None)
         drawing.set()
+
+
+def _nbytes(drawn: _Drawn) -> int:
+    return drawn[0].nbytes + drawn[1].nbytes
 
 
 _SQRT3 = float(np.sqrt(3.0))

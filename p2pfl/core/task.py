@@ -325,12 +325,13 @@ class TaskMachine:
         """`signer` may publish `result` for everyone now: the acting participant (or one
         ranked above it), or the publisher failing a task with no participant left (all
         withdrew or are lost, here too), which nobody else has the duty to end."""
-        if self.may_act(signer):
-            return True
-        return signer == self.offer.publisher and result.status == "failed" and self.nobody_left()
+        return self.may_act(signer) or (
+            result.status == "failed" and self.publisher_may_fail(signer)
+        )
 
-    def nobody_left(self) -> bool:
-        return self.roster is not None and self.acting() is None
+    def publisher_may_fail(self, peer: str) -> bool:
+        """`peer` is the publisher and no participant is left: its one duty after the roster."""
+        return peer == self.offer.publisher and self.roster is not None and self.acting() is None
 
     def may_act(self, peer: str) -> bool:
         """`peer` may do the duty now: it is the acting participant or ranks above it (it
@@ -1172,7 +1173,7 @@ class TaskMachine:
         if self.rounds is not None and self.phase in ACTIVE:
             out += self.rounds.on_view_changed(now)
         out += self.final.on_view_changed(now)
-        if self.result is None and self.my_id == self.offer.publisher and self.nobody_left():
+        if self.result is None and self.publisher_may_fail(self.my_id):
             # Every participant withdrew (say all at once, before hearing each other) or is
             # lost: no one has the duty to fail the task, so its publisher does, with why.
             lost = len(set(self.participants) - set(self.withdrawn))
@@ -1220,9 +1221,7 @@ class TaskMachine:
         if self.roster is None:
             allowed = self.my_id == self.offer.publisher
         else:
-            allowed = self.acting() == self.my_id or (
-                self.my_id == self.offer.publisher and self.nobody_left()
-            )
+            allowed = self.acting() == self.my_id or self.publisher_may_fail(self.my_id)
         if not allowed:
             return self.withdraw(now, reason)
         result = TaskResult(

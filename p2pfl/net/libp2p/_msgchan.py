@@ -28,8 +28,8 @@ older peer, no bulk port, a firewall; remembered) or is busy (tried again after
 SESSION_IDLE_S). On a stream a message goes without any blob riding along with it
 (Network.send's `plain`): py-libp2p's yamux can deadlock a connection both sides write
 bulk on. The two paths do not keep order between them at a switch: the protocol never
-relies on the order of direct messages (it runs as well over gossip). A write would be lost if it went into a
-connection the receiver had closed (it lands in the kernel's buffer; only the next
+relies on the order of direct messages (it runs as well over gossip). A write would be
+lost if it went into a connection the receiver had closed (it lands in the kernel's buffer; only the next
 write fails), so: a channel idle SENDER_IDLE_S is closed by its sender, before the
 receiver's SESSION_IDLE_S; before each write the sender checks that the receiver has not
 closed it (the receiver never writes, so anything readable is its close); and the
@@ -143,7 +143,6 @@ class Slot:
 
     channel: MessageChannel | None = None
     retry_at: float = 0.0
-    closed: bool = False  # the sender task ended: a channel opened late is closed at once
 
 
 class MessageChannel:

@@ -521,7 +521,6 @@ class Libp2pNetwork:
                     self._stats.extra["direct_dropped"] += 1
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
-            slot.closed = True
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 if stream is not None:
                     await _close(stream)
@@ -558,12 +557,11 @@ class Libp2pNetwork:
         return True
 
     def _may_open_msg_channel(self, peer: str, slot: _msgchan.Slot) -> bool:
-        return not (
-            slot.closed
-            or not self._config.bulk_tcp  # no TCP side paths on this node
-            or peer in self._no_msg_channel
-            or peer in self._no_bulk
-            or trio.current_time() < slot.retry_at
+        return (
+            self._config.bulk_tcp  # else no TCP side paths on this node
+            and peer not in self._no_msg_channel
+            and peer not in self._no_bulk
+            and trio.current_time() >= slot.retry_at
         )
 
     async def _open_msg_channel(self, peer: str, slot: _msgchan.Slot) -> None:
@@ -577,9 +575,6 @@ class Libp2pNetwork:
             else:  # busy, a timeout, a bad answer: the stream until a later try
                 slot.retry_at = trio.current_time() + _bulk.SESSION_IDLE_S
             LOG.debug("no message channel to %s: %r", peer, exc)
-            return
-        if slot.closed:
-            await channel.aclose()
             return
         slot.channel = channel
         self._stats.extra["msg_channels_opened"] += 1
