@@ -652,8 +652,11 @@ def _reload_on_hup(node: Node) -> None:
 
 
 async def _trim_memory_forever() -> None:
-    """Return memory freed after bursts of peers' messages to the OS (see p2pfl.memtrim)."""
-    from p2pfl.memtrim import TRIM_EVERY_S, trim
+    """Keep freed buffers for reuse between trims, and return what stays free after
+    bursts of peers' messages to the OS (see p2pfl.memtrim)."""
+    from p2pfl.memtrim import TRIM_EVERY_S, keep_freed_memory, trim
+
+    keep_freed_memory()
 
     while trim():
         await trio.sleep(TRIM_EVERY_S)

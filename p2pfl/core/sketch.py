@@ -88,27 +88,29 @@ def sketch_seed(task_id: str, rnd: int, attempt: int, combined: Sequence[str]) -
 
 # Challenge vectors recently made, up to this many bytes: a node sketches its own slices
 # and then the combined ones under the same seed, and simulated nodes share a process
-# (the first to ask draws a vector; the others wait for it rather than draw it again).
+# (the first to ask draws a slice's vectors; the others wait for them rather than draw
+# them again).
 CACHE_BYTES = 64 * 1024 * 1024
-# Each entry: the vector, its |coordinates| (aggregate_sketch's rounding bound reads them
-# for every combined slice), and rmax.
-_Drawn = tuple[np.ndarray, np.ndarray, float]
-_cache: OrderedDict[tuple[bytes, int, int, int], _Drawn] = OrderedDict()
+# Each entry: a slice's K vectors as the rows of one (K, length) matrix (one pass over a
+# slice computes all K inner products), and rmax, the largest |coordinate| of any row.
+_Drawn = tuple[np.ndarray, float]
+_cache: OrderedDict[tuple[bytes, int, int], _Drawn] = OrderedDict()
 _cached = [0]
 _lock = threading.Lock()  # slice work runs in worker threads (driver.py)
-_drawing: dict[tuple[bytes, int, int, int], threading.Event] = {}
+_drawing: dict[tuple[bytes, int, int], threading.Event] = {}
 
 
 def challenge(seed: bytes, index: int, m: int, length: int) -> np.ndarray:
     """The m-th challenge vector of slice `index` (float64, uniform on [-sqrt 3, sqrt 3]:
     mean 0, variance 1; read-only)."""
-    return _challenge(seed, index, m, length)[0]
+    if not 0 <= m < K:
+        raise ValueError(f"challenge {m} of {K}")
+    return _challenges(seed, index, length)[0][m]
 
 
-def _challenge(seed: bytes, index: int, m: int, length: int) -> _Drawn:
-    """The challenge vector, its |coordinates| and the largest (rmax, see
-    aggregate_sketch)."""
-    key = (seed, index, m, length)
+def _challenges(seed: bytes, index: int, length: int) -> _Drawn:
+    """Slice `index`'s K challenge vectors (rows) and rmax (see aggregate_sketch)."""
+    key = (seed, index, length)
     while True:
         with _lock:
             hit = _cache.get(key)
@@ -122,15 +124,15 @@ def _challenge(seed: bytes, index: int, m: int, length: int) -> _Drawn:
         drawing.wait()  # another thread draws it; then it is in the cache (or too big)
         with _lock:
             if key not in _cache:
-                return _draw(seed, index, m, length)
+                return _draw(seed, index, length)
     try:
-        out = _draw(seed, index, m, length)
-        if _nbytes(out) <= CACHE_BYTES // 4:
+        out = _draw(seed, index, length)
+        if out[0].nbytes <= CACHE_BYTES // 4:
             with _lock:
                 _cache[key] = out
-                _cached[0] += _nbytes(out)
+                _cached[0] += out[0].nbytes
                 while _cached[0] > CACHE_BYTES:
-                    _cached[0] -= _nbytes(_cache.popitem(last=False)[1])
+                    _cached[0] -= _cache.popitem(last=False)[1][0].nbytes
         return out
     finally:
         with _lock:
@@ -138,23 +140,22 @@ def _challenge(seed: bytes, index: int, m: int, length: int) -> _Drawn:
         drawing.set()
 
 
-def _nbytes(drawn: _Drawn) -> int:
-    return drawn[0].nbytes + drawn[1].nbytes
-
-
 _SQRT3 = float(np.sqrt(3.0))
 
 
-def _draw(seed: bytes, index: int, m: int, length: int) -> _Drawn:
-    digest = hashlib.sha256(seed + f"|{index}|{m}".encode()).digest()
-    gen = np.random.Generator(np.random.SFC64(int.from_bytes(digest, "big")))
-    out = gen.random(length)  # [0, 1), then in place to [-sqrt 3, sqrt 3)
-    out *= 2 * _SQRT3
-    out -= _SQRT3
-    out.flags.writeable = False
-    size = np.abs(out)
-    size.flags.writeable = False
-    return out, size, float(size.max()) if out.size else 0.0
+def _draw(seed: bytes, index: int, length: int) -> _Drawn:
+    rows = np.empty((K, length))
+    for m in range(K):  # each row from its own seed, sha256(seed|index|m)
+        digest = hashlib.sha256(seed + f"|{index}|{m}".encode()).digest()
+        gen = np.random.Generator(np.random.SFC64(int.from_bytes(digest, "big")))
+        gen.random(out=rows[m])  # [0, 1), then in place to [-sqrt 3, sqrt 3)
+    rows *= 2 * _SQRT3
+    rows -= _SQRT3
+    rows.flags.writeable = False
+    # Uniform on [-sqrt 3, sqrt 3): every |coordinate| is below sqrt 3, the bound rmax
+    # stands for; the largest drawn one is tighter and costs a pass.
+    rmax = float(max(rows.max(), -rows.min())) if length else 0.0
+    return rows, rmax
 
 
 def _flat(piece: Weights) -> tuple[np.ndarray, np.ndarray | float]:
@@ -182,11 +183,12 @@ def _flat(piece: Weights) -> tuple[np.ndarray, np.ndarray | float]:
     return flat, np.concatenate([np.full(n, unit) for n, unit in units])
 
 
-def _dot(a: np.ndarray, b: np.ndarray) -> float:
-    """<a, b> in float64, without BLAS: OpenBLAS splits a long dot product over threads
-    that spin while they wait, and next to an event loop on a busy core each call then
-    stalled for a scheduler slice (1.3 s of 2 per round over 8 hosts in one process)."""
-    return float(np.einsum("i,i->", a, b))
+def _dots(rows: np.ndarray, flat: np.ndarray) -> list[float]:
+    """<row, flat> for every row, in float64, in one pass over `flat` and without BLAS:
+    OpenBLAS splits a long product over threads that spin while they wait, and next to an
+    event loop on a busy core each call then stalled for a scheduler slice (1.3 s of 2 per
+    round over 8 hosts in one process)."""
+    return [float(x) for x in np.einsum("mi,i->m", rows, flat)]
 
 
 def sketch(seed: bytes, index: int, piece: Weights) -> tuple[float, ...]:
@@ -194,33 +196,29 @@ def sketch(seed: bytes, index: int, piece: Weights) -> tuple[float, ...]:
     challenge vectors, then the slice's L1 norm (all float64); then rmax (see
     aggregate_sketch), which is not published (everyone derives it): K + 2 floats."""
     flat, _ = _flat(piece)
-    dots, rmax = [], 0.0
-    for m in range(K):
-        r, _, top = _challenge(seed, index, m, flat.size)
-        dots.append(_dot(r, flat))
-        rmax = max(rmax, top)
-    return (*dots, float(np.abs(flat).sum()), rmax)
+    rows, rmax = _challenges(seed, index, flat.size)
+    return (*_dots(rows, flat), float(np.abs(flat).sum()), rmax)
 
 
 def aggregate_sketch(seed: bytes, index: int, piece: Weights) -> tuple[float, ...]:
     """The combined slice's K inner products; for each m the bound on how far the honest
-    cast to the tensors' dtypes may move it (ROUNDING_MARGIN times eps/2 per coordinate,
-    weighted by |R_c a_c|); then rmax, the largest |R_j^m[c]| (it bounds
-    sum_c |R_c x_c| by rmax * |x|_1): 2K + 1 floats."""
+    cast to the tensors' dtypes may move it; then rmax, the largest |R_j^m[c]| (it bounds
+    sum_c |R_c x_c| by rmax * |x|_1): 2K + 1 floats.
+
+    The cast moves coordinate c by at most eps/2 of its dtype times |a_c|, so
+    <R^m, a> by at most sum_c |R^m_c| eps_c/2 |a_c| <= rmax sum_c eps_c/2 |a_c|; the
+    bound is ROUNDING_MARGIN times that, the same for every m: one pass over the slice
+    instead of K more over K vectors of |R| (it is at most sqrt 3 / E|R_c| = 2 times the
+    per-vector sum, still at the scale of float32 rounding)."""
     flat, units = _flat(piece)
-    # Each coordinate's worst rounding. With one dtype its unit (a power of two, as is
-    # ROUNDING_MARGIN) scales the sum once instead of every coordinate: the same bits.
+    rows, rmax = _challenges(seed, index, flat.size)
+    # With one dtype its unit (a power of two, as is ROUNDING_MARGIN) scales the sum
+    # once instead of every coordinate: the same bits.
     if isinstance(units, float):
-        scale, rounding = ROUNDING_MARGIN * units, np.abs(flat)
+        rounding = ROUNDING_MARGIN * units * float(np.abs(flat).sum())
     else:
-        scale, rounding = 1.0, ROUNDING_MARGIN * units * np.abs(flat)
-    dots, bounds, rmax = [], [], 0.0
-    for m in range(K):
-        r, size, top = _challenge(seed, index, m, flat.size)
-        dots.append(_dot(r, flat))
-        bounds.append(scale * _dot(size, rounding))
-        rmax = max(rmax, top)
-    return (*dots, *bounds, rmax)
+        rounding = float(np.einsum("i,i->", ROUNDING_MARGIN * units, np.abs(flat)))
+    return (*_dots(rows, flat), *[rmax * rounding] * K, rmax)
 
 
 def rmax_of(checked: Sequence[float]) -> float:

@@ -341,6 +341,9 @@ class LiveCluster(ClusterBase):
         self.task_id = created["task_id"]
 
     def _thread_main(self) -> None:
+        from p2pfl.memtrim import keep_freed_memory
+
+        keep_freed_memory()  # as a node does (a round's buffers are reused, not faulted)
         try:
             trio.run(self._main)
         except BaseException as exc:  # handed to the consumer, which raises it

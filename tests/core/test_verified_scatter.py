@@ -133,11 +133,18 @@ def test_mixed_dtype_slices_check_each_coordinate_at_its_own_rounding() -> None:
         [np.full(40, float(np.finfo(np.float16).eps) / 2), np.full(60, 2.0**-53)]
     )
     got = sk.aggregate_sketch(seed, 5, piece)
+    rmax = max(float(np.abs(sk.challenge(seed, 5, m, flat.size)).max()) for m in range(sk.K))
+    assert sk.rmax_of(got) == rmax <= np.sqrt(3)
+    bound = rmax * float(np.einsum("i,i->", sk.ROUNDING_MARGIN * units, np.abs(flat)))
     for m in range(sk.K):
         r = sk.challenge(seed, 5, m, flat.size)
-        assert got[m] == float(np.einsum("i,i->", r, flat))
-        bound = float(np.einsum("i,i->", np.abs(r), sk.ROUNDING_MARGIN * units * np.abs(flat)))
+        exact = float(np.einsum("i,i->", r, flat))
+        assert abs(got[m] - exact) <= 2.0**-40 * float(np.abs(r * flat).sum())
         assert got[sk.K + m] == bound
+        # It bounds what the cast of each coordinate can move <R, a> by (what the
+        # per-vector sum was), within a factor sqrt 3 / E|R_c| = 2.
+        per_vector = float(np.abs(r) @ (sk.ROUNDING_MARGIN * units * np.abs(flat)))
+        assert per_vector <= bound <= 2.5 * per_vector
     assert sk.sketch(seed, 5, piece)[sk.K] == float(np.abs(flat).sum())
 
 
