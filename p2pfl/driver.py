@@ -58,7 +58,7 @@ from p2pfl.core.tokens import Timer
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError
 from p2pfl.limits import MiB
 from p2pfl.net.base import FetchDone, FetchFailed, Message, Network, PeerDisconnected
-from p2pfl.store.blobref import BlobRef, make_blob_ref
+from p2pfl.store.blobref import BlobRef, make_blob_ref, one_chunk_size
 from p2pfl.store.blobs import BlobStore, decode_bitmap
 from p2pfl.store.fetcher import BlobFetch, FetchCmd
 from p2pfl.wire import encode
@@ -386,10 +386,13 @@ class Driver:
     def _deliver(self, event: Any) -> None:
         self.io.call_soon(lambda: self.on_event(event))
 
-    def put_blob(self, data: bytes) -> BlobRef:
+    def put_blob(self, data: bytes, whole: bool = False) -> BlobRef:
         """Hash and store `data` (also called from worker threads: the store's writes are
-        whole-blob and idempotent, see store/blobs.py)."""
-        ref = make_blob_ref(data)
+        whole-blob and idempotent, see store/blobs.py). `whole`: one chunk when it fits a
+        fetch range (one hash pass instead of two), for blobs that are fetched whole from
+        one provider (slices and the model they make) rather than swarmed in chunks."""
+        chunk = one_chunk_size(len(data)) if whole else None
+        ref = make_blob_ref(data, chunk) if chunk is not None else make_blob_ref(data)
         if not self.store.has(ref.cid):
             self.store.put_hashed(ref, data)
         return ref
@@ -874,7 +877,8 @@ class Driver:
                 cmd.options,
             )
             # Hashed and stored here, with the work (a cut makes n blobs).
-            return tuple(self.put_blob(data) for data in blobs), bad, reason, chosen, values
+            refs = tuple(self.put_blob(data, whole=True) for data in blobs)
+            return refs, bad, reason, chosen, values
 
         def done(result: Any, error: BaseException | None) -> None:
             if error is not None:

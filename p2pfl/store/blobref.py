@@ -37,6 +37,12 @@ def n_chunks_for(size: int, chunk_size: int) -> int:
     return -(-size // chunk_size)  # an empty blob has no chunks
 
 
+def one_chunk_size(size: int) -> int | None:
+    """A chunk size that makes a blob of `size` bytes one chunk (so its one hash is also
+    the CID's: hashed once, not twice), or None when it is over a fetch range's limit."""
+    return MAX_CHUNK_SIZE if size <= MAX_CHUNK_SIZE else None
+
+
 def make_blob_ref(
     data: bytes | bytearray | memoryview, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> BlobRef:
