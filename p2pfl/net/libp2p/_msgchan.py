@@ -54,7 +54,7 @@ from p2pfl.errors import RemoteProtocolError
 from p2pfl.limits import MAX_DIRECT_BYTES
 from p2pfl.net.libp2p import _bulk
 from p2pfl.net.libp2p._channel import _nonce, _receive_head, hand_out, negotiate
-from p2pfl.net.libp2p._framing import deadline, frame, transfer_deadline
+from p2pfl.net.libp2p._framing import deadline, transfer_deadline
 
 MSG_CHANNEL_PROTOCOL = "/p2pfl/msg-channel/1.0.0"
 _HELLO = b"messages"
@@ -67,11 +67,12 @@ OPEN_TIMEOUT_S = 10.0
 _LEN = _bulk._LEN
 
 
-def split_batch(batch: bytes) -> list[bytes]:
+def split_batch(batch: bytes | bytearray) -> list[bytes]:
     """The messages of a batch (4-byte big-endian length, then the message, repeated);
     RemoteProtocolError if it does not split exactly or a message is over
     MAX_DIRECT_BYTES."""
     out, at, end = [], 0, len(batch)
+    view = memoryview(batch)
     while at < end:
         if end - at < _LEN.size:
             raise RemoteProtocolError("message channel batch ends inside a length")
@@ -81,7 +82,7 @@ def split_batch(batch: bytes) -> list[bytes]:
             raise RemoteProtocolError(f"message of {n} bytes exceeds {MAX_DIRECT_BYTES}")
         if n > end - at:
             raise RemoteProtocolError("message channel batch ends inside a message")
-        out.append(batch[at : at + n])
+        out.append(bytes(view[at : at + n]))
         at += n
     return out
 
@@ -124,9 +125,10 @@ class _Reader:
             if not _bulk._TAG < size <= MAX_BATCH_BYTES + _bulk._TAG:
                 raise RemoteProtocolError(f"message channel write of {size} bytes")
             with trio.fail_after(transfer_deadline(size)):
-                sealed = await _bulk._receive_exactly(sock, size)
+                sealed = await _bulk.receive_into(sock, size)
+            batch = bytearray(size - _bulk._TAG)
             try:
-                batch = self.key.decrypt(_nonce(i), sealed, AAD)
+                self.key.decrypt_into(_nonce(i), sealed, AAD, batch)
             except InvalidTag:
                 raise RemoteProtocolError("message channel write failed authentication") from None
             i += 1
@@ -164,11 +166,18 @@ class MessageChannel:
         connection is gone."""
         if self.closed_by_receiver():
             raise ChannelClosed("closed by the receiver")
-        batch = b"".join(frame(m) for m in messages)
-        sealed = self.key.encrypt(_nonce(self.sent), batch, AAD)
+        # Each message's bytes are copied twice on the way out: into the batch, then
+        # sealed straight after the write's length (a 0.5 MB slice used to take four).
+        parts: list[bytes] = []
+        for m in messages:
+            parts += (_LEN.pack(len(m)), m)
+        batch = b"".join(parts)
+        write = bytearray(_LEN.size + len(batch) + _bulk._TAG)
+        _LEN.pack_into(write, 0, len(batch) + _bulk._TAG)
+        self.key.encrypt_into(_nonce(self.sent), batch, AAD, memoryview(write)[_LEN.size :])
         self.sent += 1
         self.used = trio.current_time()
-        await self.sock.send_all(_LEN.pack(len(sealed)) + sealed)
+        await self.sock.send_all(memoryview(write))
 
     def closed_by_receiver(self) -> bool:
         """The receiver never writes on a message channel: anything to read is its close
