@@ -122,9 +122,6 @@ from p2pfl.wire import Signed, encode, seal
 GRACE_S = 2.0  # per rank position, before the next in line takes over a silent duty
 EXPIRE_AFTER_S = 60.0  # an offer without a roster is forgotten this long after its deadline
 MAX_HELD = 64  # messages held for later per task (early round messages, premature duties)
-# Up to this many participants, each opens its paths to all the others at the roster
-# (Prepare): 63 channels out and as many in stay within a peer's 256 kept connections.
-PREPARE_PEERS = 64
 
 
 class Incoming:
@@ -947,7 +944,9 @@ class TaskMachine:
             ),
         ]
         if self.participating and self.phase == Phase.VOLUNTEERED:
-            out += self._prepare(roster) + self._begin(now) + self.snapshot()
+            if not self.large:  # all-to-all: every participant messages every other
+                out.append(Prepare(tuple(p for p in roster.participants if p != self.my_id)))
+            out += self._begin(now) + self.snapshot()
         elif not self.participating and self.phase in (Phase.VOLUNTEERED, Phase.VALIDATING):
             self.phase = Phase.OBSERVING
             out += [TaskEnded(self.task_id, "observing", "not on the roster")]
@@ -956,21 +955,6 @@ class TaskMachine:
             for incoming in held:
                 out += self.handle(incoming, now)
         return out
-
-    def _prepare(self, roster: Roster) -> list[Command]:
-        """Paths to open now: a fedavg-family task's participants message one another
-        every round (updates, slices), so with up to PREPARE_PEERS of them every other
-        participant; gossip rounds talk to a few neighbours and hierarchical ones within
-        groups, so those open paths as they go."""
-        others = tuple(p for p in roster.participants if p != self.my_id)
-        if (
-            not self.is_training
-            or self.offer.protocol == "gossip"
-            or aggregation(self.offer).get("kind") == "hierarchical"
-            or not 0 < len(others) < PREPARE_PEERS
-        ):
-            return []
-        return [Prepare(others)]
 
     def _begin(self, now: float) -> list[Command]:
         self.round = 1

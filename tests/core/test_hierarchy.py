@@ -54,7 +54,6 @@ def test_hierarchical_rounds_end_bit_identical() -> None:
     assert machines[0].result.status == "succeeded"
     found = models(h, task_id)
     assert len(found) == 1
-    assert not any(node.prepared for node in h.nodes)  # within groups: opened as needed
     # Groups weighted by their sample counts: the global mean is the sample-weighted one.
     w = h.model(next(iter(found)))["w"]
     assert np.allclose(w, 3 * np.average(np.arange(1, n + 1), weights=rows), rtol=1e-5)
