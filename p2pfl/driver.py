@@ -43,7 +43,6 @@ from p2pfl.core.commands import (
     JobFailed,
     Log,
     Persist,
-    Prepare,
     Publish,
     RunJob,
     Send,
@@ -208,8 +207,6 @@ class Driver:
             self.io.set_timer(key, cmd.deadline, lambda: self.on_event(TimerFired(key)))
         elif isinstance(cmd, CancelTimer):
             self.io.cancel_timer(cmd.key)
-        elif isinstance(cmd, Prepare):
-            self.network.prepare(cmd.peers)
         elif isinstance(cmd, FetchBlob):
             self._start_fetch(cmd.ref, cmd.providers)
         elif isinstance(cmd, AddProviders):

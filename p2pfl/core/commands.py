@@ -37,15 +37,6 @@ class Send:
 
 
 @dataclass(frozen=True, slots=True)
-class Prepare:
-    """Direct messages to these peers follow soon (a task's roster: its participants
-    message one another every round): the transport may open its paths to them now,
-    while the first jobs run, instead of on the first message of the round."""
-
-    peers: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
 class FetchBlob:
     """Get blob `ref` from `providers` (more may be added later); answer BlobReady/BlobFailed."""
 
@@ -238,7 +229,6 @@ class Log:
 Command = (
     Publish
     | Send
-    | Prepare
     | FetchBlob
     | AddProviders
     | ForgetBlobs

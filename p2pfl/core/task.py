@@ -48,7 +48,6 @@ from p2pfl.core.commands import (
     JobFailed,
     Log,
     Persist,
-    Prepare,
     Publish,
     RunJob,
     Send,
@@ -944,8 +943,6 @@ class TaskMachine:
             ),
         ]
         if self.participating and self.phase == Phase.VOLUNTEERED:
-            if not self.large:  # all-to-all: every participant messages every other
-                out.append(Prepare(tuple(p for p in roster.participants if p != self.my_id)))
             out += self._begin(now) + self.snapshot()
         elif not self.participating and self.phase in (Phase.VOLUNTEERED, Phase.VALIDATING):
             self.phase = Phase.OBSERVING

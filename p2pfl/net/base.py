@@ -18,7 +18,7 @@ which only returns commands).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -159,11 +159,6 @@ class Network(Protocol):
         once can deadlock the connection (slice offers both ways in round 1, on streams
         while channels opened, did so in about one of twenty 8-host runs, until liveness
         dropped the connection 30 s later). The receiver then fetches the blob."""
-        ...
-
-    def prepare(self, peers: Sequence[str]) -> None:
-        """Direct messages to `peers` follow soon: open what a first message to each would
-        wait for (over libp2p, a message channel) now. A hint: nothing is sent."""
         ...
 
     def fetch(self, peer: str, cid: str, offset: int, length: int, token: object) -> None:

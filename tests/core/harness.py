@@ -35,7 +35,6 @@ from p2pfl.core.commands import (
     JobFailed,
     Log,
     Persist,
-    Prepare,
     Publish,
     RunJob,
     Send,
@@ -91,7 +90,6 @@ class Node:
     job_delay: dict[JobStep, float] = field(default_factory=dict)  # step -> extra seconds
     fail_aggregate: bool = False
     snapshots: dict[str, bytes] = field(default_factory=dict)  # what survives a restart
-    prepared: list[tuple[str, ...]] = field(default_factory=list)  # Prepare hints
 
     @property
     def peer(self) -> str:
@@ -318,8 +316,6 @@ class Harness:
                 node.snapshots[cmd.task_id] = data
         elif isinstance(cmd, Log):
             node.logs.append((cmd.level, cmd.text))
-        elif isinstance(cmd, Prepare):
-            node.prepared.append(cmd.peers)
 
     def _timer(self, node: Node, key: tuple[int, Any], seq: int) -> None:
         if self._timers.get(key) == seq:

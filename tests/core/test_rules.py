@@ -49,17 +49,6 @@ def test_early_roster_before_the_volunteer_deadline_on_a_full_mesh():
     assert all(m.roster is not None for m in h.machines(task_id))
 
 
-def test_each_participant_prepares_paths_to_the_others_when_the_roster_comes():
-    # Reduce-scatter and direct updates: every participant messages every other in round
-    # 1, so each asks its transport for those paths once, at the roster, not per message.
-    h = Harness(4)
-    task_id = h.offer(rounds=1)
-    h.run()
-    participants = set(done(h, task_id)[0].participants)
-    for node in h.nodes:
-        assert [set(peers) for peers in node.prepared] == [participants - {node.peer}]
-
-
 def test_without_a_full_mesh_the_roster_waits_for_the_deadline():
     h = Harness(3, full_mesh=False)
     task_id = h.offer(rounds=1)

@@ -53,21 +53,6 @@ async def test_messages_go_on_the_channel_once_it_is_up(nursery: trio.Nursery) -
     assert b.net.stats().bytes_received == a.net.stats().bytes_sent
 
 
-async def test_prepare_opens_the_channel_before_any_message(nursery: trio.Nursery) -> None:
-    # A roster's participants: the channel is up before the round's first message, which
-    # then goes on it; nothing is sent or counted for the hint itself.
-    a, b = await _pair(nursery)
-    a.net.prepare([b.id, a.id, b.id])  # itself and a repeat: nothing more
-    await _until(lambda: a.net.stats().extra["msg_channels_opened"] == 1)
-    assert a.net.stats().messages_sent == 0 and not _direct(b, a.id)
-    a.net.prepare([b.id])  # a sender with a channel already: no second one
-    a.net.send(b.id, b"first")
-    await b.rec.wait_for(lambda ev: b"first" in _direct(b, a.id))
-    extra = a.net.stats().extra
-    assert extra["msg_channels_opened"] == 1 and extra["direct_via_channel"] == 1
-    assert extra["direct_dropped"] == 0 and a.net.stats().messages_sent == 1
-
-
 async def test_a_peer_without_a_bulk_port_gets_its_messages_on_streams(
     nursery: trio.Nursery,
 ) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -89,9 +89,6 @@ _MAX_TRACKED_PEERS = 4096
 # A direct message queued for a peer: its bytes, and the same without any blob riding
 # along (Network.send's `plain`), which is what goes if it ends up on a yamux stream.
 _Outgoing = tuple[bytes, bytes | None]
-# Put on a peer's sender queue by Network.prepare: not a message (never sent or counted);
-# the sender opens its message channel if it has none.
-_PREPARE: _Outgoing = (b"", None)
 
 
 @asynccontextmanager
@@ -252,9 +249,6 @@ class Libp2pNetwork:
             )
         self._put(("send", peer, bytes(data), plain))
 
-    def prepare(self, peers: Sequence[str]) -> None:
-        self._put(("prepare", tuple(peers)))
-
     def fetch(self, peer: str, cid: str, offset: int, length: int, token: object) -> None:
         if offset < 0 or not 0 < length <= MAX_FETCH_BYTES:
             raise LocalProtocolError(
@@ -400,10 +394,6 @@ class Libp2pNetwork:
                     await self._pubsub.subscribe(cmd[1])
                 elif kind == "send":
                     self._queue_direct(cmd[1], cmd[2], cmd[3])
-                elif kind == "prepare":
-                    for peer in cmd[1]:
-                        if peer != self.peer_id and peer not in self._senders:
-                            self._sender_for(peer).send_nowait(_PREPARE)
                 elif kind == "fetch":
                     self._spawn(self._fetch, *cmd[1:])
             except Exception:
@@ -477,17 +467,13 @@ class Libp2pNetwork:
             self._stats.extra["direct_dropped"] += 1
             LOG.debug("dropping a direct message to %s: %d bytes queued for it", peer, queued)
             return
-        self._send_bytes[peer] = queued + len(data)
-        self._sender_for(peer).send_nowait((data, plain))
-
-    def _sender_for(self, peer: str) -> trio.MemorySendChannel[_Outgoing]:
-        """The queue of `peer`'s sender task (started with it)."""
         channel = self._senders.get(peer)
         if channel is None:
             channel, recv = trio.open_memory_channel[_Outgoing](math.inf)
             self._senders[peer] = channel
             self._spawn(self._direct_sender, peer, channel, recv)
-        return channel
+        self._send_bytes[peer] = queued + len(data)
+        channel.send_nowait((data, plain))
 
     async def _direct_sender(
         self, peer: str, channel: trio.MemorySendChannel[_Outgoing], recv: Any
@@ -496,10 +482,6 @@ class Libp2pNetwork:
         slot = _msgchan.Slot()
         try:
             async for item in recv:
-                if item is _PREPARE:  # open the channel now, for the messages to come
-                    if slot.channel is None and self._may_open_msg_channel(peer, slot):
-                        await self._open_msg_channel(peer, slot)
-                    continue
                 queued = self._batch(peer, item, recv)
                 batch = [data for data, _ in queued]
                 sent = await self._send_on_channel(peer, slot, batch)
@@ -535,10 +517,7 @@ class Libp2pNetwork:
             channel.close()
             while True:
                 try:
-                    left = recv.receive_nowait()
-                    if left is _PREPARE:
-                        continue
-                    self._unqueue(peer, len(left[0]))
+                    self._unqueue(peer, len(recv.receive_nowait()[0]))
                     self._stats.extra["direct_dropped"] += 1
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
@@ -612,8 +591,6 @@ class Libp2pNetwork:
                 item = recv.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
-            if item is _PREPARE:
-                continue
             self._unqueue(peer, len(item[0]))
             batch.append(item)
             size += len(item[0])

@@ -24,7 +24,7 @@ but get no event; GossipSub would route around them inside the topic mesh.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -136,9 +136,6 @@ class SimNetwork:
             )
 
     # --- direct messages ---------------------------------------------------------------------
-
-    def prepare(self, peers: Sequence[str]) -> None:
-        pass  # a simulated link has nothing to open
 
     def send(self, peer: str, data: bytes, plain: bytes | None = None) -> None:
         # `plain` is never needed: the simulated link has no shared muxer to block.
