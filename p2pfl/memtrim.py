@@ -26,16 +26,14 @@ from typing import Any
 
 log = logging.getLogger("p2pfl.node")
 
-TRIM_EVERY_S = 15.0
+TRIM_EVERY_S = 15.0  # a trim walks the heap: milliseconds, so a few times a minute is free
 # glibc's mallopt parameters (malloc.h) and the values keep_freed_memory sets: buffers up
 # to MMAP_THRESHOLD come from the heap (glibc's dynamic ceiling for it), and up to
 # TRIM_THRESHOLD of free heap is kept between periodic trims.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 * 1024 * 1024
-TRIM_THRESHOLD = (
-    256 * 1024 * 1024
-)  # a trim walks the heap: milliseconds, so a few times a minute is free
+TRIM_THRESHOLD = 256 * 1024 * 1024
 
 _libc: Any = None
 _loaded = False

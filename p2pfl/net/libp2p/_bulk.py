@@ -602,27 +602,21 @@ async def _receive_token(sock: trio.SocketStream) -> bytes | None:
     return first + await _receive_exactly(sock, TOKEN_LEN - len(first))
 
 
-async def receive_into(sock: trio.SocketStream, n: int) -> bytearray:
-    """Exactly `n` bytes, read straight into one buffer: no chunk objects to join, and
-    no copy of the whole at the end (a message channel's or a range's payload)."""
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        k = await sock.socket.recv_into(view[got:], min(n - got, _IO_CHUNK))
-        if not k:
-            raise RemoteProtocolError(f"bulk connection ended after {got} of {n} bytes")
-        got += k
-    return buf
-
-
-async def _receive_exactly(sock: trio.SocketStream, n: int) -> bytes:
+async def receive_buffer(sock: trio.SocketStream, n: int) -> bytearray:
+    """Exactly `n` bytes, as one buffer (no copy of the whole at the end). It grows as
+    the bytes arrive: a peer that announces a length and sends less makes us hold what
+    it sent, not what it announced."""
     buf = bytearray()
     while len(buf) < n:
         chunk = await sock.receive_some(min(n - len(buf), _IO_CHUNK))
         if not chunk:
             raise RemoteProtocolError(f"bulk connection ended after {len(buf)} of {n} bytes")
         buf += chunk
-    return bytes(buf)
+    return buf
+
+
+async def _receive_exactly(sock: trio.SocketStream, n: int) -> bytes:
+    return bytes(await receive_buffer(sock, n))
 
 
 async def _answer(stream: Any, status: int, body: bytes) -> int:

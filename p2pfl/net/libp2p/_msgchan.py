@@ -125,7 +125,7 @@ class _Reader:
             if not _bulk._TAG < size <= MAX_BATCH_BYTES + _bulk._TAG:
                 raise RemoteProtocolError(f"message channel write of {size} bytes")
             with trio.fail_after(transfer_deadline(size)):
-                sealed = await _bulk.receive_into(sock, size)
+                sealed = await _bulk.receive_buffer(sock, size)
             batch = bytearray(size - _bulk._TAG)
             try:
                 self.key.decrypt_into(_nonce(i), sealed, AAD, batch)
