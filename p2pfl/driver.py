@@ -58,7 +58,7 @@ from p2pfl.core.tokens import Timer
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError
 from p2pfl.limits import MiB
 from p2pfl.net.base import FetchDone, FetchFailed, Message, Network, PeerDisconnected
-from p2pfl.store.blobref import BlobRef, make_blob_ref, one_chunk_size
+from p2pfl.store.blobref import DEFAULT_CHUNK_SIZE, BlobRef, make_blob_ref, whole_chunk_size
 from p2pfl.store.blobs import BlobStore, decode_bitmap
 from p2pfl.store.fetcher import BlobFetch, FetchCmd
 from p2pfl.wire import encode
@@ -391,8 +391,7 @@ class Driver:
         whole-blob and idempotent, see store/blobs.py). `whole`: one chunk when it fits a
         fetch range (one hash pass instead of two), for blobs that are fetched whole from
         one provider (slices and the model they make) rather than swarmed in chunks."""
-        chunk = one_chunk_size(len(data)) if whole else None
-        ref = make_blob_ref(data, chunk) if chunk is not None else make_blob_ref(data)
+        ref = make_blob_ref(data, whole_chunk_size(len(data)) if whole else DEFAULT_CHUNK_SIZE)
         if not self.store.has(ref.cid):
             self.store.put_hashed(ref, data)
         return ref

@@ -37,10 +37,11 @@ def n_chunks_for(size: int, chunk_size: int) -> int:
     return -(-size // chunk_size)  # an empty blob has no chunks
 
 
-def one_chunk_size(size: int) -> int | None:
-    """A chunk size that makes a blob of `size` bytes one chunk (so its one hash is also
-    the CID's: hashed once, not twice), or None when it is over a fetch range's limit."""
-    return MAX_CHUNK_SIZE if size <= MAX_CHUNK_SIZE else None
+def whole_chunk_size(size: int) -> int:
+    """The chunk size that makes a blob of `size` bytes one chunk when it fits a fetch
+    range (its one hash is then also the CID's: hashed once, not twice); the default
+    above that."""
+    return MAX_CHUNK_SIZE if size <= MAX_CHUNK_SIZE else DEFAULT_CHUNK_SIZE
 
 
 def make_blob_ref(

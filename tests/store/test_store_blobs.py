@@ -181,3 +181,18 @@ def test_partial_of_a_held_blob_is_complete(store: BlobStore) -> None:
     p = store.open_partial(make_blob_ref(DATA, CHUNK))
     assert p.complete() and p.missing() == [] and p.finish() == cid
     assert bytes(store.get(cid)) == DATA
+
+
+def test_a_blob_made_whole_is_one_chunk_up_to_a_fetch_range() -> None:
+    from p2pfl.store.blobref import (
+        DEFAULT_CHUNK_SIZE,
+        MAX_CHUNK_SIZE,
+        single_chunk,
+        whole_chunk_size,
+    )
+
+    fits = bytes(3 * 1024 * 1024)
+    ref = make_blob_ref(fits, whole_chunk_size(len(fits)))
+    assert ref.n_chunks == 1 and single_chunk(ref) and ref.cid == cid_of(fits)
+    assert whole_chunk_size(MAX_CHUNK_SIZE) == MAX_CHUNK_SIZE
+    assert whole_chunk_size(MAX_CHUNK_SIZE + 1) == DEFAULT_CHUNK_SIZE
